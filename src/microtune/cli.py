@@ -1,0 +1,191 @@
+"""The ``microtune`` command: a thin Typer shell over the pipeline functions.
+
+    microtune check recipes/banking-intents.yaml
+    microtune run   recipes/banking-intents.yaml --set train.epochs=1
+
+Library errors (``MicrotuneError``) are printed with their fix; bad input exits with code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from microtune import __version__
+from microtune.core.errors import MicrotuneError
+
+app = typer.Typer(help="Turn a small open LLM into a task-specific micro-model.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe field: a.b=value (repeatable).")]
+WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Runs, artifacts and the MLflow store. [default: .microtune]")]
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run a command; turn MicrotuneError into a readable message and its exit code."""
+    try:
+        return fn()
+    except MicrotuneError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True, soft_wrap=True)
+        for problem in exc.problems:
+            err.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
+        if exc.hint:
+            err.print(f"[bold]fix:[/] {exc.hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@app.command()
+def check(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """Validate the recipe and every data row; print the data report. Exit 2 on any error."""
+    from microtune import pipeline
+
+    result = _guard(lambda: pipeline.check(recipe, set_, workspace))
+    _show_check(result.manifest, result.dataset_dir)
+
+
+@app.command()
+def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """Fine-tune the base model with LoRA; writes an adapter artifact."""
+    from microtune import pipeline
+
+    adapter = _guard(lambda: pipeline.train(recipe, set_, workspace, progress=_progress()))
+    _show_adapter(adapter)
+
+
+@app.command("eval")
+def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
+          adapter: Annotated[Path | None, typer.Option(help="Adapter folder. [default: the newest for the recipe]")] = None) -> None:
+    """Micro-model vs the base model prompted zero- and few-shot, on the test split."""
+    from microtune import pipeline
+
+    folder = _guard(lambda: pipeline.evaluate(recipe, set_, workspace, adapter, on_system=_say_system))
+    _show_eval(folder)
+
+
+@app.command()
+def run(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """check → train → eval → register, one command."""
+    _run(recipe, set_, workspace)
+
+
+@app.command()
+def demo(set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """Run the bundled example recipe (banking intents, CLINC150 slice) end to end."""
+    recipe = demo_recipe()
+    out.print(f"[bold]demo:[/] {recipe}")
+    _run(recipe, set_, workspace)
+
+
+@app.command("recipe-schema")
+def recipe_schema() -> None:
+    """Print the JSON schema of a recipe (every field with its description)."""
+    from microtune.config import recipe_schema as schema
+
+    out.print_json(json.dumps(schema()))
+
+
+@app.command()
+def version() -> None:
+    """Print the microtune version."""
+    out.print(__version__)
+
+
+def _run(recipe: Path, set_: list[str] | None, workspace: Path | None) -> None:
+    from microtune import pipeline
+
+    checked = _guard(lambda: pipeline.check(recipe, set_, workspace))
+    _show_check(checked.manifest, checked.dataset_dir)
+    result = _guard(lambda: pipeline.run(recipe, set_, workspace, progress=_progress(), on_system=_say_system))
+    _show_adapter(result.adapter_dir)
+    _show_eval(result.eval_dir)
+    if result.model_version:
+        out.print(f"registered [bold]{result.recipe.name}[/] version {result.model_version} in MLflow "
+                  f"(browse: mlflow ui --backend-store-uri {_store_hint(workspace)})")
+
+
+def _store_hint(workspace: Path | None) -> str:
+    from microtune.core.workspace import Workspace
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or Workspace.at(workspace).mlflow_uri
+
+
+def demo_recipe() -> Path:
+    """The bundled demo recipe: inside the installed package, or the repository's recipes/ folder."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_recipes" / "banking-intents.yaml", here.parents[1] / "recipes" / "banking-intents.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise typer.BadParameter("the demo recipe is not installed; run from a microtune checkout")
+
+
+def _say_system(system: str) -> None:
+    err.print(f"predicting with [bold]{system}[/] …")
+
+
+def _show_check(manifest: dict[str, Any], folder: Path) -> None:
+    stats = manifest["stats"]
+    table = Table(title=f"dataset {manifest['recipe']} ({folder})", show_header=True)
+    table.add_column("label")
+    for split in ("train", "valid", "test"):
+        table.add_column(split, justify="right")
+    for label in manifest["labels"]:
+        table.add_row(label, *(str(stats["per_label"][s].get(label, 0)) for s in ("train", "valid", "test")))
+    table.add_row("[bold]rows", *(f"[bold]{stats['rows'][s]}" for s in ("train", "valid", "test")))
+    out.print(table)
+    tokens = stats.get("train_tokens", {})
+    out.print(f"train tokens per example: p50 {tokens.get('p50')}, p90 {tokens.get('p90')}, p99 {tokens.get('p99')}, "
+              f"max {tokens.get('max')}; share receiving loss {stats.get('loss_token_share', 0):.1%}")
+    out.print(f"duplicates within split: {stats['duplicates']}; overlap with train: {stats['overlap_with_train']}")
+    for warning in manifest.get("warnings", []):
+        err.print("[yellow]warning:[/] " + escape(warning), highlight=False, soft_wrap=True)
+
+
+def _show_adapter(folder: Path) -> None:
+    from microtune.core.artifacts import read_manifest
+
+    m = read_manifest(folder, "adapter")
+    cost, final = m["cost"], m["final"]
+    valid = f", valid loss {final['valid_loss']:.4f}" if final.get("valid_loss") is not None else ""
+    out.print(f"adapter: {folder}\n  train loss {final['train_loss']:.4f}{valid}; {final['steps']} steps; "
+              f"trainable {cost['trainable_params']:,} of {cost['total_params']:,} params "
+              f"({cost['trainable_params'] / cost['total_params']:.2%}); {cost['tokens_seen']:,} tokens in "
+              f"{cost['wall_time_s']:.0f}s; peak memory {cost['peak_memory_mb']:.0f} MB")
+
+
+def _show_eval(folder: Path) -> None:
+    from microtune.core.artifacts import read_manifest
+
+    m = read_manifest(folder, "eval")
+    metrics: dict[str, Any] = m["metrics"]
+    names = [k for k in ("accuracy", "macro_f1", "valid_rate") if k in next(iter(metrics.values()))]
+    table = Table(title=f"test split: micro-model vs prompted base model ({folder})")
+    table.add_column("system")
+    for name in [*names, "examples/s"]:
+        table.add_column(name, justify="right")
+    for system, values in metrics.items():
+        style = "bold green" if system == "micro" else ""
+        table.add_row(system, *(f"{values[n]:.3f}" for n in names), f"{values['examples_per_s']:.1f}", style=style)
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

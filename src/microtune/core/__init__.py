@@ -1,0 +1,1 @@
+"""Core: errors, artifacts, hashing and the workspace; imports nothing else of microtune."""

@@ -1,0 +1,174 @@
+"""Build the dataset artifact: read every file, validate every row, split, check leakage, count.
+
+    result = build_dataset(recipe)      # raises DataError listing *all* bad rows as file:line
+    write_dataset(result, folder)
+
+Errors (the artifact is not written): missing/empty file, not UTF-8, bad JSON, missing or empty
+field, label outside ``task.labels``, train/test overlap. Warnings: duplicates within a split, test
+labels unseen in train, a majority label a constant guess would exploit, train/valid overlap.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microtune.config import Recipe
+from microtune.core.errors import DataError, ProblemLog
+from microtune.core.hashing import hash_file, hash_value
+from microtune.data.readers import detect_format, read_rows
+from microtune.tasks import TASKS
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class DatasetResult:
+    splits: dict[str, list[dict[str, Any]]]
+    labels: list[str]
+    log: ProblemLog
+    sources: dict[str, dict[str, str]]
+    key: str  # content key of the artifact: source hashes + recipe sections that shape it
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def normalize_text(text: str) -> str:
+    """Case- and whitespace-insensitive form used for duplicate and leakage checks."""
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def build_dataset(recipe: Recipe) -> DatasetResult:
+    log = ProblemLog()
+    files = {s: getattr(recipe.data, s) for s in SPLITS if getattr(recipe.data, s) is not None}
+    raw: dict[str, list[dict[str, Any]]] = {s: _load_split(recipe, path, log) for s, path in files.items()}
+    splits = _split(raw, recipe)
+    labels = recipe.task.labels or sorted({TASKS[recipe.task.type].label_of(e) for e in splits["train"]})
+    _check_labels(splits, labels, recipe.task.labels is not None, log)
+    _check_overlap(splits, log)
+    _check_balance(splits["train"], labels, log)
+    if log.errors:
+        _raise(log)
+    sources = {s: {"path": str(p), "sha256": hash_file(p), "format": detect_format(p, recipe.data.format)} for s, p in files.items()}
+    key = hash_value({"sources": {s: v["sha256"] for s, v in sources.items()}, "task": recipe.task.model_dump(mode="json"),
+                      "split": recipe.data.split.model_dump(), "format": recipe.data.format})
+    return DatasetResult(splits, labels, log, sources, key)
+
+
+def _raise(log: ProblemLog) -> None:
+    n = len(log.errors)
+    raise DataError(f"{n} data problem(s); nothing was written", problems=log.errors,
+                    hint="fix the rows listed above (file:line) and run `microtune check` again")
+
+
+def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, Any]]:
+    if not path.is_file():
+        log.error(str(path), "data file not found", None)
+        return []
+    if path.stat().st_size == 0:
+        log.error(f"{path}:1", "data file is empty", None)
+        return []
+    task_cls = TASKS[recipe.task.type]
+    chat_cfg = recipe.task.model_copy(update={"text_field": "text", "label_field": "label"})
+    rows = []
+    for line, row in read_rows(path, recipe.data.format, log):
+        example, problems = task_cls.normalize(row, chat_cfg if row.get("_chat") else recipe.task)
+        for reason, got in problems:
+            log.error(f"{path}:{line}", reason, got)
+        if example is not None:
+            rows.append({**example, "source": f"{path}:{line}"})
+    if not rows and not log.errors:
+        log.error(str(path), "no rows in file", None)
+    return rows
+
+
+def _split(raw: dict[str, list[dict[str, Any]]], recipe: Recipe) -> dict[str, list[dict[str, Any]]]:
+    """Stratified, seeded split of train for the splits that have no file of their own."""
+    splits = {s: list(raw.get(s, [])) for s in SPLITS}
+    want = {s: getattr(recipe.data.split, s) for s in ("valid", "test") if s not in raw}
+    if not any(want.values()):
+        return splits
+    rng = random.Random(recipe.data.split.seed)
+    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for ex in splits["train"]:
+        by_label[ex["label"]].append(ex)
+    splits["train"] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        rng.shuffle(group)
+        for split_name, share in want.items():
+            k = round(len(group) * share) if len(group) > 2 else 0
+            splits[split_name] += group[:k]
+            group = group[k:]
+        splits["train"] += group
+    for name in SPLITS:
+        rng.shuffle(splits[name])
+    return splits
+
+
+def _check_labels(splits: dict[str, list[dict[str, Any]]], labels: list[str], declared: bool, log: ProblemLog) -> None:
+    allowed = set(labels)
+    train_labels = {e["label"] for e in splits["train"]}
+    for name in SPLITS:
+        for ex in splits[name]:
+            if declared and ex["label"] not in allowed:
+                near = sorted(allowed, key=lambda a: _distance(a, ex["label"]))[:1]
+                log.error(ex["source"], f"label not in task.labels (nearest: {near[0]!r})" if near else "label not in task.labels", ex["label"])
+    for name in ("valid", "test"):
+        unseen = sorted({e["label"] for e in splits[name]} - train_labels)
+        if unseen:
+            log.warn(name, f"{len(unseen)} label(s) in {name} never appear in train; the model cannot learn them", unseen[:10])
+
+
+def _distance(a: str, b: str) -> float:
+    import difflib
+
+    return 1 - difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio()
+
+
+def _check_overlap(splits: dict[str, list[dict[str, Any]]], log: ProblemLog) -> None:
+    seen: dict[str, dict[str, str]] = {}
+    for name in SPLITS:
+        index: dict[str, str] = {}
+        for ex in splits[name]:
+            key = normalize_text(ex["text"])
+            if key in index:
+                log.warn(ex["source"], f"duplicate text within {name} (first at {index[key]})", ex["text"])
+            else:
+                index[key] = ex["source"]
+        seen[name] = index
+    for ex in splits["test"]:
+        first = seen["train"].get(normalize_text(ex["text"]))
+        if first:
+            log.error(ex["source"], f"test row also in train at {first} (leakage); remove it from one split", ex["text"])
+    for ex in splits["valid"]:
+        first = seen["train"].get(normalize_text(ex["text"]))
+        if first:
+            log.warn(ex["source"], f"valid row also in train at {first}; validation loss will be optimistic", ex["text"])
+
+
+def _check_balance(train: list[dict[str, Any]], labels: list[str], log: ProblemLog) -> None:
+    counts = Counter(e["label"] for e in train)
+    if not counts or len(labels) < 2:
+        return
+    label, n = counts.most_common(1)[0]
+    share = n / len(train)
+    if share > max(0.5, 2 / len(labels)):
+        log.warn("train", f"label {label!r} is {share:.0%} of train: always answering it scores {share:.0%} accuracy; "
+                 "watch macro-F1, not accuracy", f"{n}/{len(train)}")
+
+
+def write_dataset(result: DatasetResult, folder: Path) -> None:
+    for name in SPLITS:
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for ex in result.splits[name]:
+                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+
+
+def read_split(folder: Path, name: str) -> list[dict[str, Any]]:
+    path = Path(folder) / f"{name}.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

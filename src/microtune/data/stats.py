@@ -1,0 +1,29 @@
+"""Dataset statistics for the check report: rows, labels, token lengths, loss share, duplicates."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from microtune.data.dataset import SPLITS, normalize_text
+
+
+def compute_stats(splits: dict[str, list[dict[str, Any]]], labels: list[str], encode) -> dict[str, Any]:
+    """``encode(example) -> (prompt_ids, completion_ids)`` is the training-time encoding."""
+    stats: dict[str, Any] = {"rows": {s: len(splits[s]) for s in SPLITS}, "labels": labels, "per_label": {}}
+    for name in SPLITS:
+        stats["per_label"][name] = dict(Counter(e["label"] for e in splits[name]).most_common())
+    lengths, completion = [], []
+    for ex in splits["train"]:
+        prompt, comp = encode(ex)
+        lengths.append(len(prompt) + len(comp))
+        completion.append(len(comp))
+    if lengths:
+        arr = np.array(lengths)
+        stats["train_tokens"] = {f"p{q}": int(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max()), "total": int(arr.sum())}
+        stats["loss_token_share"] = round(sum(completion) / arr.sum(), 4)
+    stats["duplicates"] = {s: len(splits[s]) - len({normalize_text(e["text"]) for e in splits[s]}) for s in SPLITS}
+    train_keys = {normalize_text(e["text"]) for e in splits["train"]}
+    stats["overlap_with_train"] = {s: sum(normalize_text(e["text"]) in train_keys for e in splits[s]) for s in ("valid", "test")}
+    return stats

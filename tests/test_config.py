@@ -1,0 +1,73 @@
+"""Recipe loading: defaults, overrides, and errors that name the path, the line and the nearest key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from microtune.config import apply_override, load_recipe
+from microtune.core.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_recipe_loads_with_resolved_paths() -> None:
+    recipe = load_recipe(ROOT / "recipes/banking-intents.yaml")
+    assert recipe.name == "banking-intents"
+    assert recipe.data.train == ROOT / "recipes/data/clinc150-banking/train.jsonl"
+    assert recipe.data.train.is_file()
+    assert recipe.method.target_modules == "all-linear"
+
+
+def test_overrides_parse_values_as_yaml() -> None:
+    recipe = load_recipe(ROOT / "recipes/banking-intents.yaml",
+                         ["train.epochs=1", "train.bf16=off", "method.target_modules=[q_proj, v_proj]", "eval.max_examples=5"])
+    assert recipe.train.epochs == 1
+    assert recipe.train.bf16 is False
+    assert recipe.method.target_modules == ["q_proj", "v_proj"]
+    assert recipe.eval.max_examples == 5
+
+
+def test_bad_override_form() -> None:
+    with pytest.raises(RecipeError, match="not of the form a.b=value"):
+        apply_override({}, "train.epochs")
+
+
+def test_every_problem_reported_with_line_and_nearest_key(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: ok\n"
+        "task:\n"
+        "  instruction: classify\n"
+        "data:\n"
+        "  train: t.jsonl\n"
+        "train:\n"
+        "  epochz: 2\n"
+        "  lr: fast\n"
+        "methd:\n"
+        "  r: 8\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    text = str(info.value)
+    assert "3 problem(s)" in text
+    assert f"{path}:7 train.epochz: unknown key 'epochz'; did you mean 'epochs'?" in text
+    assert f"{path}:8 train.lr: Input should be a valid number" in text and "(got 'fast')" in text
+    assert f"{path}:9 methd: unknown key 'methd'; did you mean 'method'?" in text
+    assert info.value.exit_code == 2
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_duplicate_labels_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ntask: {instruction: go, labels: [a, b, a]}\ndata: {train: t.jsonl}\n")
+    with pytest.raises(RecipeError, match="labels repeat"):
+        load_recipe(path)

@@ -1,0 +1,143 @@
+"""Data checks: every bad row reported as file:line with what came in; exit 2; nothing written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from microtune.cli import app
+from microtune.config import load_recipe
+from microtune.core.errors import DataError
+from microtune.data import build_dataset
+
+from toydata import LABELS, toy_rows, write_jsonl
+
+runner = CliRunner()
+
+
+def _check(recipe: Path, workspace: Path):
+    return runner.invoke(app, ["check", str(recipe), "--workspace", str(workspace)])
+
+
+def _problems(recipe: Path) -> str:
+    with pytest.raises(DataError) as info:
+        build_dataset(load_recipe(recipe))
+    return str(info.value)
+
+
+def test_every_bad_row_reported_with_file_line(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    good = [json.dumps(r) for r in toy_rows(3)]
+    train.write_bytes("\n".join([
+        good[0],
+        "{not json",
+        "[1, 2]",
+        json.dumps({"label": "billing"}),
+        json.dumps({"text": 42, "label": "billing"}),
+        json.dumps({"text": "   ", "label": "billing"}),
+        json.dumps({"text": "hello there", "label": "biling"}),
+        *good[1:],
+    ]).encode() + b"\n\xff\xfe broken bytes\n")
+    recipe = make_recipe(tiny_model_dir, data={"train": "train.jsonl", "split": {"valid": 0.0, "test": 0.3}})
+    result = _check(recipe, tmp_path / "ws")
+    assert result.exit_code == 2, result.output
+    out = result.output
+    assert f"{train}:2: not valid JSON" in out and "(got '{not json')" in out
+    assert f"{train}:3: a JSONL row must be a JSON object, not list (got [1, 2])" in out
+    assert f"{train}:4: missing field 'text'" in out
+    assert f"{train}:5: field 'text' is not a string (got 42)" in out
+    assert f"{train}:6: field 'text' is empty" in out
+    assert f"{train}:16: not UTF-8 text" in out
+    assert "7 data problem(s); nothing was written" in out
+    assert not (tmp_path / "ws" / "toy" / "datasets").exists() or not any((tmp_path / "ws" / "toy" / "datasets").iterdir())
+
+
+def test_label_outside_declared_set_names_nearest(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", [*toy_rows(3), {"text": "hello there", "label": "biling"}])
+    recipe = make_recipe(tiny_model_dir, data={"train": "train.jsonl", "split": {"valid": 0.0, "test": 0.3}})
+    assert f"{tmp_path / 'train.jsonl'}:10: label not in task.labels (nearest: 'billing') (got 'biling')" in _problems(recipe)
+
+
+def test_missing_and_empty_files(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    recipe = make_recipe(tiny_model_dir, data={"train": "missing.jsonl", "test": "empty.jsonl"})
+    text = _problems(recipe)
+    assert f"{tmp_path / 'missing.jsonl'}: data file not found" in text
+    assert f"{tmp_path / 'empty.jsonl'}:1: data file is empty" in text
+
+
+def test_train_test_overlap_is_an_error_after_normalisation(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(4))
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "  WHERE is my   parcel ", "label": "shipping"}])
+    recipe = make_recipe(tiny_model_dir, data={"train": "train.jsonl", "test": "test.jsonl"})
+    result = _check(recipe, tmp_path / "ws")
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'test.jsonl'}:1: test row also in train at {tmp_path / 'train.jsonl'}:2 (leakage)" in result.output
+
+
+def test_warnings_do_not_block(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    rows = toy_rows(4) + [{"text": f"charge number {i}", "label": "billing"} for i in range(20)]
+    rows.append(dict(rows[0]))  # a duplicate
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "a question nobody asked", "label": "other"}])
+    recipe = make_recipe(tiny_model_dir, data={"train": "train.jsonl", "test": "test.jsonl"},
+                         task={"labels": None})
+    result = _check(recipe, tmp_path / "ws")
+    assert result.exit_code == 0, result.output
+    assert "duplicate text within train" in result.output
+    assert "label(s) in test never appear in train" in result.output
+    assert "label 'billing' is 7" in result.output and "always answering it scores" in result.output
+    assert list((tmp_path / "ws" / "toy" / "datasets").glob("*/train.jsonl"))
+
+
+def test_csv_and_openai_chat_formats(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    rows = toy_rows(4)
+    csv_lines = ["text,label", *[f"\"{r['text']}\",{r['label']}" for r in rows]]
+    (tmp_path / "train.csv").write_text("\n".join(csv_lines) + "\n")
+    chat = [{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": r["text"] + " now"},
+                          {"role": "assistant", "content": r["label"]}]} for r in toy_rows(2, offset=5)]
+    write_jsonl(tmp_path / "test.jsonl", chat)
+    recipe = load_recipe(make_recipe(tiny_model_dir, data={"train": "train.csv", "test": "test.jsonl"}))
+    result = build_dataset(recipe)
+    assert sorted(result.labels) == sorted(LABELS)
+    assert result.sources["train"]["format"] == "csv" and result.sources["test"]["format"] == "openai_chat"
+    assert {"text": rows[0]["text"], "label": rows[0]["label"], "source": f"{tmp_path / 'train.csv'}:2"} in result.splits["train"] + result.splits["valid"]
+    assert all(e["text"].endswith(" now") for e in result.splits["test"])
+
+
+def test_csv_ragged_row(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    (tmp_path / "train.csv").write_text("text,label\nhello,billing\ntoo,many,cells\n")
+    recipe = make_recipe(tiny_model_dir, data={"train": "train.csv", "split": {"valid": 0, "test": 0}})
+    assert f"{tmp_path / 'train.csv'}:3: more cells than header columns" in _problems(recipe)
+
+
+def test_chat_row_without_assistant(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    recipe = make_recipe(tiny_model_dir, data={"train": "train.jsonl", "format": "openai_chat"})
+    assert f"{tmp_path / 'train.jsonl'}:1: a chat row needs a user and an assistant message" in _problems(recipe)
+
+
+def test_split_is_stratified_and_seeded(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"{label} message {i}", "label": label} for label in LABELS for i in range(10)])
+    recipe = load_recipe(make_recipe(tiny_model_dir, data={"train": "train.jsonl", "split": {"valid": 0.1, "test": 0.2, "seed": 1}}))
+    a, b = build_dataset(recipe), build_dataset(recipe)
+    assert a.splits == b.splits
+    for label in LABELS:
+        assert sum(e["label"] == label for e in a.splits["test"]) == 2
+        assert sum(e["label"] == label for e in a.splits["valid"]) == 1
+    assert len(a.splits["train"]) == 21
+
+
+def test_check_report_and_artifact(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    result = _check(make_recipe(tiny_model_dir), tmp_path / "ws")
+    assert result.exit_code == 0, result.output
+    assert "share receiving loss" in result.output
+    folders = list((tmp_path / "ws" / "toy" / "datasets").iterdir())
+    assert len(folders) == 1
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    assert manifest["kind"] == "dataset" and manifest["stats"]["rows"]["train"] == 15
+    assert manifest["stats"]["train_tokens"]["p50"] > 10
+    again = _check(make_recipe(tiny_model_dir), tmp_path / "ws")  # unchanged data: the same artifact
+    assert again.exit_code == 0 and list((tmp_path / "ws" / "toy" / "datasets").iterdir()) == folders
