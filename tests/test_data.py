@@ -22,8 +22,14 @@ def _check(recipe: Path, workspace: Path):
 
 
 def _problems(recipe: Path) -> str:
+    """Every data error goes through the CLI: exit code 2, the problems on stderr, no artifact."""
     with pytest.raises(DataError) as info:
         build_dataset(load_recipe(recipe))
+    result = _check(recipe, recipe.parent / "ws")
+    assert result.exit_code == 2
+    assert not list((recipe.parent / "ws").glob("*/datasets/*"))
+    for problem in info.value.problems:
+        assert str(problem) in result.output
     return str(info.value)
 
 

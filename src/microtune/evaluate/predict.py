@@ -57,8 +57,9 @@ def _cache_of(output: Any) -> Any:
 
 
 class LabelPredictor:
-    def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False):
-        self.model, self.renderer = model, renderer
+    def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
+                 share_prefix: bool = True):
+        self.model, self.renderer, self.share_prefix = model, renderer, share_prefix
         self.cache_kw = _cache_kwarg(model)
         self.trie = build_trie({label: renderer.completion_ids(label) for label in labels})
         self.batch_size, self.bf16 = batch_size, bf16
@@ -68,7 +69,7 @@ class LabelPredictor:
         import torch
 
         self.model.eval()
-        p = common_prefix(prompts)
+        p = common_prefix(prompts) if self.share_prefix else 0
         out: list[tuple[str, float] | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         with torch.no_grad(), autocast(self.bf16):
