@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 import yaml
-from toydata import LABELS, toy_rows, write_jsonl, TEXTS
+
+from toydata import LABELS, TEXTS, toy_rows, write_jsonl
+
 
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:

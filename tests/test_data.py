@@ -11,7 +11,6 @@ from microtune.cli import app
 from microtune.config import load_recipe
 from microtune.core.errors import DataError
 from microtune.data import build_dataset
-
 from toydata import LABELS, toy_rows, write_jsonl
 
 runner = CliRunner()

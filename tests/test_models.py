@@ -55,5 +55,5 @@ def test_wrong_target_modules_names_the_real_ones(tiny_model_dir: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(RecipeError) as info:
-        apply_method(model, LoraConfig(target_modules=["qkv"]), seed=0)
+        apply_method(model, LoraConfig(target_modules=["qkv"]), 0)
     assert "q_proj" in info.value.hint and "method.target_modules" in info.value.message

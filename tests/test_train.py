@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import pytest
 
 from microtune.config import load_recipe
-from microtune.train.batching import bucketed_batches, collate, count_batches, iterate_epochs
+from microtune.train.batching import batches_per_epoch, collate, epoch_batches, iterate_batches
 from microtune.train.engine import completion_loss
 
 
@@ -19,10 +20,14 @@ def test_collate_masks_prompt_and_padding() -> None:
 
 def test_bucketing_covers_every_example_once_and_is_seeded() -> None:
     lengths = [i % 17 + 3 for i in range(103)]
-    batches = bucketed_batches(lengths, 8, seed=1)
+    batches = epoch_batches(lengths, 8, seed=1)
     assert sorted(i for b in batches for i in b) == list(range(103))
-    assert batches == bucketed_batches(lengths, 8, seed=1) != bucketed_batches(lengths, 8, seed=2)
-    assert len(list(iterate_epochs(lengths, 8, 1, 2.5))) == count_batches(lengths, 8, 2.5) == 32
+    assert batches == epoch_batches(lengths, 8, seed=1) != epoch_batches(lengths, 8, seed=2)
+    assert batches != epoch_batches(lengths, 8, seed=1, epoch=1)
+    assert batches_per_epoch(103, 8) == len(batches) == 13
+    run = list(iterate_batches(lengths, 8, seed=1, total=32))
+    assert [e for e, _ in run] == [0] * 13 + [1] * 13 + [2] * 6
+    assert run[20:] == list(iterate_batches(lengths, 8, seed=1, total=32, start=20))  # resume mid-epoch
 
 
 def test_completion_loss_equals_full_forward_loss(tiny_model_dir: Path) -> None:

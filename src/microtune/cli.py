@@ -45,8 +45,9 @@ def _guard(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(exc.exit_code) from None
 
 
-def _progress() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("CI")
+def _progress() -> str:
+    """A live bar on a terminal, a plain line every ~10 % of training otherwise (logs, CI, pipes)."""
+    return "bar" if sys.stderr.isatty() and not os.environ.get("CI") else "lines"
 
 
 @app.command()
@@ -59,11 +60,12 @@ def check(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
 
 @app.command()
-def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
-    """Fine-tune the base model with LoRA; writes an adapter artifact."""
+def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run from its last checkpoint.")] = False) -> None:
+    """Fine-tune the base model (method.kind: lora, dora, qlora, ia3, prompt/prefix tuning, full); writes an adapter artifact."""
     from microtune import pipeline
 
-    adapter = _guard(lambda: pipeline.train(recipe, set_, workspace, progress=_progress()))
+    adapter = _guard(lambda: pipeline.train(recipe, set_, workspace, progress=_progress(), resume=resume))
     _show_adapter(adapter)
 
 
@@ -81,6 +83,29 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 def run(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
     """check → train → eval → register, one command."""
     _run(recipe, set_, workspace)
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder written by `microtune train`.", show_default=False)],
+    merge: Annotated[Path | None, typer.Option(
+        "--merge", metavar="OUT", help="Write the base model with the adapter merged in (plain transformers).")] = None,
+    vllm: Annotated[Path | None, typer.Option(
+        "--vllm", metavar="OUT", help="Write a vLLM LoRA bundle: the adapter, vllm.json and serve.sh.")] = None,
+    name: Annotated[str | None, typer.Option(help="vLLM LoRA module name. \\[default: the recipe name]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Merged weights: float32, bfloat16 or float16. \\[default: float32]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT when it exists and is not empty.")] = False,
+) -> None:
+    """Merge an adapter into its base model (--merge) and/or bundle it for vLLM serving (--vllm)."""
+    from microtune.core.artifacts import read_json
+    from microtune.models.export import export_adapter
+
+    written = _guard(lambda: export_adapter(adapter, merge, vllm, dtype=dtype, name=name, force=force))
+    for kind, folder in written.items():
+        files = ", ".join(sorted(p.name for p in folder.iterdir()))
+        out.print(f"{'merged model' if kind == 'merge' else 'vLLM bundle'}: {folder}\n  {files}", highlight=False, markup=False)
+        if kind == "vllm":
+            out.print(f"  serve: {read_json(folder / 'vllm.json')['command']}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from microtune.core.errors import Problem, RecipeError
 
@@ -69,30 +69,118 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
 
 
+TargetModules = list[str] | Literal["all-linear"]
+
+
 class LoraConfig(Section):
-    kind: Literal["lora"] = Field("lora", description="PEFT method. `lora` in this release.")
+    """LoRA: low-rank updates on the chosen linear layers (`dora` and `qlora` add to it)."""
+
+    kind: Literal["lora"] = Field("lora", description="PEFT method: lora | dora | qlora | ia3 | prompt_tuning | prefix_tuning | full.")
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
     dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the LoRA input; costs ~25% of a CPU training step (random masks), so off by default."
     )
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: TargetModules = Field(
         "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear`."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r), steadier at high rank.")
+
+
+class DoraConfig(LoraConfig):
+    """DoRA: LoRA with the weight's magnitude and direction trained apart."""
+
+    kind: Literal["dora"] = Field("dora", description="Weight-decomposed LoRA (DoRA).")
+
+
+class QloraConfig(LoraConfig):
+    """QLoRA: the frozen base in 4-bit (bitsandbytes), LoRA on top in higher precision."""
+
+    kind: Literal["qlora"] = Field("qlora", description="LoRA on a 4-bit quantised base (bitsandbytes ≥ 0.50; CPU or CUDA).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Dtype of the de-quantised matmuls.")
+
+
+class Ia3Config(Section):
+    """IA3: learned per-channel scaling vectors on keys, values and the feed-forward."""
+
+    kind: Literal["ia3"] = Field("ia3", description="IA3 rescaling vectors.")
+    target_modules: TargetModules | None = Field(None, description="Modules to rescale; default: PEFT's choice for the architecture.")
+    feedforward_modules: list[str] | None = Field(
+        None, description="Which of target_modules are feed-forward (scaled on the input); default: PEFT's choice."
     )
 
 
+class PromptTuningConfig(Section):
+    """Prompt tuning: trained virtual-token embeddings in front of every prompt."""
+
+    kind: Literal["prompt_tuning"] = Field("prompt_tuning", description="Soft prompt (virtual tokens) in the input embeddings.")
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Number of virtual tokens.")
+    init_from_instruction: bool = Field(True, description="Start the virtual tokens from the embedding of the task instruction.")
+
+
+class PrefixTuningConfig(Section):
+    """Prefix tuning: trained key/value prefixes in every attention layer."""
+
+    kind: Literal["prefix_tuning"] = Field("prefix_tuning", description="Trained key/value prefixes per layer.")
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Length of the prefix.")
+
+
+class FullConfig(Section):
+    """Full fine-tuning: every weight trains; the reference PEFT methods are measured against."""
+
+    kind: Literal["full"] = Field("full", description="Train every parameter (writes a whole model, not an adapter).")
+
+
+METHOD_CONFIGS: dict[str, type[BaseModel]] = {
+    c.model_fields["kind"].default: c
+    for c in (LoraConfig, DoraConfig, QloraConfig, Ia3Config, PromptTuningConfig, PrefixTuningConfig, FullConfig)
+}
+
+
+def _method_kind(value: Any) -> str:
+    """A method section without `kind` is LoRA."""
+    return value.get("kind", "lora") if isinstance(value, dict) else getattr(value, "kind", "lora")
+
+
+MethodConfig = Annotated[
+    Annotated[LoraConfig, Tag("lora")] | Annotated[DoraConfig, Tag("dora")] | Annotated[QloraConfig, Tag("qlora")]
+    | Annotated[Ia3Config, Tag("ia3")] | Annotated[PromptTuningConfig, Tag("prompt_tuning")]
+    | Annotated[PrefixTuningConfig, Tag("prefix_tuning")] | Annotated[FullConfig, Tag("full")],
+    Discriminator(_method_kind),
+]
+
+
 class TrainConfig(Section):
-    epochs: float = Field(3, gt=0, description="Passes over the training split.")
+    epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train; overrides epochs.")
     lr: float = Field(5e-4, gt=0, lt=1, description="Peak learning rate (linear warm-up, then linear decay).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_seq_len: int = Field(256, ge=16, description="Prompt + completion tokens; longer prompts are truncated from the left of the text.")
-    seed: int = Field(13, description="Seed of initialisation, shuffling and dropout.")
+    max_seq_len: int = Field(256, ge=16, description="Prompt + completion tokens; longer inputs are cut at the end of the text.")
+    seed: int = Field(13, description="Seed of initialisation, shuffling, sampling and dropout.")
     bf16: Literal["auto"] | bool = Field(
         "auto", description="bf16 autocast in training and prediction: `auto` where the hardware has native bf16, or true/false."
     )
+    balance: Literal["auto", "none", "sample", "weight"] = Field(
+        "auto",
+        description="Imbalanced labels: `sample` draws examples with probability ∝ count^-balance_power, `weight` scales "
+        "their loss that way, `none` trains on the data as is; `auto` = `sample` when the majority label exceeds "
+        "max(50%, 2/number of labels) of train, else `none`.",
+    )
+    balance_power: float = Field(1.0, ge=0, le=1, description="1 = every label equally likely/weighted; 0.5 = square-root damping.")
+    eval_steps: int | None = Field(None, ge=1, description="Validation loss every N optimizer steps; default: once per epoch.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without a lower validation loss; default: never stop early."
+    )
+    keep_best: bool = Field(True, description="Keep the weights of the lowest validation loss, not the last step's.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Write a resumable checkpoint every N optimizer steps (`microtune train --resume`)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     log_every: int = Field(5, ge=1, description="Log loss to MLflow every N optimizer steps.")
 
 
@@ -122,7 +210,7 @@ class Recipe(Section):
     task: TaskConfig = Field(..., description="What the micro-model does.")
     data: DataConfig = Field(..., description="Where the annotated examples are.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
-    method: LoraConfig = Field(default_factory=LoraConfig, description="Parameter-efficient fine-tuning method.")
+    method: MethodConfig = Field(default_factory=LoraConfig, description="Fine-tuning method (`kind` picks it).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training hyper-parameters.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against prompted baselines.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
@@ -169,7 +257,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", lines: dict[t
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [_problem(err, source, lines or {}) for err in exc.errors()]
+        problems = [_problem(err, source, lines or {}, raw.get("method")) for err in exc.errors()]
         raise RecipeError(
             f"{source}: {len(problems)} problem(s) in the recipe",
             hint="fix each field above (`microtune recipe-schema` lists every field)",
@@ -177,24 +265,34 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", lines: dict[t
         ) from None
 
 
-def _problem(err: dict[str, Any], source: str, lines: dict[tuple, int]) -> Problem:
+def _problem(err: dict[str, Any], source: str, lines: dict[tuple, int], raw_method: Any = None) -> Problem:
     loc = tuple(str(x) for x in err["loc"])
+    if len(loc) > 1 and loc[0] == "method" and loc[1] in METHOD_CONFIGS:  # pydantic puts the union tag in the path
+        loc = (loc[0], *loc[2:])
     dotted = ".".join(loc) or "<top>"
     line = lines.get(loc) or lines.get(loc[:-1])
     where = f"{source}:{line} {dotted}" if line else f"{source} {dotted}"
     if err["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1, cutoff=0.5)
+        near = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1], raw_method), n=1, cutoff=0.5)
         msg = f"unknown key {loc[-1]!r}" + (f"; did you mean {near[0]!r}?" if near else "")
         return Problem(where, msg)
     got = err.get("input")
+    if err["type"] == "union_tag_invalid":
+        tag = err["ctx"]["tag"]
+        near = difflib.get_close_matches(tag, list(METHOD_CONFIGS), n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return Problem(where, f"unknown kind {tag!r}{hint} (one of: {', '.join(METHOD_CONFIGS)})")
     return Problem(where, err["msg"], None if err["type"] == "missing" else repr(got)[:80])
 
 
-def _fields_at(loc: tuple[str, ...]) -> list[str]:
+def _fields_at(loc: tuple[str, ...], raw_method: Any = None) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in loc:
         field = model.model_fields.get(part)
         ann = getattr(field, "annotation", None)
+        if part == "method":
+            kind = raw_method.get("kind", "lora") if isinstance(raw_method, dict) else "lora"
+            ann = METHOD_CONFIGS.get(kind, LoraConfig)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann

@@ -150,15 +150,25 @@ def _check_overlap(splits: dict[str, list[dict[str, Any]]], log: ProblemLog) -> 
             log.warn(ex["source"], f"valid row also in train at {first}; validation loss will be optimistic", ex["text"])
 
 
-def _check_balance(train: list[dict[str, Any]], labels: list[str], log: ProblemLog) -> None:
-    counts = Counter(e["label"] for e in train)
-    if not counts or len(labels) < 2:
-        return
+def imbalance(labels: list[str]) -> tuple[str, float] | None:
+    """``(majority label, share)`` when one label dominates: over 70 % of two labels, or over
+    max(50 %, twice the uniform share) of three or more; else ``None``."""
+    counts = Counter(labels)
+    if len(counts) < 2:
+        return None
     label, n = counts.most_common(1)[0]
-    share = n / len(train)
-    if share > max(0.5, 2 / len(labels)):
+    share = n / len(labels)
+    limit = 0.7 if len(counts) == 2 else max(0.5, 2 / len(counts))
+    return (label, share) if share > limit else None
+
+
+def _check_balance(train: list[dict[str, Any]], labels: list[str], log: ProblemLog) -> None:
+    found = imbalance([e["label"] for e in train])
+    if found:
+        label, share = found
         log.warn("train", f"label {label!r} is {share:.0%} of train: always answering it scores {share:.0%} accuracy; "
-                 "watch macro-F1, not accuracy", f"{n}/{len(train)}")
+                 "train.balance (default auto) samples the labels evenly; judge by macro-F1, not accuracy",
+                 f"{round(share * len(train))}/{len(train)}")
 
 
 def write_dataset(result: DatasetResult, folder: Path) -> None:

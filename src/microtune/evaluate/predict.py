@@ -17,8 +17,8 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from microtune.tasks.render import Renderer
 from microtune.models.hardware import autocast, device
+from microtune.tasks.render import Renderer
 
 END = -1  # trie key marking a finished label
 
@@ -56,10 +56,27 @@ def _cache_of(output: Any) -> Any:
     return getattr(output, "cache", None) or output.past_key_values
 
 
+def _uses_virtual_tokens(model: Any) -> bool:
+    """Prompt/prefix-tuned models get their virtual tokens from PEFT's forward: no external KV cache."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def _choose(scores: Any, node: dict[int, Any]) -> tuple[int, float]:
+    """The best allowed next token of a trie node and its log-probability renormalised over the allowed set."""
+    import torch
+
+    allowed = torch.tensor([t for t in node if t != END])
+    lp = torch.log_softmax(scores[allowed], dim=-1)
+    best = int(lp.argmax())
+    return int(allowed[best]), float(lp[best])
+
+
 class LabelPredictor:
     def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
                  share_prefix: bool = True):
-        self.model, self.renderer, self.share_prefix = model, renderer, share_prefix
+        self.model, self.renderer = model, renderer
+        self.cached = not _uses_virtual_tokens(model)
+        self.share_prefix = share_prefix and self.cached
         self.cache_kw = _cache_kwarg(model)
         self.trie = build_trie({label: renderer.completion_ids(label) for label in labels})
         self.batch_size, self.bf16 = batch_size, bf16
@@ -76,7 +93,9 @@ class LabelPredictor:
             prefix_cache = self._prefix_cache(prompts[0][:p]) if p else None
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                for i, pred in zip(idx, self._decode([prompts[i][p:] for i in idx], p, prefix_cache)):
+                preds = self._decode([prompts[i][p:] for i in idx], p, prefix_cache) if self.cached \
+                    else self._decode_uncached([list(prompts[i]) for i in idx])
+                for i, pred in zip(idx, preds):
                     out[i] = pred
         return out  # type: ignore[return-value]
 
@@ -113,11 +132,8 @@ class LabelPredictor:
             for row in range(b):
                 if END in nodes[row]:
                     continue
-                allowed = torch.tensor([t for t in nodes[row] if t != END])
-                lp = torch.log_softmax(scores[row, allowed], dim=-1)
-                best = int(lp.argmax())
-                tok = int(allowed[best])
-                logprob[row] += float(lp[best])
+                tok, lp = _choose(scores[row], nodes[row])
+                logprob[row] += lp
                 nodes[row], step[row] = nodes[row][tok], tok
             if all(END in n for n in nodes):
                 break
@@ -125,4 +141,25 @@ class LabelPredictor:
             out = self.model(input_ids=step[:, None].to(dev), attention_mask=mask.to(dev), position_ids=next_pos.to(dev),
                              use_cache=True, **{self.cache_kw: _cache_of(out)})
             next_pos = next_pos + 1
+        return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
+
+    def _decode_uncached(self, seqs: list[list[int]]) -> list[tuple[str, float]]:
+        """Trie decoding by full forwards (right-padded, no KV cache): for prompt/prefix-tuned adapters."""
+        import torch
+
+        nodes, logprob, dev = [self.trie] * len(seqs), [0.0] * len(seqs), device()
+        while not all(END in n for n in nodes):
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, s in enumerate(seqs):
+                ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
+            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            offset = logits.shape[1] - width  # prompt tuning prepends its virtual tokens to the output
+            for row, s in enumerate(seqs):
+                if END not in nodes[row]:
+                    tok, lp = _choose(logits[row, offset + len(s) - 1], nodes[row])
+                    logprob[row] += lp
+                    nodes[row] = nodes[row][tok]
+                    s.append(tok)
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]

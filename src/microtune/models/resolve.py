@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from microtune.config import ModelConfig
 from microtune.core.errors import ModelError
@@ -185,14 +186,15 @@ def load_tokenizer(ref: BaseModelRef):
     return tok
 
 
-def load_model(ref: BaseModelRef, trust_remote_code: bool = False):
+def load_model(ref: BaseModelRef, trust_remote_code: bool = False, quantization_config: Any = None):
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet_libraries()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=torch.float32, trust_remote_code=trust_remote_code
+            ref.path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
         )
     except (OSError, ValueError) as exc:
         raise _unloadable(ref, exc) from None

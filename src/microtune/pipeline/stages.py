@@ -9,6 +9,7 @@ CLI is a thin shell over these functions.
 from __future__ import annotations
 
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,12 @@ def _git_commit() -> str | None:
 
 
 def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
-          progress: bool = True) -> Path:
-    """Check, then fine-tune; returns the adapter artifact folder. Tracked as an MLflow run."""
+          progress: str | bool | None = "bar", resume: bool = False) -> Path:
+    """Check, then fine-tune; returns the adapter artifact folder. Tracked as an MLflow run.
+
+    With ``resume`` the newest unfinished run of this recipe continues from its last checkpoint
+    (written every ``train.save_steps``) in the same MLflow run; the recipe must not have changed.
+    """
     from microtune.models import resolve_base
     from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
     from microtune.train import train_adapter
@@ -112,18 +117,57 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     checked = check(recipe, overrides, workspace)
     recipe, ws = checked.recipe, Workspace.at(workspace)
     ref = resolve_base(recipe.model)
-    dest = ws.stage_dir(recipe.name, "adapters") / new_run_id()
-    with mlflow_run(recipe, ws, run_name=dest.name) as run:
-        log_params(recipe)
+    recipe_hash = hash_value(recipe.resolved())
+    run_id, mlflow_id = _pending_run(ws, recipe, recipe_hash) if resume else (new_run_id(), None)
+    dest, ckpt = ws.stage_dir(recipe.name, "adapters") / run_id, ws.stage_dir(recipe.name, "checkpoints") / run_id
+    mode = {True: "bar", False: None}.get(progress, progress) if isinstance(progress, bool) else progress
+    with mlflow_run(recipe, ws, run_id=mlflow_id, run_name=run_id) as run:
+        if mlflow_id is None:
+            log_params(recipe)
         with write_artifact(dest, "adapter", {"recipe": recipe.name}) as (tmp, manifest):
             out = train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], tmp,
-                                on_log=lambda step, m: log_metrics(m, step), progress=progress)
+                                on_log=lambda step, m: log_metrics(m, step), progress=mode, checkpoint_dir=ckpt,
+                                resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": recipe_hash})
+            out["cost"]["full_finetune"] = _measured_full(ws, recipe, checked.manifest) or out["cost"]["full_finetune"]
             (tmp / "recipe.json").write_text(_json(recipe.resolved()))
             manifest.update(labels=checked.manifest["labels"], dataset_dir=str(checked.dataset_dir),
                             mlflow_run_id=run.info.run_id, lineage=_lineage(recipe, ref, checked.manifest, tmp), **out)
         log_metrics({f"cost.{k}": v for k, v in out["cost"].items() if isinstance(v, (int, float))})
         log_folder(dest, "adapter")
+    shutil.rmtree(ckpt, ignore_errors=True)  # the run finished: its checkpoints are spent
     return dest
+
+
+def _pending_run(ws: Workspace, recipe: Recipe, recipe_hash: str) -> tuple[str, str]:
+    """The newest run with a checkpoint and no finished adapter: ``(run_id, mlflow_run_id)``."""
+    from microtune.core.errors import ArtifactError
+    from microtune.train.checkpoint import latest_checkpoint
+
+    root = ws.stage_dir(recipe.name, "checkpoints")
+    for folder in sorted(root.glob("*"), reverse=True) if root.is_dir() else []:
+        ckpt = latest_checkpoint(folder)
+        if ckpt is None or (ws.stage_dir(recipe.name, "adapters") / folder.name / "manifest.json").is_file():
+            continue
+        state = read_json(ckpt / "state.json")
+        if state.get("recipe_hash") != recipe_hash:
+            raise ArtifactError(f"the recipe changed since run {folder.name} was checkpointed; it cannot resume",
+                                hint="undo the change (or the --set overrides), or start a new run without --resume")
+        return folder.name, state["mlflow_run_id"]
+    raise ArtifactError(f"nothing to resume for recipe {recipe.name!r}: no unfinished run with a checkpoint",
+                        hint="start a run with train.save_steps set (e.g. --set train.save_steps=50); "
+                             "--resume continues it after a crash")
+
+
+def _measured_full(ws: Workspace, recipe: Recipe, dataset: dict[str, Any]) -> dict[str, Any] | None:
+    """The measured cost of an earlier `full` run on the same data, to put beside a PEFT run's."""
+    for manifest_path in sorted(ws.stage_dir(recipe.name, "adapters").glob("*/manifest.json"), reverse=True):
+        m = read_json(manifest_path)
+        if m.get("method") == "full" and m.get("lineage", {}).get("dataset_hash") == dataset["dataset_hash"]:
+            c = m["cost"]
+            return {"source": "measured", "adapter": str(manifest_path.parent), "train_flops": c["train_flops"],
+                    "tokens_seen": c["tokens_seen"], "wall_time_s": c["wall_time_s"], "peak_memory_mb": c["peak_memory_mb"],
+                    "trainable_params": c["trainable_params"], "gpu_estimates": c["gpu_estimates"]}
+    return None
 
 
 def _json(data: Any) -> str:
@@ -173,7 +217,7 @@ def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: s
 
 
 def run(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
-        progress: bool = True, on_system: Any = None) -> RunResult:
+        progress: str | bool | None = "bar", on_system: Any = None) -> RunResult:
     """check → train → evaluate → register, one call."""
     recipe = _recipe(recipe, overrides)
     adapter_dir = train(recipe, None, workspace, progress)

@@ -1,21 +1,28 @@
 """Batches for completion-only training: length-bucketed, right-padded, labels -100 on the prompt.
 
 Bucketing (sort by length inside windows of many batches, then shuffle the batches) keeps padding
-low without giving up randomness across epochs.
+low without giving up randomness across epochs. The order of epoch ``e`` depends only on
+``(seed, e)``, so a resumed run sees exactly the batches the interrupted one would have.
+With ``weights`` (class balancing), an epoch is ``n`` draws with replacement, ∝ weight.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 IGNORE = -100
 
 
-def bucketed_batches(lengths: list[int], batch_size: int, seed: int, window: int = 50) -> list[list[int]]:
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
+                  weights: Sequence[float] | None = None, window: int = 50) -> list[list[int]]:
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if weights is None:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+    else:
+        order = rng.choices(range(len(lengths)), weights=weights, k=len(lengths))
     batches: list[list[int]] = []
     span = batch_size * window
     for start in range(0, len(order), span):
@@ -25,7 +32,34 @@ def bucketed_batches(lengths: list[int], batch_size: int, seed: int, window: int
     return batches
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
+def batches_per_epoch(n: int, batch_size: int, window: int = 50) -> int:
+    span = batch_size * window
+    return sum(-(-min(span, n - s) // batch_size) for s in range(0, n, span))
+
+
+def iterate_batches(lengths: Sequence[int], batch_size: int, seed: int, total: int, start: int = 0,
+                    weights: Sequence[float] | None = None) -> Iterator[tuple[int, list[int]]]:
+    """Yield ``(epoch, batch)`` for micro-batches ``start .. total-1`` of the run."""
+    per_epoch = batches_per_epoch(len(lengths), batch_size)
+    done = start
+    while done < total:
+        epoch, offset = divmod(done, per_epoch)
+        for batch in epoch_batches(lengths, batch_size, seed, epoch, weights)[offset:]:
+            if done == total:
+                return
+            yield epoch, batch
+            done += 1
+
+
+def label_weights(labels: Sequence[str], power: float) -> list[float]:
+    """Per-example weight ∝ count(label)^-power, normalised to mean 1."""
+    counts = Counter(labels)
+    raw = [counts[label] ** -power for label in labels]
+    mean = sum(raw) / len(raw)
+    return [w / mean for w in raw]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, weights: Sequence[float] | None = None) -> dict[str, Any]:
     """``(prompt_ids, completion_ids)`` pairs → padded tensors; loss only on completion tokens."""
     import torch
 
@@ -38,21 +72,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
         ids[row, : len(seq)] = torch.tensor(seq)
         labels[row, len(prompt): len(seq)] = torch.tensor(completion)
         mask[row, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def iterate_epochs(lengths: list[int], batch_size: int, seed: int, epochs: float) -> Iterator[tuple[int, list[int]]]:
-    """Yield ``(epoch, batch)``; a fractional ``epochs`` stops part-way through the last epoch."""
-    total = count_batches(lengths, batch_size, epochs)
-    done, epoch = 0, 0
-    while done < total:
-        for batch in bucketed_batches(lengths, batch_size, seed + epoch):
-            if done == total:
-                return
-            yield epoch, batch
-            done += 1
-        epoch += 1
-
-
-def count_batches(lengths: list[int], batch_size: int, epochs: float) -> int:
-    return max(1, round(len(bucketed_batches(lengths, batch_size, 0)) * epochs))
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if weights is not None:
+        batch["weights"] = torch.tensor(weights, dtype=torch.float32)
+    return batch

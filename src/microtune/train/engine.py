@@ -1,105 +1,222 @@
-"""The training engine: LoRA on a causal LM, loss on completion tokens only.
+"""The training engine: every fine-tuning method, loss on completion tokens only, safe to interrupt.
 
-    result = train_adapter(recipe, dataset_dir, out_dir, on_log=print)
+    result = train_adapter(recipe, ref, dataset_dir, labels, out_dir, checkpoint_dir=ckpt, resume=False)
 
-Speed choices (measured in benchmarks/): the LM head runs only at positions that carry a label
-(with a 49k vocabulary it is a large share of the work otherwise), batches are length-bucketed, and
-matmuls run under bf16 autocast where the hardware has native bf16.
+Reads top to bottom: encode the splits → build the model (4-bit base for qlora) → optimizer →
+(resume from the newest checkpoint) → steps with validation, early stopping, checkpoints → keep the
+best weights → save. Speed choices (measured in benchmarks/): the LM head runs only at positions
+that carry a label, batches are length-bucketed, matmuls run under bf16 autocast where the hardware
+has native bf16. Imbalanced labels are sampled or weighted (``train.balance``).
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from microtune.config import Recipe
-from microtune.data import read_split
-from microtune.models import BaseModelRef, apply_method, load_model, load_tokenizer, param_counts
+from microtune.data import imbalance, read_split
+from microtune.models import (
+    BaseModelRef,
+    MethodContext,
+    apply_method,
+    load_model,
+    load_tokenizer,
+    param_counts,
+    quantization_config,
+)
+from microtune.models.hardware import autocast, device, peak_memory_mb, seed_everything, use_bf16
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
-from microtune.train.batching import collate, count_batches, iterate_epochs
-from microtune.models.hardware import autocast, device, peak_memory_mb, seed_everything, use_bf16
+from microtune.train.batching import batches_per_epoch, collate, iterate_batches, label_weights
+from microtune.train.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
+from microtune.train.cost import cost_report, dense_params
 
 LogFn = Callable[[int, dict[str, float]], None]
 
 
+def _fast_path(model: Any) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return not getattr(config, "is_prompt_learning", False)
+
+
 def completion_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-    """Mean cross-entropy over completion tokens; the LM head sees only those positions."""
+    """Cross-entropy over completion tokens (weighted per example when the batch has ``weights``).
+
+    On the fast path the LM head sees only completion positions; prompt-learning methods need PEFT's
+    own forward (it prepends virtual tokens), so their logits are taken from the full output.
+    """
     import torch.nn.functional as F
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+    if _fast_path(model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    else:
+        width = batch["input_ids"].shape[1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -width:][:, :-1][keep]
+    ce = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    if "weights" not in batch:
+        return ce.mean(), int(keep.sum())
+    w = batch["weights"][:, None].expand_as(targets)[keep]
+    return (ce * w).sum() / w.sum(), int(keep.sum())
 
 
 def encode_split(rows: list[dict[str, Any]], task: Any, renderer: Renderer, max_len: int) -> list[tuple[list[int], list[int]]]:
     return [renderer.encode(task.messages(r), task.target(r), max_len) for r in rows]
 
 
+def resolve_balance(setting: str, labels: list[str]) -> str:
+    """``auto`` → ``sample`` when the majority label would dominate (the same rule as `check`'s warning)."""
+    if setting != "auto":
+        return setting
+    return "sample" if imbalance(labels) else "none"
+
+
+def build_model(recipe: Recipe, ref: BaseModelRef) -> Any:
+    quant = quantization_config(recipe.method)
+    model = load_model(ref, recipe.model.trust_remote_code, quant)
+    model.config.use_cache = False
+    if quant is None:
+        model = model.to(device())
+    model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class _Reporter:
+    """A rich progress bar on a terminal, a line every ~10 % otherwise, or nothing."""
+
+    def __init__(self, mode: str | None, total: int, start: int):
+        self.mode, self.total, self.bar, self.every = mode, total, None, max(1, total // 10)
+        if mode == "bar":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                                TimeRemainingColumn())
+            self.task = self.bar.add_task("training", total=total, completed=start, loss=float("nan"), tps=0.0)
+            self.bar.start()
+
+    def update(self, step: int, loss: float, tps: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, tps=tps)
+        elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {tps:.0f} tok/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: list[str], out_dir: Path,
-                  on_log: LogFn | None = None, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune and save the adapter + tokenizer into ``out_dir``; returns cost and history."""
+                  on_log: LogFn | None = None, progress: str | None = "bar", checkpoint_dir: Path | None = None,
+                  resume: bool = False, run_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune and save the adapter (or the whole model for ``full``) into ``out_dir``."""
     import torch
 
     cfg = recipe.train
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(ref)
     renderer, task = Renderer(tokenizer), get_task(recipe.task, labels)
-    train_set = encode_split(read_split(dataset_dir, "train"), task, renderer, cfg.max_seq_len)
+    train_rows = read_split(dataset_dir, "train")
+    train_set = encode_split(train_rows, task, renderer, cfg.max_seq_len)
     valid_set = encode_split(read_split(dataset_dir, "valid"), task, renderer, cfg.max_seq_len)
-    model = load_model(ref, recipe.model.trust_remote_code)
-    model.config.use_cache = False
-    model = apply_method(model, recipe.method, cfg.seed).to(device())
+    balance = resolve_balance(cfg.balance, [r["label"] for r in train_rows])
+    weights = label_weights([r["label"] for r in train_rows], cfg.balance_power) if balance != "none" else None
+    model = build_model(recipe, ref)
     bf16 = use_bf16(cfg.bf16)
     lengths = [len(p) + len(c) for p, c in train_set]
-    micro_batches = count_batches(lengths, cfg.batch_size, cfg.epochs)
-    steps = math.ceil(micro_batches / cfg.grad_accum)
+    per_epoch = batches_per_epoch(len(lengths), cfg.batch_size)
+    total_micro = cfg.max_steps * cfg.grad_accum if cfg.max_steps else max(1, round(per_epoch * cfg.epochs))
+    steps = math.ceil(total_micro / cfg.grad_accum)
+    eval_every = cfg.eval_steps or max(1, round(per_epoch / cfg.grad_accum))
     optimizer, scheduler = _optimizer(model, cfg, steps)
-    history: list[dict[str, float]] = []
-    pad = tokenizer.pad_token_id
-    tokens_seen, start = 0, time.perf_counter()
+    st: dict[str, Any] = {"step": 0, "micro": 0, "tokens": 0, "elapsed": 0.0, "history": [], "valid": [],
+                          "best_loss": None, "since_best": 0, "stopped_early": False, **(run_meta or {})}
+    best = None
+    if resume and checkpoint_dir and (ckpt := latest_checkpoint(checkpoint_dir)):
+        meta, best = load_checkpoint(ckpt, model, optimizer, scheduler)
+        st.update(meta)
+    pad, accum, n_acc, start = tokenizer.pad_token_id, [0.0, 0], 0, time.perf_counter()
+    report = _Reporter(progress, steps, st["step"])
     model.train()
-    with _progress(progress) as bar:
-        task_id = bar.add_task("training", total=steps, loss=float("nan"), tps=0.0)
-        window_loss, window_n, step = 0.0, 0, 0
-        for i, (epoch, idx) in enumerate(iterate_epochs(lengths, cfg.batch_size, cfg.seed, cfg.epochs)):
-            batch = {k: v.to(device()) for k, v in collate([train_set[j] for j in idx], pad).items()}
+    try:
+        for _epoch, idx in iterate_batches(lengths, cfg.batch_size, cfg.seed, total_micro, st["micro"],
+                                           weights if balance == "sample" else None):
+            batch = collate([train_set[j] for j in idx], pad, [weights[j] for j in idx] if balance == "weight" else None)
+            batch = {k: v.to(device()) for k, v in batch.items()}
             with autocast(bf16):
                 loss, _ = completion_loss(model, batch)
             (loss / cfg.grad_accum).backward()
-            tokens_seen += int(batch["attention_mask"].sum())
-            window_loss, window_n = window_loss + loss.item(), window_n + 1
-            if (i + 1) % cfg.grad_accum and i + 1 != micro_batches:
+            st["micro"] += 1
+            st["tokens"] += int(batch["attention_mask"].sum())
+            accum, n_acc = [accum[0] + loss.item(), accum[1] + 1], n_acc + 1
+            if n_acc < cfg.grad_accum and st["micro"] != total_micro:
                 continue
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - start
-            record = {"loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                      "tokens_per_s": tokens_seen / elapsed}
-            bar.update(task_id, advance=1, loss=record["loss"], tps=record["tokens_per_s"])
-            if step % cfg.log_every == 0 or step == steps:
-                history.append({"step": step, **record})
+            st["step"] += 1
+            elapsed = st["elapsed"] + time.perf_counter() - start
+            record = {"loss": accum[0] / accum[1], "lr": scheduler.get_last_lr()[0], "tokens_per_s": st["tokens"] / elapsed}
+            accum, n_acc = [0.0, 0], 0
+            report.update(st["step"], record["loss"], record["tokens_per_s"])
+            if st["step"] % cfg.log_every == 0 or st["step"] == steps:
+                st["history"].append({"step": st["step"], **record})
                 if on_log:
-                    on_log(step, record)
-            window_loss, window_n = 0.0, 0
-    wall = time.perf_counter() - start
-    valid_loss = _valid_loss(model, valid_set, cfg.batch_size, pad, bf16) if valid_set else None
-    if on_log and valid_loss is not None:
-        on_log(step, {"valid_loss": valid_loss})
+                    on_log(st["step"], record)
+            if valid_set and (st["step"] % eval_every == 0 or st["step"] == steps):
+                best = _validate(model, valid_set, cfg, pad, bf16, st, best, on_log)
+                if cfg.early_stopping_patience and st["since_best"] >= cfg.early_stopping_patience:
+                    st["stopped_early"] = True
+            if checkpoint_dir and cfg.save_steps and (st["step"] % cfg.save_steps == 0) and st["step"] < steps:
+                st["elapsed"] = elapsed
+                save_checkpoint(checkpoint_dir, st["step"], model, optimizer, scheduler, _meta(st), best)
+                start, st["elapsed"] = time.perf_counter(), elapsed
+            if st["stopped_early"]:
+                break
+    finally:
+        report.close()
+    wall = st["elapsed"] + time.perf_counter() - start
+    if cfg.keep_best and best is not None:
+        load_trainable(model, best)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    counts = param_counts(model)
+    final_valid = st["valid"][-1]["valid_loss"] if st["valid"] else None
     return {
-        "history": history,
-        "final": {"train_loss": history[-1]["loss"] if history else None, "valid_loss": valid_loss, "steps": step},
-        "cost": {**param_counts(model), "tokens_seen": tokens_seen, "wall_time_s": round(wall, 2),
-                 "peak_memory_mb": round(peak_memory_mb(), 1), "device": device(), "bf16": bf16},
+        "method": recipe.method.kind,
+        "history": st["history"],
+        "valid_history": st["valid"],
+        "final": {"train_loss": st["history"][-1]["loss"] if st["history"] else None, "valid_loss": final_valid,
+                  "best_valid_loss": st["best_loss"], "steps": st["step"], "planned_steps": steps,
+                  "stopped_early": st["stopped_early"], "balance": balance, "resumed": resume},
+        "cost": cost_report(recipe.method.kind, dense_params(model), counts["total_params"], counts["trainable_params"],
+                            st["tokens"], wall, peak_memory_mb()) | {"device": device(), "bf16": bf16},
     }
+
+
+def _meta(st: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in st.items() if k != "step"}
+
+
+def _validate(model: Any, valid_set: list, cfg: Any, pad: int, bf16: bool, st: dict[str, Any],
+              best: dict[str, Any] | None, on_log: LogFn | None) -> dict[str, Any] | None:
+    loss = _valid_loss(model, valid_set, cfg.batch_size, pad, bf16)
+    st["valid"].append({"step": st["step"], "valid_loss": loss})
+    if on_log:
+        on_log(st["step"], {"valid_loss": loss})
+    if st["best_loss"] is None or loss < st["best_loss"]:
+        st["best_loss"], st["since_best"] = loss, 0
+        return trainable_state(model) if cfg.keep_best else None
+    st["since_best"] += 1
+    return best
 
 
 def _optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
@@ -124,13 +241,3 @@ def _valid_loss(model: Any, rows: list[tuple[list[int], list[int]]], batch_size:
             total, count = total + loss.item() * n, count + n
     model.train()
     return total / max(count, 1)
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-        TimeRemainingColumn(), disable=not enabled, transient=False,
-    )

@@ -1,0 +1,94 @@
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
+
+A checkpoint is ``<run checkpoints>/step-<N>/`` written atomically (temp folder, then rename), so a
+``kill -9`` at any moment leaves the previous checkpoint intact. Weights are safetensors; the
+optimizer and scheduler state go through ``torch.save`` and are read back with
+``weights_only=True`` (tensors and plain values only, no pickled code).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+KEEP = 2  # older checkpoints are removed once a newer one is complete
+
+
+def trainable_state(model: Any) -> dict[str, Any]:
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: Any, state: dict[str, Any]) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, scheduler: Any, meta: dict[str, Any],
+                    best: dict[str, Any] | None) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".step-tmp-"))
+    try:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        if best is not None:
+            save_file(best, tmp / "best.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
+        dest = folder / f"step-{step:08d}"
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(folder.glob("step-*"))[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore everything; returns ``(meta, best_state_or_None)``."""
+    import torch
+    from safetensors.torch import load_file
+
+    load_trainable(model, load_file(path / "trainable.safetensors"))
+    state = torch.load(path / "training_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
+    return json.loads((path / "state.json").read_text()), best
