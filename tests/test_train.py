@@ -88,3 +88,29 @@ def test_failed_training_leaves_no_adapter(tmp_path: Path, make_recipe, tiny_mod
     assert info.value.exit_code == 2
     adapters = tmp_path / "ws" / "toy" / "adapters"
     assert not adapters.exists() or not list(adapters.iterdir())  # not even a temp folder
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from microtune.config import LoraConfig
+    from microtune.models import apply_method
+    from microtune.train.engine import shared_prefix_len
+
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4), 0)
+    prefix = [5, 6, 7, 8, 9, 10]
+    batch = collate([(prefix + [11, 12], [13, 14]), (prefix + [21], [22, 23, 24]), (prefix + [31, 32, 33], [34])], pad_id=0)
+    assert shared_prefix_len(batch) == 6
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        loss, n = completion_loss(model, batch, share_prefix=share)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        results.append((loss.item(), n, grads))
+    (shared, n1, g1), (plain, n2, g2) = results
+    assert n1 == n2 == 6 and shared == pytest.approx(plain, rel=1e-5)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for key in g1:
+        assert torch.allclose(g1[key], g2[key], atol=1e-4, rtol=1e-3), key  # summation order only

@@ -13,10 +13,10 @@ over the allowed tokens.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
+from microtune.models.compat import cache_kwarg, cache_of
 from microtune.models.hardware import autocast, device
 from microtune.tasks.render import Renderer
 
@@ -46,16 +46,6 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _cache_kwarg(model: Any) -> str:
-    """transformers ≥ 5.24 calls the KV cache `cache`; earlier releases `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-def _cache_of(output: Any) -> Any:
-    return getattr(output, "cache", None) or output.past_key_values
-
-
 def _uses_virtual_tokens(model: Any) -> bool:
     """Prompt/prefix-tuned models get their virtual tokens from PEFT's forward: no external KV cache."""
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
@@ -77,7 +67,7 @@ class LabelPredictor:
         self.model, self.renderer = model, renderer
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
-        self.cache_kw = _cache_kwarg(model)
+        self.cache_kw = cache_kwarg(model)
         self.trie = build_trie({label: renderer.completion_ids(label) for label in labels})
         self.batch_size, self.bf16 = batch_size, bf16
         self.pad = renderer.tok.pad_token_id
@@ -103,7 +93,7 @@ class LabelPredictor:
         import torch
 
         ids = torch.tensor([prefix], device=device())
-        return _cache_of(self.model(input_ids=ids, use_cache=True))
+        return cache_of(self.model(input_ids=ids, use_cache=True))
 
     def _decode(self, suffixes: list[list[int]], p: int, prefix_cache: Any) -> list[tuple[str, float]]:
         import torch
@@ -139,7 +129,7 @@ class LabelPredictor:
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
             out = self.model(input_ids=step[:, None].to(dev), attention_mask=mask.to(dev), position_ids=next_pos.to(dev),
-                             use_cache=True, **{self.cache_kw: _cache_of(out)})
+                             use_cache=True, **{self.cache_kw: cache_of(out)})
             next_pos = next_pos + 1
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
 
