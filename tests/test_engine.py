@@ -116,3 +116,35 @@ def test_resume_with_nothing_to_resume(tmp_path: Path, make_recipe, tiny_model_d
 
     result = CliRunner().invoke(app, ["train", str(make_recipe(tiny_model_dir)), "-w", str(tmp_path), "--resume"])
     assert result.exit_code == 2 and "nothing to resume" in result.output and "train.save_steps" in result.output
+
+
+def test_two_process_ddp_matches_one_process(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    """torchrun with 2 CPU ranks (gloo) gives the adapter one process gives with the same global batch."""
+    from safetensors.torch import load_file
+
+    recipe = make_recipe(tiny_model_dir, train={"max_steps": 6, "bf16": False, "lr": 5e-3, "batch_size": 4})
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for nproc in (1, 2):
+        ws = tmp_path / f"ws{nproc}"
+        proc = subprocess.run(_train_cmd(recipe, ws, "--nproc", str(nproc)), env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (adapter,) = (ws / "toy" / "adapters").iterdir()  # only rank 0 writes
+        runs[nproc] = adapter
+    one, two = (load_file(runs[n] / "adapter_model.safetensors") for n in (1, 2))
+    assert one.keys() == two.keys()
+    for key in one:
+        assert (one[key] - two[key]).abs().max() < 1e-4, key
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ws2' / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "toy"]
+    assert len(client.search_runs([experiment.experiment_id])) == 1  # one MLflow run, from rank 0
+
+
+def test_ddp_needs_a_batch_per_rank(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    recipe = make_recipe(tiny_model_dir, train={"max_steps": 2, "batch_size": 1})
+    proc = subprocess.run(_train_cmd(recipe, tmp_path / "ws", "--nproc", "2"), env={**os.environ, "CI": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "train.batch_size 1 is smaller than the 2 processes" in proc.stderr

@@ -61,12 +61,20 @@ def check(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
 @app.command()
 def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
-          resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run from its last checkpoint.")] = False) -> None:
+          resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run from its last checkpoint.")] = False,
+          nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes (torchrun; gloo on CPU, NCCL on GPU).")] = 1,
+          ) -> None:
     """Fine-tune the base model (method.kind: lora, dora, qlora, ia3, prompt/prefix tuning, full); writes an adapter artifact."""
     from microtune import pipeline
+    from microtune.train import distributed
 
+    if nproc > 1 and distributed.world_size() == 1:
+        argv = ["train", str(recipe), *[x for s in set_ or [] for x in ("--set", s)], *(["--resume"] if resume else []),
+                *(["--workspace", str(workspace)] if workspace else [])]
+        raise typer.Exit(distributed.launch(nproc, argv))
     adapter = _guard(lambda: pipeline.train(recipe, set_, workspace, progress=_progress(), resume=resume))
-    _show_adapter(adapter)
+    if distributed.is_main():
+        _show_adapter(adapter)
 
 
 @app.command("eval")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,15 +113,25 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     """
     from microtune.models import resolve_base
     from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
+    from microtune.train import distributed as dist
     from microtune.train import train_adapter
 
+    dist.init()
+    if not dist.is_main():
+        dist.barrier()  # rank 0 writes the dataset artifact first
     checked = check(recipe, overrides, workspace)
+    if dist.is_main():
+        dist.barrier()
     recipe, ws = checked.recipe, Workspace.at(workspace)
     ref = resolve_base(recipe.model)
     recipe_hash = hash_value(recipe.resolved())
     run_id, mlflow_id = _pending_run(ws, recipe, recipe_hash) if resume else (new_run_id(), None)
     dest, ckpt = ws.stage_dir(recipe.name, "adapters") / run_id, ws.stage_dir(recipe.name, "checkpoints") / run_id
     mode = {True: "bar", False: None}.get(progress, progress) if isinstance(progress, bool) else progress
+    if not dist.is_main():  # other ranks train their shard; only rank 0 logs and writes
+        with tempfile.TemporaryDirectory() as scratch:
+            train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], Path(scratch), None, None, ckpt, resume)
+        return dest
     with mlflow_run(recipe, ws, run_id=mlflow_id, run_name=run_id) as run:
         if mlflow_id is None:
             log_params(recipe)

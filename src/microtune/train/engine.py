@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from microtune.config import Recipe
+from microtune.core.errors import RecipeError
 from microtune.data import imbalance, read_split
 from microtune.models import (
     BaseModelRef,
@@ -34,6 +35,7 @@ from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
 from microtune.train.batching import batches_per_epoch, collate, iterate_batches, label_weights
 from microtune.train.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
+from microtune.train import distributed as dist
 from microtune.train.cost import cost_report, dense_params
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -76,8 +78,9 @@ def _hidden_states(base: Any, batch: dict[str, Any], prefix: int) -> Any:
     return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], dim=1)
 
 
-def completion_loss(model: Any, batch: dict[str, Any], share_prefix: bool = True) -> tuple[Any, int]:
-    """Cross-entropy over completion tokens (weighted per example when the batch has ``weights``).
+def completion_loss(model: Any, batch: dict[str, Any], share_prefix: bool = True) -> tuple[Any, float]:
+    """Cross-entropy over completion tokens (weighted per example when the batch has ``weights``) and its
+    normaliser (the token count, or the weight sum), which data-parallel ranks use to combine losses.
 
     On the fast path the LM head sees only completion positions and a prompt prefix shared by the
     batch is computed once; prompt-learning methods need PEFT's own forward (it prepends virtual
@@ -98,7 +101,7 @@ def completion_loss(model: Any, batch: dict[str, Any], share_prefix: bool = True
     if "weights" not in batch:
         return ce.mean(), int(keep.sum())
     w = batch["weights"][:, None].expand_as(targets)[keep]
-    return (ce * w).sum() / w.sum(), int(keep.sum())
+    return (ce * w).sum() / w.sum(), float(w.sum())
 
 
 def encode_split(rows: list[dict[str, Any]], task: Any, renderer: Renderer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -156,6 +159,10 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     import torch
 
     cfg = recipe.train
+    dist.init()
+    if cfg.batch_size < dist.world_size():
+        raise RecipeError(f"train.batch_size {cfg.batch_size} is smaller than the {dist.world_size()} processes",
+                          hint="the batch is split across processes: use a batch_size of at least --nproc")
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(ref)
     renderer, task = Renderer(tokenizer), get_task(recipe.task, labels)
@@ -179,22 +186,27 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
         meta, best = load_checkpoint(ckpt, model, optimizer, scheduler)
         st.update(meta)
     pad, accum, n_acc, start = tokenizer.pad_token_id, [0.0, 0], 0, time.perf_counter()
-    report = _Reporter(progress, steps, st["step"])
+    report = _Reporter(progress if dist.is_main() else None, steps, st["step"])
+    on_log = on_log if dist.is_main() else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     try:
         for _epoch, idx in iterate_batches(lengths, cfg.batch_size, cfg.seed, total_micro, st["micro"],
                                            weights if balance == "sample" else None):
+            idx = dist.shard(idx)  # this rank's share of the global batch (all of it for one process)
             batch = collate([train_set[j] for j in idx], pad, [weights[j] for j in idx] if balance == "weight" else None)
             batch = {k: v.to(device()) for k, v in batch.items()}
             with autocast(bf16):
-                loss, _ = completion_loss(model, batch)
-            (loss / cfg.grad_accum).backward()
+                loss, norm = completion_loss(model, batch)
+            norm_all = dist.all_sum(norm)  # scale so summed rank gradients = the global batch's mean gradient
+            (loss * (norm / norm_all) / cfg.grad_accum).backward()
             st["micro"] += 1
-            st["tokens"] += int(batch["attention_mask"].sum())
-            accum, n_acc = [accum[0] + loss.item(), accum[1] + 1], n_acc + 1
+            st["tokens"] += int(dist.all_sum(float(batch["attention_mask"].sum())))
+            accum, n_acc = [accum[0] + dist.all_sum(loss.item() * norm) / norm_all, accum[1] + 1], n_acc + 1
             if n_acc < cfg.grad_accum and st["micro"] != total_micro:
                 continue
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            dist.sum_gradients(trainable)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
             st["step"] += 1
             elapsed = st["elapsed"] + time.perf_counter() - start
@@ -211,7 +223,9 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
                     st["stopped_early"] = True
             if checkpoint_dir and cfg.save_steps and (st["step"] % cfg.save_steps == 0) and st["step"] < steps:
                 st["elapsed"] = elapsed
-                save_checkpoint(checkpoint_dir, st["step"], model, optimizer, scheduler, _meta(st), best)
+                if dist.is_main():
+                    save_checkpoint(checkpoint_dir, st["step"], model, optimizer, scheduler, _meta(st), best)
+                dist.barrier()
                 start, st["elapsed"] = time.perf_counter(), elapsed
             if st["stopped_early"]:
                 break

@@ -1,0 +1,87 @@
+"""Data-parallel training across processes (torchrun): gloo on CPU, NCCL on CUDA.
+
+    microtune train RECIPE --nproc 2      # re-launches itself under torchrun with 2 ranks
+
+Every rank takes its share of each global batch (``train.batch_size`` stays the global batch), the
+loss is scaled by the rank's share of the batch's completion tokens and gradients are summed across
+ranks, so N processes compute the same update as one process with the same global batch. Only rank 0
+logs, checkpoints and writes artifacts. For models that do not fit one device, FSDP/DeepSpeed through
+`accelerate launch` remain the route (not wrapped here).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Join the process group when started by torchrun (no-op for a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def shard(batch: list[int]) -> list[int]:
+    return batch[rank()::world_size()]
+
+
+def all_sum(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def sum_gradients(params: list[Any]) -> None:
+    """Sum gradients across ranks in one flat buffer (adapters are small; full models go bucket by bucket)."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for start in range(0, len(grads), 64):
+        chunk = grads[start:start + 64]
+        flat = torch.cat([g.reshape(-1) for g in chunk])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in chunk:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if world_size() > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m microtune.cli <argv>`` under torchrun with ``nproc`` local ranks; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "microtune.cli", *argv]
+    return subprocess.run(cmd, check=False).returncode
