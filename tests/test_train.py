@@ -114,3 +114,15 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir: Path) -
     assert g1.keys() == g2.keys() and len(g1) > 0
     for key in g1:
         assert torch.allclose(g1[key], g2[key], atol=1e-4, rtol=1e-3), key  # summation order only
+
+
+def test_tracking_uri_does_not_leak_between_workspaces(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    import os
+
+    from microtune import pipeline
+
+    recipe = make_recipe(tiny_model_dir, train={"max_steps": 1})
+    pipeline.train(recipe, workspace=tmp_path / "a", progress=None)
+    assert "MLFLOW_TRACKING_URI" not in os.environ or os.environ["MLFLOW_TRACKING_URI"] != f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    pipeline.train(recipe, workspace=tmp_path / "b", progress=None)
+    assert (tmp_path / "b" / "mlflow.db").is_file()

@@ -17,8 +17,13 @@ from microtune.config import Recipe
 from microtune.core.workspace import Workspace
 
 
+# The user's choice, read once: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ,
+# which would otherwise leak one workspace's store into the next run (and into child processes).
+_USER_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(recipe: Recipe, ws: Workspace) -> str:
-    return recipe.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.mlflow_uri
+    return recipe.tracking.uri or _USER_URI or ws.mlflow_uri
 
 
 def _mlflow(uri: str) -> Any:
@@ -27,6 +32,10 @@ def _mlflow(uri: str) -> Any:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    if _USER_URI is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = _USER_URI
     return mlflow
 
 
