@@ -47,5 +47,39 @@ def clinc150_banking(shared: Path) -> None:
     shutil.copy(src / "LICENSE", out / "LICENSE")
 
 
+FAA_CAUSES = {  # primary cause codes of the FAA AID records (source README), in plain words
+    "II": "inadequate preflight inspection",
+    "ME": "failure or misuse of miscellaneous equipment",
+    "AU": "operation with deficient equipment",
+    "AF": "improper maintenance of airport facilities",
+    "DE": "deficient company-maintained equipment",
+    "EQ": "improper operation of emergency equipment",
+}
+
+
+def faa_maintenance(shared: Path) -> None:
+    """FAA maintenance narratives → primary cause; the natural imbalance (≈70 % one cause) is kept on purpose."""
+    src = shared / "faa_maintenance"
+    rows = [json.loads(line) for line in (src / "faa_maintenance_labeled.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["primary_cause_code"] in FAA_CAUSES]
+    seen, unique = set(), []
+    for r in sorted(rows, key=lambda r: r["id"]):
+        key = " ".join(r["text"].lower().split())
+        if key not in seen:
+            seen.add(key)
+            unique.append({"id": r["id"], "text": r["text"], "cause": FAA_CAUSES[r["primary_cause_code"]]})
+    rng = random.Random(2748)
+    rng.shuffle(unique)
+    out = ROOT / "recipes/data/faa-maintenance"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, part in [("train", unique[:700]), ("valid", unique[700:800]), ("test", unique[800:1100])]:
+        with open(out / f"{split}.jsonl", "w") as f:
+            for row in part:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    shutil.copy(src / "LICENSE", out / "LICENSE")
+
+
 if __name__ == "__main__":
-    clinc150_banking(Path(sys.argv[1] if len(sys.argv) > 1 else ROOT.parent / "shared/datasets"))
+    shared = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT.parent / "shared/datasets")
+    clinc150_banking(shared)
+    faa_maintenance(shared)

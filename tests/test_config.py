@@ -71,3 +71,20 @@ def test_duplicate_labels_rejected(tmp_path: Path) -> None:
     path.write_text("name: x\ntask: {instruction: go, labels: [a, b, a]}\ndata: {train: t.jsonl}\n")
     with pytest.raises(RecipeError, match="labels repeat"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_bundled_recipe_and_its_data_check_clean(path: Path) -> None:
+    from microtune.data import build_dataset
+
+    result = build_dataset(load_recipe(path))
+    assert not result.log.errors
+    assert all(result.splits[s] for s in ("train", "valid", "test"))
+    assert (path.parent / "data").is_dir()
+
+
+def test_faa_recipe_warns_about_its_majority_cause() -> None:
+    from microtune.data import build_dataset
+
+    warnings = [str(p) for p in build_dataset(load_recipe(ROOT / "recipes/faa-maintenance.yaml")).log.warnings]
+    assert any("'inadequate preflight inspection' is 69% of train" in w for w in warnings), warnings

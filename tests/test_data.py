@@ -108,7 +108,8 @@ def test_csv_and_openai_chat_formats(tmp_path: Path, make_recipe, tiny_model_dir
     result = build_dataset(recipe)
     assert sorted(result.labels) == sorted(LABELS)
     assert result.sources["train"]["format"] == "csv" and result.sources["test"]["format"] == "openai_chat"
-    assert {"text": rows[0]["text"], "label": rows[0]["label"], "source": f"{tmp_path / 'train.csv'}:2"} in result.splits["train"] + result.splits["valid"]
+    first = {"text": rows[0]["text"], "label": rows[0]["label"], "source": f"{tmp_path / 'train.csv'}:2"}
+    assert first in result.splits["train"] + result.splits["valid"]
     assert all(e["text"].endswith(" now") for e in result.splits["test"])
 
 

@@ -153,7 +153,6 @@ def _run(recipe: Path, set_: list[str] | None, workspace: Path | None) -> None:
 
 def _store_hint(workspace: Path | None) -> str:
     from microtune.core.workspace import Workspace
-
     from microtune.registry.tracking import _USER_URI
 
     return _USER_URI or Workspace.at(workspace).mlflow_uri

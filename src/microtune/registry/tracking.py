@@ -16,7 +16,6 @@ from typing import Any
 from microtune.config import Recipe
 from microtune.core.workspace import Workspace
 
-
 # The user's choice, read once: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ,
 # which would otherwise leak one workspace's store into the next run (and into child processes).
 _USER_URI = os.environ.get("MLFLOW_TRACKING_URI")

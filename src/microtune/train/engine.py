@@ -5,8 +5,8 @@
 Reads top to bottom: encode the splits → build the model (4-bit base for qlora) → optimizer →
 (resume from the newest checkpoint) → steps with validation, early stopping, checkpoints → keep the
 best weights → save. Speed choices (measured in benchmarks/): the LM head runs only at positions
-that carry a label, batches are length-bucketed, matmuls run under bf16 autocast where the hardware
-has native bf16. Imbalanced labels are sampled or weighted (``train.balance``).
+that carry a label, a prompt prefix shared by the batch is computed once, matmuls run under bf16
+autocast where the hardware has native bf16 (length bucketing is an option, off by default). Imbalanced labels are sampled or weighted (``train.balance``).
 """
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ from microtune.models.compat import cache_kwarg, cache_of
 from microtune.models.hardware import autocast, device, peak_memory_mb, seed_everything, use_bf16
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
+from microtune.train import distributed as dist
 from microtune.train.batching import batches_per_epoch, collate, iterate_batches, label_weights
 from microtune.train.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
-from microtune.train import distributed as dist
 from microtune.train.cost import cost_report, dense_params
 
 LogFn = Callable[[int, dict[str, float]], None]
+BUCKET_WINDOW = 50  # batches per length-sorting window when train.length_bucketing is on
 
 
 def _fast_path(model: Any) -> bool:
@@ -174,7 +175,8 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     model = build_model(recipe, ref)
     bf16 = use_bf16(cfg.bf16)
     lengths = [len(p) + len(c) for p, c in train_set]
-    per_epoch = batches_per_epoch(len(lengths), cfg.batch_size)
+    window = BUCKET_WINDOW if cfg.length_bucketing else 1
+    per_epoch = batches_per_epoch(len(lengths), cfg.batch_size, window)
     total_micro = cfg.max_steps * cfg.grad_accum if cfg.max_steps else max(1, round(per_epoch * cfg.epochs))
     steps = math.ceil(total_micro / cfg.grad_accum)
     eval_every = cfg.eval_steps or max(1, round(per_epoch / cfg.grad_accum))
@@ -192,7 +194,7 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     model.train()
     try:
         for _epoch, idx in iterate_batches(lengths, cfg.batch_size, cfg.seed, total_micro, st["micro"],
-                                           weights if balance == "sample" else None):
+                                           weights if balance == "sample" else None, window):
             idx = dist.shard(idx)  # this rank's share of the global batch (all of it for one process)
             batch = collate([train_set[j] for j in idx], pad, [weights[j] for j in idx] if balance == "weight" else None)
             batch = {k: v.to(device()) for k, v in batch.items()}
