@@ -20,8 +20,7 @@ import torch
 
 from microtune.config import load_recipe
 from microtune.data import build_dataset
-from microtune.evaluate import LabelPredictor
-from microtune.models import load_model, load_tokenizer, resolve_base
+from microtune.models import LabelPredictor, load_model, load_tokenizer, resolve_base
 from microtune.models.hardware import autocast, use_bf16
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer

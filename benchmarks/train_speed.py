@@ -164,8 +164,7 @@ def accuracy(adapter: str, n: int) -> float:
     """Base + adapter through PEFT, microtune's constrained predictor on the micro prompt."""
     from peft import PeftModel
 
-    from microtune.evaluate import LabelPredictor
-    from microtune.models import load_model, load_tokenizer
+    from microtune.models import LabelPredictor, load_model, load_tokenizer
     from microtune.models.hardware import device, use_bf16
     from microtune.tasks import get_task
     from microtune.tasks.render import Renderer

@@ -48,7 +48,7 @@ def test_merged_model_gives_the_logits_and_labels_of_base_plus_adapter(tmp_path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from microtune.config import TaskConfig
-    from microtune.evaluate import LabelPredictor
+    from microtune.models import LabelPredictor
     from microtune.tasks import get_task
     from microtune.tasks.render import Renderer
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from microtune.config import TaskConfig
-from microtune.evaluate.predict import END, LabelPredictor, build_trie, common_prefix
+from microtune.models.decoding import END, LabelPredictor, build_trie, common_prefix
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
 

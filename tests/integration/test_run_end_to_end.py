@@ -77,7 +77,7 @@ def test_plain_peft_reload_reproduces_micro_predictions(finished_run: dict, bund
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from microtune.config import TaskConfig
-    from microtune.evaluate import LabelPredictor
+    from microtune.models import LabelPredictor
     from microtune.tasks import get_task
     from microtune.tasks.render import Renderer
 

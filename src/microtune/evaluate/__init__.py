@@ -1,5 +1,4 @@
-"""Evaluation stage: constrained prediction and the micro-model vs prompted baselines."""
-from microtune.evaluate.predict import LabelPredictor, build_trie, common_prefix
+"""Evaluation stage: the micro-model vs prompted baselines on the test split."""
 from microtune.evaluate.runner import MICRO, evaluate_systems, pick_shots
 
-__all__ = ["MICRO", "LabelPredictor", "build_trie", "common_prefix", "evaluate_systems", "pick_shots"]
+__all__ = ["MICRO", "evaluate_systems", "pick_shots"]

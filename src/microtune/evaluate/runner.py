@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microtune.config import Recipe, validate_recipe
-from microtune.core.artifacts import read_json, read_manifest
+from microtune.config import Recipe
 from microtune.data import read_split
-from microtune.evaluate.predict import LabelPredictor
-from microtune.models import BaseModelRef, load_model, load_tokenizer, quantization_config
+from microtune.models import BaseModelRef, load_model, load_tokenizer
+from microtune.models.decoding import LabelPredictor
 from microtune.models.hardware import device, use_bf16
+from microtune.models.trained import load_trained
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
 
@@ -62,7 +62,7 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
     results: dict[str, Any] = {}
     for system in [*cfg.baselines, MICRO]:
         if system == MICRO:
-            model = micro_model(ref, adapter_dir, model)
+            model = load_trained(ref, adapter_dir, model)
         if on_system:
             on_system(system)
         predictor = LabelPredictor(model, renderer, task.candidates(), cfg.batch_size, bf16)
@@ -74,21 +74,6 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
         results[system] = {"metrics": metrics, "preds": preds}
     _write(out_dir, test, results, shots)
     return {s: r["metrics"] for s, r in results.items()}
-
-
-def micro_model(ref: BaseModelRef, adapter_dir: Path, base_model: Any = None) -> Any:
-    """Load a trained artifact as it was trained: whole model (`full`), 4-bit base + adapter (`qlora`), or base + adapter."""
-    from peft import PeftModel
-
-    trained = validate_recipe(read_json(Path(adapter_dir) / "recipe.json"))
-    method = read_manifest(adapter_dir, "adapter").get("method", "lora")
-    if method == "full":
-        return load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), "")).to(device()).eval()
-    quant = quantization_config(trained.method)
-    if quant is not None or base_model is None:
-        base_model = load_model(ref, trained.model.trust_remote_code, quant)
-        base_model = base_model if quant is not None else base_model.to(device())
-    return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
 
 
 def _write(out_dir: Path, test: list[dict[str, Any]], results: dict[str, Any], shots: list[dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""Base models (resolve, load, cache) and PEFT method builders."""
+"""Base models (resolve, load, cache), PEFT method builders, trained-artifact loading, constrained decoding."""
+from microtune.models.decoding import LabelPredictor, build_trie, common_prefix
 from microtune.models.peft_methods import (
     METHODS,
     MethodContext,
@@ -8,6 +9,8 @@ from microtune.models.peft_methods import (
     quantization_config,
 )
 from microtune.models.resolve import BaseModelRef, load_model, load_tokenizer, resolve_base
+from microtune.models.trained import load_trained
 
-__all__ = ["METHODS", "BaseModelRef", "MethodContext", "apply_method", "is_prompt_learning", "load_model", "load_tokenizer",
-           "param_counts", "quantization_config", "resolve_base"]
+__all__ = ["METHODS", "BaseModelRef", "LabelPredictor", "MethodContext", "apply_method", "build_trie", "common_prefix",
+           "is_prompt_learning", "load_model", "load_tokenizer", "load_trained", "param_counts", "quantization_config",
+           "resolve_base"]

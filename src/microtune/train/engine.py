@@ -6,7 +6,8 @@ Reads top to bottom: encode the splits → build the model (4-bit base for qlora
 (resume from the newest checkpoint) → steps with validation, early stopping, checkpoints → keep the
 best weights → save. Speed choices (measured in benchmarks/): the LM head runs only at positions
 that carry a label, a prompt prefix shared by the batch is computed once, matmuls run under bf16
-autocast where the hardware has native bf16 (length bucketing is an option, off by default). Imbalanced labels are sampled or weighted (``train.balance``).
+autocast where the hardware has native bf16 (length bucketing is an option, off by default).
+Imbalanced labels are sampled or weighted (``train.balance``).
 """
 from __future__ import annotations
 

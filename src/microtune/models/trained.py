@@ -1,0 +1,31 @@
+"""Load a trained artifact (an `adapter/` folder) for prediction, exactly as it was trained.
+
+    model = load_trained(base_ref, adapter_dir)            # base + adapter, or the whole model for `full`
+
+Shared by evaluation, serving and watch: each reads the same artifact, none imports another stage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from microtune.config import validate_recipe
+from microtune.core.artifacts import read_json, read_manifest
+from microtune.models.hardware import device
+from microtune.models.peft_methods import quantization_config
+from microtune.models.resolve import BaseModelRef, load_model
+
+
+def load_trained(ref: BaseModelRef, adapter_dir: Path, base_model: Any = None) -> Any:
+    """Load a trained artifact as it was trained: whole model (`full`), 4-bit base + adapter (`qlora`), or base + adapter."""
+    from peft import PeftModel
+
+    trained = validate_recipe(read_json(Path(adapter_dir) / "recipe.json"))
+    method = read_manifest(adapter_dir, "adapter").get("method", "lora")
+    if method == "full":
+        return load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), "")).to(device()).eval()
+    quant = quantization_config(trained.method)
+    if quant is not None or base_model is None:
+        base_model = load_model(ref, trained.model.trust_remote_code, quant)
+        base_model = base_model if quant is not None else base_model.to(device())
+    return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
