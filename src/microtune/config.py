@@ -185,6 +185,12 @@ class TrainConfig(Section):
         description="Group examples of similar length into batches (less padding) instead of random batches. Off by default: "
         "on the CLINC150 slice it cost 13 accuracy points after one epoch (label-homogeneous batches; benchmarks/train_speed.py).",
     )
+    packing: bool = Field(
+        False,
+        description="Padding-free packing: the batch's examples end to end in rows of max_seq_len tokens, attention "
+        "kept inside each example (block-diagonal mask, positions restart per example). Same loss and gradients as "
+        "padded rows; pays off when example lengths vary (benchmarks/train_speed.py). Not for prompt/prefix tuning.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     log_every: int = Field(5, ge=1, description="Log loss to MLflow every N optimizer steps.")
 

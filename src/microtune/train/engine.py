@@ -38,6 +38,7 @@ from microtune.train import distributed as dist
 from microtune.train.batching import batches_per_epoch, collate, iterate_batches, label_weights
 from microtune.train.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
 from microtune.train.cost import cost_report, dense_params
+from microtune.train.packing import is_packed, pack, packed_hidden_states
 
 LogFn = Callable[[int, dict[str, float]], None]
 BUCKET_WINDOW = 50  # batches per length-sorting window when train.length_bucketing is on
@@ -92,7 +93,11 @@ def completion_loss(model: Any, batch: dict[str, Any], share_prefix: bool = True
 
     targets = batch["labels"][:, 1:]
     keep = targets != -100
-    if _fast_path(model):
+    if is_packed(batch):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = packed_hidden_states(base.get_decoder(), batch)
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    elif _fast_path(model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         hidden = _hidden_states(base, batch, shared_prefix_len(batch) if share_prefix else 0)
         logits = base.get_output_embeddings()(hidden[:, :-1][keep])
@@ -100,9 +105,12 @@ def completion_loss(model: Any, batch: dict[str, Any], share_prefix: bool = True
         width = batch["input_ids"].shape[1]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -width:][:, :-1][keep]
     ce = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    if "weights" not in batch:
+    if "weights" in batch:
+        w = batch["weights"][:, None].expand_as(targets)[keep]
+    elif "token_weights" in batch:
+        w = batch["token_weights"][:, 1:][keep]
+    else:
         return ce.mean(), int(keep.sum())
-    w = batch["weights"][:, None].expand_as(targets)[keep]
     return (ce * w).sum() / w.sum(), float(w.sum())
 
 
@@ -161,6 +169,10 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     import torch
 
     cfg = recipe.train
+    if cfg.packing and recipe.method.kind in ("prompt_tuning", "prefix_tuning"):
+        raise RecipeError(f"train.packing cannot be used with method.kind={recipe.method.kind}: its virtual tokens are "
+                          "prepended to each row, so packed examples would share them",
+                          hint="set train.packing=false, or use a LoRA-family method")
     dist.init()
     if cfg.batch_size < dist.world_size():
         raise RecipeError(f"train.batch_size {cfg.batch_size} is smaller than the {dist.world_size()} processes",
@@ -197,14 +209,14 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
         for _epoch, idx in iterate_batches(lengths, cfg.batch_size, cfg.seed, total_micro, st["micro"],
                                            weights if balance == "sample" else None, window):
             idx = dist.shard(idx)  # this rank's share of the global batch (all of it for one process)
-            batch = collate([train_set[j] for j in idx], pad, [weights[j] for j in idx] if balance == "weight" else None)
+            batch = _batch([train_set[j] for j in idx], pad, [weights[j] for j in idx] if balance == "weight" else None, cfg)
             batch = {k: v.to(device()) for k, v in batch.items()}
             with autocast(bf16):
                 loss, norm = completion_loss(model, batch)
             norm_all = dist.all_sum(norm)  # scale so summed rank gradients = the global batch's mean gradient
             (loss * (norm / norm_all) / cfg.grad_accum).backward()
             st["micro"] += 1
-            st["tokens"] += int(dist.all_sum(float(batch["attention_mask"].sum())))
+            st["tokens"] += int(dist.all_sum(float(batch["n_tokens"] if is_packed(batch) else batch["attention_mask"].sum())))
             accum, n_acc = [accum[0] + dist.all_sum(loss.item() * norm) / norm_all, accum[1] + 1], n_acc + 1
             if n_acc < cfg.grad_accum and st["micro"] != total_micro:
                 continue
@@ -251,6 +263,13 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
         "cost": cost_report(recipe.method.kind, dense_params(model), counts["total_params"], counts["trainable_params"],
                             st["tokens"], wall, peak_memory_mb()) | {"device": device(), "bf16": bf16},
     }
+
+
+def _batch(examples: list[tuple[list[int], list[int]]], pad: int, weights: list[float] | None, cfg: Any) -> dict[str, Any]:
+    """Packed rows (``train.packing``) or one right-padded row per example."""
+    if cfg.packing:
+        return pack(examples, pad, cfg.max_seq_len, share_prefix=not cfg.gradient_checkpointing, weights=weights)
+    return collate(examples, pad, weights)
 
 
 def _meta(st: dict[str, Any]) -> dict[str, Any]:
