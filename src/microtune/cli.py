@@ -206,7 +206,8 @@ def _show_eval(folder: Path) -> None:
 
     m = read_manifest(folder, "eval")
     metrics: dict[str, Any] = m["metrics"]
-    names = [k for k in ("accuracy", "macro_f1", "valid_rate") if k in next(iter(metrics.values()))]
+    names = m.get("metric_names") or [k for k in ("accuracy", "macro_f1") if k in next(iter(metrics.values()))]
+    names = [*names, *(["valid_rate"] if "valid_rate" not in names else [])]
     table = Table(title=f"test split: micro-model vs prompted base model ({folder})")
     table.add_column("system")
     for name in [*names, "examples/s"]:

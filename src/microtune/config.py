@@ -23,24 +23,53 @@ class Section(BaseModel):
 
 
 class TaskConfig(Section):
-    type: Literal["classify"] = Field("classify", description="Task type; `classify` maps a text to one label.")
+    type: Literal["classify", "extract", "generate"] = Field(
+        "classify", description="Task type: `classify` (text → label, or labels with multi_label), `extract` (text → JSON "
+        "object with the `fields`), `generate` (text → free text, e.g. a summary)."
+    )
     instruction: str = Field(
         ..., min_length=1, description="What the model must do, in plain words; it becomes the system prompt."
     )
     labels: list[str] | None = Field(
-        None, description="The label set. Omitted: inferred from the train split (sorted)."
+        None, description="classify: the label set. Omitted: inferred from the train split (sorted)."
     )
     text_field: str = Field("text", description="Field of a JSONL/CSV row that holds the input text.")
-    label_field: str = Field("label", description="Field of a JSONL/CSV row that holds the label.")
+    label_field: str = Field("label", description="classify: field that holds the label (a list, or `a;b` text, with multi_label).")
+    multi_label: bool = Field(False, description="classify: each text has one or more labels; the answer is a set of labels.")
+    max_labels: int = Field(2, ge=1, le=4, description="classify with multi_label: most labels one text can carry.")
+    label_separator: str = Field(";", min_length=1, description="classify with multi_label: separator of labels given as text.")
+    none_label: str | None = Field(
+        None, description="classify: the out-of-scope label (e.g. `oos`, 'none of these'); adds in-scope accuracy and "
+        "out-of-scope precision/recall to the metrics."
+    )
+    target_field: str = Field(
+        "target", description="extract: field with the JSON object (or its JSON text); generate: field with the target "
+        "text (a list of strings = several references; training uses the first)."
+    )
+    fields: dict[str, str] | None = Field(
+        None, description="extract: output field name → what it holds (shown to prompted baselines). Values are a "
+        "string, a list of strings, or null."
+    )
+    max_new_tokens: int = Field(96, ge=1, le=2048, description="extract/generate: longest answer generated, in tokens.")
 
     @model_validator(mode="after")
-    def _labels_unique(self) -> TaskConfig:
+    def _consistent(self) -> TaskConfig:
         if self.labels is not None:
             if not self.labels:
                 raise ValueError("labels is empty; list the labels or omit the key to infer them")
             dupes = sorted({x for x in self.labels if self.labels.count(x) > 1})
             if dupes:
                 raise ValueError(f"labels repeat: {dupes}")
+        if self.type == "extract" and not self.fields:
+            raise ValueError("task.type extract needs task.fields (name: description of each output field)")
+        if self.type != "classify":
+            used = [k for k in ("labels", "multi_label", "none_label") if getattr(self, k) not in (None, False)]
+            if used:
+                raise ValueError(f"{', '.join(used)} only apply to task.type classify, not {self.type}")
+        if self.type != "extract" and self.fields:
+            raise ValueError(f"fields only apply to task.type extract, not {self.type}")
+        if self.none_label and self.labels is not None and self.none_label not in self.labels:
+            raise ValueError(f"none_label {self.none_label!r} is not in labels")
         return self
 
 
@@ -200,8 +229,10 @@ class EvalConfig(Section):
         ["zero_shot", "few_shot"], description="Prompted baselines of the base model to compare against."
     )
     shots: int = Field(5, ge=1, le=64, description="Examples in the few-shot prompt (seeded pick from train, distinct labels first).")
-    metrics: list[Literal["accuracy", "macro_f1"]] = Field(
-        ["accuracy", "macro_f1"], description="Metrics to report; the first is the main metric."
+    metrics: list[str] | None = Field(
+        None, description="Metrics for tables and the registry; the first is the main metric (the gate compares it). "
+        "Default by task: classify accuracy, macro_f1 (multi_label: exact_match, micro_f1, macro_f1; with none_label "
+        "also in_scope_accuracy, oos_recall); extract micro_f1, micro_f1_normalized, valid_rate; generate rouge_l, length_ratio."
     )
     batch_size: int = Field(16, ge=1, description="Examples per prediction batch.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate on the first N test rows only (quick looks).")
@@ -212,6 +243,18 @@ class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: `$MLFLOW_TRACKING_URI`, else the workspace's SQLite store.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the recipe name.")
     register_model: bool = Field(True, description="`run` registers the adapter as a model version named after the recipe.")
+
+
+def task_metrics(task: TaskConfig, every: bool = False) -> list[str]:
+    """The default metric list of a task (main first), or with ``every`` all the scalar metrics it reports."""
+    if task.type == "extract":
+        return ["micro_f1", "micro_f1_normalized", "valid_rate"] + (["macro_f1"] if every else [])
+    if task.type == "generate":
+        return ["rouge_l", "length_ratio"] + (["pred_words_mean", "ref_words_mean", "valid_rate"] if every else [])
+    names = ["exact_match", "micro_f1", "macro_f1"] if task.multi_label else ["accuracy", "macro_f1"]
+    if task.none_label and not task.multi_label:
+        names += ["in_scope_accuracy", "oos_recall"] + (["oos_precision"] if every else [])
+    return names + (["valid_rate"] if every else [])
 
 
 class Recipe(Section):
@@ -225,6 +268,19 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training hyper-parameters.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against prompted baselines.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> Recipe:
+        allowed = task_metrics(self.task, every=True)
+        unknown = [m for m in self.eval.metrics or [] if m not in allowed]
+        if unknown:
+            raise ValueError(f"eval.metrics: {', '.join(map(repr, unknown))} not reported for this task "
+                             f"(one of: {', '.join(allowed)})")
+        return self
+
+    def metric_names(self) -> list[str]:
+        """The metrics to report, main metric first (``eval.metrics`` or the task's default)."""
+        return self.eval.metrics or task_metrics(self.task)
 
     def resolved(self) -> dict[str, Any]:
         """The full recipe as plain JSON-able data (paths as strings), for manifests and MLflow."""

@@ -13,6 +13,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,13 @@ def build_dataset(recipe: Recipe) -> DatasetResult:
     files = {s: getattr(recipe.data, s) for s in SPLITS if getattr(recipe.data, s) is not None}
     raw: dict[str, list[dict[str, Any]]] = {s: _load_split(recipe, path, log) for s, path in files.items()}
     splits = _split(raw, recipe)
-    labels = recipe.task.labels or sorted({TASKS[recipe.task.type].label_of(e) for e in splits["train"]})
-    _check_labels(splits, labels, recipe.task.labels is not None, log)
+    task_cls = TASKS[recipe.task.type]
+    labels: list[str] = []
+    if task_cls.has_labels:
+        labels = recipe.task.labels or sorted({a for e in splits["train"] for a in task_cls.atoms_of(e)})
+        _check_labels(splits, labels, recipe.task.labels is not None, task_cls.atoms_of, log)
+        _check_balance(splits["train"], labels, log)
     _check_overlap(splits, log)
-    _check_balance(splits["train"], labels, log)
     if log.errors:
         _raise(log)
     sources = {s: {"path": str(p), "sha256": hash_file(p), "format": detect_format(p, recipe.data.format)} for s, p in files.items()}
@@ -72,7 +76,7 @@ def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, A
         log.error(f"{path}:1", "data file is empty", None)
         return []
     task_cls = TASKS[recipe.task.type]
-    chat_cfg = recipe.task.model_copy(update={"text_field": "text", "label_field": "label"})
+    chat_cfg = recipe.task.model_copy(update={"text_field": "text", "label_field": "label", "target_field": "label"})
     rows = []
     for line, row in read_rows(path, recipe.data.format, log):
         example, problems = task_cls.normalize(row, chat_cfg if row.get("_chat") else recipe.task)
@@ -93,8 +97,8 @@ def _split(raw: dict[str, list[dict[str, Any]]], recipe: Recipe) -> dict[str, li
         return splits
     rng = random.Random(recipe.data.split.seed)
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for ex in splits["train"]:
-        by_label[ex["label"]].append(ex)
+    for ex in splits["train"]:  # tasks without labels (extract, generate) form one stratum
+        by_label[ex.get("label", "")].append(ex)
     splits["train"] = []
     for label in sorted(by_label):
         group = by_label[label]
@@ -109,16 +113,18 @@ def _split(raw: dict[str, list[dict[str, Any]]], recipe: Recipe) -> dict[str, li
     return splits
 
 
-def _check_labels(splits: dict[str, list[dict[str, Any]]], labels: list[str], declared: bool, log: ProblemLog) -> None:
+def _check_labels(splits: dict[str, list[dict[str, Any]]], labels: list[str], declared: bool,
+                  atoms: Callable[[dict[str, Any]], list[str]], log: ProblemLog) -> None:
     allowed = set(labels)
-    train_labels = {e["label"] for e in splits["train"]}
+    train_labels = {a for e in splits["train"] for a in atoms(e)}
     for name in SPLITS:
         for ex in splits[name]:
-            if declared and ex["label"] not in allowed:
-                near = sorted(allowed, key=lambda a: _distance(a, ex["label"]))[:1]
-                log.error(ex["source"], f"label not in task.labels (nearest: {near[0]!r})" if near else "label not in task.labels", ex["label"])
+            for label in atoms(ex):
+                if declared and label not in allowed:
+                    near = sorted(allowed, key=lambda a: _distance(a, label))[:1]
+                    log.error(ex["source"], f"label not in task.labels (nearest: {near[0]!r})" if near else "label not in task.labels", label)
     for name in ("valid", "test"):
-        unseen = sorted({e["label"] for e in splits[name]} - train_labels)
+        unseen = sorted({a for e in splits[name] for a in atoms(e)} - train_labels)
         if unseen:
             log.warn(name, f"{len(unseen)} label(s) in {name} never appear in train; the model cannot learn them", unseen[:10])
 

@@ -13,7 +13,7 @@ def compute_stats(splits: dict[str, list[dict[str, Any]]], labels: list[str], en
     """``encode(example) -> (prompt_ids, completion_ids)`` is the training-time encoding."""
     stats: dict[str, Any] = {"rows": {s: len(splits[s]) for s in SPLITS}, "labels": labels, "per_label": {}}
     for name in SPLITS:
-        stats["per_label"][name] = dict(Counter(e["label"] for e in splits[name]).most_common())
+        stats["per_label"][name] = dict(Counter(a for e in splits[name] for a in e.get("labels", [e.get("label")]) if a).most_common())
     lengths, completion = [], []
     for ex in splits["train"]:
         prompt, comp = encode(ex)

@@ -16,7 +16,7 @@ from typing import Any
 from microtune.config import Recipe
 from microtune.data import read_split
 from microtune.models import BaseModelRef, load_model, load_tokenizer
-from microtune.models.decoding import LabelPredictor
+from microtune.models.decoding import LabelPredictor, TextGenerator
 from microtune.models.hardware import device, use_bf16
 from microtune.models.trained import load_trained
 from microtune.tasks import get_task
@@ -31,7 +31,7 @@ def pick_shots(train: list[dict[str, Any]], k: int, seed: int) -> list[dict[str,
     random.Random(seed).shuffle(rows)
     picked, seen = [], set()
     for row in rows:
-        if row["label"] not in seen:
+        if row.get("label") is not None and row["label"] not in seen:
             picked.append(row)
             seen.add(row["label"])
     picked = picked[:k]
@@ -65,22 +65,36 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
             model = load_trained(ref, adapter_dir, model)
         if on_system:
             on_system(system)
-        predictor = LabelPredictor(model, renderer, task.candidates(), cfg.batch_size, bf16)
+        predictor = _predictor(task, model, renderer, cfg.batch_size, bf16)
         start = time.perf_counter()
         preds = predictor.predict([prompts[system](ex) for ex in test])
         seconds = time.perf_counter() - start
-        metrics = task.metrics([ex["label"] for ex in test], [p for p, _ in preds])
+        preds = [(task.parse(raw), prob, raw) for raw, prob in preds]
+        metrics = task.metrics([task.gold(ex) for ex in test], [p for p, _, _ in preds])
         metrics.update(examples=len(test), seconds=round(seconds, 2), examples_per_s=round(len(test) / seconds, 2))
         results[system] = {"metrics": metrics, "preds": preds}
-    _write(out_dir, test, results, shots)
+    _write(out_dir, test, results, shots, task)
     return {s: r["metrics"] for s, r in results.items()}
 
 
-def _write(out_dir: Path, test: list[dict[str, Any]], results: dict[str, Any], shots: list[dict[str, Any]]) -> None:
+def _predictor(task: Any, model: Any, renderer: Renderer, batch_size: int, bf16: bool) -> Any:
+    """Constrained decoding over the task's answers when it has a closed set; greedy generation otherwise."""
+    candidates = task.candidates()
+    if candidates is not None:
+        return LabelPredictor(model, renderer, candidates, batch_size, bf16)
+    return TextGenerator(model, renderer, task.cfg.max_new_tokens, batch_size, bf16)
+
+
+def _entry(pred: Any, prob: float | None, raw: str) -> dict[str, Any]:
+    """One system's answer: the parsed prediction, its probability (constrained decoding) or raw text (generation)."""
+    return {"pred": pred, "prob": round(prob, 4)} if prob is not None else {"pred": pred, "raw": raw}
+
+
+def _write(out_dir: Path, test: list[dict[str, Any]], results: dict[str, Any], shots: list[dict[str, Any]], task: Any) -> None:
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, ex in enumerate(test):
-            row = {"source": ex["source"], "text": ex["text"], "gold": ex["label"]}
-            row |= {s: {"pred": r["preds"][i][0], "prob": round(r["preds"][i][1], 4)} for s, r in results.items()}
+            row = {"source": ex["source"], "text": ex["text"], "gold": task.gold(ex)}
+            row |= {s: _entry(*r["preds"][i]) for s, r in results.items()}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics = {s: r["metrics"] for s, r in results.items()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

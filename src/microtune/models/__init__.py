@@ -1,5 +1,5 @@
 """Base models (resolve, load, cache), PEFT method builders, trained-artifact loading, constrained decoding."""
-from microtune.models.decoding import LabelPredictor, build_trie, common_prefix
+from microtune.models.decoding import LabelPredictor, TextGenerator, build_trie, common_prefix
 from microtune.models.peft_methods import (
     METHODS,
     MethodContext,
@@ -13,4 +13,4 @@ from microtune.models.trained import load_trained
 
 __all__ = ["METHODS", "BaseModelRef", "LabelPredictor", "MethodContext", "apply_method", "build_trie", "common_prefix",
            "is_prompt_learning", "load_model", "load_tokenizer", "load_trained", "param_counts", "quantization_config",
-           "resolve_base"]
+           "resolve_base", "TextGenerator"]

@@ -204,7 +204,7 @@ def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: 
         with write_artifact(dest, "eval", {"recipe": recipe.name, "adapter_dir": str(adapter_dir)}) as (tmp, m):
             metrics = evaluate_systems(recipe, resolve_base(recipe.model), dataset_dir, adapter_dir,
                                        manifest["labels"], tmp, on_system)
-            m.update(metrics=metrics, main_metric=recipe.eval.metrics[0])
+            m.update(metrics=metrics, main_metric=recipe.metric_names()[0], metric_names=recipe.metric_names())
         for system, values in metrics.items():
             log_metrics({f"eval.{system}.{k}": v for k, v in values.items() if isinstance(v, (int, float))})
         log_folder(dest, "eval")
@@ -222,8 +222,8 @@ def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: s
     lineage = adapter["lineage"]
     tags = {k: v for k, v in lineage.items() if k != "versions"} | {f"version.{k}": v for k, v in lineage["versions"].items()}
     tags |= {f"metric.{s}.{k}": round(v, 4) for s, vals in metrics.items() for k, v in vals.items()
-             if k in recipe.eval.metrics}
-    tags |= {"main_metric": recipe.eval.metrics[0], "micro_system": MICRO}
+             if k in recipe.metric_names()}
+    tags |= {"main_metric": recipe.metric_names()[0], "micro_system": MICRO}
     return register_adapter(recipe, ws, adapter["mlflow_run_id"], tags)
 
 

@@ -1,19 +1,30 @@
-"""Task ``classify``: one text in, one label out.
+"""Task ``classify``: one text in, one label out — or a set of labels (``multi_label``), with an optional
+out-of-scope label (``none_label``).
 
-Rows are normalised to ``{"text": str, "label": str}``. The micro-model's prompt is the recipe's
-instruction (system) and the text (user); the completion is the label. Prompted baselines also get
-the label list and, for few-shot, example turns. Metrics: accuracy and macro-F1 (+ per-label F1).
+Rows are normalised to ``{"text": str, "label": str}``; with multi_label, ``label`` is the canonical
+answer — the sorted labels joined by ``"; "`` — and ``labels`` the list. The micro-model's prompt is
+the recipe's instruction (system) and the text (user); the completion is the label (answer string).
+Prompted baselines also get the label list and, for few-shot, example turns. Constrained decoding picks
+among ``candidates()``: the labels, or every label set of up to ``max_labels`` labels.
+Metrics: accuracy and macro-F1 (+ per-label F1); multi-label: exact match, micro/macro-F1 over labels;
+with a none_label: in-scope accuracy and out-of-scope precision/recall (the CLINC150 measures).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import combinations
 from typing import Any
 
 from microtune.config import TaskConfig
+from microtune.tasks.base import check_text, example_rate, shot_turns
+
+JOIN = "; "
 
 
 class ClassifyTask:
     name = "classify"
+    has_labels = True
+    main_metric = "macro_f1"
 
     def __init__(self, cfg: TaskConfig, labels: Sequence[str]):
         self.cfg = cfg
@@ -21,62 +32,138 @@ class ClassifyTask:
 
     # -- rows -------------------------------------------------------------------------------------
     @staticmethod
-    def normalize(row: dict[str, Any], cfg: TaskConfig) -> tuple[dict[str, str] | None, list[tuple[str, Any]]]:
+    def normalize(row: dict[str, Any], cfg: TaskConfig) -> tuple[dict[str, Any] | None, list[tuple[str, Any]]]:
         """Map a raw row to an example; on failure return ``None`` and ``(reason, got)`` pairs."""
-        problems: list[tuple[str, Any]] = []
-        out: dict[str, str] = {}
-        for key, field in (("text", cfg.text_field), ("label", cfg.label_field)):
-            if field not in row:
-                problems.append((f"missing field {field!r}", f"keys {sorted(row)}"))
-            elif not isinstance(row[field], str):
-                problems.append((f"field {field!r} is not a string", row[field]))
-            elif not row[field].strip():
-                problems.append((f"field {field!r} is empty", row[field]))
-            else:
-                out[key] = row[field].strip()
-        return (None, problems) if problems else (out, [])
+        text, problems = check_text(row, cfg.text_field)
+        labels = _labels_of(row, cfg, problems)
+        if problems:
+            return None, problems
+        if cfg.multi_label:
+            return {"text": text, "label": JOIN.join(labels), "labels": labels}, []
+        return {"text": text, "label": labels[0]}, []
 
     @staticmethod
-    def label_of(example: dict[str, str]) -> str:
+    def label_of(example: dict[str, Any]) -> str:
         return example["label"]
 
+    @staticmethod
+    def atoms_of(example: dict[str, Any]) -> list[str]:
+        """The labels of an example (one, or several with multi_label) — what task.labels must contain."""
+        return example.get("labels", [example["label"]])
+
     # -- prompts ----------------------------------------------------------------------------------
-    def messages(self, example: dict[str, str], *, label_list: bool = False,
-                 shots: Sequence[dict[str, str]] = ()) -> list[dict[str, str]]:
+    def messages(self, example: dict[str, Any], *, label_list: bool = False,
+                 shots: Sequence[dict[str, Any]] = ()) -> list[dict[str, str]]:
         """Chat messages up to (not including) the answer."""
         system = self.cfg.instruction
         if label_list:
-            system += "\nAnswer with exactly one of these labels and nothing else: " + ", ".join(self.labels) + "."
-        msgs = [{"role": "system", "content": system}]
-        for shot in shots:
-            msgs += [{"role": "user", "content": shot["text"]}, {"role": "assistant", "content": shot["label"]}]
-        return msgs + [{"role": "user", "content": example["text"]}]
+            if self.cfg.multi_label:
+                system += (f"\nAnswer with one to {self.cfg.max_labels} of these labels, in this order, separated by "
+                           f"'{JOIN.strip()} ', and nothing else: " + ", ".join(sorted(self.labels)) + ".")
+            else:
+                system += "\nAnswer with exactly one of these labels and nothing else: " + ", ".join(self.labels) + "."
+        return [{"role": "system", "content": system}, *shot_turns(shots, self.target),
+                {"role": "user", "content": example["text"]}]
 
-    def target(self, example: dict[str, str]) -> str:
+    def target(self, example: dict[str, Any]) -> str:
         return example["label"]
 
     def candidates(self) -> list[str]:
-        """Every valid completion: constrained decoding picks among these."""
-        return self.labels
+        """Every valid answer: constrained decoding picks among these."""
+        if not self.cfg.multi_label:
+            return self.labels
+        ordered = sorted(self.labels)
+        return [JOIN.join(c) for k in range(1, self.cfg.max_labels + 1) for c in combinations(ordered, k)]
+
+    def gold(self, example: dict[str, Any]) -> str:
+        return example["label"]
 
     def parse(self, output: str) -> str | None:
-        """Map raw model output to a label, or ``None`` when it is none of them."""
+        """Map raw model output to a valid answer, or ``None`` when it is none of them."""
         text = output.strip().strip(".").strip()
-        if text in self.labels:
+        if self.cfg.multi_label:
+            known = {label.lower(): label for label in self.labels}
+            parts = [known.get(p.strip().lower(), p.strip()) for p in text.replace(",", ";").split(";") if p.strip()]
+            text = JOIN.join(sorted(set(parts)))
+        valid = self.candidates()
+        if text in valid:
             return text
-        lowered = {label.lower(): label for label in self.labels}
-        return lowered.get(text.lower())
+        return {c.lower(): c for c in valid}.get(text.lower())
 
     # -- metrics ----------------------------------------------------------------------------------
+    def example_scores(self, golds: Sequence[str], preds: Sequence[str | None]) -> list[float]:
+        """Per-example correctness (1/0): what the paired tests compare."""
+        return [float(g == p) for g, p in zip(golds, preds)]
+
     def metrics(self, golds: Sequence[str], preds: Sequence[str | None]) -> dict[str, Any]:
+        out = self._multi_metrics(golds, preds) if self.cfg.multi_label else self._single_metrics(golds, preds)
+        out["valid_rate"] = example_rate(p is not None for p in preds)
+        return out
+
+    def _single_metrics(self, golds: Sequence[str], preds: Sequence[str | None]) -> dict[str, Any]:
         from sklearn.metrics import f1_score
 
         preds_ = [p if p is not None else "<invalid>" for p in preds]
         labels = sorted(set(golds))
         per_label = f1_score(golds, preds_, labels=labels, average=None, zero_division=0)
-        return {
-            "accuracy": sum(g == p for g, p in zip(golds, preds_)) / max(len(golds), 1),
+        out: dict[str, Any] = {
+            "accuracy": example_rate(g == p for g, p in zip(golds, preds_)),
             "macro_f1": float(per_label.mean()) if len(labels) else 0.0,
-            "valid_rate": sum(p is not None for p in preds) / max(len(preds), 1),
             "per_label_f1": {label: float(f) for label, f in zip(labels, per_label)},
         }
+        none = self.cfg.none_label
+        if none:
+            in_scope = [(g, p) for g, p in zip(golds, preds_) if g != none]
+            flagged = [g for g, p in zip(golds, preds_) if p == none]
+            out |= {"in_scope_accuracy": example_rate(g == p for g, p in in_scope),
+                    "oos_recall": example_rate(p == none for g, p in zip(golds, preds_) if g == none),
+                    "oos_precision": example_rate(g == none for g in flagged)}
+        return out
+
+    def _multi_metrics(self, golds: Sequence[str], preds: Sequence[str | None]) -> dict[str, Any]:
+        from sklearn.metrics import f1_score
+        from sklearn.preprocessing import MultiLabelBinarizer
+
+        binarizer = MultiLabelBinarizer(classes=sorted(self.labels))
+        y_true = binarizer.fit_transform([_as_set(g) for g in golds])
+        y_pred = binarizer.transform([_as_set(p) for p in preds])
+        per_label = f1_score(y_true, y_pred, average=None, zero_division=0)
+        present = y_true.sum(axis=0) > 0
+        return {
+            "exact_match": example_rate(g == p for g, p in zip(golds, preds)),
+            "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+            "macro_f1": float(per_label[present].mean()) if present.any() else 0.0,
+            "per_label_f1": {label: float(f) for label, f, seen in zip(binarizer.classes_, per_label, present) if seen},
+        }
+
+
+def _as_set(answer: str | None) -> set[str]:
+    return set(answer.split(JOIN)) if answer else set()
+
+
+def _labels_of(row: dict[str, Any], cfg: TaskConfig, problems: list[tuple[str, Any]]) -> list[str]:
+    """The row's label(s), canonical (stripped; sorted and de-duplicated with multi_label)."""
+    field = cfg.label_field
+    if field not in row:
+        problems.append((f"missing field {field!r}", f"keys {sorted(row)}"))
+        return []
+    value = row[field]
+    if cfg.multi_label and isinstance(value, str):
+        value = value.split(cfg.label_separator)
+    if cfg.multi_label and isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            problems.append((f"field {field!r} must hold strings", value))
+            return []
+        labels = sorted({v.strip() for v in value if v.strip()})
+        if not labels:
+            problems.append((f"field {field!r} has no label", row[field]))
+        elif len(labels) > cfg.max_labels:
+            problems.append((f"{len(labels)} labels, more than task.max_labels={cfg.max_labels}", row[field]))
+        return labels
+    if not isinstance(value, str):
+        problems.append((f"field {field!r} is not a string", value))
+    elif not value.strip():
+        problems.append((f"field {field!r} is empty", value))
+    else:
+        return [value.strip()]
+    return []

@@ -118,8 +118,16 @@ def encode_split(rows: list[dict[str, Any]], task: Any, renderer: Renderer, max_
     return [renderer.encode(task.messages(r), task.target(r), max_len) for r in rows]
 
 
-def resolve_balance(setting: str, labels: list[str]) -> str:
-    """``auto`` → ``sample`` when the majority label would dominate (the same rule as `check`'s warning)."""
+def resolve_balance(setting: str, labels: list[str | None]) -> str:
+    """``auto`` → ``sample`` when the majority label would dominate (the same rule as `check`'s warning).
+
+    Tasks without labels (extract, generate) have nothing to balance: ``auto`` is ``none`` and an explicit
+    ``sample``/``weight`` is an error rather than a silently ignored option."""
+    if any(label is None for label in labels):
+        if setting in ("sample", "weight"):
+            raise RecipeError(f"train.balance={setting} needs labels; this task type has none",
+                              hint="set train.balance=auto (or none) for extract and generate recipes")
+        return "none"
     if setting != "auto":
         return setting
     return "sample" if imbalance(labels) else "none"
@@ -183,7 +191,7 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     train_rows = read_split(dataset_dir, "train")
     train_set = encode_split(train_rows, task, renderer, cfg.max_seq_len)
     valid_set = encode_split(read_split(dataset_dir, "valid"), task, renderer, cfg.max_seq_len)
-    balance = resolve_balance(cfg.balance, [r["label"] for r in train_rows])
+    balance = resolve_balance(cfg.balance, [r.get("label") for r in train_rows])
     weights = label_weights([r["label"] for r in train_rows], cfg.balance_power) if balance != "none" else None
     model = build_model(recipe, ref)
     bf16 = use_bf16(cfg.bf16)

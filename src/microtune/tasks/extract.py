@@ -1,0 +1,173 @@
+"""Task ``extract``: one text in, a JSON object with the recipe's ``fields`` out (e.g. drug, effect, dosage).
+
+Rows are normalised to ``{"text": str, "output": {field: value}}`` where every field of the recipe is
+present and a value is a string, a list of strings, or null (the text does not say). The completion is
+the object as compact JSON in field order, so the model learns one canonical form. Prompted baselines
+also get the field list with descriptions. Parsing takes the first JSON object in the model's output
+(prose or code fences around it are tolerated); anything else counts as invalid.
+
+Metrics: JSON validity rate; per field precision/recall/F1 over the set of values, by exact match and
+after normalisation (case, punctuation, articles, spacing); micro-F1 (all fields pooled) and macro-F1
+(mean over fields). An example's score for paired tests is its micro-F1.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from microtune.config import TaskConfig
+from microtune.tasks.base import check_text, example_rate, shot_turns
+
+Value = str | list[str] | None
+
+
+class ExtractTask:
+    name = "extract"
+    has_labels = False
+    main_metric = "micro_f1"
+
+    def __init__(self, cfg: TaskConfig, labels: Sequence[str] = ()):
+        self.cfg = cfg
+        self.fields = list(cfg.fields or {})
+
+    # -- rows -------------------------------------------------------------------------------------
+    @staticmethod
+    def normalize(row: dict[str, Any], cfg: TaskConfig) -> tuple[dict[str, Any] | None, list[tuple[str, Any]]]:
+        text, problems = check_text(row, cfg.text_field)
+        output = _output_of(row, cfg, problems)
+        return (None, problems) if problems else ({"text": text, "output": output}, [])
+
+    @staticmethod
+    def label_of(example: dict[str, Any]) -> None:
+        return None
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def messages(self, example: dict[str, Any], *, label_list: bool = False,
+                 shots: Sequence[dict[str, Any]] = ()) -> list[dict[str, str]]:
+        system = self.cfg.instruction
+        if label_list:
+            keys = "; ".join(f'"{name}": {desc}' for name, desc in (self.cfg.fields or {}).items())
+            system += ("\nAnswer with one JSON object with exactly these keys and nothing else: " + keys +
+                       ". Copy the words from the text; use a list for several values and null when the text does not say.")
+        return [{"role": "system", "content": system}, *shot_turns(shots, self.target),
+                {"role": "user", "content": example["text"]}]
+
+    def target(self, example: dict[str, Any]) -> str:
+        return json.dumps({f: example["output"].get(f) for f in self.fields}, ensure_ascii=False)
+
+    def candidates(self) -> None:
+        return None  # free generation, parsed afterwards
+
+    def gold(self, example: dict[str, Any]) -> dict[str, Value]:
+        return example["output"]
+
+    def parse(self, output: str) -> dict[str, Value] | None:
+        """The first JSON object in ``output`` restricted to the recipe's fields, or ``None`` if there is none."""
+        obj = _first_object(output)
+        if obj is None:
+            return None
+        return {f: _coerce(obj.get(f)) for f in self.fields}
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def example_scores(self, golds: Sequence[dict[str, Value]], preds: Sequence[dict[str, Value] | None]) -> list[float]:
+        scores = []
+        for gold, pred in zip(golds, preds):
+            tp, fp, fn = _pooled(self.fields, [gold], [pred], exact=True)
+            scores.append(1.0 if tp + fp + fn == 0 else _f1(tp, fp, fn))
+        return scores
+
+    def metrics(self, golds: Sequence[dict[str, Value]], preds: Sequence[dict[str, Value] | None]) -> dict[str, Any]:
+        per_field: dict[str, dict[str, float]] = {}
+        for f in self.fields:
+            tp, fp, fn = _pooled([f], golds, preds, exact=True)
+            ntp, nfp, nfn = _pooled([f], golds, preds, exact=False)
+            per_field[f] = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _f1(tp, fp, fn),
+                            "f1_normalized": _f1(ntp, nfp, nfn), "support": tp + fn}
+        return {
+            "micro_f1": _f1(*_pooled(self.fields, golds, preds, exact=True)),
+            "micro_f1_normalized": _f1(*_pooled(self.fields, golds, preds, exact=False)),
+            "macro_f1": sum(v["f1"] for v in per_field.values()) / max(len(per_field), 1),
+            "valid_rate": example_rate(p is not None for p in preds),
+            "per_field": per_field,
+        }
+
+
+def _output_of(row: dict[str, Any], cfg: TaskConfig, problems: list[tuple[str, Any]]) -> dict[str, Value]:
+    field, fields = cfg.target_field, list(cfg.fields or {})
+    if field not in row:
+        problems.append((f"missing field {field!r}", f"keys {sorted(row)}"))
+        return {}
+    value = row[field]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            problems.append((f"field {field!r} is not a JSON object ({exc.msg})", value))
+            return {}
+    if not isinstance(value, dict):
+        problems.append((f"field {field!r} is not a JSON object", value))
+        return {}
+    for key in value:
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            problems.append((f"unknown output field {key!r}" + (f"; did you mean {near[0]!r}?" if near else "") +
+                             f" (task.fields: {', '.join(fields)})", value[key]))
+    out = {}
+    for f in fields:
+        v = value.get(f)
+        if not (v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            problems.append((f"output field {f!r} must be a string, a list of strings or null", v))
+        out[f] = v if v not in ("", []) else None
+    return out
+
+
+def _first_object(text: str) -> dict[str, Any] | None:
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text[match.start():])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def _coerce(value: Any) -> Value:
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, list):
+        return [str(v) for v in value if v not in (None, "")] or None
+    return str(value)
+
+
+def _values(value: Value, exact: bool) -> set[str]:
+    items = [] if value is None else [value] if isinstance(value, str) else value
+    return {v.strip() if exact else _norm(v) for v in items} - {""}
+
+
+def _norm(text: str) -> str:
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def _pooled(fields: Sequence[str], golds: Sequence[dict[str, Value]], preds: Sequence[dict[str, Value] | None],
+            exact: bool) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) over value sets; an invalid prediction predicts nothing."""
+    tp = fp = fn = 0
+    for gold, pred in zip(golds, preds):
+        for f in fields:
+            g, p = _values(gold.get(f), exact), _values((pred or {}).get(f), exact)
+            tp, fp, fn = tp + len(g & p), fp + len(p - g), fn + len(g - p)
+    return tp, fp, fn
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return _ratio(2 * tp, 2 * tp + fp + fn)

@@ -1,0 +1,108 @@
+"""Task ``generate``: one text in, free text out (a one-sentence summary, a rewrite, an answer).
+
+Rows are normalised to ``{"text": str, "target": str, "references": [str, ...]}``: the target field
+may hold one reference or a list of them (SciTLDR's test set has several per abstract); training
+uses the first, scoring takes the best match over all of them. Metrics: ROUGE-L F1 (longest common
+subsequence of lower-cased word tokens, best reference per example, averaged), mean words of the
+predictions and of the references and their ratio, and the share of non-empty answers (valid_rate).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from microtune.config import TaskConfig
+from microtune.tasks.base import check_text, example_rate, shot_turns
+
+
+class GenerateTask:
+    name = "generate"
+    has_labels = False
+    main_metric = "rouge_l"
+
+    def __init__(self, cfg: TaskConfig, labels: Sequence[str] = ()):
+        self.cfg = cfg
+
+    # -- rows -------------------------------------------------------------------------------------
+    @staticmethod
+    def normalize(row: dict[str, Any], cfg: TaskConfig) -> tuple[dict[str, Any] | None, list[tuple[str, Any]]]:
+        text, problems = check_text(row, cfg.text_field)
+        refs = _references(row, cfg.target_field, problems)
+        return (None, problems) if problems else ({"text": text, "target": refs[0], "references": refs}, [])
+
+    @staticmethod
+    def label_of(example: dict[str, Any]) -> None:
+        return None
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def messages(self, example: dict[str, Any], *, label_list: bool = False,
+                 shots: Sequence[dict[str, Any]] = ()) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.cfg.instruction}, *shot_turns(shots, self.target),
+                {"role": "user", "content": example["text"]}]
+
+    def target(self, example: dict[str, Any]) -> str:
+        return example["target"]
+
+    def candidates(self) -> None:
+        return None
+
+    def gold(self, example: dict[str, Any]) -> list[str]:
+        return example["references"]
+
+    def parse(self, output: str) -> str | None:
+        text = output.strip()
+        return text or None
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def example_scores(self, golds: Sequence[list[str]], preds: Sequence[str | None]) -> list[float]:
+        return [max(rouge_l(p or "", r) for r in refs) for refs, p in zip(golds, preds)]
+
+    def metrics(self, golds: Sequence[list[str]], preds: Sequence[str | None]) -> dict[str, Any]:
+        scores = self.example_scores(golds, preds)
+        pred_words = [len(_words(p or "")) for p in preds]
+        ref_words = [len(_words(refs[0])) for refs in golds]
+        mean_pred, mean_ref = _mean(pred_words), _mean(ref_words)
+        return {"rouge_l": _mean(scores), "pred_words_mean": mean_pred, "ref_words_mean": mean_ref,
+                "length_ratio": mean_pred / mean_ref if mean_ref else 0.0,
+                "valid_rate": example_rate(p is not None for p in preds)}
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 between two texts over lower-cased word tokens (LCS by dynamic programming)."""
+    a, b = _words(prediction), _words(reference)
+    if not a or not b:
+        return 0.0
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag = 0
+        for j, y in enumerate(b, start=1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    lcs = row[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _references(row: dict[str, Any], field: str, problems: list[tuple[str, Any]]) -> list[str]:
+    if field not in row:
+        problems.append((f"missing field {field!r}", f"keys {sorted(row)}"))
+        return []
+    value = row[field]
+    refs = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+    if refs is None or not all(isinstance(r, str) for r in refs):
+        problems.append((f"field {field!r} must be a string or a list of strings", value))
+        return []
+    refs = [r.strip() for r in refs if r.strip()]
+    if not refs:
+        problems.append((f"field {field!r} is empty", value))
+    return refs
