@@ -80,11 +80,20 @@ def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 @app.command("eval")
 def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
           adapter: Annotated[Path | None, typer.Option(help="Adapter folder. [default: the newest for the recipe]")] = None) -> None:
-    """Micro-model vs the base model prompted zero- and few-shot, on the test split."""
+    """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html."""
     from microtune import pipeline
 
     folder = _guard(lambda: pipeline.evaluate(recipe, set_, workspace, adapter, on_system=_say_system))
     _show_eval(folder)
+
+
+@app.command()
+def report(eval_dir: Annotated[Path, typer.Argument(help="Eval folder, e.g. .microtune/<recipe>/evals/<run>.", show_default=False)]) -> None:
+    """Re-render report.html (+ PNG plots) from an eval artifact alone; open it in any browser, offline."""
+    from microtune import pipeline
+
+    path = _guard(lambda: pipeline.report(eval_dir))
+    out.print(f"report: {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -202,19 +211,38 @@ def _show_adapter(folder: Path) -> None:
 
 
 def _show_eval(folder: Path) -> None:
-    from microtune.core.artifacts import read_manifest
+    from microtune.core.artifacts import read_json, read_manifest
 
     m = read_manifest(folder, "eval")
     metrics: dict[str, Any] = m["metrics"]
-    names = [k for k in ("accuracy", "macro_f1", "valid_rate") if k in next(iter(metrics.values()))]
-    table = Table(title=f"test split: micro-model vs prompted base model ({folder})")
+    first = next(iter(metrics.values()))
+    names = [k for k in ("accuracy", "macro_f1", "valid_rate") if k in first]
+    stats = read_json(folder / "stats.json") if (folder / "stats.json").is_file() else {}
+    level = f"{stats.get('confidence', 0.95):.0%}"
+    table = Table(title=f"test split: micro-model vs baselines, {level} bootstrap intervals ({folder})")
     table.add_column("system")
-    for name in [*names, "examples/s"]:
+    for name in [*names, "p vs micro", "examples/s", "p50 ms", "$/1k"]:
         table.add_column(name, justify="right")
     for system, values in metrics.items():
         style = "bold green" if system == "micro" else ""
-        table.add_row(system, *(f"{values[n]:.3f}" for n in names), f"{values['examples_per_s']:.1f}", style=style)
+        cells = [_with_ci(values, n) for n in names]
+        p = values.get("p_value_vs_micro")
+        cells += ["" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}"), f"{values['examples_per_s']:.1f}",
+                  _num(values.get("latency_ms_p50"), 0), _num(values.get("usd_per_1k"), 4)]
+        table.add_row(system, *cells, style=style)
     out.print(table)
+    if stats:
+        out.print(f"p vs micro: {stats['paired_test']}; latency: {stats['latency_method']}; "
+                  f"report: {folder / 'report.html'}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _with_ci(values: dict[str, Any], name: str) -> str:
+    ci = values.get("ci", {}).get(name)
+    return f"{values[name]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "—" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def main() -> None:

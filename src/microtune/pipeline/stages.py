@@ -189,7 +189,11 @@ def _json(data: Any) -> str:
 
 def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
              adapter: str | Path | None = None, on_system: Any = None) -> Path:
-    """Evaluate an adapter (default: the newest for the recipe) against the prompted baselines."""
+    """Evaluate an adapter (default: the newest for the recipe) against the prompted baselines and endpoints.
+
+    The eval artifact holds metrics with bootstrap intervals, paired tests vs the micro-model, latency,
+    throughput and cost, and report.html; all of them are logged to the adapter's MLflow run.
+    """
     from microtune.evaluate import evaluate_systems
     from microtune.models import resolve_base
     from microtune.registry import log_folder, log_metrics, mlflow_run
@@ -207,8 +211,18 @@ def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: 
             m.update(metrics=metrics, main_metric=recipe.eval.metrics[0])
         for system, values in metrics.items():
             log_metrics({f"eval.{system}.{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-        log_folder(dest, "eval")
+            log_metrics({f"eval.{system}.{k}.ci_{end}": bound for k, (low, high) in values.get("ci", {}).items()
+                         for end, bound in (("low", low), ("high", high))})
+        log_folder(dest, "eval")  # predictions, metrics, stats.json, report.html and its PNGs
     return dest
+
+
+def report(eval_dir: str | Path) -> Path:
+    """Re-render report.html and its PNGs from an eval artifact's files (no model, no recipe needed)."""
+    from microtune.evaluate import render_report
+
+    read_manifest(Path(eval_dir), "eval")
+    return render_report(eval_dir)
 
 
 def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: str | Path | None = None) -> str:
