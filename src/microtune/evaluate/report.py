@@ -64,7 +64,7 @@ def _figure(width: float, height: float) -> Any:
 
 
 # -- plots ----------------------------------------------------------------------------------------
-def plot_intervals(metrics: dict[str, Any], systems: list[str]) -> bytes | None:
+def plot_intervals(metrics: dict[str, Any], systems: list[str], confidence: float = 0.95) -> bytes | None:
     names = [k for k in ("accuracy", "macro_f1", "valid_rate") if all(k in metrics[s].get("ci", {}) for s in systems)]
     names = names or sorted({k for s in systems for k in metrics[s].get("ci", {})})[:4]
     if not names:
@@ -80,8 +80,8 @@ def plot_intervals(metrics: dict[str, Any], systems: list[str]) -> bytes | None:
         ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3, label=s, color=_color(s, systems))
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1.05)
-    ax.set_title("metrics with 95 % bootstrap intervals")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"metrics with {confidence:.0%} bootstrap intervals")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(fig)
 
 
@@ -101,7 +101,7 @@ def plot_per_class(metrics: dict[str, Any], systems: list[str]) -> bytes | None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("F1")
     ax.set_title("F1 per class")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(fig)
 
 
@@ -246,11 +246,14 @@ def _worst(rows: list[dict[str, Any]], systems: list[str], limit: int = 20) -> s
         return "<p>The micro-model got every test row right.</p>"
     wrong.sort(key=lambda r: -(r[MICRO].get("prob") or 0.0))  # confidently wrong first: the errors that hurt most
     others = [s for s in systems if s != MICRO]
-    body = [[html.escape(r["text"]), html.escape(str(r["gold"])),
-             f"{html.escape(str(r[MICRO]['pred']))} ({_fmt(r[MICRO].get('prob'))})",
-             *(html.escape(str(r[s]["pred"])) for s in others)] for r in wrong[:limit]]
+    body = [[html.escape(r["text"]), html.escape(str(r["gold"])), f"{_answer(r[MICRO]['pred'])} ({_fmt(r[MICRO].get('prob'))})",
+             *(_answer(r[s]["pred"]) for s in others)] for r in wrong[:limit]]
     caption = f"<p>{len(wrong)} of {len(rows)} test rows wrong; the {min(limit, len(wrong))} the micro-model was most sure of:</p>"
     return caption + _table(["input", "gold", "micro (probability)", *others], body, "errors")
+
+
+def _answer(pred: Any) -> str:
+    return "<i>(invalid)</i>" if pred is None else html.escape(str(pred))
 
 
 def _img(name: str, data: bytes | None, alt: str) -> str:
@@ -271,7 +274,7 @@ def render_report(eval_dir: str | Path) -> Path:
     rows, metrics, stats = _load(eval_dir)
     systems = list(metrics)
     plots = {
-        "intervals.png": plot_intervals(metrics, systems),
+        "intervals.png": plot_intervals(metrics, systems, stats.get("confidence", 0.95)),
         "per_class_f1.png": plot_per_class(metrics, systems),
         "confusion_matrix.png": plot_confusion(rows, MICRO) if MICRO in systems else None,
         "calibration.png": plot_calibration(rows, systems),
