@@ -21,6 +21,7 @@ predict-speed markers. Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -132,11 +133,15 @@ def main() -> None:
         "generate batched (free)": lambda: generate_free(base, tok, renderer, zero, task, bf16, BATCH),
     }, golds, args.repeats)
 
-    how = (f"`.venv/bin/python benchmarks/predict_speed.py --examples {args.examples} --repeats {args.repeats} "
-           f"--train-steps {args.train_steps}` — first {len(test)} demo test rows (CLINC150 banking, 30 intents), bundled "
-           f"SmolLM2-135M-Instruct, bf16 autocast={bf16}, {torch.get_num_threads()} threads, batch {BATCH}, greedy.")
+    source = f"--adapter {args.adapter}" if args.adapter else f"--train-steps {args.train_steps}"
+    trained = f"the adapter {args.adapter.name} (given)" if args.adapter else f"a LoRA adapter trained {args.train_steps} steps here"
+    load = os.getloadavg()[0]
+    how = (f"`.venv/bin/python benchmarks/predict_speed.py --examples {args.examples} --repeats {args.repeats} {source}` — "
+           f"first {len(test)} demo test rows (CLINC150 banking, 30 intents), bundled SmolLM2-135M-Instruct, bf16 autocast={bf16}, "
+           f"{torch.get_num_threads()} threads, batch {BATCH}, greedy; 1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs "
+           "(a load above the CPU count means other processes shared the cores: absolute rates drop, ratios within the run hold better).")
     body = ("## Prediction speed (classify)\n\n" + how + "\n\n"
-            f"Micro-model (base + LoRA adapter trained {args.train_steps} steps here; plain micro prompt):\n\n"
+            f"Micro-model (base + {trained}; plain micro prompt):\n\n"
             + table(main_rows, ["generate batched (free)", "generate one by one (free)"], args.repeats)
             + "\n\nBase model prompted zero-shot (instruction + label list), no adapter:\n\n"
             + table(zero_rows, ["generate batched (free)"], args.repeats))

@@ -178,6 +178,11 @@ def test_report_command_rerenders_from_the_artifact_alone(evaluated: dict[str, A
     result = CliRunner().invoke(app, ["report", str(folder)])
     assert result.exit_code == 0, result.output
     assert (folder / "report.html").is_file() and (folder / "confusion_matrix.png").is_file()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    low, high = metrics["micro"]["ci"]["accuracy"]
+    # the table shows intervals (cells wrap at the runner's 80 columns, so look for each bound)
+    assert f"[{low:.3f}," in result.output and f"{high:.3f}]" in result.output and "95% bootstrap intervals" in result.output
+    assert "p vs micro" in result.output and "McNemar mid-p" in result.output
     bad = CliRunner().invoke(app, ["report", str(evaluated["adapter"])])
     assert bad.exit_code == 2 and "expected 'eval'" in bad.output
 
@@ -214,3 +219,17 @@ def test_endpoint_names_must_not_clash(tmp_path: Path, make_recipe, tiny_model_d
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert "endpoint names must be unique" in str(info.value) and "['micro']" in str(info.value)
+
+
+def test_missing_key_fails_before_tracking_and_keeps_the_run(evaluated: dict[str, Any]) -> None:
+    import mlflow
+
+    from microtune import pipeline
+    from microtune.core.errors import ModelError
+
+    root = evaluated["root"]
+    with pytest.raises(ModelError, match="eval.endpoints\\[0\\].api_key_env: environment variable 'MT_TEST_KEY' is not set"):
+        pipeline.evaluate(root / "recipe.yaml", workspace=root / "ws", adapter=evaluated["adapter"])
+    manifest = json.loads((evaluated["adapter"] / "manifest.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'ws' / 'mlflow.db'}")
+    assert client.get_run(manifest["mlflow_run_id"]).info.status == "FINISHED"

@@ -103,3 +103,13 @@ def test_compare_reports_mcnemar_for_classification_only() -> None:
     assert result["mcnemar"]["b"] == 15 and result["mcnemar"]["c"] == 0
     assert result["metrics"]["accuracy"]["delta"] == pytest.approx(0.75)
     assert "mcnemar" not in compare(golds, a, b, pa, pb, da, db, classification=False)
+
+
+def test_price_table_matches_device_names() -> None:
+    from microtune.models.prices import hourly_price
+
+    assert hourly_price("cuda", "NVIDIA A100-SXM4-80GB") == ("A100-80GB", 1.80)
+    assert hourly_price("cuda", "NVIDIA H200") == ("H200", 3.80)
+    assert hourly_price("cuda", "Tesla T4") == ("T4", 0.35)
+    assert hourly_price("cuda", "Some Future GPU") == ("Some Future GPU", None)
+    assert hourly_price("cpu", threads=2) == ("2 CPU cores", pytest.approx(0.0893))

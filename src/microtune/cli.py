@@ -89,10 +89,11 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
 @app.command()
 def report(eval_dir: Annotated[Path, typer.Argument(help="Eval folder, e.g. .microtune/<recipe>/evals/<run>.", show_default=False)]) -> None:
-    """Re-render report.html (+ PNG plots) from an eval artifact alone; open it in any browser, offline."""
+    """Re-render report.html (+ PNG plots) from an eval artifact alone and print its summary table."""
     from microtune import pipeline
 
     path = _guard(lambda: pipeline.report(eval_dir))
+    _show_eval(eval_dir)
     out.print(f"report: {path}", highlight=False, markup=False, soft_wrap=True)
 
 

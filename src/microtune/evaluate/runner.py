@@ -69,6 +69,13 @@ def _shots(recipe: Recipe, dataset_dir: Path, test: list[dict[str, Any]]) -> lis
     return [fixed] * len(test)
 
 
+def preflight(recipe: Recipe) -> None:
+    """Checks that need no model: every endpoint's API key is set. Run before any tracking starts, so a
+    missing key fails at once with its fix and leaves no failed run behind."""
+    for i, endpoint_cfg in enumerate(recipe.eval.endpoints):
+        EndpointSystem(endpoint_cfg, [], f"eval.endpoints[{i}]")
+
+
 def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapter_dir: Path, labels: list[str],
                      out_dir: Path, on_system: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Predict the test split with every system; write the eval files into ``out_dir``; return metrics per system."""

@@ -194,11 +194,12 @@ def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: 
     The eval artifact holds metrics with bootstrap intervals, paired tests vs the micro-model, latency,
     throughput and cost, and report.html; all of them are logged to the adapter's MLflow run.
     """
-    from microtune.evaluate import evaluate_systems
+    from microtune.evaluate import evaluate_systems, preflight
     from microtune.models import resolve_base
     from microtune.registry import log_folder, log_metrics, mlflow_run
 
     recipe, ws = _recipe(recipe, overrides), Workspace.at(workspace)
+    preflight(recipe)
     adapter_dir = Path(adapter) if adapter else ws.latest(recipe.name, "adapters")
     manifest = read_manifest(adapter_dir, "adapter")
     dataset_dir = Path(manifest["dataset_dir"])
