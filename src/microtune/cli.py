@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -80,11 +81,21 @@ def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 @app.command("eval")
 def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
           adapter: Annotated[Path | None, typer.Option(help="Adapter folder. [default: the newest for the recipe]")] = None) -> None:
-    """Micro-model vs the base model prompted zero- and few-shot, on the test split."""
+    """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html."""
     from microtune import pipeline
 
     folder = _guard(lambda: pipeline.evaluate(recipe, set_, workspace, adapter, on_system=_say_system))
     _show_eval(folder)
+
+
+@app.command()
+def report(eval_dir: Annotated[Path, typer.Argument(help="Eval folder, e.g. .microtune/<recipe>/evals/<run>.", show_default=False)]) -> None:
+    """Re-render report.html (+ PNG plots) from an eval artifact alone and print its summary table."""
+    from microtune import pipeline
+
+    path = _guard(lambda: pipeline.report(eval_dir))
+    _show_eval(eval_dir)
+    out.print(f"report: {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -124,6 +135,95 @@ def demo(set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
     _run(recipe, set_, workspace)
 
 
+models_app = typer.Typer(help="Registered micro-models: versions, metrics, the champion/challenger aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+NameArg = Annotated[str, typer.Argument(help="Registered model name (the recipe name).", show_default=False)]
+
+
+def _client(workspace: Path | None) -> Any:
+    from microtune.core.workspace import Workspace
+    from microtune.registry.models import registry_client
+    from microtune.registry.tracking import store_uri
+
+    return registry_client(store_uri(Workspace.at(workspace)))
+
+
+@models_app.command("list")
+def models_list(name: Annotated[str | None, typer.Argument(help="Show the versions of this model. [default: every model]",
+                                                          show_default=False)] = None,
+                workspace: WorkspaceOpt = None) -> None:
+    """Registered models, or one model's versions with their metrics and aliases."""
+    client = _client(workspace)
+    if name is None:
+        table = Table("model", "versions", "champion", title="registered micro-models")
+        for m in sorted(client.search_registered_models(), key=lambda m: m.name):
+            aliases = getattr(m, "aliases", {}) or {}
+            table.add_row(m.name, str(len(client.search_model_versions(f"name='{m.name}'"))), str(aliases.get("champion", "-")))
+        out.print(table)
+        return
+    from microtune.registry.models import list_versions
+
+    _show_versions(name, _guard(lambda: list_versions(client, name)))
+
+
+@models_app.command("show")
+def models_show(name: NameArg, version: Annotated[str | None, typer.Argument(help="[default: the champion]")] = None,
+                workspace: WorkspaceOpt = None) -> None:
+    """One version: aliases, metrics, lineage tags and the last gate decision."""
+    from microtune.registry.models import CHAMPION, RegistryError, by_alias, get_version
+
+    client = _client(workspace)
+
+    def pick() -> Any:
+        found = get_version(client, name, version) if version else by_alias(client, name, CHAMPION)
+        if found is None:
+            raise RegistryError(f"model {name!r} has no champion yet", hint=f"name a version: `microtune models show {name} 1`")
+        return found
+
+    v = _guard(pick)
+    out.print(f"[bold]{name}[/] version {v.version}  aliases: {', '.join(v.aliases) or '-'}")
+    out.print(f"  source: {v.source}", highlight=False, markup=False, soft_wrap=True)
+    for key in sorted(v.tags):
+        out.print(f"  {key}: {v.tags[key]}", highlight=False, markup=False, soft_wrap=True)
+
+
+@models_app.command("promote")
+def models_promote(name: NameArg, version: Annotated[str, typer.Argument(help="The version to make champion.", show_default=False)],
+                   reason: Annotated[str, typer.Option(help="Why (recorded with the decision).")] = "manual promotion",
+                   workspace: WorkspaceOpt = None) -> None:
+    """Make VERSION the champion by hand (bypasses the gate; the decision is recorded as manual)."""
+    from microtune.registry.models import CHAMPION, Decision, by_alias, promote, record_decision
+
+    client = _client(workspace)
+
+    def act() -> Any:
+        before = by_alias(client, name, CHAMPION)
+        promoted = promote(client, name, version, f"manual: {reason}")
+        record_decision(client, Decision(name, promoted.version, before.version if before else None, "promote", f"manual: {reason}"))
+        return before, promoted
+
+    before, promoted = _guard(act)
+    out.print(f"{name}: champion {before.version if before else '-'} → {promoted.version}")
+
+
+@models_app.command("rollback")
+def models_rollback(name: NameArg, workspace: WorkspaceOpt = None) -> None:
+    """Move the champion back to the version the current champion replaced."""
+    from microtune.registry.models import rollback
+
+    v = _guard(lambda: rollback(_client(workspace), name))
+    out.print(f"{name}: champion is version {v.version} again")
+
+
+def _show_versions(name: str, versions: list[Any]) -> None:
+    metric_names = sorted({k for v in versions for k in v.metrics})[:5]
+    table = Table("version", "aliases", *metric_names, "gate", "created", title=f"{name}: versions")
+    for v in versions:
+        table.add_row(v.version, ", ".join(v.aliases) or "-", *(f"{v.metrics[m]:.4f}" if m in v.metrics else "-" for m in metric_names),
+                      v.tags.get("gate.verdict", "-"), time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created)))
+    out.print(table)
+
+
 @app.command("recipe-schema")
 def recipe_schema() -> None:
     """Print the JSON schema of a recipe (every field with its description)."""
@@ -146,6 +246,10 @@ def _run(recipe: Path, set_: list[str] | None, workspace: Path | None) -> None:
     result = _guard(lambda: pipeline.run(recipe, set_, workspace, progress=_progress(), on_system=_say_system))
     _show_adapter(result.adapter_dir)
     _show_eval(result.eval_dir)
+    if result.decision is not None:
+        d = result.decision
+        colour = "green" if d.verdict == "promote" else "yellow"
+        out.print(f"gate: [{colour}]{d.verdict}[/] version {d.challenger} — {escape(d.reason)}")
     if result.model_version:
         out.print(f"registered [bold]{result.recipe.name}[/] version {result.model_version} in MLflow "
                   f"(browse: mlflow ui --backend-store-uri {_store_hint(workspace)})")
@@ -202,20 +306,39 @@ def _show_adapter(folder: Path) -> None:
 
 
 def _show_eval(folder: Path) -> None:
-    from microtune.core.artifacts import read_manifest
+    from microtune.core.artifacts import read_json, read_manifest
 
     m = read_manifest(folder, "eval")
     metrics: dict[str, Any] = m["metrics"]
-    names = m.get("metric_names") or [k for k in ("accuracy", "macro_f1") if k in next(iter(metrics.values()))]
-    names = [*names, *(["valid_rate"] if "valid_rate" not in names else [])]
-    table = Table(title=f"test split: micro-model vs prompted base model ({folder})")
+    first = next(iter(metrics.values()))
+    names = m.get("metric_names") or [k for k in ("accuracy", "macro_f1") if k in first]
+    names = [*names, *(["valid_rate"] if "valid_rate" not in names and "valid_rate" in first else [])]
+    stats = read_json(folder / "stats.json") if (folder / "stats.json").is_file() else {}
+    level = f"{stats.get('confidence', 0.95):.0%}"
+    table = Table(title=f"test split: micro-model vs baselines, {level} bootstrap intervals ({folder})")
     table.add_column("system")
-    for name in [*names, "examples/s"]:
+    for name in [*names, "p vs micro", "examples/s", "p50 ms", "$/1k"]:
         table.add_column(name, justify="right")
     for system, values in metrics.items():
         style = "bold green" if system == "micro" else ""
-        table.add_row(system, *(f"{values[n]:.3f}" for n in names), f"{values['examples_per_s']:.1f}", style=style)
+        cells = [_with_ci(values, n) for n in names]
+        p = values.get("p_value_vs_micro")
+        cells += ["" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}"), f"{values['examples_per_s']:.1f}",
+                  _num(values.get("latency_ms_p50"), 0), _num(values.get("usd_per_1k"), 4)]
+        table.add_row(system, *cells, style=style)
     out.print(table)
+    if stats:
+        out.print(f"p vs micro: {stats['paired_test']}; latency: {stats['latency_method']}; "
+                  f"report: {folder / 'report.html'}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _with_ci(values: dict[str, Any], name: str) -> str:
+    ci = values.get("ci", {}).get(name)
+    return f"{values[name]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "—" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def main() -> None:

@@ -224,11 +224,45 @@ class TrainConfig(Section):
     log_every: int = Field(5, ge=1, description="Log loss to MLflow every N optimizer steps.")
 
 
+class EndpointConfig(Section):
+    """An OpenAI-compatible chat endpoint evaluated as one more system (a bigger generalist: vLLM, hosted models)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(
+        ..., description="System name in the tables and the report (not zero_shot, few_shot or micro)."
+    )
+    base_url: str = Field(..., description="API root, e.g. http://localhost:8000/v1 or https://api.openai.com/v1.")
+    model: str = Field(..., description="The `model` sent with every request.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (the key itself never goes in the recipe or a log); "
+        "omitted: no key (local servers)."
+    )
+    max_tokens: int = Field(32, ge=1, le=4096, description="Completion tokens per answer (a label is short).")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds before a request counts as failed.")
+    usd_per_1m_input_tokens: float | None = Field(None, ge=0, description="Stated price of input tokens, for cost per 1,000 predictions.")
+    usd_per_1m_output_tokens: float | None = Field(None, ge=0, description="Stated price of output tokens, for cost per 1,000 predictions.")
+
+
 class EvalConfig(Section):
     baselines: list[Literal["zero_shot", "few_shot"]] = Field(
         ["zero_shot", "few_shot"], description="Prompted baselines of the base model to compare against."
     )
     shots: int = Field(5, ge=1, le=64, description="Examples in the few-shot prompt (seeded pick from train, distinct labels first).")
+    shot_selection: Literal["fixed", "similar"] = Field(
+        "fixed", description="`fixed`: the same seeded shots for every test row; `similar`: per row, the `shots` train rows "
+        "most similar by TF-IDF cosine (most similar last, next to the question)."
+    )
+    endpoints: list[EndpointConfig] = Field(
+        [], description="OpenAI-compatible endpoints evaluated as extra systems (asked for the label, answer mapped to the label set)."
+    )
+    n_resamples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples for the confidence intervals and paired tests.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the percentile bootstrap intervals.")
+    latency_examples: int = Field(
+        20, ge=0, description="Test rows predicted one at a time (batch of 1) to measure per-example latency p50/p95; 0 = skip."
+    )
+    usd_per_hour: float | None = Field(
+        None, gt=0, description="Price of the machine running the eval, for cost per 1,000 predictions; default: the stated "
+        "table in microtune.models.prices (by GPU name, or per CPU core)."
+    )
     metrics: list[str] | None = Field(
         None, description="Metrics for tables and the registry; the first is the main metric (the gate compares it). "
         "Default by task: classify accuracy, macro_f1 (multi_label: exact_match, micro_f1, macro_f1; with none_label "
@@ -236,7 +270,23 @@ class EvalConfig(Section):
     )
     batch_size: int = Field(16, ge=1, description="Examples per prediction batch.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate on the first N test rows only (quick looks).")
-    seed: int = Field(13, description="Seed of the few-shot pick.")
+    seed: int = Field(13, description="Seed of the few-shot pick and of the bootstrap resamples.")
+
+    @model_validator(mode="after")
+    def _endpoint_names(self) -> EvalConfig:
+        names = [e.name for e in self.endpoints]
+        taken = sorted({n for n in names if n in ("zero_shot", "few_shot", "micro") or names.count(n) > 1})
+        if taken:
+            raise ValueError(f"endpoint names must be unique and differ from zero_shot, few_shot and micro; got {taken}")
+        return self
+
+
+class GateConfig(Section):
+    min_gain: float = Field(0.0, ge=0, description="Least rise of the main metric (first of eval.metrics) for a challenger to win.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="The paired test (McNemar / paired bootstrap) must give p below this.")
+    recall_drop: float = Field(0.10, ge=0, le=1, description="classify: most any one class's recall may fall.")
+    valid_rate_drop: float = Field(0.02, ge=0, le=1, description="Most the valid-answer rate may fall.")
+    latency_ratio: float = Field(1.5, ge=1, description="Most the p50 latency may grow, as a multiple of the champion's.")
 
 
 class TrackingConfig(Section):
@@ -268,6 +318,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training hyper-parameters.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against prompted baselines.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="When a new version replaces the champion.")
 
     @model_validator(mode="after")
     def _known_metrics(self) -> Recipe:

@@ -1,4 +1,5 @@
-"""Evaluation stage: the micro-model vs prompted baselines on the test split."""
-from microtune.evaluate.runner import MICRO, evaluate_systems, pick_shots
+"""Evaluation stage: the micro-model vs prompted baselines and endpoints on the test split, with intervals and a report."""
+from microtune.evaluate.report import render_report
+from microtune.evaluate.runner import MICRO, evaluate_systems, pick_shots, preflight, similar_shots
 
-__all__ = ["MICRO", "evaluate_systems", "pick_shots"]
+__all__ = ["MICRO", "evaluate_systems", "pick_shots", "preflight", "render_report", "similar_shots"]

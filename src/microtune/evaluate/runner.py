@@ -1,8 +1,13 @@
-"""Evaluate the micro-model against the same base model prompted by hand, on the test split.
+"""Evaluate the micro-model against prompted baselines and endpoints on the test split, with intervals.
 
-Systems: ``zero_shot`` (instruction + label list), ``few_shot`` (plus k seeded train examples as
-chat turns, distinct labels first), ``micro`` (base + adapter, the plain training prompt). All use
-the same constrained decoder, so every system answers a valid label and the comparison is fair.
+    metrics = evaluate_systems(recipe, ref, dataset_dir, adapter_dir, labels, out_dir)   # as pipeline.evaluate does
+
+Systems: ``zero_shot`` (instruction + label list), ``few_shot`` (plus k train examples as chat turns:
+seeded and fixed, distinct labels first, or per row the most similar by TF-IDF), each of
+``eval.endpoints`` (an OpenAI-compatible model asked for the label), and ``micro`` (base + adapter,
+the plain training prompt). The local systems share the constrained decoder, so every answer is a
+valid label. Writes into ``out_dir``: predictions.jsonl, metrics.json (per system, with intervals,
+latency, throughput, cost), stats.json (intervals + paired tests), shots.json, report.html + PNGs.
 """
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from microtune.config import Recipe
+from microtune.core.errors import DataError
 from microtune.data import read_split
+from microtune.evaluate import stats, timing
+from microtune.evaluate.endpoint import EndpointSystem
 from microtune.models import BaseModelRef, load_model, load_tokenizer
 from microtune.models.decoding import LabelPredictor, TextGenerator
 from microtune.models.hardware import device, use_bf16
@@ -31,7 +39,7 @@ def pick_shots(train: list[dict[str, Any]], k: int, seed: int) -> list[dict[str,
     random.Random(seed).shuffle(rows)
     picked, seen = [], set()
     for row in rows:
-        if row.get("label") is not None and row["label"] not in seen:
+        if row.get("label") is not None and row["label"] not in seen:  # extract/generate rows have no label
             picked.append(row)
             seen.add(row["label"])
     picked = picked[:k]
@@ -39,42 +47,90 @@ def pick_shots(train: list[dict[str, Any]], k: int, seed: int) -> list[dict[str,
     return picked
 
 
+def similar_shots(train: list[dict[str, Any]], test: list[dict[str, Any]], k: int) -> list[list[dict[str, Any]]]:
+    """Per test row, the k train rows with the highest TF-IDF cosine similarity, most similar last."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(sublinear_tf=True).fit([r["text"] for r in train])
+    sims = (vectorizer.transform([r["text"] for r in test]) @ vectorizer.transform([r["text"] for r in train]).T).toarray()
+    out = []
+    for row in sims:
+        top = np.argsort(-row, kind="stable")[:k]  # stable: ties keep train order, so the pick is deterministic
+        out.append([train[i] for i in reversed(top)])
+    return out
+
+
+def _shots(recipe: Recipe, dataset_dir: Path, test: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    train, cfg = read_split(dataset_dir, "train"), recipe.eval
+    if cfg.shot_selection == "similar":
+        return similar_shots(train, test, cfg.shots)
+    fixed = pick_shots(train, cfg.shots, cfg.seed)
+    return [fixed] * len(test)
+
+
+def preflight(recipe: Recipe) -> None:
+    """Checks that need no model: every endpoint's API key is set. Run before any tracking starts, so a
+    missing key fails at once with its fix and leaves no failed run behind."""
+    for i, endpoint_cfg in enumerate(recipe.eval.endpoints):
+        EndpointSystem(endpoint_cfg, [], f"eval.endpoints[{i}]")
+
+
 def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapter_dir: Path, labels: list[str],
                      out_dir: Path, on_system: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Predict the test split with every system; write predictions.jsonl and metrics.json into ``out_dir``."""
+    """Predict the test split with every system; write the eval files into ``out_dir``; return metrics per system."""
+    from microtune.evaluate.report import render_report
+
     cfg = recipe.eval
     test = read_split(dataset_dir, "test")[: cfg.max_examples]
     if not test:
-        from microtune.core.errors import DataError
-
         raise DataError("the test split is empty", hint="give data.test or a non-zero data.split.test")
-    tokenizer = load_tokenizer(ref)
-    renderer, task = Renderer(tokenizer), get_task(recipe.task, labels)
-    shots = pick_shots(read_split(dataset_dir, "train"), cfg.shots, cfg.seed)
-    max_len = recipe.train.max_seq_len
+    task = get_task(recipe.task, labels)
+    shots = _shots(recipe, dataset_dir, test)
+    results: dict[str, dict[str, Any]] = {}
+    # endpoints first: a wrong URL or key fails in seconds, before minutes of local prediction
+    for i, endpoint_cfg in enumerate(cfg.endpoints):
+        if on_system:
+            on_system(endpoint_cfg.name)
+        results[endpoint_cfg.name] = _run_endpoint(EndpointSystem(endpoint_cfg, labels, f"eval.endpoints[{i}]"), task, test)
+    _run_local(recipe, ref, adapter_dir, task, test, shots, results, on_system)
+    order = [*cfg.baselines, *(e.name for e in cfg.endpoints), MICRO]  # tables read baselines → endpoints → micro
+    results = {s: results[s] for s in order}
+    golds = [task.gold(ex) for ex in test]
+    for r in results.values():
+        r["metrics"] = task.metrics(golds, [p for p, _ in r["preds"]]) | r.pop("timing")
+    summary = _statistics(recipe, task, golds, results)
+    _write(out_dir, test, golds, results, shots, summary)
+    render_report(out_dir)
+    return {s: r["metrics"] for s, r in results.items()}
+
+
+def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Any, test: list[dict[str, Any]],
+               shots: list[list[dict[str, Any]]], results: dict[str, Any], on_system: Callable[[str], None] | None) -> None:
+    """Batched constrained prediction with the base model (baselines), then base + adapter (micro)."""
+    cfg, tokenizer = recipe.eval, load_tokenizer(ref)
+    renderer = Renderer(tokenizer)
     prompts = {
-        "zero_shot": lambda ex: renderer.prompt_ids(task.messages(ex, label_list=True)),
-        "few_shot": lambda ex: renderer.prompt_ids(task.messages(ex, label_list=True, shots=shots)),
-        MICRO: lambda ex: renderer.encode(task.messages(ex), task.target(ex), max_len)[0],
+        "zero_shot": lambda i: renderer.prompt_ids(task.messages(test[i], label_list=True)),
+        "few_shot": lambda i: renderer.prompt_ids(task.messages(test[i], label_list=True, shots=shots[i])),
+        MICRO: lambda i: renderer.encode(task.messages(test[i]), task.target(test[i]), recipe.train.max_seq_len)[0],
     }
     model = load_model(ref, recipe.model.trust_remote_code).to(device())
     bf16 = use_bf16(recipe.train.bf16)
-    results: dict[str, Any] = {}
     for system in [*cfg.baselines, MICRO]:
         if system == MICRO:
             model = load_trained(ref, adapter_dir, model)
         if on_system:
             on_system(system)
         predictor = _predictor(task, model, renderer, cfg.batch_size, bf16)
+        ids = [prompts[system](i) for i in range(len(test))]
         start = time.perf_counter()
-        preds = predictor.predict([prompts[system](ex) for ex in test])
+        preds = predictor.predict(ids)
         seconds = time.perf_counter() - start
-        preds = [(task.parse(raw), prob, raw) for raw, prob in preds]
-        metrics = task.metrics([task.gold(ex) for ex in test], [p for p, _, _ in preds])
-        metrics.update(examples=len(test), seconds=round(seconds, 2), examples_per_s=round(len(test) / seconds, 2))
-        results[system] = {"metrics": metrics, "preds": preds}
-    _write(out_dir, test, results, shots, task)
-    return {s: r["metrics"] for s, r in results.items()}
+        latency = timing.measure_latency(lambda p, pr=predictor: pr.predict([p]), ids[: cfg.latency_examples])
+        results[system] = {"preds": preds, "timing": _timing(len(test), seconds, latency, cfg.usd_per_hour)}
+        if task.candidates() is None:  # free generation: keep the raw text, score the parsed answer
+            results[system] |= {"raw": [raw for raw, _ in preds], "preds": [(task.parse(raw), None) for raw, _ in preds]}
 
 
 def _predictor(task: Any, model: Any, renderer: Renderer, batch_size: int, bf16: bool) -> Any:
@@ -85,17 +141,66 @@ def _predictor(task: Any, model: Any, renderer: Renderer, batch_size: int, bf16:
     return TextGenerator(model, renderer, task.cfg.max_new_tokens, batch_size, bf16)
 
 
-def _entry(pred: Any, prob: float | None, raw: str) -> dict[str, Any]:
-    """One system's answer: the parsed prediction, its probability (constrained decoding) or raw text (generation)."""
-    return {"pred": pred, "prob": round(prob, 4)} if prob is not None else {"pred": pred, "raw": raw}
+def _timing(n: int, seconds: float, latency: dict[str, Any], usd_per_hour: float | None, cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    rate = n / max(seconds, 1e-9)
+    cost = cost or timing.local_cost(rate, usd_per_hour)
+    return {"examples": n, "seconds": round(seconds, 4), "examples_per_s": rate,
+            "latency_ms_p50": latency["p50_ms"], "latency_ms_p95": latency["p95_ms"], "latency_n": latency["n"],
+            "usd_per_1k": cost["usd_per_1k"], "cost_basis": cost["basis"]}
 
 
-def _write(out_dir: Path, test: list[dict[str, Any]], results: dict[str, Any], shots: list[dict[str, Any]], task: Any) -> None:
+def _run_endpoint(endpoint: EndpointSystem, task: Any, test: list[dict[str, Any]]) -> dict[str, Any]:
+    start = time.perf_counter()
+    answers = endpoint.predict([task.messages(ex, label_list=True) for ex in test])
+    seconds = time.perf_counter() - start
+    latency = timing.percentiles_ms([a.seconds for a in answers])
+    # An endpoint gives no label probability: its answer is taken as certain (prob None in predictions.jsonl).
+    single_label = task.has_labels and not task.cfg.multi_label
+    preds = [(a.pred if single_label else task.parse(a.raw), None) for a in answers]
+    return {"preds": preds, "raw": [a.raw for a in answers],
+            "timing": _timing(len(test), seconds, latency, None, endpoint.cost_per_1k(answers))}
+
+
+def _statistics(recipe: Recipe, task: Any, golds: list[Any], results: dict[str, Any]) -> dict[str, Any]:
+    """Bootstrap intervals for every system and paired tests of micro vs each other system."""
+    cfg = recipe.eval
+    boot = stats.Bootstrap(len(golds), cfg.n_resamples, cfg.seed)
+    preds = {s: [p for p, _ in r["preds"]] for s, r in results.items()}
+    dists = {s: boot.distribution(golds, preds[s], task.metrics) for s in results}
+    intervals = {s: stats.interval_table(results[s]["metrics"], dists[s], cfg.confidence) for s in results}
+    classification = getattr(task, "name", "") == "classify"
+    comparisons = {s: stats.compare(golds, preds[MICRO], preds[s], results[MICRO]["metrics"], results[s]["metrics"],
+                                    dists[MICRO], dists[s], classification) for s in results if s != MICRO}
+    for s, r in results.items():
+        r["metrics"]["ci"] = {k: [v["low"], v["high"]] for k, v in intervals[s].items()}
+        if s in comparisons:
+            r["metrics"]["p_value_vs_micro"] = _headline_p(comparisons[s], recipe.metric_names()[0])
+    return {"confidence": cfg.confidence, "n_resamples": cfg.n_resamples, "seed": cfg.seed, "main_metric": recipe.metric_names()[0],
+            "interval_method": "percentile bootstrap over test rows (one seeded index matrix shared by all systems)",
+            "paired_test": "McNemar mid-p on per-row correctness" if classification else "paired bootstrap on the main metric",
+            "latency_method": timing.LATENCY_METHOD.format(n=cfg.latency_examples),
+            "endpoint_latency_method": timing.ENDPOINT_LATENCY_METHOD,
+            "intervals": intervals, "comparisons": comparisons, "hardware": list(timing.hardware())}
+
+
+def _headline_p(comparison: dict[str, Any], main_metric: str) -> float:
+    if "mcnemar" in comparison:
+        return comparison["mcnemar"]["mid_p"]
+    return comparison["metrics"].get(main_metric, {}).get("p_value", float("nan"))
+
+
+def _write(out_dir: Path, test: list[dict[str, Any]], golds: list[Any], results: dict[str, Any],
+           shots: list[list[dict[str, Any]]], summary: dict[str, Any]) -> None:
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, ex in enumerate(test):
-            row = {"source": ex["source"], "text": ex["text"], "gold": task.gold(ex)}
-            row |= {s: _entry(*r["preds"][i]) for s, r in results.items()}
+            row = {"source": ex["source"], "text": ex["text"], "gold": golds[i]}
+            for s, r in results.items():
+                pred, prob = r["preds"][i]
+                row[s] = {"pred": pred, "prob": None if prob is None else round(prob, 4)} | ({"raw": r["raw"][i]} if "raw" in r else {})
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics = {s: r["metrics"] for s, r in results.items()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out_dir / "shots.json").write_text(json.dumps(shots, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    fixed = all(s is shots[0] for s in shots)
+    (out_dir / "shots.json").write_text(json.dumps({"selection": "fixed" if fixed else "similar",
+                                                    "shots": shots[0] if fixed else shots}, indent=2, ensure_ascii=False) + "\n")

@@ -18,7 +18,7 @@ from typing import Any
 from microtune import __version__
 from microtune.config import Recipe, load_recipe
 from microtune.core.artifacts import read_json, read_manifest, write_artifact
-from microtune.core.hashing import hash_text, hash_value
+from microtune.core.hashing import hash_file, hash_text, hash_value
 from microtune.core.workspace import Workspace, new_run_id
 
 RecipeLike = str | Path | Recipe
@@ -40,6 +40,7 @@ class RunResult:
     eval_dir: Path
     metrics: dict[str, Any]
     model_version: str | None
+    decision: Any = None  # the gate's Decision for the new version (None when nothing was registered)
 
 
 def _recipe(recipe: RecipeLike, overrides: list[str] | None) -> Recipe:
@@ -188,27 +189,46 @@ def _json(data: Any) -> str:
 
 
 def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
-             adapter: str | Path | None = None, on_system: Any = None) -> Path:
-    """Evaluate an adapter (default: the newest for the recipe) against the prompted baselines."""
-    from microtune.evaluate import evaluate_systems
+             adapter: str | Path | None = None, on_system: Any = None, dataset: str | Path | None = None) -> Path:
+    """Evaluate an adapter (default: the newest for the recipe) against the prompted baselines and endpoints.
+
+    The eval artifact holds metrics with bootstrap intervals, paired tests vs the micro-model, latency,
+    throughput and cost, and report.html; all of them are logged to the adapter's MLflow run.
+    ``dataset``: test on another dataset artifact's test split than the adapter's own (the gate scores
+    the champion on the challenger's frozen set this way).
+    """
+    from microtune.evaluate import evaluate_systems, preflight
     from microtune.models import resolve_base
     from microtune.registry import log_folder, log_metrics, mlflow_run
 
     recipe, ws = _recipe(recipe, overrides), Workspace.at(workspace)
+    preflight(recipe)
     adapter_dir = Path(adapter) if adapter else ws.latest(recipe.name, "adapters")
     manifest = read_manifest(adapter_dir, "adapter")
-    dataset_dir = Path(manifest["dataset_dir"])
+    dataset_dir = Path(dataset or manifest["dataset_dir"])
     read_manifest(dataset_dir, "dataset")
-    dest = ws.stage_dir(recipe.name, "evals") / adapter_dir.name
+    test_hash = hash_file(dataset_dir / "test.jsonl")
+    dest = ws.stage_dir(recipe.name, "evals") / (adapter_dir.name if dataset is None else f"{adapter_dir.name}-on-{test_hash[:12]}")
     with mlflow_run(recipe, ws, run_id=manifest.get("mlflow_run_id")):
-        with write_artifact(dest, "eval", {"recipe": recipe.name, "adapter_dir": str(adapter_dir)}) as (tmp, m):
+        with write_artifact(dest, "eval", {"recipe": recipe.name, "adapter_dir": str(adapter_dir),
+                                           "dataset_dir": str(dataset_dir), "test_hash": test_hash}) as (tmp, m):
             metrics = evaluate_systems(recipe, resolve_base(recipe.model), dataset_dir, adapter_dir,
                                        manifest["labels"], tmp, on_system)
             m.update(metrics=metrics, main_metric=recipe.metric_names()[0], metric_names=recipe.metric_names())
         for system, values in metrics.items():
             log_metrics({f"eval.{system}.{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-        log_folder(dest, "eval")
+            log_metrics({f"eval.{system}.{k}.ci_{end}": bound for k, (low, high) in values.get("ci", {}).items()
+                         for end, bound in (("low", low), ("high", high))})
+        log_folder(dest, "eval")  # predictions, metrics, stats.json, report.html and its PNGs
     return dest
+
+
+def report(eval_dir: str | Path) -> Path:
+    """Re-render report.html and its PNGs from an eval artifact's files (no model, no recipe needed)."""
+    from microtune.evaluate import render_report
+
+    read_manifest(Path(eval_dir), "eval")
+    return render_report(eval_dir)
 
 
 def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: str | Path | None = None) -> str:
@@ -223,7 +243,8 @@ def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: s
     tags = {k: v for k, v in lineage.items() if k != "versions"} | {f"version.{k}": v for k, v in lineage["versions"].items()}
     tags |= {f"metric.{s}.{k}": round(v, 4) for s, vals in metrics.items() for k, v in vals.items()
              if k in recipe.metric_names()}
-    tags |= {"main_metric": recipe.metric_names()[0], "micro_system": MICRO}
+    tags |= {"main_metric": recipe.metric_names()[0], "micro_system": MICRO, "adapter_dir": str(adapter_dir),
+             "eval_dir": str(eval_dir), "task": recipe.task.type}
     return register_adapter(recipe, ws, adapter["mlflow_run_id"], tags)
 
 
@@ -234,5 +255,10 @@ def run(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str |
     adapter_dir = train(recipe, None, workspace, progress)
     eval_dir = evaluate(recipe, None, workspace, adapter_dir, on_system)
     version = register(recipe, adapter_dir, eval_dir, workspace) if recipe.tracking.register_model else None
+    decision = None
+    if version is not None:
+        from microtune.pipeline.promote import gate
+
+        decision = gate(recipe, version, workspace)
     dataset_dir = Path(read_manifest(adapter_dir, "adapter")["dataset_dir"])
-    return RunResult(recipe, dataset_dir, adapter_dir, eval_dir, read_json(eval_dir / "metrics.json"), version)
+    return RunResult(recipe, dataset_dir, adapter_dir, eval_dir, read_json(eval_dir / "metrics.json"), version, decision)

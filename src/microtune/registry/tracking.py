@@ -25,6 +25,11 @@ def tracking_uri(recipe: Recipe, ws: Workspace) -> str:
     return recipe.tracking.uri or _USER_URI or ws.mlflow_uri
 
 
+def store_uri(ws: Workspace) -> str:
+    """The store without a recipe at hand (`microtune models`): ``$MLFLOW_TRACKING_URI`` or the workspace's."""
+    return _USER_URI or ws.mlflow_uri
+
+
 def _mlflow(uri: str) -> Any:
     for name in ("alembic", "mlflow.store", "mlflow.tracking"):
         logging.getLogger(name).setLevel(logging.WARNING)

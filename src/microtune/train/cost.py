@@ -10,15 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from microtune.models.prices import GPUS
+
 MFU = 0.30
-# name: (dense bf16/fp16 tensor peak in TFLOP/s, assumed on-demand $/hour, memory GiB)
-GPUS: dict[str, tuple[float, float, int]] = {
-    "T4": (65.0, 0.35, 16),
-    "L4": (121.0, 0.80, 24),
-    "A10G": (70.0, 1.01, 24),
-    "A100-80GB": (312.0, 1.80, 80),
-    "H100-SXM": (989.0, 3.00, 80),
-}
 BYTES_FULL = 16  # bf16 weights + fp32 master + 2 Adam moments + bf16 grads, per parameter
 BYTES_FROZEN = {"qlora": 0.55, "default": 2.0}  # 4-bit NF4 (+ constants) or bf16, per frozen parameter
 

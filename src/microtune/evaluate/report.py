@@ -1,0 +1,313 @@
+"""The evaluation report: one self-contained ``report.html`` (plots inline as base64 PNG) + the PNGs beside it.
+
+    render_report(eval_dir)          # reads predictions.jsonl, metrics.json, stats.json; writes report.html, *.png
+    microtune report EVAL_DIR        # the same from the command line (re-renders an existing eval artifact)
+
+Sections: summary table (every metric with its bootstrap interval, p-value vs the micro-model,
+latency, throughput, cost), metric intervals plot, paired tests, per-class F1 bars, confusion matrix
+of the micro-model, confidence histogram and calibration curve, the worst errors with their inputs,
+latency. Everything comes from the files of the eval artifact, so a report can be rebuilt anywhere,
+offline. Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot global state, no display.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from microtune.core.errors import ArtifactError
+
+MICRO = "micro"
+SECTIONS = ("Summary", "Metric intervals", "Paired tests", "Per-class F1", "Confusion matrix",
+            "Confidence and calibration", "Worst errors", "Latency")
+COLORS = {"micro": "#2a7f3f"}
+PALETTE = ["#8c8c8c", "#5b7db1", "#c27c3a", "#8a5ba8", "#b14d5b"]
+
+
+def _load(eval_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    needed = ["predictions.jsonl", "metrics.json", "stats.json"]
+    missing = [n for n in needed if not (eval_dir / n).is_file()]
+    if missing:
+        raise ArtifactError(f"{eval_dir} lacks {', '.join(missing)}: not an eval artifact this version of microtune can report on",
+                            hint="pass an eval folder (.microtune/<recipe>/evals/<run>), or rerun `microtune eval RECIPE`")
+    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows, json.loads((eval_dir / "metrics.json").read_text()), json.loads((eval_dir / "stats.json").read_text())
+
+
+def _save(path: Path, data: bytes) -> None:
+    """Atomic write (temp file, then rename): a re-render never leaves a half-written report."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _color(system: str, systems: list[str]) -> str:
+    return COLORS.get(system) or PALETTE[[s for s in systems if s != MICRO].index(system) % len(PALETTE)]
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+# -- plots ----------------------------------------------------------------------------------------
+def plot_intervals(metrics: dict[str, Any], systems: list[str], confidence: float = 0.95) -> bytes | None:
+    names = [k for k in ("accuracy", "macro_f1", "valid_rate") if all(k in metrics[s].get("ci", {}) for s in systems)]
+    names = names or sorted({k for s in systems for k in metrics[s].get("ci", {})})[:4]
+    if not names:
+        return None
+    fig = _figure(1.8 + 1.6 * len(names), 3.2)
+    ax = fig.subplots()
+    width = 0.8 / len(systems)
+    for j, s in enumerate(systems):
+        vals = [metrics[s][n] for n in names]
+        lo = [v - metrics[s]["ci"][n][0] for v, n in zip(vals, names)]
+        hi = [metrics[s]["ci"][n][1] - v for v, n in zip(vals, names)]
+        xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3, label=s, color=_color(s, systems))
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"metrics with {confidence:.0%} bootstrap intervals")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _png(fig)
+
+
+def plot_per_class(metrics: dict[str, Any], systems: list[str]) -> bytes | None:
+    per = {s: metrics[s].get("per_label_f1") for s in systems}
+    if not per.get(MICRO):
+        return None
+    labels = list(per[MICRO])
+    fig = _figure(7, 0.9 + 0.24 * len(labels) * len(systems) / 2)
+    ax = fig.subplots()
+    height = 0.8 / len(systems)
+    for j, s in enumerate(systems):
+        ys = [i + (j - (len(systems) - 1) / 2) * height for i in range(len(labels))]
+        ax.barh(ys, [(per[s] or {}).get(label, 0.0) for label in labels], height, label=s, color=_color(s, systems))
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1")
+    ax.set_title("F1 per class")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _png(fig)
+
+
+def plot_confusion(rows: list[dict[str, Any]], system: str) -> bytes | None:
+    from sklearn.metrics import confusion_matrix
+
+    golds = [r["gold"] for r in rows]
+    if not all(isinstance(g, str) for g in golds):
+        return None
+    preds = [r[system]["pred"] if r[system]["pred"] is not None else "<invalid>" for r in rows]
+    labels = sorted(set(golds) | set(preds))
+    matrix = confusion_matrix(golds, preds, labels=labels)
+    size = min(4 + 0.28 * len(labels), 14)
+    fig = _figure(size, size)
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Greens")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if matrix[i, j]:
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_title(f"confusion matrix: {system}")
+    return _png(fig)
+
+
+def calibration(rows: list[dict[str, Any]], system: str, bins: int = 10) -> dict[str, Any] | None:
+    """Reliability of a system's label probability: binned accuracy vs confidence, and the expected calibration error."""
+    import numpy as np
+
+    pairs = [(r[system]["prob"], r[system]["pred"] == r["gold"]) for r in rows if r[system].get("prob") is not None]
+    if not pairs:
+        return None
+    prob, correct = np.array([p for p, _ in pairs]), np.array([c for _, c in pairs], dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
+    table = [(float(prob[which == b].mean()), float(correct[which == b].mean()), int((which == b).sum()))
+             for b in range(bins) if (which == b).any()]
+    ece = sum(n * abs(conf - acc) for conf, acc, n in table) / len(prob)
+    return {"bins": table, "ece": float(ece), "prob": prob.tolist(), "correct": correct.tolist()}
+
+
+def plot_calibration(rows: list[dict[str, Any]], systems: list[str]) -> bytes | None:
+    cal = {s: calibration(rows, s) for s in systems}
+    cal = {s: c for s, c in cal.items() if c}
+    if not cal:
+        return None
+    fig = _figure(10, 3.6)
+    hist, rel = fig.subplots(1, 2)
+    for s, c in cal.items():
+        hist.hist(c["prob"], bins=20, range=(0, 1), histtype="step", linewidth=1.6, label=s, color=_color(s, systems))
+        rel.plot([b[0] for b in c["bins"]], [b[1] for b in c["bins"]], marker="o", label=f"{s} (ECE {c['ece']:.3f})",
+                 color=_color(s, systems))
+    hist.set_xlabel("probability of the predicted label")
+    hist.set_ylabel("test rows")
+    hist.set_title("confidence histogram")
+    hist.legend(fontsize=8)
+    rel.plot([0, 1], [0, 1], linestyle=":", color="black", linewidth=1)
+    rel.set_xlabel("mean confidence (10 bins)")
+    rel.set_ylabel("accuracy")
+    rel.set_title("calibration")
+    rel.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_latency(metrics: dict[str, Any], systems: list[str]) -> bytes | None:
+    have = [s for s in systems if metrics[s].get("latency_n")]
+    if not have:
+        return None
+    fig = _figure(1.5 + 1.3 * len(have), 3.2)
+    ax = fig.subplots()
+    xs = range(len(have))
+    ax.bar([x - 0.2 for x in xs], [metrics[s]["latency_ms_p50"] for s in have], 0.4, label="p50", color="#5b7db1")
+    ax.bar([x + 0.2 for x in xs], [metrics[s]["latency_ms_p95"] for s in have], 0.4, label="p95", color="#c27c3a")
+    ax.set_xticks(list(xs), have)
+    ax.set_ylabel("ms per example")
+    ax.set_title("latency per example")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+# -- html -----------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return "&lt;0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _table(header: list[str], body: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _summary(metrics: dict[str, Any], stats: dict[str, Any], systems: list[str]) -> str:
+    names = [k for k in next(iter(metrics.values())).get("ci", {})]
+    header = ["system", *names, "p vs micro", "examples/s", "latency p50 / p95 (ms)", "USD per 1k"]
+    body = []
+    for s in systems:
+        m, cells = metrics[s], [f"<b>{s}</b>" if s == MICRO else s]
+        for n in names:
+            lo, hi = m["ci"][n]
+            cells.append(f"{_fmt(m[n])} <span class=ci>[{lo:.3f}, {hi:.3f}]</span>")
+        cells += [_p(m.get("p_value_vs_micro")), _fmt(m.get("examples_per_s"), 1),
+                  f"{_fmt(m.get('latency_ms_p50'), 1)} / {_fmt(m.get('latency_ms_p95'), 1)}", _fmt(m.get("usd_per_1k"), 5)]
+        body.append(cells)
+    notes = [f"Intervals: {stats['confidence']:.0%} {stats['interval_method']}, {stats['n_resamples']} resamples, seed {stats['seed']}.",
+             f"p vs micro: {stats['paired_test']} (two-sided).", f"Latency (local systems): {stats['latency_method']}.",
+             f"Latency (endpoints): {stats['endpoint_latency_method']}.", "Throughput: the batched run over the whole test split."]
+    notes += [f"Cost of {s}: {html.escape(str(metrics[s].get('cost_basis', '—')))}." for s in systems]
+    return _table(header, body) + "<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
+
+
+def _paired(stats: dict[str, Any]) -> str:
+    body = []
+    for s, comp in stats["comparisons"].items():
+        if "mcnemar" in comp:
+            mc = comp["mcnemar"]
+            body.append([f"micro vs {s}", "McNemar (correctness)", f"only micro right {mc['b']}, only {s} right {mc['c']}",
+                         f"exact {_p(mc['p_value'])}, mid-p {_p(mc['mid_p'])}"])
+        for metric, res in comp["metrics"].items():
+            body.append([f"micro vs {s}", f"paired bootstrap ({metric})", f"Δ = {res['delta']:+.3f}", _p(res["p_value"])])
+    if not body:
+        return "<p>Only one system was evaluated: nothing to compare.</p>"
+    return _table(["comparison", "test", "difference", "p-value"], body)
+
+
+def _worst(rows: list[dict[str, Any]], systems: list[str], limit: int = 20) -> str:
+    wrong = [r for r in rows if r[MICRO]["pred"] != r["gold"]]
+    if not wrong:
+        return "<p>The micro-model got every test row right.</p>"
+    wrong.sort(key=lambda r: -(r[MICRO].get("prob") or 0.0))  # confidently wrong first: the errors that hurt most
+    others = [s for s in systems if s != MICRO]
+    body = [[html.escape(r["text"]), html.escape(str(r["gold"])), f"{_answer(r[MICRO]['pred'])} ({_fmt(r[MICRO].get('prob'))})",
+             *(_answer(r[s]["pred"]) for s in others)] for r in wrong[:limit]]
+    caption = f"<p>{len(wrong)} of {len(rows)} test rows wrong; the {min(limit, len(wrong))} the micro-model was most sure of:</p>"
+    return caption + _table(["input", "gold", "micro (probability)", *others], body, "errors")
+
+
+def _answer(pred: Any) -> str:
+    return "<i>(invalid)</i>" if pred is None else html.escape(str(pred))
+
+
+def _img(name: str, data: bytes | None, alt: str) -> str:
+    if data is None:
+        return f"<p>Not available for this task or evaluation ({html.escape(alt)}).</p>"
+    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{html.escape(alt)}"><p class=file>{name}</p>'
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.ci{color:#666;font-size:.85em}.notes{font-size:.85em;color:#444}.errors td:first-child{max-width:480px}
+img{max-width:100%}.file{font-size:.75em;color:#888}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}"""
+
+
+def render_report(eval_dir: str | Path) -> Path:
+    """Write ``report.html`` and the PNG plots into ``eval_dir`` from its files; returns the report path."""
+    eval_dir = Path(eval_dir)
+    rows, metrics, stats = _load(eval_dir)
+    systems = list(metrics)
+    plots = {
+        "intervals.png": plot_intervals(metrics, systems, stats.get("confidence", 0.95)),
+        "per_class_f1.png": plot_per_class(metrics, systems),
+        "confusion_matrix.png": plot_confusion(rows, MICRO) if MICRO in systems else None,
+        "calibration.png": plot_calibration(rows, systems),
+        "latency.png": plot_latency(metrics, systems),
+    }
+    for name, data in plots.items():
+        if data is not None:
+            _save(eval_dir / name, data)
+    title = _title(eval_dir, len(rows))
+    parts = {
+        "Summary": _summary(metrics, stats, systems),
+        "Metric intervals": _img("intervals.png", plots["intervals.png"], "metric intervals"),
+        "Paired tests": _paired(stats),
+        "Per-class F1": _img("per_class_f1.png", plots["per_class_f1.png"], "per-class F1"),
+        "Confusion matrix": _img("confusion_matrix.png", plots["confusion_matrix.png"], "confusion matrix"),
+        "Confidence and calibration": _img("calibration.png", plots["calibration.png"], "confidence and calibration"),
+        "Worst errors": _worst(rows, systems) if MICRO in systems else "<p>No micro-model in this evaluation.</p>",
+        "Latency": _img("latency.png", plots["latency.png"], "latency") + _latency_table(metrics, systems),
+    }
+    body = "".join(f'<h2 id="{k.lower().replace(" ", "-")}">{k}</h2>{parts[k]}' for k in SECTIONS)
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    _save(eval_dir / "report.html", page.encode("utf-8"))
+    return eval_dir / "report.html"
+
+
+def _latency_table(metrics: dict[str, Any], systems: list[str]) -> str:
+    body = [[s, _fmt(metrics[s].get("latency_ms_p50"), 1), _fmt(metrics[s].get("latency_ms_p95"), 1), str(metrics[s].get("latency_n", 0)),
+             _fmt(metrics[s].get("examples_per_s"), 2), _fmt(metrics[s].get("seconds"), 2)] for s in systems]
+    return _table(["system", "p50 ms", "p95 ms", "rows timed", "examples/s (batched)", "batched run s"], body)
+
+
+def _title(eval_dir: Path, n: int) -> str:
+    manifest = eval_dir / "manifest.json"
+    recipe = json.loads(manifest.read_text()).get("recipe") if manifest.is_file() else eval_dir.parent.parent.name
+    return f"microtune evaluation: {recipe} — {n} test rows ({eval_dir.name})"

@@ -1,0 +1,103 @@
+"""The gate applied to a newly registered version: challenger vs champion on one frozen set, then promote or not.
+
+    decision = gate("recipes/banking-intents.yaml", version="4")     # after `run` registered version 4
+
+Reads top to bottom: the version becomes ``challenger`` → both versions' predictions on the challenger's
+test split (the champion is re-evaluated there when its own eval used another test set) → paired test
+and guards (registry/gate.py) → the decision is written to ``<workspace>/<recipe>/decisions/`` and as
+tags on the version → ``champion`` moves only on ``promote``; ``challenger`` is cleared either way.
+The first version of a model has nothing to beat and becomes champion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from microtune.core.artifacts import read_json, read_manifest, write_json
+from microtune.core.workspace import Workspace
+from microtune.pipeline.stages import RecipeLike, _recipe, evaluate
+from microtune.registry.gate import Evidence, decide
+from microtune.registry.models import (
+    CHAMPION,
+    Decision,
+    Version,
+    by_alias,
+    clear_challenger,
+    get_version,
+    promote,
+    record_decision,
+    registry_client,
+    set_challenger,
+)
+from microtune.registry.tracking import tracking_uri
+
+
+def gate(recipe: RecipeLike, version: str, workspace: str | Path | None = None) -> Decision:
+    recipe, ws = _recipe(recipe, None), Workspace.at(workspace)
+    client = registry_client(tracking_uri(recipe, ws))
+    name, new = recipe.name, get_version(client, recipe.name, version)
+    champ = by_alias(client, name, CHAMPION)
+    if champ is None or champ.version == new.version:
+        decision = decide(name, None, new.version, None, recipe.gate)
+    else:
+        set_challenger(client, name, new.version)
+        decision = decide(name, champ.version, new.version, _evidence(recipe, ws, champ, new), recipe.gate)
+    write_json(ws.stage_dir(name, "decisions") / f"v{new.version}.json", dataclasses.asdict(decision))
+    record_decision(client, decision)
+    if decision.verdict == "promote":
+        promote(client, name, new.version, decision.reason)
+    else:
+        clear_challenger(client, name, new.version)
+    return decision
+
+
+def _evidence(recipe: Any, ws: Workspace, champ: Version, new: Version) -> Evidence:
+    from microtune.evaluate.stats import mcnemar
+    from microtune.tasks import get_task
+
+    new_eval = Path(new.tags["eval_dir"])
+    new_manifest = read_manifest(new_eval, "eval")
+    champ_eval = Path(champ.tags.get("eval_dir", ""))
+    same_set = champ_eval.is_dir() and read_manifest(champ_eval, "eval").get("test_hash") == new_manifest["test_hash"]
+    if not same_set:  # score the champion on the challenger's frozen set
+        champ_eval = evaluate(recipe, ["eval.baselines=[]"], ws, adapter=champ.tags["adapter_dir"],
+                              dataset=new_manifest["dataset_dir"])
+    rows_new, rows_champ = _predictions(new_eval), _predictions(champ_eval)
+    labels = read_manifest(Path(new_manifest["dataset_dir"]), "dataset")["labels"]
+    task = get_task(recipe.task, labels)
+    golds = [r["gold"] for r in rows_new]
+    a = task.example_scores(golds, [r["micro"]["pred"] for r in rows_champ])
+    b = task.example_scores(golds, [r["micro"]["pred"] for r in rows_new])
+    if task.has_labels:
+        p, test = mcnemar([x == 1.0 for x in a], [x == 1.0 for x in b])["p_value"], "McNemar"
+    else:
+        p, test = paired_bootstrap_p(a, b, seed=recipe.eval.seed), "paired bootstrap"
+    recall = {"champion": _recall(golds, rows_champ), "challenger": _recall(golds, rows_new)} if task.has_labels else {}
+    return Evidence(recipe.metric_names()[0], read_json(champ_eval / "metrics.json")["micro"],
+                    read_json(new_eval / "metrics.json")["micro"], float(p), test, len(golds), recall)
+
+
+def _predictions(eval_dir: Path) -> list[dict[str, Any]]:
+    with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _recall(golds: list[Any], rows: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for label in sorted(set(golds)):
+        idx = [i for i, g in enumerate(golds) if g == label]
+        out[label] = sum(rows[i]["micro"]["pred"] == label for i in idx) / len(idx)
+    return out
+
+
+def paired_bootstrap_p(a: list[float], b: list[float], n: int = 2000, seed: int = 13) -> float:
+    """Paired bootstrap over the frozen set's rows: both versions' mean score on the same resampled rows."""
+    import numpy as np
+
+    from microtune.evaluate.stats import paired_bootstrap_p as p_value
+
+    a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(a_), size=(n, len(a_)))
+    return p_value(b_[idx].mean(axis=1), a_[idx].mean(axis=1), float(b_.mean() - a_.mean()))

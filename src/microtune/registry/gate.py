@@ -1,0 +1,64 @@
+"""The promotion gate: a challenger replaces the champion only when it truly wins.
+
+    decision = decide(name, champion, challenger, evidence, cfg)    # Decision(verdict="promote"|"reject", reason=...)
+
+Evidence is measured by the caller on one frozen evaluation set for both versions: the main metric of
+each, a paired test's p-value (McNemar for classification, paired bootstrap otherwise), per-class
+recall, the valid-answer rate and latency. Rules, in order: the main metric must rise by at least
+``min_gain``; the paired test must be below ``alpha``; no class's recall may fall by more than
+``recall_drop``, the valid rate by more than ``valid_rate_drop``, and latency may not grow beyond
+``latency_ratio`` times the champion's. The first failing rule is the reason; every figure is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from microtune.config import GateConfig
+from microtune.registry.models import Decision
+
+
+@dataclass
+class Evidence:
+    main_metric: str
+    champion: dict[str, Any]          # metrics of the champion on the frozen set
+    challenger: dict[str, Any]
+    p_value: float
+    test: str                          # which paired test produced p_value
+    examples: int
+    recall: dict[str, dict[str, float]] = field(default_factory=dict)  # {"champion": {label: r}, "challenger": {...}}
+
+
+def decide(name: str, champion: str | None, challenger: str, evidence: Evidence | None, cfg: GateConfig) -> Decision:
+    if champion is None or evidence is None:
+        return Decision(name, challenger, None, "promote", "first version: no champion to beat")
+    ev, m = evidence, evidence.main_metric
+    gain = ev.challenger[m] - ev.champion[m]
+    details = {"main_metric": m, "champion_value": ev.champion[m], "challenger_value": ev.challenger[m], "gain": gain,
+               "p_value": ev.p_value, "test": ev.test, "examples": ev.examples, "min_gain": cfg.min_gain, "alpha": cfg.alpha}
+    reason = _first_failure(ev, gain, cfg, details)
+    if reason:
+        return Decision(name, challenger, champion, "reject", reason, details)
+    return Decision(name, challenger, champion, "promote",
+                    f"{m} {ev.champion[m]:.4f} → {ev.challenger[m]:.4f} (+{gain:.4f}), {ev.test} p={ev.p_value:.4g}", details)
+
+
+def _first_failure(ev: Evidence, gain: float, cfg: GateConfig, details: dict[str, Any]) -> str | None:
+    m = ev.main_metric
+    if gain < cfg.min_gain or gain <= 0:
+        return f"{m} gain {gain:+.4f} is below min_gain {cfg.min_gain}"
+    if ev.p_value >= cfg.alpha:
+        return f"{m} gain {gain:+.4f} is not significant: {ev.test} p={ev.p_value:.4g} ≥ alpha {cfg.alpha}"
+    drops = {label: ev.recall["champion"][label] - r for label, r in ev.recall.get("challenger", {}).items()
+             if label in ev.recall.get("champion", {})}
+    worst = max(drops.items(), key=lambda kv: kv[1], default=None)
+    details["worst_recall_drop"] = worst
+    if worst and worst[1] > cfg.recall_drop:
+        return f"recall of {worst[0]!r} falls by {worst[1]:.3f} (> recall_drop {cfg.recall_drop})"
+    valid_drop = ev.champion.get("valid_rate", 1.0) - ev.challenger.get("valid_rate", 1.0)
+    if valid_drop > cfg.valid_rate_drop:
+        return f"valid answers fall by {valid_drop:.3f} (> valid_rate_drop {cfg.valid_rate_drop})"
+    old, new = ev.champion.get("latency_ms_p50"), ev.challenger.get("latency_ms_p50")
+    if old and new and new > cfg.latency_ratio * old:
+        return f"p50 latency {new:.1f} ms is over {cfg.latency_ratio}× the champion's {old:.1f} ms"
+    return None

@@ -1,0 +1,124 @@
+"""Registry: champion/challenger aliases on a real MLflow SQLite store, rollback, the gate's rules, the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from microtune.cli import app
+from microtune.config import GateConfig
+from microtune.registry.gate import Evidence, decide
+from microtune.registry.models import (
+    CHALLENGER,
+    CHAMPION,
+    RegistryError,
+    by_alias,
+    list_versions,
+    promote,
+    registry_client,
+    rollback,
+    set_challenger,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    """A SQLite MLflow store with model `m` and three versions whose sources are real folders."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    client = registry_client(f"sqlite:///{ws / 'mlflow.db'}")
+    client.create_registered_model("m")
+    for i in range(3):
+        folder = tmp_path / f"adapter{i}"
+        folder.mkdir()
+        client.create_model_version("m", str(folder), tags={"metric.micro.accuracy": str(0.5 + i / 10)})
+    return client, ws
+
+
+def test_promote_moves_aliases_and_rollback_returns(store) -> None:
+    client, _ = store
+    promote(client, "m", "1", "first")
+    set_challenger(client, "m", "2")
+    promote(client, "m", "2", "better")
+    v2 = by_alias(client, "m", CHAMPION)
+    assert v2.version == "2" and CHALLENGER not in v2.aliases  # never both
+    assert by_alias(client, "m", CHALLENGER) is None and v2.tags["previous_champion"] == "1"
+    with pytest.raises(RegistryError, match="is the champion; it cannot also be the challenger"):
+        set_challenger(client, "m", "2")
+    assert rollback(client, "m").version == "1"
+    assert [v.version for v in list_versions(client, "m") if CHAMPION in v.aliases] == ["1"]
+    with pytest.raises(RegistryError, match="replaced no earlier champion"):
+        rollback(client, "m")
+
+
+def test_a_champion_must_be_loadable_and_names_are_checked(store, tmp_path: Path) -> None:
+    client, _ = store
+    (tmp_path / "adapter2").rmdir()
+    with pytest.raises(RegistryError, match="points at missing files"):
+        promote(client, "m", "3", "x")
+    assert by_alias(client, "m", CHAMPION) is None
+    with pytest.raises(RegistryError) as err:
+        list_versions(client, "nope")
+    assert "registered: m" in err.value.hint
+    with pytest.raises(RegistryError, match="has no version '9'"):
+        promote(client, "m", "9", "x")
+
+
+def _evidence(champ: float, chall: float, p: float, **extra) -> Evidence:
+    return Evidence("accuracy", {"accuracy": champ, "valid_rate": 1.0, **extra.get("c", {})},
+                    {"accuracy": chall, "valid_rate": 1.0, **extra.get("n", {})}, p, "McNemar", 200, extra.get("recall", {}))
+
+
+@pytest.mark.parametrize("evidence, verdict, reason", [
+    (_evidence(0.80, 0.86, 0.01), "promote", "accuracy 0.8000 → 0.8600"),
+    (_evidence(0.80, 0.79, 0.01), "reject", "gain -0.0100 is below min_gain"),
+    (_evidence(0.80, 0.82, 0.30), "reject", "not significant: McNemar p=0.3"),
+    (_evidence(0.80, 0.86, 0.01, recall={"champion": {"a": 0.9, "b": 0.8}, "challenger": {"a": 1.0, "b": 0.5}}),
+     "reject", "recall of 'b' falls by 0.300"),
+    (_evidence(0.80, 0.86, 0.01, n={"valid_rate": 0.9}), "reject", "valid answers fall by 0.100"),
+    (_evidence(0.80, 0.86, 0.01, c={"latency_ms_p50": 10.0}, n={"latency_ms_p50": 20.0}), "reject", "p50 latency 20.0 ms"),
+])
+def test_gate_rules(evidence: Evidence, verdict: str, reason: str) -> None:
+    d = decide("m", "1", "2", evidence, GateConfig())
+    assert d.verdict == verdict and reason in d.reason, d.reason
+    assert d.details["gain"] == pytest.approx(evidence.challenger["accuracy"] - evidence.champion["accuracy"])
+
+
+def test_min_gain_is_respected() -> None:
+    d = decide("m", "1", "2", _evidence(0.80, 0.81, 0.001), GateConfig(min_gain=0.02))
+    assert d.verdict == "reject" and "below min_gain 0.02" in d.reason
+    assert decide("m", None, "1", None, GateConfig()).verdict == "promote"
+
+
+def test_models_cli(store) -> None:
+    client, ws = store
+    runner = CliRunner()
+    assert runner.invoke(app, ["models", "promote", "m", "2", "-w", str(ws), "--reason", "hotfix"]).exit_code == 0
+    listed = runner.invoke(app, ["models", "list", "m", "-w", str(ws)])
+    assert listed.exit_code == 0 and "champion" in listed.output and "0.7000" in listed.output
+    shown = runner.invoke(app, ["models", "show", "m", "-w", str(ws)])
+    assert "version 2" in shown.output and "promoted_reason: manual: hotfix" in shown.output
+    bad = runner.invoke(app, ["models", "rollback", "m", "-w", str(ws)])
+    assert bad.exit_code == 2 and "replaced no earlier champion" in bad.output
+    unknown = runner.invoke(app, ["models", "show", "zzz", "-w", str(ws)])
+    assert unknown.exit_code == 2 and "no registered model named 'zzz'" in unknown.output
+
+
+def test_run_twice_gates_the_second_version(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    """First run: champion. Second run (same data, same seed → same predictions): no gain → rejected, champion kept."""
+    from microtune import pipeline
+
+    recipe = make_recipe(tiny_model_dir, train={"max_steps": 2})
+    first = pipeline.run(recipe, workspace=tmp_path / "ws", progress=None)
+    assert first.decision.verdict == "promote" and "first version" in first.decision.reason
+    second = pipeline.run(recipe, workspace=tmp_path / "ws", progress=None)
+    assert second.decision.verdict == "reject" and "below min_gain" in second.decision.reason
+    assert second.decision.details["test"] == "McNemar" and second.decision.details["p_value"] == 1.0
+    client = registry_client(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
+    versions = {v.version: v for v in list_versions(client, "toy")}
+    assert versions["1"].aliases == [CHAMPION] and versions["2"].aliases == []  # no stale challenger
+    assert versions["2"].tags["gate.verdict"] == "reject"
+    saved = json.loads((tmp_path / "ws" / "toy" / "decisions" / "v2.json").read_text())
+    assert saved["verdict"] == "reject" and saved["champion"] == "1"
