@@ -135,6 +135,45 @@ def demo(set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
     _run(recipe, set_, workspace)
 
 
+@app.command()
+def watch(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
+          once: Annotated[bool, typer.Option("--once", help="One cycle, then exit (for cron, Airflow, Prefect).")] = False,
+          every: Annotated[str | None, typer.Option(help="Loop: a cycle every 30s / 10m / 1h / 1d until SIGTERM or Ctrl-C.")] = None,
+          ) -> None:
+    """Ingest new files from watch.inbox; on new data or drift retrain, gate and promote the winner."""
+    from microtune.pipeline.watch import watch_loop, watch_once
+
+    if once == (every is not None):
+        err.print("[bold red]error:[/] give exactly one of --once or --every DURATION")
+        raise typer.Exit(2)
+    say = lambda msg: err.print(f"watch: {escape(msg)}")  # noqa: E731
+    if once:
+        _show_watch(_guard(lambda: watch_once(recipe, set_, workspace, say)))
+        return
+    seconds = _duration(every or "")
+    cycles = _guard(lambda: watch_loop(recipe, seconds, set_, workspace, say))
+    err.print(f"watch: stopped cleanly after {cycles} cycle(s)")
+
+
+def _duration(text: str) -> float:
+    import re
+
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not found:
+        err.print(f"[bold red]error:[/] --every {text!r} is not a duration\n[bold]fix:[/] write e.g. 30s, 10m, 1h or 1d")
+        raise typer.Exit(2)
+    return float(found.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
+
+
+def _show_watch(report: dict[str, Any]) -> None:
+    stats = report["statistics"]
+    out.print(f"new rows: {stats['new_rows']} (reference {stats['reference_rows']}); "
+              f"files: {len(report['files'])} new; triggers: {'; '.join(report['fired']) or 'none'}", highlight=False, markup=False)
+    if report.get("round"):
+        r = report["round"]
+        out.print(f"round {r['id']}: version {r['version']} {r['verdict']} — {r['reason']}", highlight=False, markup=False)
+
+
 models_app = typer.Typer(help="Registered micro-models: versions, metrics, the champion/challenger aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 NameArg = Annotated[str, typer.Argument(help="Registered model name (the recipe name).", show_default=False)]

@@ -289,6 +289,23 @@ class GateConfig(Section):
     latency_ratio: float = Field(1.5, ge=1, description="Most the p50 latency may grow, as a multiple of the champion's.")
 
 
+class WatchConfig(Section):
+    inbox: Path | None = Field(None, description="Folder where new labelled JSONL/CSV files land (relative to the recipe).")
+    min_new_rows: int = Field(100, ge=1, description="Trigger: at least this many new labelled rows since the last retrain.")
+    new_label_min_rows: int = Field(5, ge=1, description="Trigger: a label never seen before with at least this many rows.")
+    label_shift_p: float = Field(0.01, gt=0, lt=1, description="Trigger: chi-square test of new vs reference label counts below this p.")
+    psi_threshold: float = Field(0.25, gt=0, description="Trigger: population stability index of the label distribution above this.")
+    text_drift_auc: float = Field(0.80, gt=0.5, le=1, description="Trigger: a classifier tells new from reference texts with this AUC.")
+    min_rows_for_tests: int = Field(30, ge=5, description="Distribution and drift tests run only with at least this many new rows.")
+    quality_floor: float | None = Field(
+        None, ge=0, le=1, description="Trigger: the champion's main metric on the new rows falls below this (predicts them; off by default)."
+    )
+    holdout: float = Field(0.25, ge=0, lt=1, description="Share of new rows held out (never trained on) and added to the frozen evaluation set.")
+    retrain: list[str] = Field(
+        ["method.kind=qlora"], description="Recipe overrides (`a.b=value`) for retraining; QLoRA by default."
+    )
+
+
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: `$MLFLOW_TRACKING_URI`, else the workspace's SQLite store.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the recipe name.")
@@ -319,6 +336,7 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against prompted baselines.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
     gate: GateConfig = Field(default_factory=GateConfig, description="When a new version replaces the champion.")
+    watch: WatchConfig = Field(default_factory=WatchConfig, description="`microtune watch`: new data and drift trigger a gated retrain.")
 
     @model_validator(mode="after")
     def _known_metrics(self) -> Recipe:
@@ -445,6 +463,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         value = getattr(data, name)
         if value is not None and not value.is_absolute():
             setattr(data, name, (base / value).resolve())
+    if recipe.watch.inbox is not None and not recipe.watch.inbox.is_absolute():
+        recipe.watch.inbox = (base / recipe.watch.inbox).resolve()
     return recipe
 
 

@@ -68,6 +68,11 @@ def _raise(log: ProblemLog) -> None:
                     hint="fix the rows listed above (file:line) and run `microtune check` again")
 
 
+def load_rows(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, Any]]:
+    """Read and normalise one data file with the recipe's field mapping; bad rows go to ``log`` as file:line."""
+    return _load_split(recipe, path, log)
+
+
 def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, Any]]:
     if not path.is_file():
         log.error(str(path), "data file not found", None)

@@ -62,7 +62,7 @@ def _evidence(recipe: Any, ws: Workspace, champ: Version, new: Version) -> Evide
     champ_eval = Path(champ.tags.get("eval_dir", ""))
     same_set = champ_eval.is_dir() and read_manifest(champ_eval, "eval").get("test_hash") == new_manifest["test_hash"]
     if not same_set:  # score the champion on the challenger's frozen set
-        champ_eval = evaluate(recipe, ["eval.baselines=[]"], ws, adapter=champ.tags["adapter_dir"],
+        champ_eval = evaluate(recipe, ["eval.baselines=[]"], ws.root, adapter=champ.tags["adapter_dir"],
                               dataset=new_manifest["dataset_dir"])
     rows_new, rows_champ = _predictions(new_eval), _predictions(champ_eval)
     labels = read_manifest(Path(new_manifest["dataset_dir"]), "dataset")["labels"]

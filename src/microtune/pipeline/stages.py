@@ -231,7 +231,8 @@ def report(eval_dir: str | Path) -> Path:
     return render_report(eval_dir)
 
 
-def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: str | Path | None = None) -> str:
+def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: str | Path | None = None,
+             extra_tags: dict[str, str] | None = None) -> str:
     """Register the adapter as a new model version, with lineage and eval metrics as tags."""
     from microtune.evaluate import MICRO
     from microtune.registry import register_adapter
@@ -244,17 +245,17 @@ def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: s
     tags |= {f"metric.{s}.{k}": round(v, 4) for s, vals in metrics.items() for k, v in vals.items()
              if k in recipe.metric_names()}
     tags |= {"main_metric": recipe.metric_names()[0], "micro_system": MICRO, "adapter_dir": str(adapter_dir),
-             "eval_dir": str(eval_dir), "task": recipe.task.type}
+             "eval_dir": str(eval_dir), "task": recipe.task.type, **(extra_tags or {})}
     return register_adapter(recipe, ws, adapter["mlflow_run_id"], tags)
 
 
 def run(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
-        progress: str | bool | None = "bar", on_system: Any = None) -> RunResult:
+        progress: str | bool | None = "bar", on_system: Any = None, tags: dict[str, str] | None = None) -> RunResult:
     """check → train → evaluate → register, one call."""
     recipe = _recipe(recipe, overrides)
     adapter_dir = train(recipe, None, workspace, progress)
     eval_dir = evaluate(recipe, None, workspace, adapter_dir, on_system)
-    version = register(recipe, adapter_dir, eval_dir, workspace) if recipe.tracking.register_model else None
+    version = register(recipe, adapter_dir, eval_dir, workspace, tags) if recipe.tracking.register_model else None
     decision = None
     if version is not None:
         from microtune.pipeline.promote import gate

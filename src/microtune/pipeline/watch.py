@@ -1,0 +1,250 @@
+"""`microtune watch`: new labelled data or drift triggers a retrain that is promoted only if it wins.
+
+    report = watch_once("recipes/faa-maintenance.yaml")          # one cycle (cron, Airflow, Prefect)
+    watch_loop("recipes/faa-maintenance.yaml", every_s=3600)      # until SIGTERM / Ctrl-C
+
+One cycle reads top to bottom: finish a round a crash interrupted → ingest new inbox files (each file
+once, by checksum; bad rows quarantined with a file:line report, never trained on) → triggers on the
+rows not yet used (count, new labels, label shift, text drift) → on a trigger, a round: train on the
+recipe's data plus every accepted new row (replay: old labels stay in the mix), evaluate on the frozen
+set (the recipe's test split plus the held-out share of the new rows), register, and let the gate
+decide (pipeline/promote.py). A drift report with every statistic and threshold is written each cycle.
+
+Crash safety: the state (SQLite, one transaction per step) records files, rows and rounds; a round's
+version is found again by its ``watch.round`` tag, so a rerun after kill -9 never registers twice.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from microtune.config import Recipe
+from microtune.core.artifacts import write_json
+from microtune.core.errors import ProblemLog, RecipeError
+from microtune.core.hashing import hash_file
+from microtune.core.workspace import Workspace
+from microtune.pipeline.stages import RecipeLike, _recipe
+
+PATTERNS = ("*.jsonl", "*.csv", "*.tsv")
+SCHEMA = """
+create table if not exists files (checksum text primary key, path text, accepted int, rejected int, at real);
+create table if not exists rows (id integer primary key autoincrement, checksum text, data text, holdout int, round int);
+create table if not exists rounds (id integer primary key, status text, triggers text, version text, verdict text, at real);
+"""
+
+
+@contextmanager
+def _state(path: Path) -> Iterator[sqlite3.Connection]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        con.executescript(SCHEMA)
+        yield con
+    finally:
+        con.close()
+
+
+def watch_once(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
+               on_event: Any = None) -> dict[str, Any]:
+    """One watch cycle; returns (and writes) the cycle report."""
+    recipe, ws = _recipe(recipe, overrides), Workspace.at(workspace)
+    inbox = recipe.watch.inbox
+    if inbox is None or not inbox.is_dir():
+        raise RecipeError(f"watch.inbox {'is not set' if inbox is None else f'{inbox} is not a folder'}",
+                          hint="set watch.inbox in the recipe to the folder where new labelled files land")
+    folder = ws.stage_dir(recipe.name, "watch")
+    say = on_event or (lambda _msg: None)
+    with _state(folder / "state.db") as con:
+        report: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name}
+        report["resumed_round"] = _finish_open_round(recipe, ws, con, folder, say)
+        report["files"] = _ingest(recipe, inbox, con, folder, say)
+        report |= _triggers(recipe, con)
+        if report["fired"]:
+            round_id = _open_round(con, report["fired"])
+            say(f"round {round_id}: retraining ({'; '.join(report['fired'])})")
+            report["round"] = _run_round(recipe, ws, con, folder, round_id, say)
+    write_json(folder / "reports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.json", report)
+    return report
+
+
+def watch_loop(recipe: RecipeLike, every_s: float, overrides: list[str] | None = None, workspace: str | Path | None = None,
+               on_event: Any = None, stop: threading.Event | None = None) -> int:
+    """Run cycles every ``every_s`` seconds until SIGTERM/SIGINT (the running cycle finishes first)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    cycles = 0
+    while not stop.is_set():
+        watch_once(recipe, overrides, workspace, on_event)
+        cycles += 1
+        stop.wait(every_s)
+    return cycles
+
+
+# -- ingest ---------------------------------------------------------------------------------------------
+def _ingest(recipe: Recipe, inbox: Path, con: sqlite3.Connection, folder: Path, say: Any) -> list[dict[str, Any]]:
+    from microtune.data import load_rows
+
+    seen = {row[0] for row in con.execute("select checksum from files")}
+    out = []
+    for path in sorted(p for pattern in PATTERNS for p in inbox.glob(pattern)):
+        checksum = hash_file(path)
+        if checksum in seen:
+            continue
+        log = ProblemLog()
+        rows = load_rows(recipe, path, log)
+        if log.errors:
+            _quarantine(folder, path, checksum, log)
+        with con:  # the file and its rows land together or not at all
+            con.execute("insert into files values (?, ?, ?, ?, ?)", (checksum, str(path), len(rows), len(log.errors), time.time()))
+            con.executemany("insert into rows (checksum, data, holdout, round) values (?, ?, ?, null)",
+                            [(checksum, json.dumps(_raw(r)), _is_holdout(r["text"], recipe.watch.holdout)) for r in rows])
+        seen.add(checksum)
+        out.append({"file": str(path), "accepted": len(rows), "quarantined": len(log.errors)})
+        say(f"{path.name}: {len(rows)} rows accepted, {len(log.errors)} quarantined")
+    return out
+
+
+def _quarantine(folder: Path, path: Path, checksum: str, log: ProblemLog) -> None:
+    dest = folder / "quarantine" / f"{path.name}.{checksum[:8]}.txt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("".join(f"{p}\n" for p in log.errors))
+
+
+def _raw(example: dict[str, Any]) -> dict[str, Any]:
+    """A normalised example back in the plain field names the round's data files use (text, label, target)."""
+    if "output" in example:
+        return {"text": example["text"], "target": example["output"]}
+    if "references" in example:
+        return {"text": example["text"], "target": example["references"]}
+    return {"text": example["text"], "label": example.get("labels", example["label"])}
+
+
+def _is_holdout(text: str, share: float) -> int:
+    """Deterministic by text, so a rerun holds out the same rows."""
+    return int(zlib.crc32(text.encode()) % 10_000 < share * 10_000)
+
+
+# -- triggers -------------------------------------------------------------------------------------------
+def _triggers(recipe: Recipe, con: sqlite3.Connection) -> dict[str, Any]:
+    from microtune.data import label_shift, text_drift_auc
+
+    cfg = recipe.watch
+    new = [json.loads(d) for (d,) in con.execute("select data from rows where round is null")]
+    ref = _reference_rows(recipe, con)
+    stats: dict[str, Any] = {"new_rows": len(new), "reference_rows": len(ref)}
+    fired = []
+    if len(new) >= cfg.min_new_rows:
+        fired.append(f"{len(new)} new rows ≥ min_new_rows {cfg.min_new_rows}")
+    if new and "label" in new[0]:
+        shift = label_shift([_label(r) for r in ref], [_label(r) for r in new])
+        stats["label_shift"] = shift
+        fired += [f"new label {label!r} with {n} rows ≥ {cfg.new_label_min_rows}" for label, n in shift["new_labels"].items()
+                  if n >= cfg.new_label_min_rows]
+        if len(new) >= cfg.min_rows_for_tests and shift["p_value"] < cfg.label_shift_p:
+            fired.append(f"label shift: chi-square p={shift['p_value']:.2g} < {cfg.label_shift_p}")
+        if len(new) >= cfg.min_rows_for_tests and shift["psi"] > cfg.psi_threshold:
+            fired.append(f"label shift: PSI {shift['psi']:.3f} > {cfg.psi_threshold}")
+    if len(new) >= cfg.min_rows_for_tests:
+        auc = text_drift_auc([r["text"] for r in ref], [r["text"] for r in new])
+        stats["text_drift_auc"] = auc
+        if auc > cfg.text_drift_auc:
+            fired.append(f"text drift: AUC {auc:.3f} > {cfg.text_drift_auc}")
+    thresholds = cfg.model_dump(mode="json", exclude={"inbox", "retrain"})
+    return {"statistics": stats, "thresholds": thresholds, "fired": fired}
+
+
+def _label(row: dict[str, Any]) -> str:
+    label = row["label"]
+    return "; ".join(sorted(label)) if isinstance(label, list) else label
+
+
+def _reference_rows(recipe: Recipe, con: sqlite3.Connection) -> list[dict[str, Any]]:
+    """What the current model learned from: the recipe's train split plus rows of earlier rounds."""
+    from microtune.data import build_dataset
+
+    base = [_raw(r) for r in build_dataset(recipe).splits["train"]]
+    return base + [json.loads(d) for (d,) in con.execute("select data from rows where round is not null and holdout = 0")]
+
+
+# -- rounds ---------------------------------------------------------------------------------------------
+def _open_round(con: sqlite3.Connection, fired: list[str]) -> int:
+    with con:
+        cur = con.execute("insert into rounds (status, triggers, at) values ('training', ?, ?)", (json.dumps(fired), time.time()))
+        round_id = int(cur.lastrowid)
+        con.execute("update rows set round = ? where round is null", (round_id,))
+    return round_id
+
+
+def _finish_open_round(recipe: Recipe, ws: Workspace, con: sqlite3.Connection, folder: Path, say: Any) -> dict[str, Any] | None:
+    open_round = con.execute("select id from rounds where status = 'training' order by id limit 1").fetchone()
+    if open_round is None:
+        return None
+    say(f"round {open_round[0]}: interrupted earlier; finishing it")
+    return _run_round(recipe, ws, con, folder, int(open_round[0]), say)
+
+
+def _run_round(recipe: Recipe, ws: Workspace, con: sqlite3.Connection, folder: Path, round_id: int, say: Any) -> dict[str, Any]:
+    from microtune.pipeline.promote import gate
+    from microtune.pipeline.stages import run
+
+    retrain = _round_recipe(recipe, con, folder / f"round-{round_id}", round_id)
+    version = _version_of_round(retrain, ws, round_id)
+    if version is None:
+        result = run(retrain, None, ws.root, progress=None, tags={"watch.round": str(round_id)})
+        decision, version = result.decision, result.model_version
+    else:  # registered before a crash: decide it, never register it again
+        decision = gate(retrain, version, ws.root)
+    with con:
+        con.execute("update rounds set status = 'done', version = ?, verdict = ? where id = ?", (version, decision.verdict, round_id))
+    say(f"round {round_id}: version {version} — {decision.verdict}: {decision.reason}")
+    return {"id": round_id, "version": version, "verdict": decision.verdict, "reason": decision.reason, "details": decision.details}
+
+
+def _round_recipe(recipe: Recipe, con: sqlite3.Connection, folder: Path, round_id: int) -> Recipe:
+    """The recipe of a retrain: its data = recipe train + new rows (train), recipe test + held-out new rows (frozen set)."""
+    from microtune.config import apply_override, validate_recipe
+    from microtune.data import build_dataset
+
+    base = build_dataset(recipe).splits
+    new = [(json.loads(d), h) for d, h in con.execute("select data, holdout from rows where round <= ?", (round_id,))]
+    files = {"train": [_raw(r) for r in base["train"]] + [r for r, h in new if not h],
+             "test": [_raw(r) for r in base["test"]] + [r for r, h in new if h]}
+    if base["valid"]:
+        files["valid"] = [_raw(r) for r in base["valid"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in files.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    raw = recipe.resolved()
+    overrides = [*recipe.watch.retrain, "task.text_field=text", "task.label_field=label", "task.target_field=target",
+                 *(f"data.{s}={folder / f'{s}.jsonl'}" for s in ("train", "valid", "test")), "data.format=jsonl"]
+    if "valid" not in files:
+        overrides.append("data.split.valid=0")
+    for item in overrides:
+        apply_override(raw, item)
+    if recipe.task.type == "classify" and recipe.task.labels is not None:  # a declared label set grows with new labels
+        seen = {lab for r in files["train"] for lab in (r["label"] if isinstance(r["label"], list) else [r["label"]])}
+        raw["task"]["labels"] = [*recipe.task.labels, *sorted(seen - set(recipe.task.labels))]
+    if "valid" not in files:
+        raw["data"]["valid"] = None
+    return validate_recipe(raw, source=f"watch round {round_id}")
+
+
+def _version_of_round(recipe: Recipe, ws: Workspace, round_id: int) -> str | None:
+    from microtune.registry.models import RegistryError, list_versions, registry_client
+    from microtune.registry.tracking import tracking_uri
+
+    try:
+        versions = list_versions(registry_client(tracking_uri(recipe, ws)), recipe.name)
+    except RegistryError:  # nothing registered yet
+        return None
+    return next((v.version for v in versions if v.tags.get("watch.round") == str(round_id)), None)

@@ -1,0 +1,111 @@
+"""watch: inbox files processed once, bad rows quarantined, triggers with their statistics, gated retrain rounds
+that survive a crash without registering twice; drift statistics on crafted data."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from microtune.cli import app
+from microtune.data import label_shift, text_drift_auc
+from toydata import write_jsonl
+
+
+def test_label_shift_and_text_drift_statistics() -> None:
+    ref = ["a"] * 50 + ["b"] * 50
+    same = label_shift(ref, ["a"] * 25 + ["b"] * 25)
+    assert same["p_value"] > 0.5 and same["psi"] < 0.01 and same["new_labels"] == {}
+    moved = label_shift(ref, ["a"] * 45 + ["b"] * 5 + ["c"] * 7)
+    assert moved["p_value"] < 0.001 and moved["psi"] > 0.25 and moved["new_labels"] == {"c": 7}
+    weather = [f"rain and wind expected over the hills on day {i}" for i in range(40)]
+    money = [f"my card payment number {i} failed at the bank" for i in range(40)]
+    assert text_drift_auc(money, weather) > 0.95
+    pool = money + weather
+    random.Random(0).shuffle(pool)
+    assert text_drift_auc(pool[:40], pool[40:]) < 0.75  # two random halves of the same mix
+
+
+@pytest.fixture
+def watched(tmp_path: Path, make_recipe, tiny_model_dir: Path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    recipe = make_recipe(tiny_model_dir, train={"max_steps": 2}, watch={
+        "inbox": "inbox", "min_new_rows": 8, "new_label_min_rows": 3, "min_rows_for_tests": 100, "holdout": 0.25,
+        "retrain": ["method.kind=lora", "train.max_steps=2"]})
+    from microtune import pipeline
+
+    first = pipeline.run(recipe, workspace=tmp_path / "ws", progress=None)
+    assert first.decision.verdict == "promote"
+    return recipe, inbox, tmp_path / "ws"
+
+
+def _versions(ws: Path) -> list[str]:
+    from microtune.registry.models import list_versions, registry_client
+
+    return [v.version for v in list_versions(registry_client(f"sqlite:///{ws / 'mlflow.db'}"), "toy")]
+
+
+def test_watch_scenario(watched) -> None:
+    from microtune.pipeline.watch import watch_once
+
+    recipe, inbox, ws = watched
+    # batch 1: a few rows like the training data → below min_new_rows, no retrain
+    write_jsonl(inbox / "b1.jsonl", [{"text": "where is my parcel now", "label": "shipping"},
+                                    {"text": "money back for the lamp", "label": "refund"}])
+    r1 = watch_once(recipe, workspace=ws)
+    assert r1["files"] == [{"file": str(inbox / "b1.jsonl"), "accepted": 2, "quarantined": 0}]
+    assert r1["fired"] == [] and "round" not in r1 and _versions(ws) == ["1"]
+    # batch 3 first: malformed rows are quarantined with file:line, the good row is kept, nothing retrains
+    (inbox / "b3.jsonl").write_text('{"text": "ok row about my bill", "label": "billing"}\n{"text": "no label"}\nnot json\n')
+    r3 = watch_once(recipe, workspace=ws)
+    assert r3["files"][0]["accepted"] == 1 and r3["files"][0]["quarantined"] == 2 and r3["fired"] == []
+    report = next((ws / "toy" / "watch" / "quarantine").glob("b3.jsonl.*.txt")).read_text()
+    assert f"{inbox / 'b3.jsonl'}:2: missing field 'label'" in report and f"{inbox / 'b3.jsonl'}:3:" in report
+    # the same file again (same content, new name) is not processed twice
+    shutil.copy(inbox / "b1.jsonl", inbox / "b1-copy.jsonl")
+    assert watch_once(recipe, workspace=ws)["files"] == []
+    # batch 2: a label never seen → a round: retrain on old + new rows, gate, decision recorded
+    write_jsonl(inbox / "b2.jsonl", [{"text": f"the warranty on item {i} expired early", "label": "warranty"} for i in range(6)])
+    r2 = watch_once(recipe, workspace=ws)
+    assert any("new label 'warranty' with 6 rows" in f for f in r2["fired"])
+    assert r2["round"]["version"] == "2" and r2["round"]["verdict"] in ("promote", "reject")
+    round_train = (ws / "toy" / "watch" / "round-1" / "train.jsonl").read_text()
+    assert "warranty" in round_train and "my card was charged twice" in round_train  # replay: old rows stay
+    frozen = (ws / "toy" / "watch" / "round-1" / "test.jsonl").read_text().splitlines()
+    held = [json.loads(x) for x in frozen[6:]]  # after the recipe's 6 test rows: the held-out share of the new rows
+    assert held and any(r["label"] == "warranty" for r in held)
+    assert not any(r["text"] in round_train for r in held)  # never trained on
+    assert sorted(_versions(ws)) == ["1", "2"]
+    reports = sorted((ws / "toy" / "watch" / "reports").glob("*.json"))
+    assert len(reports) == 4 and "thresholds" in json.loads(reports[-1].read_text())
+
+
+def test_an_interrupted_round_is_finished_without_registering_twice(watched) -> None:
+    from microtune.pipeline.watch import watch_once
+
+    recipe, inbox, ws = watched
+    write_jsonl(inbox / "new.jsonl", [{"text": f"gift card {i} does not work", "label": "giftcard"} for i in range(8)])
+    watch_once(recipe, workspace=ws)
+    assert sorted(_versions(ws)) == ["1", "2"]
+    # as if killed after registering version 2 but before the round was marked done
+    with sqlite3.connect(ws / "toy" / "watch" / "state.db") as con:
+        con.execute("update rounds set status = 'training', version = null where id = 1")
+    again = watch_once(recipe, workspace=ws)
+    assert again["resumed_round"]["version"] == "2" and sorted(_versions(ws)) == ["1", "2"]
+    assert "round" not in again  # the rows were already used by round 1
+
+
+def test_watch_cli_needs_once_or_every(watched) -> None:
+    recipe, _, ws = watched
+    runner = CliRunner()
+    both = runner.invoke(app, ["watch", str(recipe), "-w", str(ws)])
+    assert both.exit_code == 2 and "exactly one of --once or --every" in both.output
+    bad = runner.invoke(app, ["watch", str(recipe), "-w", str(ws), "--every", "soon"])
+    assert bad.exit_code == 2 and "write e.g. 30s, 10m, 1h or 1d" in bad.output
+    ok = runner.invoke(app, ["watch", str(recipe), "-w", str(ws), "--once"])
+    assert ok.exit_code == 0 and "triggers: none" in ok.output
