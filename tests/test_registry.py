@@ -122,3 +122,49 @@ def test_run_twice_gates_the_second_version(tmp_path: Path, make_recipe, tiny_mo
     assert versions["2"].tags["gate.verdict"] == "reject"
     saved = json.loads((tmp_path / "ws" / "toy" / "decisions" / "v2.json").read_text())
     assert saved["verdict"] == "reject" and saved["champion"] == "1"
+
+
+def test_against_a_real_mlflow_server(tmp_path: Path) -> None:
+    """The same alias moves through `mlflow server` on 127.0.0.1, and the CLI finds it via MLFLOW_TRACKING_URI."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--default-artifact-root", (tmp_path / "art").as_uri(), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        client = registry_client(uri)
+        client.create_registered_model("remote")
+        experiment = client.create_experiment("remote")
+        for i in range(2):  # a server accepts sources inside a run's artifacts, as `microtune run` registers them
+            (tmp_path / f"a{i}").mkdir()
+            (tmp_path / f"a{i}" / "adapter_config.json").write_text("{}")
+            run = client.create_run(experiment)
+            client.log_artifacts(run.info.run_id, str(tmp_path / f"a{i}"), "adapter")
+            client.create_model_version("remote", f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+        promote(client, "remote", "1", "first")
+        promote(client, "remote", "2", "better")
+        assert by_alias(client, "remote", CHAMPION).version == "2"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        listed = subprocess.run([sys.executable, "-m", "microtune.cli", "models", "rollback", "remote"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0 and "champion is version 1 again" in listed.stdout
+        assert by_alias(client, "remote", CHAMPION).version == "1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
