@@ -74,8 +74,13 @@ def table(workspace: Path) -> str:
 
 
 def write_block(path: Path, body: str) -> None:
+    write_block_named(path, "recipe-results", body)
+
+
+def write_block_named(path: Path, key: str, body: str) -> None:
+    """Replace the block between ``<!-- key:start -->`` and ``<!-- key:end -->`` (appended when missing)."""
     text = path.read_text()
-    start, end = "<!-- recipe-results:start -->", "<!-- recipe-results:end -->"
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     block = f"{start}\n{body}\n{end}"
     text = text[: text.index(start)] + block + text[text.index(end) + len(end):] if start in text else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
