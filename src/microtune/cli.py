@@ -25,7 +25,7 @@ from microtune.core.errors import MicrotuneError
 
 app = typer.Typer(help="Turn a small open LLM into a task-specific micro-model.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get whole tables, not 80-column wraps
 err = Console(stderr=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", show_default=False)]
