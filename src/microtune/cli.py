@@ -60,6 +60,15 @@ def check(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
 
 @app.command()
+def synth(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """A teacher endpoint writes more examples; filters and fidelity tests against held-out real rows keep them honest."""
+    from microtune import pipeline
+
+    folder = _guard(lambda: pipeline.synth(recipe, set_, workspace, on_progress=_synth_progress()))
+    _show_synth(folder)
+
+
+@app.command()
 def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run from its last checkpoint.")] = False,
           nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes (torchrun; gloo on CPU, NCCL on GPU).")] = 1,
@@ -187,6 +196,36 @@ def _show_check(manifest: dict[str, Any], folder: Path) -> None:
     out.print(f"duplicates within split: {stats['duplicates']}; overlap with train: {stats['overlap_with_train']}")
     for warning in manifest.get("warnings", []):
         err.print("[yellow]warning:[/] " + escape(warning), highlight=False, soft_wrap=True)
+
+
+def _synth_progress() -> Callable[[int, int, int], None]:
+    """A line every ~10 % of the teacher's answers (cached ones count too)."""
+    def say(done: int, total: int, cached: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            err.print(f"teacher answers {done}/{total} ({cached} from cache)", highlight=False)
+    return say
+
+
+def _show_synth(folder: Path) -> None:
+    from microtune.core.artifacts import read_manifest
+
+    m = read_manifest(folder, "synthetic")
+    usage, fid = m["usage"], m["fidelity"]
+    table = Table(title=f"filter cascade ({folder})")
+    for col in ("stage", "entered", "rejected", "pass rate"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, row in m["filters"].items():
+        if isinstance(row, dict):
+            rate = "—" if row["pass_rate"] is None else f"{row['pass_rate']:.1%}"
+            table.add_row(stage, "—" if row["entered"] is None else str(row["entered"]), str(row["rejected"]), rate)
+    out.print(table)
+    out.print(f"accepted {m['accepted']} rows {m['accepted_per_label']}; rejected {m['rejected']} (reasons in rejected.jsonl)")
+    out.print(f"teacher {m['teacher']['model']}: {usage['requests']} requests, {usage['sent']} sent, {usage['from_cache']} from cache, "
+              f"{usage['failed']} failed, {usage['retries']} retries; {usage['prompt_tokens']:,} prompt + "
+              f"{usage['completion_tokens']:,} completion tokens, ${usage['cost_usd']:.4f}")
+    auc = "n/a" if fid["auc"] is None else f"{fid['auc']:.3f}"
+    verdict = "[bold green]PASSED[/]" if fid["passed"] else "[bold red]FAILED[/] (train will refuse to mix it)"
+    out.print(f"fidelity {verdict}: real-vs-synthetic AUC {auc} (gate ≤ {fid['max_auc']}); report: {folder / 'fidelity.html'}")
 
 
 def _show_adapter(folder: Path) -> None:
