@@ -99,7 +99,8 @@ class FakeTeacher:
                 with fake.lock:
                     attempt = fake.attempts[key]
                     fake.attempts[key] += 1
-                    fake.hits.append({"body": body, "headers": dict(self.headers), "time": time.monotonic(), "attempt": attempt})
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    fake.hits.append({"body": body, "headers": headers, "time": time.monotonic(), "attempt": attempt})
                 if fake.delay:
                     time.sleep(fake.delay)
                 status, headers, content = fake.answer(body, attempt)
