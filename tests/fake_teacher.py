@@ -16,7 +16,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+from toydata import LABELS, TEXTS, write_jsonl
 
 Answer = tuple[int, dict[str, str], Any]
 
@@ -117,3 +120,18 @@ class FakeTeacher:
                 self.wfile.write(data)
 
         return Handler
+
+
+def synth_recipe_factory(make_recipe: Callable[..., Path], model_dir: Path, tmp_path: Path) -> Callable[..., Path]:
+    """``make(url, **synth)``: a toy recipe (6 real rows per label in train, 2 in test) whose synth section asks ``url``."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": TEXTS[lb][i], "label": lb} for i in range(6) for lb in LABELS])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": TEXTS[lb][i], "label": lb} for i in (6, 7) for lb in LABELS])
+
+    def make(url: str, **synth: Any) -> Path:
+        teacher = {"base_url": url, "model": "fake-teacher", "concurrency": 4, "max_attempts": 3, **synth.pop("teacher", {})}
+        section = {"per_label": 4, "examples_per_request": 2, "exemplars": 2, "teacher": teacher,
+                   "fidelity": {"folds": 2, "max_auc": 1.0, **synth.pop("fidelity", {})},
+                   "filters": {"length_slack": 2.0, **synth.pop("filters", {})}, **synth}
+        return make_recipe(model_dir, data={"train": train.name, "test": test.name, "split": {"valid": 0.0}}, synth=section)
+
+    return make

@@ -15,29 +15,18 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fake_teacher import GEN, FakeTeacher, examples, good_answer, label_of
+from fake_teacher import GEN, FakeTeacher, examples, good_answer, label_of, synth_recipe_factory
 from microtune.cli import app
 from microtune.core.errors import TeacherError
 from microtune.pipeline import synth
-from toydata import LABELS, TEXTS, write_jsonl
+from toydata import LABELS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture
 def synth_recipe(make_recipe, tiny_model_dir: Path, tmp_path: Path):
-    """A toy recipe (6 real rows per label for train, 2 for test) whose synth section points at ``url``."""
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": TEXTS[lb][i], "label": lb} for i in range(6) for lb in LABELS])
-    test = write_jsonl(tmp_path / "test.jsonl", [{"text": TEXTS[lb][i], "label": lb} for i in (6, 7) for lb in LABELS])
-
-    def make(url: str, **synth: Any) -> Path:
-        teacher = {"base_url": url, "model": "fake-teacher", "concurrency": 4, "max_attempts": 3, **synth.pop("teacher", {})}
-        section = {"per_label": 4, "examples_per_request": 2, "exemplars": 2, "teacher": teacher,
-                   "fidelity": {"folds": 2, "max_auc": 1.0, **synth.pop("fidelity", {})},
-                   "filters": {"length_slack": 2.0, **synth.pop("filters", {})}, **synth}
-        return make_recipe(tiny_model_dir, data={"train": train.name, "test": test.name, "split": {"valid": 0.0}}, synth=section)
-
-    return make
+    return synth_recipe_factory(make_recipe, tiny_model_dir, tmp_path)
 
 
 def rows(folder: Path, name: str) -> list[dict[str, Any]]:
@@ -61,12 +50,12 @@ def test_good_teacher_gives_accepted_rows_with_provenance_and_reports(synth_reci
     assert len(prov["prompt_hash"]) == 64 and {"copy_rouge_l", "probe_prob", "p_synthetic"} <= set(row["scores"])
     assert m["usage"]["prompt_tokens"] == 900 and m["usage"]["completion_tokens"] == 180 and m["usage"]["sent"] == 9
     held = set(m["holdout"])
-    shown = {s for hit in teacher.hits for s in held if TEXTS_BY_SOURCE(folder)[s] in hit["body"]["messages"][-1]["content"]}
+    shown = {s for hit in teacher.hits for s in held if real_texts(folder)[s] in hit["body"]["messages"][-1]["content"]}
     assert len(held) == 6 and not shown  # held-out real rows never reach the teacher
     assert (folder / "fidelity.html").read_text().count("<table>") >= 4 and json.loads((folder / "fidelity.json").read_text())["probes"]
 
 
-def TEXTS_BY_SOURCE(folder: Path) -> dict[str, str]:  # noqa: N802 (reads like a table)
+def real_texts(folder: Path) -> dict[str, str]:
     dataset = Path(manifest(folder)["dataset_dir"])
     return {r["source"]: r["text"] for r in rows(dataset, "train.jsonl")}
 

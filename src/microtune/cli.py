@@ -238,6 +238,10 @@ def _show_adapter(folder: Path) -> None:
               f"trainable {cost['trainable_params']:,} of {cost['total_params']:,} params "
               f"({cost['trainable_params'] / cost['total_params']:.2%}); {cost['tokens_seen']:,} tokens in "
               f"{cost['wall_time_s']:.0f}s; peak memory {cost['peak_memory_mb']:.0f} MB")
+    if m.get("synthetic"):
+        syn = m["synthetic"]
+        out.print(f"  trained on {syn['real']} real + {syn['used']} synthetic rows (of {syn['available']}, cap {syn['max_ratio']}× real) "
+                  f"from {syn['artifact']}", highlight=False)
 
 
 def _show_eval(folder: Path) -> None:
