@@ -82,7 +82,8 @@ def value_recipe(args: argparse.Namespace, base: dict[str, Any], work: Path, see
         "model": recipe.model.model_dump(mode="json"),
         "method": recipe.method.model_dump(mode="json"),
         "train": {**recipe.train.model_dump(mode="json"), "max_steps": args.steps, "seed": seed, "save_steps": None},
-        "eval": {"baselines": [], "batch_size": recipe.eval.batch_size, "metrics": ["accuracy", "macro_f1"]},
+        "eval": {"baselines": [], "batch_size": recipe.eval.batch_size, "metrics": ["accuracy", "macro_f1"],
+                 "max_examples": args.max_test},
         "tracking": {"register_model": False},
         "synth": {"per_label": args.synth_per_label, "seed": seed,
                   "teacher": {"base_url": args.base_url, "model": args.model, "api_key_env": args.api_key_env,
@@ -138,7 +139,7 @@ def value_markdown(args: argparse.Namespace, base: dict[str, Any], results: list
              f"`.venv/bin/python {cmd}` — {args.real_per_label} real rows per label from `{args.recipe}` "
              f"({base['train']} rows, {len(base['labels'])} labels), {args.synth_per_label} accepted synthetic rows per label "
              f"wanted, teacher `{args.model}`; {args.steps} optimizer steps each; eval on the full real test split "
-             f"({base['test']} rows); 95 % bootstrap intervals (1000 resamples), paired for the gain.", "",
+             f"({args.max_test or base['test']} rows); 95 % bootstrap intervals (1000 resamples), paired for the gain.", "",
              "| seed | system | train rows | accuracy | macro-F1 | accuracy gain | macro-F1 gain |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         used = r["mix"].get("used", 0)
@@ -220,6 +221,7 @@ def main() -> None:
     v.add_argument("--steps", type=int, default=150, help="optimizer steps of both models (the same budget)")
     v.add_argument("--seeds", type=int, nargs="+", default=[13])
     v.add_argument("--concurrency", type=int, default=8)
+    v.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test rows only (default: all)")
     v.add_argument("--workdir", default=".microtune/bench-synth-value")
     v.add_argument("--bench-file", default=str(BENCH), help="Markdown file whose synth-value section is (re)written")
     c = sub.add_parser("calibrate", help="AUC of the fidelity test under the null and with generator tells (no teacher)")
