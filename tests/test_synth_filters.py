@@ -158,3 +158,16 @@ def test_total_splits_over_labels_by_proportions() -> None:
 
     with pytest.raises(RecipeError, match="not in the task"):
         quotas(SynthConfig(total=10, proportions={"refnd": 1}), LABELS, pool)
+
+
+def test_synth_recipe_errors_name_the_field_and_the_nearest_key(tmp_path) -> None:
+    from microtune.config import load_recipe
+    from microtune.core.errors import RecipeError
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ntask: {instruction: go}\ndata: {train: t.jsonl}\nsynth:\n  per_lable: 5\n  teacher: {base_url: http://h/v1}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    text = str(err.value)
+    assert "r.yaml:5 synth.per_lable: unknown key 'per_lable'; did you mean 'per_label'?" in text
+    assert "teacher.model is required for base_url 'http://h/v1'" in text

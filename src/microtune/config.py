@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
@@ -411,6 +411,7 @@ def _fields_at(loc: tuple[str, ...], raw_method: Any = None) -> list[str]:
         if part == "method":
             kind = raw_method.get("kind", "lora") if isinstance(raw_method, dict) else "lora"
             ann = METHOD_CONFIGS.get(kind, LoraConfig)
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # `X | None` → X
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
