@@ -8,7 +8,7 @@
     # pass) and when they carry a generator's tell (what it must flag), over seeded splits of the bundled real data
     .venv/bin/python benchmarks/synth_value.py calibrate [--splits 10]
 
-value: from the recipe's train split take ``--real-per-label`` rows per label (seeded); ``microtune synth``
+value: from the recipe's train split take ``--real-per-label`` rows per label (drawn with the first seed); ``microtune synth``
 writes ``--synth-per-label`` accepted rows per label from them; then two micro-models train with the same
 budget (``--steps`` optimizer steps, same batch size, seed, method) — real rows only, and real + synthetic —
 and both are evaluated on the recipe's full real test split. Accuracy and macro-F1 come with 95 % bootstrap
@@ -135,11 +135,12 @@ def _ci(m: dict[str, Any]) -> str:
 
 def value_markdown(args: argparse.Namespace, base: dict[str, Any], results: list[dict[str, Any]]) -> str:
     cmd = " ".join(["benchmarks/synth_value.py", *sys.argv[1:]]).replace(args.base_url, "<BASE_URL>")
+    test = f"first {args.max_test} of {base['test']}" if args.max_test else str(base["test"])
     lines = ["## Synthetic data: real only vs real + synthetic (same training budget)", "",
              f"`.venv/bin/python {cmd}` — {args.real_per_label} real rows per label from `{args.recipe}` "
              f"({base['train']} rows, {len(base['labels'])} labels), {args.synth_per_label} accepted synthetic rows per label "
-             f"wanted, teacher `{args.model}`; {args.steps} optimizer steps each; eval on the full real test split "
-             f"({args.max_test or base['test']} rows); 95 % bootstrap intervals (1000 resamples), paired for the gain.", "",
+             f"wanted, teacher `{args.model}`; {args.steps} optimizer steps each; eval on the real test split "
+             f"({test} rows); 95 % bootstrap intervals (1000 resamples), paired for the gain.", "",
              "| seed | system | train rows | accuracy | macro-F1 | accuracy gain | macro-F1 gain |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         used = r["mix"].get("used", 0)
@@ -154,9 +155,11 @@ def value_markdown(args: argparse.Namespace, base: dict[str, Any], results: list
             lines.append(f"| {r['seed']} | {stage} | {row['entered'] if row['entered'] is not None else '—'} | {row['rejected']} | {rate} |")
     for r in results:
         s = r["synthetic"]
+        u, auc = s["usage"], s["fidelity"]["auc"]
         lines.append(f"\nseed {r['seed']}: fidelity {'passed' if s['fidelity']['passed'] else 'FAILED'} (real-vs-synthetic AUC "
-                     f"{s['fidelity']['auc']}); teacher {s['usage']['requests']} requests, {s['usage']['prompt_tokens']:,} prompt + "
-                     f"{s['usage']['completion_tokens']:,} completion tokens, {r['synth_seconds']} s")
+                     f"{'n/a' if auc is None else f'{auc:.3f}'}); teacher {u['requests']} requests ({u['from_cache']} from cache), "
+                     f"{u['prompt_tokens'] + u['cached_prompt_tokens']:,} prompt + {u['completion_tokens'] + u['cached_completion_tokens']:,} "
+                     f"completion tokens, synth stage {r['synth_seconds']} s")
     return "\n".join(lines)
 
 

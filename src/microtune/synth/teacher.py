@@ -87,17 +87,17 @@ class Teacher:
                 ) -> dict[str, Answer]:
         """Answer every request: from the cache where it has the key, else from the endpoint."""
         answers: dict[str, Answer] = {}
-        todo = []
+        todo: dict[str, TeacherRequest] = {}
         for req in requests:
             hit = self.cache.get(req.key)
             if hit is not None:
                 answers[req.key] = Answer.from_cache(hit)
                 if on_answer:
                     on_answer(req, answers[req.key])
-            elif req.key not in {r.key for r in todo}:
-                todo.append(req)
+            else:
+                todo.setdefault(req.key, req)
         if todo:
-            answers.update(asyncio.run(self._send(todo, on_answer)))
+            answers.update(asyncio.run(self._send(list(todo.values()), on_answer)))
         return answers
 
     async def _send(self, todo: list[TeacherRequest], on_answer: Callable[[TeacherRequest, Answer], None] | None) -> dict[str, Answer]:
