@@ -221,3 +221,16 @@ def test_user_errors_exit_2_with_the_fix(synth_recipe, tmp_path: Path) -> None:
 def test_a_recipe_without_a_synth_section_says_how_to_add_one(make_recipe, tiny_model_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["synth", str(make_recipe(tiny_model_dir)), "-w", str(tmp_path / "ws")])
     assert result.exit_code == 2 and "has no `synth` section" in result.output and "per_label" in result.output
+
+
+def test_the_cli_shows_the_cascade_and_warns_about_labels_short_of_their_quota(synth_recipe, tmp_path: Path) -> None:
+    def refund_refused(body: dict[str, Any], attempt: int):
+        if label_of(body) == "refund":
+            return 200, {}, examples("refund", ["I'm sorry, but I cannot help with that request"])
+        return good_answer(body, attempt)
+
+    with FakeTeacher(refund_refused) as teacher:
+        result = CliRunner().invoke(app, ["synth", str(synth_recipe(teacher.url)), "-w", str(tmp_path / "ws")])
+    assert result.exit_code == 0, result.output
+    assert "near_duplicate" in result.output and "fidelity" in result.output
+    assert "1 label(s) below their quota" in result.output and "'refund': '0/4'" in result.output
