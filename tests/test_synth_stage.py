@@ -53,6 +53,11 @@ def test_good_teacher_gives_accepted_rows_with_provenance_and_reports(synth_reci
     shown = {s for hit in teacher.hits for s in held if real_texts(folder)[s] in hit["body"]["messages"][-1]["content"]}
     assert len(held) == 6 and not shown  # held-out real rows never reach the teacher
     assert (folder / "fidelity.html").read_text().count("<table>") >= 4 and json.loads((folder / "fidelity.json").read_text())["probes"]
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}").get_run(m["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["synth.accepted"] == 12
+    assert run.data.params["synth.teacher.model"] == "fake-teacher"
 
 
 def real_texts(folder: Path) -> dict[str, str]:
@@ -195,7 +200,7 @@ def test_the_api_key_is_sent_but_never_written(synth_recipe, tmp_path: Path, mon
     assert result.exit_code == 0, result.output
     assert {h["headers"]["authorization"] for h in teacher.hits} == {f"Bearer {secret}"}
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.name == "synth-cache.sqlite" for p in written) and any(p.name == "accepted.jsonl" for p in written)
+    assert {"synth-cache.sqlite", "mlflow.db", "accepted.jsonl", "fidelity.html"} <= {p.name for p in written}
     assert [p for p in written if secret.encode() in p.read_bytes()] == []
     assert secret not in result.output
     synth_manifest = next(p for p in ws.rglob("manifest.json") if "synthetic" in p.parts)

@@ -167,20 +167,34 @@ def _synthetic_rows(recipe: Recipe, ws: Workspace, checked: CheckResult) -> tupl
 def synth(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
           on_progress: Any = None) -> Path:
     """Check, then generate, filter and test synthetic rows; returns the ``synthetic/`` artifact folder."""
-    from microtune.synth import generate, synth_config
+    from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
+    from microtune.synth import generate, synth_config, teacher_endpoint
 
     recipe = _recipe(recipe, overrides)
-    synth_config(recipe)  # a recipe without a synth section fails before the data check
+    teacher_endpoint(synth_config(recipe).teacher)  # a missing section, `local` or an unset key fails before any work
     checked = check(recipe, None, workspace)
-    ws = Workspace.at(workspace)
-    dest = ws.stage_dir(recipe.name, "synthetic") / new_run_id()
+    ws, run_id = Workspace.at(workspace), new_run_id()
+    dest = ws.stage_dir(recipe.name, "synthetic") / run_id
     meta = {"recipe": recipe.name, "dataset_dir": str(checked.dataset_dir), "dataset_hash": checked.manifest["dataset_hash"],
             "labels": checked.manifest["labels"], "recipe_hash": hash_value(recipe.resolved())}
-    with write_artifact(dest, "synthetic", meta) as (tmp, manifest):
-        manifest.update(generate(recipe, checked.dataset_dir, checked.manifest["labels"], tmp, ws.root / "synth-cache.sqlite",
-                                 on_progress))
-        (tmp / "recipe.json").write_text(_json(recipe.resolved()))
+    with mlflow_run(recipe, ws, run_name=f"synth-{run_id}") as run:
+        log_params(recipe)  # the recipe names the key's environment variable, never the key
+        with write_artifact(dest, "synthetic", {**meta, "mlflow_run_id": run.info.run_id}) as (tmp, manifest):
+            manifest.update(generate(recipe, checked.dataset_dir, checked.manifest["labels"], tmp, ws.root / "synth-cache.sqlite",
+                                     on_progress))
+            (tmp / "recipe.json").write_text(_json(recipe.resolved()))
+        log_metrics(_synth_metrics(read_manifest(dest, "synthetic")))
+        log_folder(dest, "synthetic")
     return dest
+
+
+def _synth_metrics(m: dict[str, Any]) -> dict[str, float]:
+    out = {"synth.accepted": m["accepted"], "synth.rejected": m["rejected"], "synth.fidelity_passed": float(m["fidelity"]["passed"])}
+    out |= {f"synth.usage.{k}": v for k, v in m["usage"].items() if isinstance(v, (int, float))}
+    out |= {f"synth.pass_rate.{k}": v["pass_rate"] for k, v in m["filters"].items() if v["pass_rate"] is not None}
+    if m["fidelity"]["auc"] is not None:
+        out["synth.fidelity_auc"] = m["fidelity"]["auc"]
+    return out
 
 
 def _pending_run(ws: Workspace, recipe: Recipe, recipe_hash: str) -> tuple[str, str]:

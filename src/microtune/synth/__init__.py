@@ -9,5 +9,6 @@ Modules: ``teacher`` (OpenAI-compatible client, retries, accounting), ``cache`` 
 """
 from microtune.synth.mix import synthetic_for_training
 from microtune.synth.stage import generate, synth_config
+from microtune.synth.teacher import resolve_endpoint as teacher_endpoint
 
-__all__ = ["generate", "synth_config", "synthetic_for_training"]
+__all__ = ["generate", "synth_config", "synthetic_for_training", "teacher_endpoint"]
