@@ -128,11 +128,15 @@ def test_answers_are_parsed_or_rejected_with_the_problem(content: str | None, pr
     assert found == problem and len(items) == n
 
 
-def test_items_are_validated_against_the_schema() -> None:
-    assert validate_item({"text": "  my  bill ", "label": "billing"}) == ({"text": "my bill", "label": "billing"}, None)
-    assert validate_item({"label": "billing"})[1] == "text: Field required"
-    assert validate_item({"text": 3, "label": "billing"})[0] is None
-    assert validate_item("just a string")[0] is None
+def test_items_are_validated_by_the_task_schema() -> None:
+    from microtune.config import TaskConfig
+
+    task = TaskConfig(instruction="Route it.", text_field="message", label_field="intent")  # the answer's keys are fixed
+    assert validate_item({"text": "  my  bill ", "label": "billing"}, task) == ({"text": "my bill", "label": "billing"}, None)
+    assert validate_item({"label": "billing"}, task)[1] == "missing field 'text' (got keys ['label'])"
+    assert validate_item({"text": 3, "label": "billing"}, task)[1] == "field 'text' is not a string (got 3)"
+    assert validate_item({"text": " ", "label": "billing"}, task)[1].startswith("field 'text' is empty")
+    assert validate_item("just a string", task)[1] == "an example must be a JSON object (got str)"
 
 
 def test_plan_fixes_the_label_first_rotates_exemplars_and_cycles_attributes() -> None:

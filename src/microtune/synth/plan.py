@@ -20,10 +20,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from microtune.config import SynthConfig
+from microtune.config import SynthConfig, TaskConfig
 from microtune.core.errors import RecipeError
+from microtune.tasks import TASKS
 
 Row = dict[str, Any]
 
@@ -158,12 +157,6 @@ def messages(instruction: str, labels: list[str], req: PlannedRequest) -> list[d
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
 
 
-class _Item(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    text: str = Field(min_length=1)
-    label: str
-
-
 _FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.IGNORECASE)
 
 
@@ -197,12 +190,11 @@ def _loads(text: str) -> Any:
     return None
 
 
-def validate_item(item: Any) -> tuple[dict[str, str] | None, str | None]:
-    """``({"text", "label"}, None)`` or ``(None, why)`` for one item of an answer."""
-    try:
-        parsed = _Item.model_validate(item)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        return None, f"{'.'.join(str(x) for x in first['loc']) or 'item'}: {first['msg']}"
-    text = " ".join(parsed.text.split())
-    return ({"text": text, "label": parsed.label.strip()}, None) if text else (None, "text: empty")
+def validate_item(item: Any, task: TaskConfig) -> tuple[dict[str, str] | None, str | None]:
+    """``({"text", "label"}, None)`` or ``(None, why)``: one item checked by the task's own row schema."""
+    if not isinstance(item, dict):
+        return None, f"an example must be a JSON object (got {type(item).__name__})"
+    example, problems = TASKS[task.type].normalize(item, task.model_copy(update={"text_field": "text", "label_field": "label"}))
+    if example is None:
+        return None, "; ".join(f"{reason} (got {str(got)[:60]})" for reason, got in problems)
+    return {"text": " ".join(example["text"].split()), "label": example["label"]}, None

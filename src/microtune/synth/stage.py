@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from microtune.config import Recipe, SynthConfig
+from microtune.config import Recipe, SynthConfig, TaskConfig
 from microtune.core.errors import RecipeError, TeacherError
 from microtune.data import read_split
 from microtune.synth.cache import AnswerCache, request_key
@@ -52,7 +52,7 @@ def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path
         answers = teacher.ask_all(requests, _counter(len(requests), on_progress))
         _refuse_total_failure(answers, teacher)
         cascade = Cascade(cfg.filters, labels, pool, real, cfg.seed)
-        candidates = _candidates(plan, requests, answers, labels, cascade, teacher)
+        candidates = _candidates(plan, requests, answers, labels, cascade, teacher, recipe.task)
         kept = cascade.run(candidates)
         if cfg.filters.judge:
             kept = _judge(kept, recipe, labels, cascade, cache)
@@ -97,7 +97,7 @@ def _refuse_total_failure(answers: dict[str, Answer], teacher: Teacher) -> None:
 
 
 def _candidates(plan: list[PlannedRequest], requests: list[TeacherRequest], answers: dict[str, Answer], labels: list[str],
-                cascade: Cascade, teacher: Teacher) -> list[Row]:
+                cascade: Cascade, teacher: Teacher, task: TaskConfig) -> list[Row]:
     """Schema and label validity: every answer becomes candidate rows or rejects with a reason."""
     out: list[Row] = []
     units = valid = 0  # rows entering the schema check (items, or whole unparseable answers) and the label check
@@ -118,7 +118,7 @@ def _candidates(plan: list[PlannedRequest], requests: list[TeacherRequest], answ
         if problem:
             cascade.reject({**base, "text": (answer.content or "")[:500]}, "schema", problem)
         for pos, item in enumerate(items):
-            row, why = validate_item(item)
+            row, why = validate_item(item, task)
             valid += row is not None
             if row is None:
                 cascade.reject({**base, "text": json.dumps(item)[:500]}, "schema", why or "invalid")
