@@ -5,7 +5,7 @@
 
 An answer function gets the request body and the number of earlier hits with the same messages and
 seed, and returns ``(status, headers, content)``: a string becomes the assistant message, a dict is sent
-as the JSON body as is (e.g. an error object). The toy paraphrases below were written for these tests.
+as the JSON body as is (e.g. an error object), bytes are sent raw as text/html. The toy paraphrases below were written for these tests.
 """
 from __future__ import annotations
 
@@ -110,9 +110,10 @@ class FakeTeacher:
                 payload = content if isinstance(content, dict) else completion(body["model"], content)
                 if status >= 400 and not isinstance(content, dict):
                     payload = {"error": {"message": str(content), "type": "server_error"}}
-                data = json.dumps(payload).encode()
+                raw = isinstance(content, bytes)  # bytes go out as they are: a server that is not an OpenAI API
+                data = content if raw else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/html" if raw else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in headers.items():
                     self.send_header(k, v)

@@ -134,6 +134,8 @@ class Teacher:
             return Answer(None, error=f"{type(exc).__name__} after {self.cfg.max_attempts} attempt(s): {_short(str(exc))}")
         except openai.OpenAIError as exc:  # e.g. a 200 whose body is not a chat completion
             return Answer(None, error=f"{type(exc).__name__}: {_short(str(exc))}")
+        if not hasattr(done, "choices"):  # e.g. an HTML page served with status 200: the client hands back text
+            return Answer(None, retries=retries, error=f"not a chat completion (got {_short(str(done), 80)!r})")
         if not done.choices:
             return Answer(None, retries=retries, error="the answer has no choices")
         message, usage = done.choices[0].message, done.usage
