@@ -61,6 +61,15 @@ def check(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
 
 @app.command()
+def synth(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """A teacher endpoint writes more examples; filters and fidelity tests against held-out real rows keep them honest."""
+    from microtune import pipeline
+
+    folder = _guard(lambda: pipeline.synth(recipe, set_, workspace, on_progress=_synth_progress()))
+    _show_synth(folder)
+
+
+@app.command()
 def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run from its last checkpoint.")] = False,
           nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes (torchrun; gloo on CPU, NCCL on GPU).")] = 1,
@@ -332,6 +341,40 @@ def _show_check(manifest: dict[str, Any], folder: Path) -> None:
         err.print("[yellow]warning:[/] " + escape(warning), highlight=False, soft_wrap=True)
 
 
+def _synth_progress() -> Callable[[int, int, int], None]:
+    """A line every ~10 % of the teacher's answers (cached ones count too)."""
+    def say(done: int, total: int, cached: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            err.print(f"teacher answers {done}/{total} ({cached} from cache)", highlight=False)
+    return say
+
+
+def _show_synth(folder: Path) -> None:
+    from microtune.core.artifacts import read_manifest
+
+    m = read_manifest(folder, "synthetic")
+    usage, fid = m["usage"], m["fidelity"]
+    table = Table(title=f"filter cascade ({folder})")
+    for col in ("stage", "entered", "rejected", "pass rate"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, row in m["filters"].items():
+        if isinstance(row, dict):
+            rate = "—" if row["pass_rate"] is None else f"{row['pass_rate']:.1%}"
+            table.add_row(stage, "—" if row["entered"] is None else str(row["entered"]), str(row["rejected"]), rate)
+    out.print(table)
+    out.print(f"accepted {m['accepted']} rows {m['accepted_per_label']}; rejected {m['rejected']} (reasons in rejected.jsonl)")
+    short = {k: f"{m['accepted_per_label'].get(k, 0)}/{n}" for k, n in m["plan"]["quota"].items() if m["accepted_per_label"].get(k, 0) < n}
+    if short:
+        err.print(f"[yellow]warning:[/] {len(short)} label(s) below their quota (accepted/wanted): {escape(str(short))}; see rejected.jsonl, "
+                  "then raise synth.oversample or fix the cause (a rerun asks only for what is not cached)", highlight=False, soft_wrap=True)
+    out.print(f"teacher {m['teacher']['model']}: {usage['requests']} requests, {usage['sent']} sent, {usage['from_cache']} from cache, "
+              f"{usage['failed']} failed, {usage['retries']} retries; {usage['prompt_tokens']:,} prompt + "
+              f"{usage['completion_tokens']:,} completion tokens, ${usage['cost_usd']:.4f}")
+    auc = "n/a" if fid["auc"] is None else f"{fid['auc']:.3f}"
+    verdict = "[bold green]PASSED[/]" if fid["passed"] else "[bold red]FAILED[/] (train will refuse to mix it)"
+    out.print(f"fidelity {verdict}: real-vs-synthetic AUC {auc} (gate ≤ {fid['max_auc']}); report: {folder / 'fidelity.html'}")
+
+
 def _show_adapter(folder: Path) -> None:
     from microtune.core.artifacts import read_manifest
 
@@ -342,6 +385,10 @@ def _show_adapter(folder: Path) -> None:
               f"trainable {cost['trainable_params']:,} of {cost['total_params']:,} params "
               f"({cost['trainable_params'] / cost['total_params']:.2%}); {cost['tokens_seen']:,} tokens in "
               f"{cost['wall_time_s']:.0f}s; peak memory {cost['peak_memory_mb']:.0f} MB")
+    if m.get("synthetic"):
+        syn = m["synthetic"]
+        out.print(f"  trained on {syn['real']} real + {syn['used']} synthetic rows (of {syn['available']}, cap {syn['max_ratio']}× real) "
+                  f"from {syn['artifact']}", highlight=False)
 
 
 def _show_eval(folder: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
@@ -312,6 +312,118 @@ class TrackingConfig(Section):
     register_model: bool = Field(True, description="`run` registers the adapter as a model version named after the recipe.")
 
 
+class TeacherConfig(Section):
+    """The model that writes synthetic examples: any OpenAI-compatible chat completions endpoint."""
+
+    base_url: str = Field(
+        "local",
+        description="Endpoint ending in /v1 (vLLM, llama.cpp, Ollama, a hosted API), or `local`: the recipe's base model "
+        "served by `microtune serve`.",
+    )
+    model: str | None = Field(None, description="Model name sent to the endpoint; required unless base_url is `local`.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable that holds the API key (the key never goes in the recipe, logs or "
+        "artifacts); none: the endpoint needs no key.",
+    )
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature of the teacher.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling of the teacher.")
+    max_tokens: int = Field(600, ge=16, description="Most tokens the teacher may write per request.")
+    concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
+    max_attempts: int = Field(
+        5, ge=1, le=20, description="Tries per request (429/5xx/connection errors retry with capped exponential backoff and "
+        "jitter, honouring Retry-After); after the last, the request is recorded as failed.",
+    )
+    timeout_s: float = Field(120, gt=0, description="Seconds to wait for one answer.")
+    price_input_per_mtok: float = Field(0.0, ge=0, description="Price of a million prompt tokens (USD), for the cost report.")
+    price_output_per_mtok: float = Field(0.0, ge=0, description="Price of a million completion tokens (USD), for the cost report.")
+
+    @model_validator(mode="after")
+    def _model_named(self) -> TeacherConfig:
+        if self.base_url != "local" and not self.model:
+            raise ValueError(f"teacher.model is required for base_url {self.base_url!r}; name the model the endpoint serves")
+        return self
+
+
+class SynthFilterConfig(Section):
+    """The filter cascade; every reject carries its reason code."""
+
+    length_slack: float = Field(
+        0.5, ge=0, description="Keep word counts within [p5 × (1 - slack), p95 × (1 + slack)] of the real rows of the same label."
+    )
+    pii: bool = Field(True, description="Reject rows with e-mail addresses, phone numbers, card numbers (Luhn), IBANs or SSN-like numbers.")
+    copy_threshold: float = Field(
+        0.8, gt=0, le=1, description="Reject a row whose ROUGE-L F1 with any real row (train, valid or test) reaches this."
+    )
+    near_dup_threshold: float = Field(
+        0.9, gt=0, le=1, description="Reject a row whose fuzzy similarity (rapidfuzz token-sort ratio / 100) with a kept "
+        "synthetic row reaches this.",
+    )
+    label_check: bool = Field(True, description="Reject rows whose label a probe classifier trained on the real rows rejects.")
+    probe_top_k: int = Field(3, ge=1, description="The probe rejects a row when its label is not among the probe's k likeliest labels.")
+    judge: bool = Field(False, description="Ask the teacher endpoint whether each surviving row's label is right; reject on `no`.")
+    judge_model: str | None = Field(None, description="Model for the judge; default: the teacher's model.")
+
+
+class FidelityConfig(Section):
+    """Tests of the synthetic rows against real rows set aside before generation."""
+
+    holdout: float = Field(
+        0.3, gt=0, lt=1, description="Share of the real train rows (per label) set aside before generation, never shown to the teacher."
+    )
+    max_auc: float = Field(
+        0.8, ge=0.5, le=1, description="Gate: a real-vs-synthetic classifier (TF-IDF + logistic regression, cross-validated) "
+        "with a higher AUC fails the synthetic set; `train` refuses to mix a failed set.",
+    )
+    drop_most_synthetic: float = Field(
+        0.0, ge=0, lt=1, description="Share of accepted rows to drop: those the real-vs-synthetic classifier finds most synthetic."
+    )
+    folds: int = Field(5, ge=2, le=20, description="Cross-validation folds of the fidelity classifiers.")
+
+
+class SynthMixConfig(Section):
+    """How `train` uses a synthetic artifact."""
+
+    enabled: bool = Field(False, description="`train` adds accepted synthetic rows to the real train split (real rows are never dropped).")
+    max_ratio: float = Field(1.0, gt=0, description="At most this many synthetic rows per real train row (a seeded, label-stratified pick).")
+    artifact: Path | None = Field(None, description="Synthetic artifact folder; default: the newest for this recipe and dataset.")
+    allow_failed_gate: bool = Field(False, description="Mix a synthetic set even when it failed the fidelity gate (not advised).")
+
+
+class SynthConfig(Section):
+    """`microtune synth`: a teacher writes more examples; filters and fidelity tests keep them honest."""
+
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The endpoint that writes examples.")
+    per_label: int | None = Field(None, ge=1, description="Accepted synthetic rows wanted per label (or give `total`).")
+    total: int | None = Field(None, ge=1, description="Accepted synthetic rows wanted in all, split by `proportions`.")
+    proportions: Literal["uniform", "real"] | dict[str, float] = Field(
+        "uniform", description="How `total` splits over labels: evenly, like the real train split, or a {label: weight} map."
+    )
+    oversample: float = Field(1.5, ge=1, le=10, description="Ask for this many times the quota, since filters reject some rows.")
+    examples_per_request: int = Field(5, ge=1, le=50, description="Examples the teacher writes per request (all of one label).")
+    exemplars: int = Field(4, ge=0, le=32, description="Real rows of the label shown per request (rotated across requests).")
+    exemplar_max_uses: int | None = Field(
+        None, ge=1, description="Most requests any one real row is shown in; default: no cap beyond even rotation."
+    )
+    attributes: dict[str, list[str]] = Field(
+        default_factory=dict, description="Scenario axes sampled per request, e.g. {flight_phase: [taxi, climb, cruise]}."
+    )
+    seed: int = Field(13, description="Seed of the holdout, plan, exemplar rotation and attribute sampling.")
+    filters: SynthFilterConfig = Field(default_factory=SynthFilterConfig, description="The filter cascade.")
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig, description="Fidelity tests against held-out real rows.")
+    mix: SynthMixConfig = Field(default_factory=SynthMixConfig, description="How `train` mixes synthetic rows in.")
+
+    @model_validator(mode="after")
+    def _one_quota(self) -> SynthConfig:
+        if (self.per_label is None) == (self.total is None):
+            raise ValueError("give exactly one of synth.per_label or synth.total")
+        if self.total is None and self.proportions != "uniform":
+            raise ValueError("synth.proportions applies to synth.total; with synth.per_label every label gets the same quota")
+        for axis, values in self.attributes.items():
+            if not values:
+                raise ValueError(f"synth.attributes.{axis} is empty; list its values or remove the axis")
+        return self
+
+
 def task_metrics(task: TaskConfig, every: bool = False) -> list[str]:
     """The default metric list of a task (main first), or with ``every`` all the scalar metrics it reports."""
     if task.type == "extract":
@@ -337,6 +449,7 @@ class Recipe(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
     gate: GateConfig = Field(default_factory=GateConfig, description="When a new version replaces the champion.")
     watch: WatchConfig = Field(default_factory=WatchConfig, description="`microtune watch`: new data and drift trigger a gated retrain.")
+    synth: SynthConfig | None = Field(None, description="Synthetic data (`microtune synth`); omitted: none.")
 
     @model_validator(mode="after")
     def _known_metrics(self) -> Recipe:
@@ -429,6 +542,7 @@ def _fields_at(loc: tuple[str, ...], raw_method: Any = None) -> list[str]:
         if part == "method":
             kind = raw_method.get("kind", "lora") if isinstance(raw_method, dict) else "lora"
             ann = METHOD_CONFIGS.get(kind, LoraConfig)
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # `X | None` → X
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
@@ -465,6 +579,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             setattr(data, name, (base / value).resolve())
     if recipe.watch.inbox is not None and not recipe.watch.inbox.is_absolute():
         recipe.watch.inbox = (base / recipe.watch.inbox).resolve()
+    mix = recipe.synth.mix if recipe.synth else None
+    if mix is not None and mix.artifact is not None and not mix.artifact.is_absolute():
+        mix.artifact = (base / mix.artifact).resolve()
     return recipe
 
 

@@ -62,6 +62,10 @@ class ArtifactError(InputError):
     """A stage's input artifact is missing or does not match what the stage needs."""
 
 
+class TeacherError(InputError):
+    """The synthetic-data teacher endpoint is not set up, unreachable, or refuses every request."""
+
+
 @dataclass
 class ProblemLog:
     """Collects problems while scanning, so every one is reported at once."""

@@ -7,6 +7,8 @@ Layout (default root ``.microtune/`` in the current folder)::
     <root>/<recipe>/datasets/<hash12>/    content-addressed dataset artifacts (check)
     <root>/<recipe>/adapters/<run_id>/    adapter artifacts (train)
     <root>/<recipe>/evals/<run_id>/       eval artifacts (eval)
+    <root>/<recipe>/synthetic/<run_id>/   synthetic rows, rejects, fidelity report (synth)
+    <root>/synth-cache.sqlite             teacher answers keyed by (model, parameters, prompt) (synth)
 """
 from __future__ import annotations
 
@@ -66,4 +68,4 @@ class Workspace:
         return max(done, key=lambda p: p.stat().st_mtime)
 
 
-_WRITER = {"datasets": "check", "adapters": "train", "evals": "eval"}
+_WRITER = {"datasets": "check", "adapters": "train", "evals": "eval", "synthetic": "synth"}

@@ -1,4 +1,4 @@
-"""The stages as plain functions: check → train → evaluate → register, and ``run`` that chains them.
+"""The stages as plain functions: check → (synth) → train → evaluate → register, and ``run`` that chains them.
 
     from microtune import check, train, evaluate, run
     result = run("recipes/banking-intents.yaml", overrides=["train.epochs=1"])
@@ -129,9 +129,11 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     run_id, mlflow_id = _pending_run(ws, recipe, recipe_hash) if resume else (new_run_id(), None)
     dest, ckpt = ws.stage_dir(recipe.name, "adapters") / run_id, ws.stage_dir(recipe.name, "checkpoints") / run_id
     mode = {True: "bar", False: None}.get(progress, progress) if isinstance(progress, bool) else progress
+    extra, synthetic = _synthetic_rows(recipe, ws, checked)
     if not dist.is_main():  # other ranks train their shard; only rank 0 logs and writes
         with tempfile.TemporaryDirectory() as scratch:
-            train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], Path(scratch), None, None, ckpt, resume)
+            train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], Path(scratch), None, None, ckpt, resume,
+                          extra_train=extra)
         return dest
     with mlflow_run(recipe, ws, run_id=mlflow_id, run_name=run_id) as run:
         if mlflow_id is None:
@@ -139,7 +141,10 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
         with write_artifact(dest, "adapter", {"recipe": recipe.name}) as (tmp, manifest):
             out = train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], tmp,
                                 on_log=lambda step, m: log_metrics(m, step), progress=mode, checkpoint_dir=ckpt,
-                                resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": recipe_hash})
+                                resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": recipe_hash},
+                                extra_train=extra)
+            if synthetic:
+                manifest["synthetic"] = synthetic
             out["cost"]["full_finetune"] = _measured_full(ws, recipe, checked.manifest) or out["cost"]["full_finetune"]
             (tmp / "recipe.json").write_text(_json(recipe.resolved()))
             manifest.update(labels=checked.manifest["labels"], dataset_dir=str(checked.dataset_dir),
@@ -148,6 +153,49 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
         log_folder(dest, "adapter")
     shutil.rmtree(ckpt, ignore_errors=True)  # the run finished: its checkpoints are spent
     return dest
+
+
+def _synthetic_rows(recipe: Recipe, ws: Workspace, checked: CheckResult) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Synthetic rows `train` adds to the real ones (none unless synth.mix.enabled), and what was used."""
+    if recipe.synth is None or not recipe.synth.mix.enabled:
+        return [], {}
+    from microtune.synth import synthetic_for_training
+
+    n_real = checked.manifest["stats"]["rows"]["train"]
+    return synthetic_for_training(recipe, ws.stage_dir(recipe.name, "synthetic"), checked.manifest["dataset_hash"], n_real)
+
+
+def synth(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
+          on_progress: Any = None) -> Path:
+    """Check, then generate, filter and test synthetic rows; returns the ``synthetic/`` artifact folder."""
+    from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
+    from microtune.synth import generate, synth_config, teacher_endpoint
+
+    recipe = _recipe(recipe, overrides)
+    teacher_endpoint(synth_config(recipe).teacher)  # a missing section, `local` or an unset key fails before any work
+    checked = check(recipe, None, workspace)
+    ws, run_id = Workspace.at(workspace), new_run_id()
+    dest = ws.stage_dir(recipe.name, "synthetic") / run_id
+    meta = {"recipe": recipe.name, "dataset_dir": str(checked.dataset_dir), "dataset_hash": checked.manifest["dataset_hash"],
+            "labels": checked.manifest["labels"], "recipe_hash": hash_value(recipe.resolved())}
+    with mlflow_run(recipe, ws, run_name=f"synth-{run_id}") as run:
+        log_params(recipe)  # the recipe names the key's environment variable, never the key
+        with write_artifact(dest, "synthetic", {**meta, "mlflow_run_id": run.info.run_id}) as (tmp, manifest):
+            manifest.update(generate(recipe, checked.dataset_dir, checked.manifest["labels"], tmp, ws.root / "synth-cache.sqlite",
+                                     on_progress))
+            (tmp / "recipe.json").write_text(_json(recipe.resolved()))
+        log_metrics(_synth_metrics(read_manifest(dest, "synthetic")))
+        log_folder(dest, "synthetic")
+    return dest
+
+
+def _synth_metrics(m: dict[str, Any]) -> dict[str, float]:
+    out = {"synth.accepted": m["accepted"], "synth.rejected": m["rejected"], "synth.fidelity_passed": float(m["fidelity"]["passed"])}
+    out |= {f"synth.usage.{k}": v for k, v in m["usage"].items() if isinstance(v, (int, float))}
+    out |= {f"synth.pass_rate.{k}": v["pass_rate"] for k, v in m["filters"].items() if v["pass_rate"] is not None}
+    if m["fidelity"]["auc"] is not None:
+        out["synth.fidelity_auc"] = m["fidelity"]["auc"]
+    return out
 
 
 def _pending_run(ws: Workspace, recipe: Recipe, recipe_hash: str) -> tuple[str, str]:

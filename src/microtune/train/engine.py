@@ -172,8 +172,12 @@ class _Reporter:
 
 def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: list[str], out_dir: Path,
                   on_log: LogFn | None = None, progress: str | None = "bar", checkpoint_dir: Path | None = None,
-                  resume: bool = False, run_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune and save the adapter (or the whole model for ``full``) into ``out_dir``."""
+                  resume: bool = False, run_meta: dict[str, Any] | None = None,
+                  extra_train: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Fine-tune and save the adapter (or the whole model for ``full``) into ``out_dir``.
+
+    ``extra_train`` rows (synthetic ones, picked by the pipeline) are appended to the real train split.
+    """
     import torch
 
     cfg = recipe.train
@@ -188,7 +192,7 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(ref)
     renderer, task = Renderer(tokenizer), get_task(recipe.task, labels)
-    train_rows = read_split(dataset_dir, "train")
+    train_rows = read_split(dataset_dir, "train") + list(extra_train or [])
     train_set = encode_split(train_rows, task, renderer, cfg.max_seq_len)
     valid_set = encode_split(read_split(dataset_dir, "valid"), task, renderer, cfg.max_seq_len)
     balance = resolve_balance(cfg.balance, [r.get("label") for r in train_rows])

@@ -1,0 +1,200 @@
+"""The generation plan: hold real rows out, set per-label quotas, then build one request per batch of examples.
+
+    holdout, pool = split_holdout(train_rows, share=0.3, seed=13)
+    quota = quotas(recipe.synth, labels, pool)
+    plan = build_plan(recipe.synth, recipe.task.instruction, labels, pool, quota)   # [PlannedRequest]
+    items, problem = parse_answer(answer_text)
+
+The label of each request is fixed first and the example written second (a teacher asked for "an
+example" drifts to the labels it finds easy). Each request shows ``exemplars`` real rows of its
+label, rotated through a shuffled pool with an optional per-row cap, and one value of each attribute
+axis, cycled so every value is used about equally. Held-out rows are never shown to the teacher.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from microtune.config import SynthConfig, TaskConfig
+from microtune.core.errors import RecipeError
+from microtune.tasks import TASKS
+
+Row = dict[str, Any]
+
+
+@dataclass
+class PlannedRequest:
+    index: int
+    label: str
+    n: int
+    exemplars: list[Row]
+    attributes: dict[str, str]
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+
+def split_holdout(rows: list[Row], share: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """``(holdout, pool)``, stratified by label; a label keeps at least one row in the pool and, with two
+    or more rows, gives at least one to the holdout."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_label[row["label"]].append(row)
+    holdout, pool = [], []
+    for label in sorted(by_label):
+        group = sorted(by_label[label], key=lambda r: r["source"])
+        rng.shuffle(group)
+        k = 0 if len(group) < 2 else min(len(group) - 1, max(1, round(len(group) * share)))
+        holdout += group[:k]
+        pool += group[k:]
+    return holdout, pool
+
+
+def quotas(cfg: SynthConfig, labels: list[str], pool: list[Row]) -> dict[str, int]:
+    """Accepted rows wanted per label."""
+    if cfg.per_label is not None:
+        return dict.fromkeys(labels, cfg.per_label)
+    assert cfg.total is not None
+    if cfg.proportions == "uniform":
+        weights = dict.fromkeys(labels, 1.0)
+    elif cfg.proportions == "real":
+        counts = Counter(r["label"] for r in pool)
+        weights = {label: float(counts[label]) for label in labels}
+    else:
+        unknown = sorted(set(cfg.proportions) - set(labels))
+        if unknown:
+            raise RecipeError(f"synth.proportions names label(s) not in the task: {unknown}",
+                              hint=f"use labels from: {', '.join(labels)}")
+        weights = {label: float(cfg.proportions.get(label, 0.0)) for label in labels}
+    return _largest_remainder(cfg.total, weights)
+
+
+def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
+    norm = sum(weights.values())
+    if norm <= 0:
+        raise RecipeError("synth.proportions gives every label a weight of 0", hint="give at least one label a positive weight")
+    exact = {k: total * w / norm for k, w in weights.items()}
+    out = {k: math.floor(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - out[k], reverse=True)[: total - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def build_plan(cfg: SynthConfig, instruction: str, labels: list[str], pool: list[Row], quota: dict[str, int]) -> list[PlannedRequest]:
+    rng = random.Random(cfg.seed)
+    rotation = _ExemplarRotation(pool, cfg.exemplars, cfg.exemplar_max_uses, rng)
+    axes = {axis: _Cycle(values, rng) for axis, values in sorted(cfg.attributes.items())}
+    plan: list[PlannedRequest] = []
+    for label in labels:
+        wanted = math.ceil(quota[label] * cfg.oversample)
+        while wanted > 0:
+            n = min(cfg.examples_per_request, wanted)
+            req = PlannedRequest(len(plan), label, n, rotation.take(label), {a: c.next() for a, c in axes.items()})
+            req.messages = messages(instruction, labels, req)
+            plan.append(req)
+            wanted -= n
+    return plan
+
+
+class _ExemplarRotation:
+    """Walk a shuffled pool per label; a row past its use cap is skipped, so later requests may show fewer."""
+
+    def __init__(self, pool: list[Row], k: int, cap: int | None, rng: random.Random):
+        self.k, self.cap, self.uses = k, cap, Counter[str]()
+        self.pools: dict[str, list[Row]] = defaultdict(list)
+        for row in pool:
+            self.pools[row["label"]].append(row)
+        for group in self.pools.values():
+            rng.shuffle(group)
+        self.cursor: Counter[str] = Counter()
+
+    def take(self, label: str) -> list[Row]:
+        group, picked = self.pools.get(label, []), []
+        for _ in range(len(group)):
+            if len(picked) == self.k:
+                break
+            row = group[self.cursor[label] % len(group)]
+            self.cursor[label] += 1
+            if self.cap is None or self.uses[row["source"]] < self.cap:
+                self.uses[row["source"]] += 1
+                picked.append(row)
+        return picked
+
+
+class _Cycle:
+    """Each value once per round, in a fresh shuffled order every round."""
+
+    def __init__(self, values: list[str], rng: random.Random):
+        self.values, self.rng, self.queue = list(values), rng, []  # type: ignore[var-annotated]
+
+    def next(self) -> str:
+        if not self.queue:
+            self.queue = self.rng.sample(self.values, len(self.values))
+        return self.queue.pop()
+
+
+SHAPE = '{"examples": [{"text": "...", "label": "..."}]}'
+
+
+def messages(instruction: str, labels: list[str], req: PlannedRequest) -> list[dict[str, str]]:
+    system = (
+        "You write realistic, varied examples for training a text classifier.\n"
+        f"Task: {instruction}\nAll labels: {', '.join(labels)}.\n"
+        "Rules: write what a real person would write; vary wording, length and scenario; never copy or lightly edit "
+        "the examples shown; no real names, e-mail addresses, phone numbers or account numbers; keep the label's meaning exactly.\n"
+        f"Answer with JSON only, in this shape: {SHAPE}"
+    )
+    parts = [f"Label: {req.label}"]
+    if req.attributes:
+        parts.append("Scenario: " + "; ".join(f"{k} = {v}" for k, v in req.attributes.items()))
+    if req.exemplars:
+        parts.append("Real examples with this label:\n" + "\n".join(f"- {r['text']}" for r in req.exemplars))
+    parts.append(f'Write {req.n} new, different example(s) with label "{req.label}". JSON only.')
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.IGNORECASE)
+
+
+def parse_answer(content: str | None) -> tuple[list[Any], str | None]:
+    """The items of an answer (raw, each validated later) or ``([], problem)`` when it is not the JSON asked for."""
+    if content is None or not content.strip():
+        return [], "empty answer"
+    text = _FENCE.sub("", content.strip())
+    data = _loads(text)
+    if data is None:
+        return [], "not valid JSON"
+    if isinstance(data, dict) and "examples" in data:
+        data = data["examples"]
+    elif isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        return [], "JSON has no list of examples"
+    return data, None
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start, end = text.find("{"), text.rfind("}")  # prose around the object: keep the object
+        if 0 <= start < end:
+            try:
+                return json.loads(text[start: end + 1])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def validate_item(item: Any, task: TaskConfig) -> tuple[dict[str, str] | None, str | None]:
+    """``({"text", "label"}, None)`` or ``(None, why)``: one item checked by the task's own row schema."""
+    if not isinstance(item, dict):
+        return None, f"an example must be a JSON object (got {type(item).__name__})"
+    example, problems = TASKS[task.type].normalize(item, task.model_copy(update={"text_field": "text", "label_field": "label"}))
+    if example is None:
+        return None, "; ".join(f"{reason} (got {str(got)[:60]})" for reason, got in problems)
+    return {"text": " ".join(example["text"].split()), "label": example["label"]}, None

@@ -1,0 +1,138 @@
+"""A scripted teacher for the tests: a real HTTP server on 127.0.0.1 speaking OpenAI chat completions.
+
+    with FakeTeacher(good_answer) as teacher:        # teacher.url = "http://127.0.0.1:PORT/v1"
+        ...                                          # teacher.hits: every request (body, headers, time)
+
+An answer function gets the request body and the number of earlier hits with the same messages and
+seed, and returns ``(status, headers, content)``: a string becomes the assistant message, a dict is sent
+as the JSON body as is (e.g. an error object), bytes are sent raw as text/html. The toy paraphrases below were written for these tests.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from toydata import LABELS, TEXTS, write_jsonl
+
+Answer = tuple[int, dict[str, str], Any]
+
+GEN = {
+    "billing": ["why did you charge me two times this month", "there is a fee on my statement i do not recognise",
+                "please change the credit card you bill", "my invoice total is higher than my plan",
+                "i cancelled but you still took a payment", "what is this charge from last tuesday",
+                "can i settle the invoice with a bank transfer", "the vat on my bill is not right",
+                "i was charged for a plan i never chose", "my payment went through twice",
+                "how do i update billing details", "the monthly fee went up without notice"],
+    "shipping": ["my order still has not shown up", "where is the box i ordered last week", "do you deliver to iceland",
+                 "the tracking link shows nothing", "the courier is a week behind", "please send it to my new address instead",
+                 "how many days until my package arrives", "the parcel was left at my neighbour's door",
+                 "my delivery says delivered but nothing came", "can i pick the delivery date", "is express shipping available",
+                 "the package is stuck in customs"],
+    "refund": ["i would like my money returned", "how can i send this item back", "my refund still is not on my card",
+               "please refund the cracked plate", "is a refund possible after a month", "can you email me a return label",
+               "you refunded less than i paid", "cancel my order and give me a refund",
+               "i returned it two weeks ago and got nothing back", "what is your refund policy",
+               "the item was faulty so i want a refund", "do i get a refund for the shipping cost too"],
+}
+
+
+def label_of(body: dict[str, Any]) -> str:
+    return re.search(r"^Label: (.+)$", body["messages"][-1]["content"], re.MULTILINE).group(1)
+
+
+def n_of(body: dict[str, Any]) -> int:
+    return int(re.search(r"Write (\d+) new", body["messages"][-1]["content"]).group(1))
+
+
+def examples(label: str, texts: list[str]) -> str:
+    return json.dumps({"examples": [{"text": t, "label": label} for t in texts]})
+
+
+def good_answer(body: dict[str, Any], _attempt: int) -> Answer:
+    """Paraphrases of the asked label, picked by the request's seed (so requests overlap: duplicates happen)."""
+    label, n, seed = label_of(body), n_of(body), body.get("seed", 0)
+    pool = GEN[label]
+    return 200, {}, examples(label, [pool[(seed * 5 + i) % len(pool)] for i in range(n)])
+
+
+def completion(model: str, content: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+
+
+class FakeTeacher:
+    def __init__(self, answer: Callable[[dict[str, Any], int], Answer] = good_answer, delay: float = 0.0):
+        self.answer, self.delay = answer, delay
+        self.hits: list[dict[str, Any]] = []
+        self.attempts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeTeacher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep pytest output clean
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = json.dumps([body["messages"], body.get("seed")])
+                with fake.lock:
+                    attempt = fake.attempts[key]
+                    fake.attempts[key] += 1
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    fake.hits.append({"body": body, "headers": headers, "time": time.monotonic(), "attempt": attempt})
+                if fake.delay:
+                    time.sleep(fake.delay)
+                status, headers, content = fake.answer(body, attempt)
+                payload = content if isinstance(content, dict) else completion(body["model"], content)
+                if status >= 400 and not isinstance(content, dict):
+                    payload = {"error": {"message": str(content), "type": "server_error"}}
+                raw = isinstance(content, bytes)  # bytes go out as they are: a server that is not an OpenAI API
+                data = content if raw else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html" if raw else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+def synth_recipe_factory(make_recipe: Callable[..., Path], model_dir: Path, tmp_path: Path) -> Callable[..., Path]:
+    """``make(url, **synth)``: a toy recipe (6 real rows per label in train, 2 in test) whose synth section asks ``url``."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": TEXTS[lb][i], "label": lb} for i in range(6) for lb in LABELS])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": TEXTS[lb][i], "label": lb} for i in (6, 7) for lb in LABELS])
+
+    def make(url: str, **synth: Any) -> Path:
+        teacher = {"base_url": url, "model": "fake-teacher", "concurrency": 4, "max_attempts": 3, **synth.pop("teacher", {})}
+        section = {"per_label": 4, "examples_per_request": 2, "exemplars": 2, "teacher": teacher,
+                   "fidelity": {"folds": 2, "max_auc": 1.0, **synth.pop("fidelity", {})},
+                   "filters": {"length_slack": 2.0, **synth.pop("filters", {})}, **synth}
+        return make_recipe(model_dir, data={"train": train.name, "test": test.name, "split": {"valid": 0.0}}, synth=section)
+
+    return make
