@@ -5,10 +5,10 @@
 
 How it is fast: prompts of one system share a long prefix (instruction, label list, few-shot turns);
 its KV cache is computed once and copied into every batch, so each example costs only its own
-tokens. Decoding walks a token trie of the label completions (label + end-of-turn), a handful of
-steps, each one forward pass for the whole batch; logits outside the trie are masked, so no step can
-leave the label set. The probability is the product of the per-step probabilities renormalised
-over the allowed tokens.
+tokens. Decoding walks a token trie of the label completions (label + end-of-turn), one forward pass
+for the whole batch per step, and stops as soon as every row's label is decided (the remaining tokens
+are forced); logits outside the trie are masked, so no step can leave the label set. The probability
+is the product of the per-step probabilities renormalised over the allowed tokens.
 """
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
 def _uses_virtual_tokens(model: Any) -> bool:
     """Prompt/prefix-tuned models get their virtual tokens from PEFT's forward: no external KV cache."""
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def settle(node: dict[int, Any]) -> dict[int, Any]:
+    """The terminal node when only one label can follow ``node`` (a single chain of tokens to END), else ``node``.
+
+    Every forced token has probability 1 once renormalised over the allowed set, so a row whose label is
+    already decided needs no further forward passes: decoding stops as soon as each row's label is
+    unambiguous (often after its first token), not after the label's last token.
+    """
+    n = node
+    while END not in n and len(n) == 1:
+        n = next(iter(n.values()))
+    return n if END in n and len(n) == 1 else node
 
 
 def _choose(scores: Any, node: dict[int, Any]) -> tuple[int, float]:
@@ -124,7 +137,7 @@ class LabelPredictor:
                     continue
                 tok, lp = _choose(scores[row], nodes[row])
                 logprob[row] += lp
-                nodes[row], step[row] = nodes[row][tok], tok
+                nodes[row], step[row] = settle(nodes[row][tok]), tok
             if all(END in n for n in nodes):
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
@@ -150,6 +163,6 @@ class LabelPredictor:
                 if END not in nodes[row]:
                     tok, lp = _choose(logits[row, offset + len(s) - 1], nodes[row])
                     logprob[row] += lp
-                    nodes[row] = nodes[row][tok]
+                    nodes[row] = settle(nodes[row][tok])
                     s.append(tok)
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
