@@ -16,7 +16,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from microtune.models.compat import cache_kwarg, cache_of
+from microtune.models.compat import cache_kwarg, cache_of, last_logits_only
 from microtune.models.hardware import autocast, device
 from microtune.tasks.render import Renderer
 
@@ -81,6 +81,7 @@ class LabelPredictor:
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
         self.cache_kw = cache_kwarg(model)
+        self.head_kw = last_logits_only(model)
         self.trie = build_trie({label: renderer.completion_ids(label) for label in labels})
         self.batch_size, self.bf16 = batch_size, bf16
         self.pad = renderer.tok.pad_token_id
@@ -106,7 +107,7 @@ class LabelPredictor:
         import torch
 
         ids = torch.tensor([prefix], device=device())
-        return cache_of(self.model(input_ids=ids, use_cache=True))
+        return cache_of(self.model(input_ids=ids, use_cache=True, **self.head_kw))
 
     def _decode(self, suffixes: list[list[int]], p: int, prefix_cache: Any) -> list[tuple[str, float]]:
         import torch
@@ -128,7 +129,7 @@ class LabelPredictor:
         next_pos = pos[:, -1:] + 1
         dev = device()
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         use_cache=True, **{self.cache_kw: cache})
+                         use_cache=True, **{self.cache_kw: cache}, **self.head_kw)
         while True:
             scores = out.logits[:, -1, :].float()
             step = torch.full((b,), self.pad, dtype=torch.long)
