@@ -136,7 +136,8 @@ def main() -> None:
     source = f"--adapter {args.adapter}" if args.adapter else f"--train-steps {args.train_steps}"
     trained = f"the adapter {args.adapter.name} (given)" if args.adapter else f"a LoRA adapter trained {args.train_steps} steps here"
     load = os.getloadavg()[0]
-    how = (f"`.venv/bin/python benchmarks/predict_speed.py --examples {args.examples} --repeats {args.repeats} {source}` — "
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    how = (f"`{env}.venv/bin/python benchmarks/predict_speed.py --examples {args.examples} --repeats {args.repeats} {source}` — "
            f"first {len(test)} demo test rows (CLINC150 banking, 30 intents), bundled SmolLM2-135M-Instruct, bf16 autocast={bf16}, "
            f"{torch.get_num_threads()} threads, batch {BATCH}, greedy; 1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs "
            "(a load above the CPU count means other processes shared the cores: absolute rates drop, ratios within the run hold better).")

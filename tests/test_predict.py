@@ -88,3 +88,22 @@ def test_probability_matches_a_plain_forward(tiny_model: Any, tokenizer: Any) ->
         total += float(lp[allowed.index(tok)])
         node = node[tok]
     assert prob == pytest.approx(float(torch.tensor(total).exp()), rel=1e-4)
+
+
+def test_decoding_stops_once_the_label_is_decided(tiny_model: Any, tokenizer: Any) -> None:
+    """Labels told apart by their first token need one forward pass (the prompt), not one per label token."""
+    from microtune.models.decoding import settle
+
+    labels = ["card_declined", "pin_change", "report_fraud"]
+    renderer = Renderer(tokenizer)
+    assert len({renderer.completion_ids(label)[0] for label in labels}) == 3 and min(len(renderer.completion_ids(x)) for x in labels) > 2
+    trie = build_trie({label: renderer.completion_ids(label) for label in labels})
+    assert all(settle(trie[renderer.completion_ids(label)[0]])[END] == label for label in labels)
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        preds = LabelPredictor(tiny_model, renderer, labels, batch_size=4, share_prefix=False).predict(
+            _prompts(tokenizer, ["card got declined", "new pin please", "fraud on my account"], label_list=True))
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and all(label in labels for label, _ in preds)

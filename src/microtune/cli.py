@@ -401,19 +401,26 @@ def _show_eval(folder: Path) -> None:
     names = [*names, *(["valid_rate"] if "valid_rate" not in names and "valid_rate" in first else [])]
     stats = read_json(folder / "stats.json") if (folder / "stats.json").is_file() else {}
     level = f"{stats.get('confidence', 0.95):.0%}"
-    table = Table(title=f"test split: micro-model vs baselines, {level} bootstrap intervals ({folder})")
-    table.add_column("system")
-    for name in [*names, "p vs micro", "examples/s", "p50 ms", "$/1k"]:
-        table.add_column(name, justify="right")
+    # names stay whole on an 80-column log: an interval wraps below its value instead
+    width = max(len(s) for s in metrics)
+    quality = Table(title=f"test split: micro-model vs baselines, {level} bootstrap intervals ({folder})")
+    quality.add_column("system", no_wrap=True, min_width=width)
+    for name in [*names, "p vs micro"]:
+        quality.add_column(name, justify="right", min_width=len(name))
+    speed = Table(title="speed and cost")
+    speed.add_column("system", no_wrap=True, min_width=width)
+    for name in ("examples/s", "latency p50 ms", "p95 ms", "USD per 1k"):
+        speed.add_column(name, justify="right")
     for system, values in metrics.items():
         style = "bold green" if system == "micro" else ""
-        cells = [_with_ci(values, n) for n in names]
         p = values.get("p_value_vs_micro")
-        cells += ["" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}"), f"{values['examples_per_s']:.1f}",
-                  _num(values.get("latency_ms_p50"), 0), _num(values.get("usd_per_1k"), 4)]
-        table.add_row(system, *cells, style=style)
-    out.print(table)
+        quality.add_row(system, *(_with_ci(values, n) for n in names), "" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}"),
+                        style=style)
+        speed.add_row(system, f"{values['examples_per_s']:.1f}", _num(values.get("latency_ms_p50"), 0),
+                      _num(values.get("latency_ms_p95"), 0), _num(values.get("usd_per_1k"), 4), style=style)
+    out.print(quality)
     if stats:
+        out.print(speed)
         out.print(f"p vs micro: {stats['paired_test']}; latency: {stats['latency_method']}; "
                   f"report: {folder / 'report.html'}", highlight=False, markup=False, soft_wrap=True)
 

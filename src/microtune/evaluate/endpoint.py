@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from microtune.config import EndpointConfig
 from microtune.core.errors import ModelError
@@ -35,7 +36,7 @@ def match_label(answer: str, labels: Sequence[str]) -> str | None:
 
 @dataclass
 class EndpointAnswer:
-    pred: str | None
+    pred: Any
     raw: str
     seconds: float
     prompt_tokens: int
@@ -43,10 +44,13 @@ class EndpointAnswer:
 
 
 class EndpointSystem:
-    def __init__(self, cfg: EndpointConfig, labels: Sequence[str], where: str = "eval.endpoints"):
+    def __init__(self, cfg: EndpointConfig, labels: Sequence[str], where: str = "eval.endpoints",
+                 parse: Callable[[str], Any] | None = None):
+        """``parse`` maps the raw answer to a prediction; default: ``match_label`` over ``labels`` (classify)."""
         import openai
 
         self.cfg, self.labels, self.where = cfg, list(labels), where
+        self.parse = parse or (lambda raw: match_label(raw, self.labels))
         key = "not-needed"  # local servers (vLLM, llama.cpp, microtune serve) accept any key
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env, "")
@@ -71,7 +75,7 @@ class EndpointSystem:
         seconds = time.perf_counter() - start
         raw = (reply.choices[0].message.content or "") if reply.choices else ""
         usage = reply.usage
-        return EndpointAnswer(match_label(raw, self.labels), raw, seconds,
+        return EndpointAnswer(self.parse(raw), raw, seconds,
                               usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
 
     def cost_per_1k(self, answers: Sequence[EndpointAnswer]) -> dict[str, object]:

@@ -5,10 +5,10 @@
 
 How it is fast: prompts of one system share a long prefix (instruction, label list, few-shot turns);
 its KV cache is computed once and copied into every batch, so each example costs only its own
-tokens. Decoding walks a token trie of the label completions (label + end-of-turn), a handful of
-steps, each one forward pass for the whole batch; logits outside the trie are masked, so no step can
-leave the label set. The probability is the product of the per-step probabilities renormalised
-over the allowed tokens.
+tokens. Decoding walks a token trie of the label completions (label + end-of-turn), one forward pass
+for the whole batch per step, and stops as soon as every row's label is decided (the remaining tokens
+are forced); logits outside the trie are masked, so no step can leave the label set. The probability
+is the product of the per-step probabilities renormalised over the allowed tokens.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from microtune.models.compat import cache_kwarg, cache_of
+from microtune.models.compat import cache_kwarg, cache_of, last_logits_only
 from microtune.models.hardware import autocast, device
 from microtune.tasks.render import Renderer
 
@@ -51,6 +51,19 @@ def _uses_virtual_tokens(model: Any) -> bool:
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
 
 
+def settle(node: dict[int, Any]) -> dict[int, Any]:
+    """The terminal node when only one label can follow ``node`` (a single chain of tokens to END), else ``node``.
+
+    Every forced token has probability 1 once renormalised over the allowed set, so a row whose label is
+    already decided needs no further forward passes: decoding stops as soon as each row's label is
+    unambiguous (often after its first token), not after the label's last token.
+    """
+    n = node
+    while END not in n and len(n) == 1:
+        n = next(iter(n.values()))
+    return n if END in n and len(n) == 1 else node
+
+
 def _choose(scores: Any, node: dict[int, Any]) -> tuple[int, float]:
     """The best allowed next token of a trie node and its log-probability renormalised over the allowed set."""
     import torch
@@ -68,6 +81,7 @@ class LabelPredictor:
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
         self.cache_kw = cache_kwarg(model)
+        self.head_kw = last_logits_only(model)
         self.trie = build_trie({label: renderer.completion_ids(label) for label in labels})
         self.batch_size, self.bf16 = batch_size, bf16
         self.pad = renderer.tok.pad_token_id
@@ -93,7 +107,7 @@ class LabelPredictor:
         import torch
 
         ids = torch.tensor([prefix], device=device())
-        return cache_of(self.model(input_ids=ids, use_cache=True))
+        return cache_of(self.model(input_ids=ids, use_cache=True, **self.head_kw))
 
     def _decode(self, suffixes: list[list[int]], p: int, prefix_cache: Any) -> list[tuple[str, float]]:
         import torch
@@ -115,7 +129,7 @@ class LabelPredictor:
         next_pos = pos[:, -1:] + 1
         dev = device()
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         use_cache=True, **{self.cache_kw: cache})
+                         use_cache=True, **{self.cache_kw: cache}, **self.head_kw)
         while True:
             scores = out.logits[:, -1, :].float()
             step = torch.full((b,), self.pad, dtype=torch.long)
@@ -124,7 +138,7 @@ class LabelPredictor:
                     continue
                 tok, lp = _choose(scores[row], nodes[row])
                 logprob[row] += lp
-                nodes[row], step[row] = nodes[row][tok], tok
+                nodes[row], step[row] = settle(nodes[row][tok]), tok
             if all(END in n for n in nodes):
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
@@ -150,7 +164,7 @@ class LabelPredictor:
                 if END not in nodes[row]:
                     tok, lp = _choose(logits[row, offset + len(s) - 1], nodes[row])
                     logprob[row] += lp
-                    nodes[row] = nodes[row][tok]
+                    nodes[row] = settle(nodes[row][tok])
                     s.append(tok)
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
 

@@ -35,4 +35,4 @@ def hourly_price(kind: str, device_name: str = "", threads: int = 1) -> tuple[st
     if kind == "cuda":
         key = _gpu_key(device_name)
         return (key or device_name or "unknown GPU"), (GPUS[key][1] if key else None)
-    return f"{threads} CPU cores", round(CPU_USD_PER_CORE_HOUR * threads, 6)
+    return f"{threads} CPU core{'s' if threads != 1 else ''}", round(CPU_USD_PER_CORE_HOUR * threads, 6)
