@@ -2,6 +2,7 @@
 
     predictor = LabelPredictor(model, renderer, labels, batch_size=16, bf16=True)
     preds = predictor.predict(list_of_prompt_ids)      # [(label, probability), ...]
+    preds = predictor.predict(prompts, adapter_names=["a", "b", "a"], tries=[trie_a, trie_b, trie_a])
 
 How it is fast: prompts of one system share a long prefix (instruction, label list, few-shot turns);
 its KV cache is computed once and copied into every batch, so each example costs only its own
@@ -9,6 +10,11 @@ tokens. Decoding walks a token trie of the label completions (label + end-of-tur
 steps, each one forward pass for the whole batch; logits outside the trie are masked, so no step can
 leave the label set. The probability is the product of the per-step probabilities renormalised
 over the allowed tokens.
+
+Mixed-adapter batches (serving many micro-models on one base): ``adapter_names`` gives each row its
+PEFT LoRA adapter (PEFT's ``adapter_names`` forward argument) and ``tries`` its own label set, so one
+forward pass answers requests for different micro-models. The shared prefix is then computed once
+per distinct adapter (its KV differs per adapter) and gathered per row.
 """
 from __future__ import annotations
 
@@ -61,6 +67,25 @@ def _choose(scores: Any, node: dict[int, Any]) -> tuple[int, float]:
     return int(allowed[best]), float(lp[best])
 
 
+def _adapters(names: Sequence[str] | None) -> dict[str, Any]:
+    """PEFT's per-row adapter argument; absent for a single-adapter or plain model (it would reject the kwarg)."""
+    return {} if names is None else {"adapter_names": list(names)}
+
+
+def _batch_cache(prefix_cache: Any, distinct: list[str] | None, names: list[str] | None, b: int) -> Any:
+    """A private copy of the prefix KV for a batch of ``b`` rows: repeated, or gathered by each row's adapter."""
+    import torch
+
+    if prefix_cache is None:
+        return None
+    cache = copy.deepcopy(prefix_cache)
+    if distinct is None or names is None:
+        cache.batch_repeat_interleave(b)
+    else:
+        cache.batch_select_indices(torch.tensor([distinct.index(n) for n in names]))
+    return cache
+
+
 class LabelPredictor:
     def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
                  share_prefix: bool = True):
@@ -72,30 +97,42 @@ class LabelPredictor:
         self.batch_size, self.bf16 = batch_size, bf16
         self.pad = renderer.tok.pad_token_id
 
-    def predict(self, prompts: Sequence[list[int]]) -> list[tuple[str, float]]:
+    def predict(self, prompts: Sequence[list[int]], adapter_names: Sequence[str] | None = None,
+                tries: Sequence[dict[int, Any]] | None = None) -> list[tuple[str, float]]:
+        """One ``(label, probability)`` per prompt; optionally one PEFT adapter and one label trie per row."""
         import torch
 
         self.model.eval()
+        row_tries = list(tries) if tries is not None else [self.trie] * len(prompts)
         p = common_prefix(prompts) if self.share_prefix else 0
         out: list[tuple[str, float] | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        distinct = sorted(set(adapter_names)) if adapter_names is not None else None
         with torch.no_grad(), autocast(self.bf16):
-            prefix_cache = self._prefix_cache(prompts[0][:p]) if p else None
+            prefix_cache = self._prefix_cache(prompts[0][:p], distinct) if p else None
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                preds = self._decode([prompts[i][p:] for i in idx], p, prefix_cache) if self.cached \
-                    else self._decode_uncached([list(prompts[i]) for i in idx])
+                names = [adapter_names[i] for i in idx] if adapter_names is not None else None
+                rows = [row_tries[i] for i in idx]
+                if self.cached:
+                    cache = _batch_cache(prefix_cache, distinct, names, len(idx))
+                    preds = self._decode([prompts[i][p:] for i in idx], p, cache, rows, names)
+                else:
+                    preds = self._decode_uncached([list(prompts[i]) for i in idx], rows, names)
                 for i, pred in zip(idx, preds):
                     out[i] = pred
         return out  # type: ignore[return-value]
 
-    def _prefix_cache(self, prefix: list[int]) -> Any:
+    def _prefix_cache(self, prefix: list[int], distinct: list[str] | None) -> Any:
+        """KV of the shared prefix: one row, or one row per distinct adapter (LoRA changes the keys and values)."""
         import torch
 
-        ids = torch.tensor([prefix], device=device())
-        return cache_of(self.model(input_ids=ids, use_cache=True))
+        rows = len(distinct) if distinct is not None else 1
+        ids = torch.tensor([prefix] * rows, device=device())
+        return cache_of(self.model(input_ids=ids, use_cache=True, **_adapters(distinct)))
 
-    def _decode(self, suffixes: list[list[int]], p: int, prefix_cache: Any) -> list[tuple[str, float]]:
+    def _decode(self, suffixes: list[list[int]], p: int, cache: Any, tries: list[dict[int, Any]],
+                names: list[str] | None = None) -> list[tuple[str, float]]:
         import torch
 
         b, width = len(suffixes), max(len(s) for s in suffixes)
@@ -106,16 +143,12 @@ class LabelPredictor:
             ids[row, width - len(s):] = torch.tensor(s)
             mask[row, p + width - len(s):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(b)
-        nodes = [self.trie] * b
+        nodes = list(tries)
         logprob = [0.0] * b
         next_pos = pos[:, -1:] + 1
-        dev = device()
+        dev, extra = device(), _adapters(names)
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         use_cache=True, **{self.cache_kw: cache})
+                         use_cache=True, **{self.cache_kw: cache}, **extra)
         while True:
             scores = out.logits[:, -1, :].float()
             step = torch.full((b,), self.pad, dtype=torch.long)
@@ -129,22 +162,23 @@ class LabelPredictor:
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
             out = self.model(input_ids=step[:, None].to(dev), attention_mask=mask.to(dev), position_ids=next_pos.to(dev),
-                             use_cache=True, **{self.cache_kw: cache_of(out)})
+                             use_cache=True, **{self.cache_kw: cache_of(out)}, **extra)
             next_pos = next_pos + 1
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
 
-    def _decode_uncached(self, seqs: list[list[int]]) -> list[tuple[str, float]]:
+    def _decode_uncached(self, seqs: list[list[int]], tries: list[dict[int, Any]],
+                         names: list[str] | None = None) -> list[tuple[str, float]]:
         """Trie decoding by full forwards (right-padded, no KV cache): for prompt/prefix-tuned adapters."""
         import torch
 
-        nodes, logprob, dev = [self.trie] * len(seqs), [0.0] * len(seqs), device()
+        nodes, logprob, dev = list(tries), [0.0] * len(seqs), device()
         while not all(END in n for n in nodes):
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
             for row, s in enumerate(seqs):
                 ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
-            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **_adapters(names)).logits.float()
             offset = logits.shape[1] - width  # prompt tuning prepends its virtual tokens to the output
             for row, s in enumerate(seqs):
                 if END not in nodes[row]:
