@@ -26,7 +26,7 @@ def write_recipe(folder: Path, name: str, base: Path, coarse: bool) -> Path:
     write_jsonl(folder / "test.jsonl", test)
     recipe = {"name": name, "task": {"type": "classify", "instruction": "Route the message." if coarse else "Name the support topic."},
               "data": {"train": "train.jsonl", "test": "test.jsonl", "split": {"valid": 0.0}}, "model": {"base": str(base)},
-              "train": {"epochs": 3, "batch_size": 4, "max_seq_len": 96, "lr": 2e-2, "seed": 1 if coarse else 2, "bf16": False},
+              "train": {"epochs": 2, "batch_size": 4, "max_seq_len": 96, "lr": 2e-2, "seed": 1 if coarse else 2, "bf16": False},
               "eval": {"shots": 2, "batch_size": 4}}
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -66,11 +66,11 @@ def parse_adapter_options(items: list[str]) -> dict[str, Path]:
         name, sep, path = item.partition("=")
         where = f"--adapter #{i + 1}"
         if not sep or not path:
-            problems.append(Problem(where, "expected NAME=PATH", item))
+            problems.append(Problem(where, "expected NAME=PATH", repr(item)))
         elif not re.match(NAME_PATTERN, name):
-            problems.append(Problem(where, "the name must be letters, digits and -_. (at most 64)", name))
+            problems.append(Problem(where, "the name must be letters, digits and -_. (at most 64)", repr(name)))
         elif name in out:
-            problems.append(Problem(where, "the name is given twice", name))
+            problems.append(Problem(where, "the name is given twice", repr(name)))
         else:
             out[name] = Path(path)
     if problems:
