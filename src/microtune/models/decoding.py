@@ -72,24 +72,36 @@ def _adapters(names: Sequence[str] | None) -> dict[str, Any]:
     return {} if names is None else {"adapter_names": list(names)}
 
 
-def _batch_cache(prefix_cache: Any, distinct: list[str] | None, names: list[str] | None, b: int) -> Any:
-    """A private copy of the prefix KV for a batch of ``b`` rows: repeated, or gathered by each row's adapter."""
+def _gather(prefix: tuple[Any, Any] | None, rows: list[int]) -> tuple[Any, Any]:
+    """A private copy of the prefix KV and mask for a batch: row i takes prefix row ``rows[i]`` (its group's)."""
     import torch
 
-    if prefix_cache is None:
-        return None
-    cache = copy.deepcopy(prefix_cache)
-    if distinct is None or names is None:
-        cache.batch_repeat_interleave(b)
-    else:
-        cache.batch_select_indices(torch.tensor([distinct.index(n) for n in names]))
-    return cache
+    if prefix is None:
+        return None, torch.zeros((len(rows), 0), dtype=torch.long)
+    cache, mask = prefix
+    index = torch.tensor(rows)
+    cache = copy.deepcopy(cache)
+    cache.batch_select_indices(index.to(device()))
+    return cache, mask[index]
+
+
+def _chunks(order: list[int], length: Any, size: int, pad_budget: float | None) -> list[list[int]]:
+    """Rows sorted by length, cut every ``size`` rows; with ``pad_budget`` also where a row is that many times longer
+    than the chunk's first (left-padding a short row to a long one costs a forward over the padding)."""
+    chunks: list[list[int]] = []
+    for i in order:
+        if not chunks or len(chunks[-1]) >= size or \
+                (pad_budget is not None and length(i) > pad_budget * length(chunks[-1][0]) + 8):
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
 
 
 class LabelPredictor:
     def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, pad_budget: float | None = None):
         self.model, self.renderer = model, renderer
+        self.pad_budget = pad_budget
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
         self.cache_kw = cache_kwarg(model)
@@ -104,41 +116,54 @@ class LabelPredictor:
 
         self.model.eval()
         row_tries = list(tries) if tries is not None else [self.trie] * len(prompts)
-        p = common_prefix(prompts) if self.share_prefix else 0
+        groups = list(adapter_names) if adapter_names is not None else [""] * len(prompts)
+        distinct = sorted(set(groups))
+        plen = {g: common_prefix([p for p, h in zip(prompts, groups) if h == g]) if self.share_prefix else 0 for g in distinct}
+        own = [len(p) - plen[g] for p, g in zip(prompts, groups)]  # each row's tokens after its group's prefix
         out: list[tuple[str, float] | None] = [None] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        distinct = sorted(set(adapter_names)) if adapter_names is not None else None
+        order = sorted(range(len(prompts)), key=lambda i: own[i])
         with torch.no_grad(), autocast(self.bf16):
-            prefix_cache = self._prefix_cache(prompts[0][:p], distinct) if p else None
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
+            prefix = self._prefixes(prompts, groups, distinct, plen, adapter_names is not None) if any(plen.values()) else None
+            for idx in _chunks(order, own.__getitem__, self.batch_size, self.pad_budget):
                 names = [adapter_names[i] for i in idx] if adapter_names is not None else None
                 rows = [row_tries[i] for i in idx]
                 if self.cached:
-                    cache = _batch_cache(prefix_cache, distinct, names, len(idx))
-                    preds = self._decode([prompts[i][p:] for i in idx], p, cache, rows, names)
+                    cache, prefix_mask = _gather(prefix, [distinct.index(groups[i]) for i in idx])
+                    preds = self._decode([prompts[i][plen[groups[i]]:] for i in idx], prefix_mask, cache, rows, names)
                 else:
                     preds = self._decode_uncached([list(prompts[i]) for i in idx], rows, names)
                 for i, pred in zip(idx, preds):
                     out[i] = pred
         return out  # type: ignore[return-value]
 
-    def _prefix_cache(self, prefix: list[int], distinct: list[str] | None) -> Any:
-        """KV of the shared prefix: one row, or one row per distinct adapter (LoRA changes the keys and values)."""
+    def _prefixes(self, prompts: Sequence[list[int]], groups: list[str], distinct: list[str], plen: dict[str, int],
+                  mixed: bool) -> tuple[Any, Any]:
+        """KV of each group's shared prefix in one forward, left-padded to the longest: ``(cache, mask)``, one row per group.
+
+        A group is an adapter in a mixed batch (its prompts share its instruction, and LoRA changes the keys and
+        values), or all prompts otherwise."""
         import torch
 
-        rows = len(distinct) if distinct is not None else 1
-        ids = torch.tensor([prefix] * rows, device=device())
-        return cache_of(self.model(input_ids=ids, use_cache=True, **_adapters(distinct)))
+        width = max(plen.values())
+        ids = torch.full((len(distinct), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        for row, g in enumerate(distinct):
+            first = next(p for p, h in zip(prompts, groups) if h == g)
+            if plen[g]:
+                ids[row, width - plen[g]:], mask[row, width - plen[g]:] = torch.tensor(first[: plen[g]]), 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = device()
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True,
+                         **_adapters(distinct if mixed else None))
+        return cache_of(out), mask
 
-    def _decode(self, suffixes: list[list[int]], p: int, cache: Any, tries: list[dict[int, Any]],
+    def _decode(self, suffixes: list[list[int]], prefix_mask: Any, cache: Any, tries: list[dict[int, Any]],
                 names: list[str] | None = None) -> list[tuple[str, float]]:
         import torch
 
-        b, width = len(suffixes), max(len(s) for s in suffixes)
+        b, width, p = len(suffixes), max(len(s) for s in suffixes), prefix_mask.shape[1]
         ids = torch.full((b, width), self.pad, dtype=torch.long)
-        mask = torch.zeros((b, p + width), dtype=torch.long)
-        mask[:, :p] = 1
+        mask = torch.cat([prefix_mask, torch.zeros((b, width), dtype=torch.long)], dim=1)
         for row, s in enumerate(suffixes):  # left-pad the suffixes so every row ends at the same column
             ids[row, width - len(s):] = torch.tensor(s)
             mask[row, p + width - len(s):] = 1

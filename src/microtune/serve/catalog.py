@@ -14,6 +14,7 @@ import hashlib
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,14 @@ class AdapterSpec:
         return f"{self.name}/{self.version}" if self.version else f"{self.name}@path"
 
 
-def load_spec(name: str, version: str | None, path: Path, base_path: str) -> AdapterSpec:
-    """Read an adapter artifact's metadata and check this server can serve it on its base model."""
+def load_spec(name: str, version: str | None, path: Path, base_path: str, base_of: Callable[[Any], str] | None = None) -> AdapterSpec:
+    """Read an adapter artifact's metadata and check this server can serve it on its base model.
+
+    ``base_of`` maps the recipe's model section to the base's folder (default: ``resolve_base``, which hashes a GGUF:
+    the catalog passes a cached one)."""
     from microtune.models import resolve_base
 
+    base_of = base_of or (lambda model: resolve_base(model).path)
     path = Path(path).resolve()
     manifest = read_manifest(path, "adapter")
     recipe = validate_recipe(read_json(path / "recipe.json"), source=str(path / "recipe.json"))
@@ -71,13 +76,17 @@ def load_spec(name: str, version: str | None, path: Path, base_path: str) -> Ada
                               hint="serve LoRA adapters, or `microtune export --merge` this one and serve the merged model as --base")
     if recipe.task.type not in SERVABLE_TASKS:
         raise UnservableModel(f"model {name!r}: task type {recipe.task.type!r} is not served yet", hint="serve classify micro-models")
-    trained_on = resolve_base(recipe.model).path
+    trained_on = base_of(recipe.model)
     if trained_on != base_path:
         raise UnservableModel(f"model {name!r} was trained on {recipe.model.base!r} ({trained_on}); this server's base is {base_path}",
                               hint="start a server with --base set to the adapter's base model")
+    return AdapterSpec(name, version, path, _key(path), recipe, tuple(manifest["labels"]))
+
+
+def _key(path: Path) -> str:
+    """The PEFT adapter name of a folder's current content (a rewritten artifact gets a new manifest, so a new key)."""
     stamp = f"{path}:{(path / 'manifest.json').stat().st_mtime_ns}"
-    key = "m" + hashlib.sha1(stamp.encode()).hexdigest()[:16]
-    return AdapterSpec(name, version, path, key, recipe, tuple(manifest["labels"]))
+    return "m" + hashlib.sha1(stamp.encode()).hexdigest()[:16]
 
 
 class RegistryReader:
@@ -128,8 +137,21 @@ class Catalog:
     def __init__(self, base_name: str, base_path: str, paths: dict[str, Path], registry: RegistryReader | None):
         self.base_name, self.base_path, self.registry = base_name, base_path, registry
         self._lock = threading.Lock()
-        self._paths = {name: load_spec(name, None, path, base_path) for name, path in paths.items()}
+        self._bases: dict[tuple[str, str | None], str] = {(base_name, None): base_path}
+        self._paths = {name: self._load(name, None, path) for name, path in paths.items()}
         self._resolved: dict[str, AdapterSpec] = {}  # registry model string → spec
+
+    def _base_of(self, model_cfg: Any) -> str:
+        """Where an adapter's base model lives, resolved once per (base, revision): resolving hashes a GGUF file."""
+        from microtune.models import resolve_base
+
+        key = (model_cfg.base, model_cfg.revision)
+        if key not in self._bases:
+            self._bases[key] = resolve_base(model_cfg).path
+        return self._bases[key]
+
+    def _load(self, name: str, version: str | None, path: Path) -> AdapterSpec:
+        return load_spec(name, version, path, self.base_path, self._base_of)
 
     def lookup(self, model: str) -> AdapterSpec | str:
         """The spec a model string names, or BASE; UnknownModel / UnservableModel otherwise."""
@@ -156,7 +178,7 @@ class Catalog:
             raise UnknownModel(f"model {model!r} is not in the registry", hint=f"use one of {self.names()}")
         version, source = found
         try:
-            return load_spec(m["name"], version, self.registry.local_path(source), self.base_path)
+            return self._load(m["name"], version, self.registry.local_path(source))
         except ArtifactError as exc:
             raise UnservableModel(f"model {model!r} version {version}: {exc.message}", hint=exc.hint) from None
 
@@ -166,15 +188,21 @@ class Catalog:
         with self._lock:
             resolved, paths = dict(self._resolved), dict(self._paths)
         for model, old in resolved.items():
+            m = _REF.match(model)
+            found = self.registry.version(m["name"], m["alias"], m["version"]) if self.registry and m else None
+            if found is not None and found[0] == old.version:
+                continue  # the alias still points at the version being served: nothing to read
             try:
-                new = self._from_registry(model)
+                new, note = self._from_registry(model), ""
             except MicrotuneError as exc:  # the alias or version went away: forget it, later requests get 404
                 new, note = None, exc.message
             if new is None or new.key != old.key:
                 changes.append(f"{model}: {old.fingerprint} -> {new.fingerprint if new else note}")
                 self._swap(self._resolved, model, new)
         for name, old in paths.items():
-            new = load_spec(name, None, old.path, self.base_path)
+            if _key(old.path) == old.key:
+                continue
+            new = self._load(name, None, old.path)
             if new.key != old.key:
                 changes.append(f"{name}: {old.path} changed on disk")
                 self._swap(self._paths, name, new)
