@@ -1,6 +1,6 @@
 """Serving load: microtune serve vs a naive one-at-a-time server that swaps adapters per request.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--requests 192] [--repeats 3] [--workspace DIR]
+    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--requests 64] [--repeats 2] [--workspace DIR]
 
 Four classify micro-models on the bundled SmolLM2-135M-Instruct: `banking-a`, `banking-b` (the
 banking-intents recipe, CLINC150 slice, 30 intents) and `faa-a`, `faa-b` (the faa-maintenance recipe),
@@ -151,8 +151,8 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=192)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workspace", type=Path, default=None, help="Build the adapters here, or reuse the ones an earlier run built here.")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))

@@ -13,8 +13,9 @@ over the allowed tokens.
 
 Mixed-adapter batches (serving many micro-models on one base): ``adapter_names`` gives each row its
 PEFT LoRA adapter (PEFT's ``adapter_names`` forward argument) and ``tries`` its own label set, so one
-forward pass answers requests for different micro-models. The shared prefix is then computed once
-per distinct adapter (its KV differs per adapter) and gathered per row.
+forward pass answers requests for different micro-models. Each adapter's rows share their own prefix
+(that micro-model's instruction): the prefixes of all adapters are computed in one left-padded
+forward (the KV differs per adapter), and every row continues from its adapter's prefix.
 """
 from __future__ import annotations
 
@@ -85,23 +86,10 @@ def _gather(prefix: tuple[Any, Any] | None, rows: list[int]) -> tuple[Any, Any]:
     return cache, mask[index]
 
 
-def _chunks(order: list[int], length: Any, size: int, pad_budget: float | None) -> list[list[int]]:
-    """Rows sorted by length, cut every ``size`` rows; with ``pad_budget`` also where a row is that many times longer
-    than the chunk's first (left-padding a short row to a long one costs a forward over the padding)."""
-    chunks: list[list[int]] = []
-    for i in order:
-        if not chunks or len(chunks[-1]) >= size or \
-                (pad_budget is not None and length(i) > pad_budget * length(chunks[-1][0]) + 8):
-            chunks.append([])
-        chunks[-1].append(i)
-    return chunks
-
-
 class LabelPredictor:
     def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
-                 share_prefix: bool = True, pad_budget: float | None = None):
+                 share_prefix: bool = True):
         self.model, self.renderer = model, renderer
-        self.pad_budget = pad_budget
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
         self.cache_kw = cache_kwarg(model)
@@ -124,7 +112,8 @@ class LabelPredictor:
         order = sorted(range(len(prompts)), key=lambda i: own[i])
         with torch.no_grad(), autocast(self.bf16):
             prefix = self._prefixes(prompts, groups, distinct, plen, adapter_names is not None) if any(plen.values()) else None
-            for idx in _chunks(order, own.__getitem__, self.batch_size, self.pad_budget):
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
                 names = [adapter_names[i] for i in idx] if adapter_names is not None else None
                 rows = [row_tries[i] for i in idx]
                 if self.cached:
