@@ -1,6 +1,6 @@
 """Serving load: microtune serve vs a naive one-at-a-time server that swaps adapters per request.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--requests 64] [--repeats 2] [--workspace DIR]
+    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--requests 128] [--repeats 3] [--threads 1] [--workspace DIR]
 
 Four classify micro-models on the bundled SmolLM2-135M-Instruct: `banking-a`, `banking-b` (the
 banking-intents recipe, CLINC150 slice, 30 intents) and `faa-a`, `faa-b` (the faa-maintenance recipe),
@@ -10,7 +10,9 @@ seeded random B matrices, written as a real adapter artifact (not trained: train
 and random B makes the four adapters really differ). Texts are the recipes' test rows.
 
 Both servers run as subprocesses on 127.0.0.1 with the same adapters, prompts, constrained decoder
-and bf16 setting:
+and bf16 setting, and `--threads` torch threads each (1 by default: on a machine shared with other jobs, a
+2-thread OpenMP team waits at every op for whichever thread the OS descheduled — a 60-token forward took
+6 s with 2 threads and 0.16 s with 1 there):
   - microtune: `microtune serve --adapter ...` (mixed-adapter batches, 10 ms window, max batch 32)
   - naive: benchmarks/naive_lora_server.py (all adapters in memory, `set_adapter` + one request at a time)
 The load generator: `--clients` threads, each with a keep-alive HTTP connection, send a fixed total
@@ -88,8 +90,8 @@ def _data_dir(recipe: str) -> str:
     return {"banking-intents": "clinc150-banking", "faa-maintenance": "faa-maintenance"}[recipe]
 
 
-def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+def start(cmd: list[str], port: int, log: Path, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while True:
@@ -151,8 +153,9 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="Torch (OpenMP) threads of each server (OMP_NUM_THREADS).")
     ap.add_argument("--workspace", type=Path, default=None, help="Build the adapters here, or reuse the ones an earlier run built here.")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -170,7 +173,7 @@ def main() -> None:
     procs = {}
     try:
         for name, (cmd, port) in servers.items():
-            procs[name] = start(cmd, port, work / f"{port}.log")
+            procs[name] = start(cmd, port, work / f"{port}.log", args.threads)
             load(port, requests_for(8), 4, labels)  # warm-up: every adapter loaded, first-call costs paid
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         for r in range(args.repeats):
@@ -186,7 +189,6 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jobs: list[tuple[str, str]]) -> None:
-    import torch
 
     rows, summary = [], {}
     for name, runs in results.items():
@@ -205,7 +207,7 @@ def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jo
     for line in table:
         print(line)
     command = (f"`.venv/bin/python benchmarks/serve_load.py --clients {args.clients} --requests {args.requests} "
-               f"--repeats {args.repeats}`")
+               f"--repeats {args.repeats} --threads {args.threads}`")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from predict_speed import _write_section
 
@@ -216,7 +218,9 @@ def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jo
                    "30 labels, faa-a/b with faa-maintenance's; serving cost does not depend on the weights' values), test-split "
                    "texts, rounds alternating the two servers. Both answer with the same constrained label decoder on the same micro "
                    "prompt; the naive peer keeps all adapters in memory and swaps them per request (`set_adapter`), one request at "
-                   f"a time (benchmarks/naive_lora_server.py). {torch.get_num_threads()} CPU threads, shared machine. Latency over "
+                   f"a time (benchmarks/naive_lora_server.py). {args.threads} torch thread(s) per server (OMP_NUM_THREADS) on a 2-core machine "
+                   "shared with other jobs: with 2 OpenMP threads each op waits for whichever thread the OS descheduled (measured "
+                   "there: one 60-token forward 6 s with 2 threads vs 0.16 s with 1). Latency over "
                    f"all rounds. The two servers gave the same label for {agree:.0%} of the last round's requests "
                    "(bf16 batched vs one-row matmuls may flip near-ties).\n\n" + "\n".join(table))
 

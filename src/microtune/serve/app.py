@@ -43,6 +43,7 @@ class Service:
     def __init__(self, settings: ServeSettings, catalog: Catalog, engine: Engine, metrics: Metrics, keys: list[str]):
         self.settings, self.catalog, self.engine, self.metrics, self.keys = settings, catalog, engine, metrics, keys
         self._stop_poll = threading.Event()
+        self._tasks: dict[str, tuple[Any, str, int]] = {}
 
     def start(self) -> None:
         self.engine.start()
@@ -105,10 +106,17 @@ class Service:
             raise S.ApiError(504, f"the request took longer than the {self.settings.timeout_s:g}s timeout", code="timeout") from None
 
     # -- prompts ----------------------------------------------------------------------------------
+    def _task(self, spec: AdapterSpec) -> tuple[Any, str, int]:
+        """``(task, longest label, its completion length)`` of a micro-model, computed once per adapter version."""
+        if spec.key not in self._tasks:
+            sizes = {label: len(self.engine.renderer.completion_ids(label)) for label in spec.labels}
+            longest = max(sizes, key=sizes.__getitem__)
+            self._tasks[spec.key] = (get_task(spec.recipe.task, spec.labels), longest, sizes[longest])
+        return self._tasks[spec.key]
+
     def classify_prompt(self, spec: AdapterSpec, text: str) -> list[int]:
         """The micro prompt of evaluation: the trained instruction + the text, cut to the trained length."""
-        task = get_task(spec.recipe.task, spec.labels)
-        longest = max(spec.labels, key=lambda label: len(self.engine.renderer.completion_ids(label)))
+        task, longest, _ = self._task(spec)
         return self.engine.renderer.encode(task.messages({"text": text}), longest, spec.recipe.train.max_seq_len)[0]
 
     def check_classify(self, req: S.Sampling, spec: AdapterSpec, max_tokens: int | None) -> None:
@@ -119,7 +127,7 @@ class Service:
                                       f"(got {value}); leave {name} out", name, "unsupported_parameter")
         if req.stop:
             raise S.ApiError(400, f"stop: classify model {spec.name!r} answers one label; leave stop out", "stop", "unsupported_parameter")
-        need = max(len(self.engine.renderer.completion_ids(label)) for label in spec.labels)
+        need = self._task(spec)[2]
         if max_tokens is not None and max_tokens < need:
             raise S.ApiError(400, f"max_tokens: the longest label of {spec.name!r} needs {need} tokens, got {max_tokens}",
                              "max_tokens", "max_tokens_too_small")
