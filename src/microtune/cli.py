@@ -137,6 +137,44 @@ def export(
 
 
 @app.command()
+def serve(
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", "-a", metavar="NAME=PATH", help="Serve an adapter folder as model NAME (repeatable).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model. \\[default: the first adapter's base, else smollm2-135m-instruct]")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workspace: WorkspaceOpt = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store to resolve registered models in. [default: $MLFLOW_TRACKING_URI, "
+                                                          "else the workspace's]")] = None,
+    registry: Annotated[bool, typer.Option("--registry/--no-registry", help="Resolve other model names in the MLflow registry.")] = True,
+    api_key_file: Annotated[Path | None, typer.Option(help="Accepted API keys, one per line (plus $MICROTUNE_API_KEYS).")] = None,
+    max_loaded: Annotated[int, typer.Option(min=1, help="LoRA adapters in memory at once (LRU).")] = 8,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests per forward batch.")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(min=0, help="Wait for more requests after the first (ms).")] = 10.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 429.")] = 256,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body (413 beyond).")] = 1_000_000,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Per-request timeout in seconds (504 beyond).")] = 60.0,
+    poll: Annotated[float, typer.Option(min=0, help="Seconds between registry alias checks (hot reload); 0: off.")] = 5.0,
+) -> None:
+    """Serve micro-models (and the base model) behind one OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
+    from microtune import serve as serving
+
+    def settings() -> Any:
+        keys = serving.read_api_keys(api_key_file)
+        return serving.ServeSettings(base=base, adapters=serving.parse_adapter_options(adapter or []), registry=registry,
+                                     tracking_uri=tracking_uri, workspace=workspace, host=host, port=port, api_keys=keys,
+                                     max_loaded=max_loaded, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                                     max_tokens=max_tokens, max_body_bytes=max_body_bytes, timeout_s=timeout, poll_s=poll)
+
+    chosen = _guard(settings)
+    app_ = _guard(lambda: serving.build_app(chosen, chosen.api_keys))
+    auth = f"{len(chosen.api_keys)} API key(s)" if chosen.api_keys else "no API key (anyone who can reach the port may call it)"
+    err.print(f"serving on http://{host}:{port}/v1 with {auth}; models: GET /v1/models", highlight=False, soft_wrap=True)
+    serving.run_app(app_, chosen)
+
+
+@app.command()
 def demo(set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
     """Run the bundled example recipe (banking intents, CLINC150 slice) end to end."""
     recipe = demo_recipe()

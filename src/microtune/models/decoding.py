@@ -2,6 +2,7 @@
 
     predictor = LabelPredictor(model, renderer, labels, batch_size=16, bf16=True)
     preds = predictor.predict(list_of_prompt_ids)      # [(label, probability), ...]
+    preds = predictor.predict(prompts, adapter_names=["a", "b", "a"], tries=[trie_a, trie_b, trie_a])
 
 How it is fast: prompts of one system share a long prefix (instruction, label list, few-shot turns);
 its KV cache is computed once and copied into every batch, so each example costs only its own
@@ -9,6 +10,12 @@ tokens. Decoding walks a token trie of the label completions (label + end-of-tur
 for the whole batch per step, and stops as soon as every row's label is decided (the remaining tokens
 are forced); logits outside the trie are masked, so no step can leave the label set. The probability
 is the product of the per-step probabilities renormalised over the allowed tokens.
+
+Mixed-adapter batches (serving many micro-models on one base): ``adapter_names`` gives each row its
+PEFT LoRA adapter (PEFT's ``adapter_names`` forward argument) and ``tries`` its own label set, so one
+forward pass answers requests for different micro-models. Each adapter's rows share their own prefix
+(that micro-model's instruction): the prefixes of all adapters are computed in one left-padded
+forward (the KV differs per adapter), and every row continues from its adapter's prefix.
 """
 from __future__ import annotations
 
@@ -46,11 +53,6 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _uses_virtual_tokens(model: Any) -> bool:
-    """Prompt/prefix-tuned models get their virtual tokens from PEFT's forward: no external KV cache."""
-    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
-
-
 def settle(node: dict[int, Any]) -> dict[int, Any]:
     """The terminal node when only one label can follow ``node`` (a single chain of tokens to END), else ``node``.
 
@@ -64,6 +66,11 @@ def settle(node: dict[int, Any]) -> dict[int, Any]:
     return n if END in n and len(n) == 1 else node
 
 
+def _uses_virtual_tokens(model: Any) -> bool:
+    """Prompt/prefix-tuned models get their virtual tokens from PEFT's forward: no external KV cache."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
 def _choose(scores: Any, node: dict[int, Any]) -> tuple[int, float]:
     """The best allowed next token of a trie node and its log-probability renormalised over the allowed set."""
     import torch
@@ -72,6 +79,24 @@ def _choose(scores: Any, node: dict[int, Any]) -> tuple[int, float]:
     lp = torch.log_softmax(scores[allowed], dim=-1)
     best = int(lp.argmax())
     return int(allowed[best]), float(lp[best])
+
+
+def _adapters(names: Sequence[str] | None) -> dict[str, Any]:
+    """PEFT's per-row adapter argument; absent for a single-adapter or plain model (it would reject the kwarg)."""
+    return {} if names is None else {"adapter_names": list(names)}
+
+
+def _gather(prefix: tuple[Any, Any] | None, rows: list[int]) -> tuple[Any, Any]:
+    """A private copy of the prefix KV and mask for a batch: row i takes prefix row ``rows[i]`` (its group's)."""
+    import torch
+
+    if prefix is None:
+        return None, torch.zeros((len(rows), 0), dtype=torch.long)
+    cache, mask = prefix
+    index = torch.tensor(rows)
+    cache = copy.deepcopy(cache)
+    cache.batch_select_indices(index.to(device()))
+    return cache, mask[index]
 
 
 class LabelPredictor:
@@ -86,50 +111,72 @@ class LabelPredictor:
         self.batch_size, self.bf16 = batch_size, bf16
         self.pad = renderer.tok.pad_token_id
 
-    def predict(self, prompts: Sequence[list[int]]) -> list[tuple[str, float]]:
+    def predict(self, prompts: Sequence[list[int]], adapter_names: Sequence[str] | None = None,
+                tries: Sequence[dict[int, Any]] | None = None) -> list[tuple[str, float]]:
+        """One ``(label, probability)`` per prompt; optionally one PEFT adapter and one label trie per row."""
         import torch
 
         self.model.eval()
-        p = common_prefix(prompts) if self.share_prefix else 0
+        row_tries = list(tries) if tries is not None else [self.trie] * len(prompts)
+        groups = list(adapter_names) if adapter_names is not None else [""] * len(prompts)
+        distinct = sorted(set(groups))
+        plen = {g: common_prefix([p for p, h in zip(prompts, groups) if h == g]) if self.share_prefix else 0 for g in distinct}
+        own = [len(p) - plen[g] for p, g in zip(prompts, groups)]  # each row's tokens after its group's prefix
         out: list[tuple[str, float] | None] = [None] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        order = sorted(range(len(prompts)), key=lambda i: own[i])
         with torch.no_grad(), autocast(self.bf16):
-            prefix_cache = self._prefix_cache(prompts[0][:p]) if p else None
+            prefix = self._prefixes(prompts, groups, distinct, plen, adapter_names is not None) if any(plen.values()) else None
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                preds = self._decode([prompts[i][p:] for i in idx], p, prefix_cache) if self.cached \
-                    else self._decode_uncached([list(prompts[i]) for i in idx])
+                names = [adapter_names[i] for i in idx] if adapter_names is not None else None
+                rows = [row_tries[i] for i in idx]
+                if self.cached:
+                    cache, prefix_mask = _gather(prefix, [distinct.index(groups[i]) for i in idx])
+                    preds = self._decode([prompts[i][plen[groups[i]]:] for i in idx], prefix_mask, cache, rows, names)
+                else:
+                    preds = self._decode_uncached([list(prompts[i]) for i in idx], rows, names)
                 for i, pred in zip(idx, preds):
                     out[i] = pred
         return out  # type: ignore[return-value]
 
-    def _prefix_cache(self, prefix: list[int]) -> Any:
+    def _prefixes(self, prompts: Sequence[list[int]], groups: list[str], distinct: list[str], plen: dict[str, int],
+                  mixed: bool) -> tuple[Any, Any]:
+        """KV of each group's shared prefix in one forward, left-padded to the longest: ``(cache, mask)``, one row per group.
+
+        A group is an adapter in a mixed batch (its prompts share its instruction, and LoRA changes the keys and
+        values), or all prompts otherwise."""
         import torch
 
-        ids = torch.tensor([prefix], device=device())
-        return cache_of(self.model(input_ids=ids, use_cache=True, **self.head_kw))
+        width = max(plen.values())
+        ids = torch.full((len(distinct), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        for row, g in enumerate(distinct):
+            first = next(p for p, h in zip(prompts, groups) if h == g)
+            if plen[g]:
+                ids[row, width - plen[g]:], mask[row, width - plen[g]:] = torch.tensor(first[: plen[g]]), 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = device()
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True,
+                         **_adapters(distinct if mixed else None), **self.head_kw)
+        return cache_of(out), mask
 
-    def _decode(self, suffixes: list[list[int]], p: int, prefix_cache: Any) -> list[tuple[str, float]]:
+    def _decode(self, suffixes: list[list[int]], prefix_mask: Any, cache: Any, tries: list[dict[int, Any]],
+                names: list[str] | None = None) -> list[tuple[str, float]]:
         import torch
 
-        b, width = len(suffixes), max(len(s) for s in suffixes)
+        b, width, p = len(suffixes), max(len(s) for s in suffixes), prefix_mask.shape[1]
         ids = torch.full((b, width), self.pad, dtype=torch.long)
-        mask = torch.zeros((b, p + width), dtype=torch.long)
-        mask[:, :p] = 1
+        mask = torch.cat([prefix_mask, torch.zeros((b, width), dtype=torch.long)], dim=1)
         for row, s in enumerate(suffixes):  # left-pad the suffixes so every row ends at the same column
             ids[row, width - len(s):] = torch.tensor(s)
             mask[row, p + width - len(s):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(b)
-        nodes = [self.trie] * b
+        nodes = list(tries)
         logprob = [0.0] * b
         next_pos = pos[:, -1:] + 1
-        dev = device()
+        dev, extra = device(), _adapters(names)
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         use_cache=True, **{self.cache_kw: cache}, **self.head_kw)
+                         use_cache=True, **{self.cache_kw: cache}, **extra, **self.head_kw)
         while True:
             scores = out.logits[:, -1, :].float()
             step = torch.full((b,), self.pad, dtype=torch.long)
@@ -143,22 +190,23 @@ class LabelPredictor:
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
             out = self.model(input_ids=step[:, None].to(dev), attention_mask=mask.to(dev), position_ids=next_pos.to(dev),
-                             use_cache=True, **{self.cache_kw: cache_of(out)})
+                             use_cache=True, **{self.cache_kw: cache_of(out)}, **extra)
             next_pos = next_pos + 1
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
 
-    def _decode_uncached(self, seqs: list[list[int]]) -> list[tuple[str, float]]:
+    def _decode_uncached(self, seqs: list[list[int]], tries: list[dict[int, Any]],
+                         names: list[str] | None = None) -> list[tuple[str, float]]:
         """Trie decoding by full forwards (right-padded, no KV cache): for prompt/prefix-tuned adapters."""
         import torch
 
-        nodes, logprob, dev = [self.trie] * len(seqs), [0.0] * len(seqs), device()
+        nodes, logprob, dev = list(tries), [0.0] * len(seqs), device()
         while not all(END in n for n in nodes):
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
             for row, s in enumerate(seqs):
                 ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
-            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **_adapters(names)).logits.float()
             offset = logits.shape[1] - width  # prompt tuning prepends its virtual tokens to the output
             for row, s in enumerate(seqs):
                 if END not in nodes[row]:

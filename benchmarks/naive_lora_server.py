@@ -1,0 +1,85 @@
+"""The naive peer of benchmarks/serve_load.py: one request at a time, swapping the LoRA adapter per request.
+
+    .venv/bin/python benchmarks/naive_lora_server.py --port 8101 --adapter NAME=PATH [--adapter ...] [--bf16 true]
+
+The usual way to put several LoRA adapters behind one endpoint without a batching engine: every
+adapter is loaded once into one PEFT model (no disk reads per request, to be fair to it), a lock
+serves one request at a time, and each request activates its adapter (`set_adapter`) and answers
+with the same constrained label decoder and the same micro prompt as microtune serve. Only
+`POST /v1/chat/completions` for classify adapters; no auth, limits or streaming.
+"""
+from __future__ import annotations
+
+import argparse
+import threading
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from microtune.config import ModelConfig
+from microtune.models import LabelPredictor, load_model, load_tokenizer, resolve_base
+from microtune.models.hardware import use_bf16
+from microtune.serve import parse_adapter_options
+from microtune.serve.catalog import load_spec
+from microtune.tasks import get_task
+from microtune.tasks.render import Renderer
+
+
+def build(adapters: dict[str, Any], bf16: bool) -> FastAPI:
+    from peft import PeftModel
+
+    specs = {}
+    model = None
+    for name, path in adapters.items():
+        ref = resolve_base(ModelConfig(base=_base_of(path)))
+        spec = load_spec(name, None, path, ref.path)  # the same metadata checks as microtune serve
+        if model is None:
+            tokenizer, model = load_tokenizer(ref), PeftModel.from_pretrained(load_model(ref).eval(), str(path), adapter_name=name)
+        else:
+            model.load_adapter(str(path), adapter_name=name)
+        specs[name] = spec
+    model.eval()
+    renderer, lock, app = Renderer(tokenizer), threading.Lock(), FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict[str, Any]) -> dict[str, Any]:  # a plain def: FastAPI runs it in a thread; the lock serialises
+        spec = specs[body["model"]]
+        text = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+        task = get_task(spec.recipe.task, spec.labels)
+        longest = max(spec.labels, key=lambda label: len(renderer.completion_ids(label)))
+        prompt = renderer.encode(task.messages({"text": text}), longest, spec.recipe.train.max_seq_len)[0]
+        with lock:
+            model.set_adapter(spec.name)
+            label, prob = LabelPredictor(model, renderer, spec.labels, bf16=bf16).predict([prompt])[0]
+        return {"object": "chat.completion", "model": body["model"], "microtune": {"label": label, "probability": prob},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": label}, "finish_reason": "stop"}]}
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _base_of(path: Any) -> str:
+    from pathlib import Path
+
+    from microtune.config import validate_recipe
+    from microtune.core.artifacts import read_json
+
+    return validate_recipe(read_json(Path(path) / "recipe.json")).model.base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--adapter", action="append", required=True, help="NAME=PATH (repeatable)")
+    ap.add_argument("--bf16", default="auto")
+    args = ap.parse_args()
+    bf16 = use_bf16(args.bf16 if args.bf16 == "auto" else args.bf16 == "true")
+    uvicorn.run(build(parse_adapter_options(args.adapter), bf16), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

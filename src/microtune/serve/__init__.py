@@ -1,0 +1,87 @@
+"""`microtune serve`: many micro-models on one base model behind one OpenAI-compatible API.
+
+    microtune serve --adapter intents=.microtune/intents/adapters/RUN --port 8000
+    microtune serve                      # every model in the workspace's MLflow registry, by name
+
+    from microtune.serve import ServeSettings, build_app, serve
+    serve(ServeSettings(adapters={"intents": Path("adapter/")}))
+
+``build_app`` checks everything a user can get wrong (adapter folders, base model, registry) before
+a port is opened, then returns the FastAPI app; the base model's weights load in the background
+(requests answer 503 until then).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from microtune.serve.settings import ServeSettings, parse_adapter_options, read_api_keys
+
+log = logging.getLogger("microtune.serve")
+DEFAULT_BASE = "smollm2-135m-instruct"
+
+
+def build_app(settings: ServeSettings, api_keys: list[str] | None = None) -> Any:
+    """The app for these settings; ``api_keys`` default: $MICROTUNE_API_KEYS plus ``settings.api_keys``."""
+    from microtune.config import ModelConfig
+    from microtune.models import load_tokenizer, resolve_base
+    from microtune.serve.app import Service, create_app
+    from microtune.serve.catalog import Catalog
+    from microtune.serve.engine import Engine
+    from microtune.serve.metrics import Metrics
+
+    base = settings.base or _adapter_base(settings) or DEFAULT_BASE
+    ref = resolve_base(ModelConfig(base=base))
+    tokenizer = load_tokenizer(ref)
+    catalog = Catalog(base, ref.path, settings.adapters, _registry(settings))
+    metrics = Metrics()
+    engine = Engine(settings, catalog, tokenizer, ref, metrics)
+    keys = list(api_keys) if api_keys is not None else [*read_api_keys(None), *settings.api_keys]
+    return create_app(Service(settings, catalog, engine, metrics, keys))
+
+
+def serve(settings: ServeSettings, api_keys: list[str] | None = None) -> None:
+    """Build the app and run it with uvicorn until SIGINT/SIGTERM (in-flight requests finish first)."""
+    run_app(build_app(settings, api_keys), settings)
+
+
+def run_app(app: Any, settings: ServeSettings) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=int(settings.timeout_s) + 5)
+    uvicorn.Server(config).run()
+
+
+def _adapter_base(settings: ServeSettings) -> str | None:
+    """The base model the first --adapter was trained on (read from its recipe)."""
+    from microtune.config import validate_recipe
+    from microtune.core.artifacts import read_json, read_manifest
+
+    if not settings.adapters:
+        return None
+    name, folder = next(iter(settings.adapters.items()))
+    read_manifest(folder, "adapter")
+    return validate_recipe(read_json(Path(folder) / "recipe.json"), source=str(Path(folder) / "recipe.json")).model.base
+
+
+def _registry(settings: ServeSettings) -> Any:
+    """The registry to resolve model names in, or None (turned off, or a workspace store that does not exist)."""
+    from microtune.core.workspace import DEFAULT_ROOT, Workspace
+    from microtune.registry.tracking import _USER_URI
+    from microtune.serve.catalog import RegistryReader
+
+    if not settings.registry:
+        return None
+    uri = settings.tracking_uri or _USER_URI
+    if uri is None:
+        ws = Workspace(Path(settings.workspace or DEFAULT_ROOT).expanduser().resolve())
+        if not (ws.root / "mlflow.db").is_file():
+            log.info("no MLflow store at %s: serving the --adapter folders and the base model only", ws.root / "mlflow.db")
+            return None
+        uri = ws.mlflow_uri
+    return RegistryReader(uri)
+
+
+__all__ = ["DEFAULT_BASE", "ServeSettings", "build_app", "parse_adapter_options", "read_api_keys", "run_app", "serve"]

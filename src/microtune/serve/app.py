@@ -1,0 +1,346 @@
+"""The HTTP API: OpenAI-compatible routes over the engine, with auth, limits, errors and metrics.
+
+    app = build_app(ServeSettings(adapters={"intents": Path("adapter/")}))
+    uvicorn.run(app, host="127.0.0.1", port=8000)          # or: microtune serve --adapter intents=adapter/
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), GET /v1/models,
+POST /admin/reload, GET /health (never needs a key), GET /metrics (Prometheus text).
+A `classify` micro-model answers the most probable valid label of the last user message (the
+prompt built exactly as in training and evaluation), with its probability; the base model
+generates freely.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from microtune.core.errors import MicrotuneError
+from microtune.serve import schemas as S
+from microtune.serve.catalog import BASE, AdapterSpec, Catalog, UnknownModel
+from microtune.serve.engine import Engine, Job, QueueFull
+from microtune.serve.metrics import Metrics
+from microtune.serve.settings import ServeSettings
+from microtune.tasks import get_task
+
+log = logging.getLogger("microtune.serve")
+
+
+class Service:
+    """What the routes share: settings, catalog, engine, metrics, accepted keys."""
+
+    def __init__(self, settings: ServeSettings, catalog: Catalog, engine: Engine, metrics: Metrics, keys: list[str]):
+        self.settings, self.catalog, self.engine, self.metrics, self.keys = settings, catalog, engine, metrics, keys
+        self._stop_poll = threading.Event()
+        self._tasks: dict[str, tuple[Any, str, int]] = {}
+
+    def start(self) -> None:
+        self.engine.start()
+        if self.settings.poll_s > 0:
+            threading.Thread(target=self._poll, name="microtune-reload", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop_poll.set()
+        self.engine.stop(self.settings.timeout_s)
+
+    def _poll(self) -> None:
+        """Hot reload: re-resolve aliases every poll_s seconds (a promotion moves `champion`)."""
+        while not self._stop_poll.wait(self.settings.poll_s):
+            try:
+                self.catalog.refresh()
+            except Exception as exc:  # a registry hiccup must not stop polling
+                log.warning("alias refresh failed: %s", exc)
+
+    # -- request plumbing -------------------------------------------------------------------------
+    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
+        body = await request.body()
+        if len(body) > self.settings.max_body_bytes:
+            raise S.ApiError(413, f"request body is {len(body)} bytes; the limit is {self.settings.max_body_bytes}", code="request_too_large")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise S.ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise S.ApiError(422, f"{where}: {first['msg']} (got {_short(first.get('input'))})", where or None, "invalid_value") from None
+
+    async def lookup(self, model: str) -> AdapterSpec | str:
+        if not self.engine.ready.is_set():
+            note = f": {self.engine.load_error}" if self.engine.load_error else "; retry in a few seconds"
+            raise S.ApiError(503, f"the base model is loading{note}", code="loading")
+        try:
+            return await asyncio.to_thread(self.catalog.lookup, model)
+        except UnknownModel as exc:
+            raise S.ApiError(404, f"{exc.message}; {exc.hint}" if exc.hint else exc.message, "model", "model_not_found") from None
+        except MicrotuneError as exc:
+            raise S.ApiError(400, f"{exc.message}; fix: {exc.hint}" if exc.hint else exc.message, "model", "model_not_servable") from None
+
+    def job(self, kind: str, target: AdapterSpec | str, prompt: list[int], **params: Any) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job(kind, target, prompt, loop, loop.create_future(), params)
+        try:
+            self.engine.submit(job)
+        except QueueFull as exc:
+            raise S.ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full") from None
+        return job
+
+    async def wait(self, job: Job) -> Any:
+        try:
+            return await asyncio.wait_for(job.future, self.settings.timeout_s - (time.monotonic() - job.enqueued))
+        except TimeoutError:
+            job.cancelled = True
+            raise S.ApiError(504, f"the request took longer than the {self.settings.timeout_s:g}s timeout", code="timeout") from None
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def _task(self, spec: AdapterSpec) -> tuple[Any, str, int]:
+        """``(task, longest label, its completion length)`` of a micro-model, computed once per adapter version."""
+        if spec.key not in self._tasks:
+            sizes = {label: len(self.engine.renderer.completion_ids(label)) for label in spec.labels}
+            longest = max(sizes, key=sizes.__getitem__)
+            self._tasks[spec.key] = (get_task(spec.recipe.task, spec.labels), longest, sizes[longest])
+        return self._tasks[spec.key]
+
+    def classify_prompt(self, spec: AdapterSpec, text: str) -> list[int]:
+        """The micro prompt of evaluation: the trained instruction + the text, cut to the trained length."""
+        task, longest, _ = self._task(spec)
+        return self.engine.renderer.encode(task.messages({"text": text}), longest, spec.recipe.train.max_seq_len)[0]
+
+    def check_classify(self, req: S.Sampling, spec: AdapterSpec, max_tokens: int | None) -> None:
+        for name, neutral in (("temperature", 0), ("top_p", 1)):
+            value = getattr(req, name)
+            if value is not None and value != neutral:
+                raise S.ApiError(400, f"{name}: classify model {spec.name!r} answers its most probable label; sampling does not apply "
+                                      f"(got {value}); leave {name} out", name, "unsupported_parameter")
+        if req.stop:
+            raise S.ApiError(400, f"stop: classify model {spec.name!r} answers one label; leave stop out", "stop", "unsupported_parameter")
+        need = self._task(spec)[2]
+        if max_tokens is not None and max_tokens < need:
+            raise S.ApiError(400, f"max_tokens: the longest label of {spec.name!r} needs {need} tokens, got {max_tokens}",
+                             "max_tokens", "max_tokens_too_small")
+
+    def generation_params(self, req: S.Sampling, prompt: list[int], max_tokens: int | None, default: int, chat: bool) -> dict[str, Any]:
+        limit = self.settings.max_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise S.ApiError(400, f"max_tokens: at most {limit} on this server, got {max_tokens}", "max_tokens", "max_tokens_too_large")
+        if len(prompt) > self.settings.max_prompt_tokens:
+            raise S.ApiError(400, f"the prompt is {len(prompt)} tokens; the limit is {self.settings.max_prompt_tokens}",
+                             "messages" if chat else "prompt", "context_length_exceeded")
+        stops = req.stops()
+        if len(stops) > 4 or (stops and req.stream):
+            raise S.ApiError(400, "stop: up to 4 sequences, and not with stream", "stop", "unsupported_parameter")
+        tok = self.engine.tok
+        eos = {tok.eos_token_id, self.engine.renderer.stop_id} if chat else {tok.eos_token_id}
+        return {"max_tokens": max_tokens or min(default, limit), "temperature": req.temperature or 0, "top_p": req.top_p,
+                "seed": req.seed, "stop": stops, "eos": sorted(e for e in eos if e is not None)}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+
+
+def _last_user(messages: list[S.Message]) -> str:
+    for message in reversed(messages):
+        if message.role == "user":
+            return message.text()
+    raise S.ApiError(400, "messages: a classify model needs a user message (the text to classify)", "messages", "missing_user_message")
+
+
+def _trim_stop(text: str, stops: list[str]) -> str:
+    for stop in stops:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
+# -- responses ------------------------------------------------------------------------------------
+async def classify_response(svc: Service, req: S.Sampling, spec: AdapterSpec, text: str, chat: bool) -> Response:
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    svc.check_classify(req, spec, max_tokens)
+    prompt = svc.classify_prompt(spec, text)
+    job = svc.job("classify", spec, prompt)
+    kind = "chat.completion" if chat else "text_completion"
+    if req.stream:
+        return StreamingResponse(_classify_stream(svc, req, spec, job, kind, len(prompt)), media_type="text/event-stream")
+    label, prob = await svc.wait(job)
+    used = S.usage(len(prompt), len(svc.engine.renderer.completion_ids(label)))
+    body = S.envelope(kind, req.model, spec.fingerprint) | {"usage": used, "microtune": {
+        "task": "classify", "label": label, "probability": prob, "model_version": spec.fingerprint}}
+    choice = {"index": 0, "finish_reason": "stop", "logprobs": S.label_logprobs(label, prob)}
+    body["choices"] = [choice | ({"message": {"role": "assistant", "content": label}} if chat else {"text": label})]
+    return JSONResponse(body)
+
+
+async def _classify_stream(svc: Service, req: S.Sampling, spec: AdapterSpec, job: Job, kind: str, n_prompt: int) -> AsyncIterator[str]:
+    head = S.envelope(kind + ".chunk" if kind.startswith("chat") else kind, req.model, spec.fingerprint)
+    try:
+        label, prob = await svc.wait(job)
+    except S.ApiError as exc:
+        yield _sse(exc.body())
+        return
+    chat = kind.startswith("chat")
+    pieces = [{"role": "assistant", "content": ""}, {"content": label}] if chat else [{"text": label}]
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        choice = {"index": 0, "finish_reason": "stop" if last else None, "logprobs": S.label_logprobs(label, prob) if last else None}
+        yield _sse(head | {"choices": [choice | ({"delta": piece} if chat else piece)]})
+    if req.stream_options and req.stream_options.include_usage:
+        yield _sse(head | {"choices": [], "usage": S.usage(n_prompt, len(svc.engine.renderer.completion_ids(label)))})
+    yield _sse("[DONE]")
+
+
+async def generate_response(svc: Service, req: S.Sampling, prompt: list[int], chat: bool) -> Response:
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    params = svc.generation_params(req, prompt, max_tokens, 512 if chat else 16, chat)
+    kind = "chat.completion" if chat else "text_completion"
+    if not req.stream:
+        job = svc.job("generate", BASE, prompt, **params)
+        out = await svc.wait(job)
+        text = _trim_stop(svc.engine.tok.decode(out["ids"], skip_special_tokens=True), params["stop"])
+        body = S.envelope(kind, req.model, None) | {"usage": S.usage(len(prompt), len(out["ids"]))}
+        choice = {"index": 0, "finish_reason": out["finish_reason"], "logprobs": None}
+        body["choices"] = [choice | ({"message": {"role": "assistant", "content": text}} if chat else {"text": text})]
+        return JSONResponse(body)
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    job = svc.job("generate", BASE, prompt, **params)
+    job.on_text = pieces.put_nowait
+    job.future.add_done_callback(lambda _: pieces.put_nowait(None))
+    return StreamingResponse(_generate_stream(svc, req, job, pieces, kind, len(prompt)), media_type="text/event-stream")
+
+
+async def _generate_stream(svc: Service, req: S.Sampling, job: Job, pieces: asyncio.Queue, kind: str, n_prompt: int) -> AsyncIterator[str]:
+    chat = kind.startswith("chat")
+    head = S.envelope(kind + ".chunk" if chat else kind, req.model, None)
+
+    def chunk(piece: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        return _sse(head | {"choices": [choice | ({"delta": piece} if chat else piece)]})
+
+    try:
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        deadline = job.enqueued + svc.settings.timeout_s
+        while (text := await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0))) is not None:
+            yield chunk({"content": text} if chat else {"text": text})
+        out = job.future.result()
+        yield chunk({} if chat else {"text": ""}, out["finish_reason"])
+        if req.stream_options and req.stream_options.include_usage:
+            yield _sse(head | {"choices": [], "usage": S.usage(n_prompt, len(out["ids"]))})
+        yield _sse("[DONE]")
+    except TimeoutError:
+        yield _sse(S.ApiError(504, f"the request took longer than the {svc.settings.timeout_s:g}s timeout", code="timeout").body())
+    except Exception as exc:  # the worker failed this request: tell the client in the stream (headers are gone)
+        yield _sse(S.ApiError(500, f"generation failed: {exc}", code="server_error").body())
+    finally:
+        job.cancelled = True  # a client that left (or finished) stops the generation at the next token
+
+
+# -- the app --------------------------------------------------------------------------------------
+def create_app(svc: Service) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        svc.start()
+        yield
+        await asyncio.to_thread(svc.stop)  # uvicorn has already let in-flight requests finish
+
+    app = FastAPI(title="microtune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    _middleware(app, svc)
+    _routes(app, svc)
+    return app
+
+
+def _middleware(app: FastAPI, svc: Service) -> None:
+    @app.exception_handler(S.ApiError)
+    async def api_error(_: Request, exc: S.ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(S.ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).body(),
+                            status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        response = _refuse(svc, request) or await call_next(request)
+        route = request.scope.get("route")
+        svc.metrics.observe(route.path if route is not None else "other", response.status_code, time.perf_counter() - start)
+        return response
+
+
+def _refuse(svc: Service, request: Request) -> Response | None:
+    """401 without a valid key (all but /health), 413 when the declared body is over the limit."""
+    if svc.keys and request.url.path != "/health":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k.encode()) for k in svc.keys):
+            err = S.ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+            return JSONResponse(err.body(), status_code=401)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > svc.settings.max_body_bytes:
+        err = S.ApiError(413, f"request body is {declared} bytes; the limit is {svc.settings.max_body_bytes}", code="request_too_large")
+        return JSONResponse(err.body(), status_code=413)
+    return None
+
+
+def _routes(app: FastAPI, svc: Service) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        req = await svc.parse(request, S.ChatRequest)
+        target = await svc.lookup(req.model)
+        if isinstance(target, AdapterSpec):
+            return await classify_response(svc, req, target, _last_user(req.messages), chat=True)
+        prompt = svc.engine.renderer.prompt_ids([{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                                                 for m in req.messages])
+        return await generate_response(svc, req, prompt, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await svc.parse(request, S.CompletionRequest)
+        target = await svc.lookup(req.model)
+        if isinstance(target, AdapterSpec):
+            return await classify_response(svc, req, target, req.text(), chat=False)
+        prompt = svc.engine.tok(req.text(), add_special_tokens=False)["input_ids"]
+        if not prompt:
+            raise S.ApiError(400, "prompt: empty", "prompt", "empty_prompt")
+        return await generate_response(svc, req, prompt, chat=False)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        names = await asyncio.to_thread(svc.catalog.names)
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "microtune"} for n in names]}
+
+    @app.post("/admin/reload")
+    async def reload() -> dict[str, Any]:
+        changes = await asyncio.to_thread(svc.catalog.refresh)
+        return {"changes": changes, "models": svc.catalog.loaded_versions()}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = svc.engine.ready.is_set()
+        status = "ok" if ready else ("failed" if svc.engine.load_error else "loading")
+        body = {"status": status, "base": svc.catalog.base_name, "adapters_loaded": len(svc.engine.loaded),
+                "queue": svc.engine.queue.qsize()}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        data, content_type = svc.metrics.render()
+        return Response(data, media_type=content_type)

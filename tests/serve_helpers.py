@@ -1,0 +1,89 @@
+"""Helpers for the serving tests: tiny trained adapters, a real uvicorn server on 127.0.0.1 in a thread."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toydata import LABELS, TEXTS, write_jsonl
+
+# Adapter B maps the toy texts onto two coarser labels, so A and B answer from different label sets.
+COARSE = {"billing": "money", "refund": "money", "shipping": "parcel"}
+
+
+def write_recipe(folder: Path, name: str, base: Path, coarse: bool) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": TEXTS[l][i], "label": COARSE[l] if coarse else l} for i in range(6) for l in LABELS]
+    test = [{"text": TEXTS[l][i], "label": COARSE[l] if coarse else l} for i in (6, 7) for l in LABELS]
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "test.jsonl", test)
+    recipe = {"name": name, "task": {"type": "classify", "instruction": "Route the message." if coarse else "Name the support topic."},
+              "data": {"train": "train.jsonl", "test": "test.jsonl", "split": {"valid": 0.0}}, "model": {"base": str(base)},
+              "train": {"epochs": 2, "batch_size": 4, "max_seq_len": 96, "lr": 2e-2, "seed": 1 if coarse else 2, "bf16": False},
+              "eval": {"shots": 2, "batch_size": 4}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, Any]:
+    """One HTTP request with the standard library: ``(status, parsed JSON or text)``, error statuses included."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            status, text = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A uvicorn server on 127.0.0.1 in a thread; ``stop()`` shuts it down as SIGTERM would."""
+
+    def __init__(self, app: Any, wait_ready: bool = True):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while call("GET", self.url + "/health")[0] != 200:
+            assert time.monotonic() < deadline, "model did not load"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
