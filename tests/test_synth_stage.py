@@ -209,9 +209,6 @@ def test_the_api_key_is_sent_but_never_written(synth_recipe, tmp_path: Path, mon
 
 def test_user_errors_exit_2_with_the_fix(synth_recipe, tmp_path: Path) -> None:
     runner, ws = CliRunner(), tmp_path / "ws"
-    local = runner.invoke(app, ["synth", str(synth_recipe("local")), "-w", str(ws)])
-    assert local.exit_code == 2 and "microtune serve" in local.output and "synth.teacher.base_url" in local.output
-    assert "/v1" in local.output
     no_key = runner.invoke(app, ["synth", str(synth_recipe("http://127.0.0.1:9/v1", teacher={"api_key_env": "MT_UNSET_KEY_X"})),
                                  "-w", str(ws)])
     assert no_key.exit_code == 2 and "$MT_UNSET_KEY_X" in no_key.output and "export MT_UNSET_KEY_X" in no_key.output
@@ -245,3 +242,12 @@ def test_an_endpoint_that_is_not_an_openai_api_is_named_as_such(synth_recipe, tm
     with FakeTeacher(lambda body, attempt: (200, {}, b"<html>router login</html>")) as teacher:
         with pytest.raises(TeacherError, match=r"every one of 9 request\(s\).*not a chat completion \(got '<html>router login"):
             synth(synth_recipe(teacher.url), workspace=tmp_path / "ws")
+
+
+def test_local_teacher_is_microtune_serve_on_the_base_model(synth_recipe, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`base_url: local` serves the recipe's base model on 127.0.0.1 for the run; its answers go through the same filters."""
+    folder = synth(synth_recipe("local", teacher={"max_tokens": 24}), workspace=tmp_path / "ws")
+    m = manifest(folder)
+    assert m["teacher"]["base_url"].startswith("http://127.0.0.1:") and m["teacher"]["model"] == str(tiny_model_dir)
+    assert m["usage"]["sent"] == m["plan"]["requests"] > 0  # every request reached the local server
+    assert m["accepted"] + m["rejected"] > 0

@@ -172,7 +172,12 @@ def synth(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     from microtune.synth import generate, synth_config, teacher_endpoint
 
     recipe = _recipe(recipe, overrides)
-    teacher_endpoint(synth_config(recipe).teacher)  # a missing section, `local` or an unset key fails before any work
+    if synth_config(recipe).teacher.base_url == "local":  # the offline default: the base model behind microtune serve
+        from microtune.pipeline.local_teacher import local_teacher
+
+        with local_teacher(recipe) as (url, model):
+            return synth(recipe, [f"synth.teacher.base_url={url}", f"synth.teacher.model={model}"], workspace, on_progress)
+    teacher_endpoint(synth_config(recipe).teacher)  # a missing section or an unset key fails before any work
     checked = check(recipe, None, workspace)
     ws, run_id = Workspace.at(workspace), new_run_id()
     dest = ws.stage_dir(recipe.name, "synthetic") / run_id

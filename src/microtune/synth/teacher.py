@@ -59,8 +59,8 @@ class Answer:
 def resolve_endpoint(cfg: TeacherConfig) -> tuple[str, str]:
     """``(base_url, api_key)``; errors name the field and the fix."""
     if cfg.base_url == "local":
-        raise TeacherError("synth.teacher.base_url is `local` (the recipe's base model served by microtune itself), "
-                           "but this build of microtune cannot start that server for synth yet", hint=LOCAL_FIX)
+        raise TeacherError("synth.teacher.base_url is `local`: the pipeline (`microtune synth`) starts that server; "
+                           "the synth library functions need a URL", hint=LOCAL_FIX)
     if not cfg.base_url.startswith(("http://", "https://")):
         raise TeacherError(f"synth.teacher.base_url must be an http(s) URL ending in /v1 (got {cfg.base_url!r})", hint=LOCAL_FIX)
     if cfg.api_key_env is None:
