@@ -297,9 +297,6 @@ class WatchConfig(Section):
     psi_threshold: float = Field(0.25, gt=0, description="Trigger: population stability index of the label distribution above this.")
     text_drift_auc: float = Field(0.80, gt=0.5, le=1, description="Trigger: a classifier tells new from reference texts with this AUC.")
     min_rows_for_tests: int = Field(30, ge=5, description="Distribution and drift tests run only with at least this many new rows.")
-    quality_floor: float | None = Field(
-        None, ge=0, le=1, description="Trigger: the champion's main metric on the new rows falls below this (predicts them; off by default)."
-    )
     holdout: float = Field(0.25, ge=0, lt=1, description="Share of new rows held out (never trained on) and added to the frozen evaluation set.")
     retrain: list[str] = Field(
         ["method.kind=qlora"], description="Recipe overrides (`a.b=value`) for retraining; QLoRA by default."
