@@ -109,3 +109,23 @@ def test_watch_cli_needs_once_or_every(watched) -> None:
     assert bad.exit_code == 2 and "write e.g. 30s, 10m, 1h or 1d" in bad.output
     ok = runner.invoke(app, ["watch", str(recipe), "-w", str(ws), "--once"])
     assert ok.exit_code == 0 and "triggers: none" in ok.output
+
+
+def test_watch_loop_stops_cleanly_on_sigterm(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "inbox").mkdir()
+    recipe = make_recipe(tiny_model_dir, watch={"inbox": "inbox"})
+    proc = subprocess.Popen([sys.executable, "-m", "microtune.cli", "watch", str(recipe), "-w", str(tmp_path / "ws"), "--every", "1s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reports = tmp_path / "ws" / "toy" / "watch" / "reports"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(reports.glob("*.json")) if reports.is_dir() else []) < 2:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped cleanly after" in err and len(list(reports.glob("*.json"))) >= 2
