@@ -83,7 +83,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / ".microtune-results/watch-scenario")
     ap.add_argument("--base-rows", type=int, default=200)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the tables from the last run's steps.json")
     args = ap.parse_args()
+    if args.report_only:
+        saved = json.loads((args.work / "steps.json").read_text())
+        _publish(_markdown(saved["steps"], saved["minutes"], saved["base_rows"]))
+        return
     shutil.rmtree(args.work, ignore_errors=True)
     recipe, batches = prepare(args.work, args.base_rows)
     ws = args.work / "ws"
@@ -106,7 +111,12 @@ def main() -> None:
                   "reason": worse.decision.reason, "details": worse.decision.details})
     minutes = (time.perf_counter() - start) / 60
     body = _markdown(steps, minutes, args.base_rows)
-    (args.work / "steps.json").write_text(json.dumps(steps, indent=2, default=str) + "\n")
+    saved = {"steps": steps, "minutes": minutes, "base_rows": args.base_rows}
+    (args.work / "steps.json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
+    _publish(body)
+
+
+def _publish(body: str) -> None:
     from recipe_results import write_block_named
 
     for path in (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
@@ -122,7 +132,11 @@ def _markdown(steps: list[dict[str, Any]], minutes: float, base_rows: int) -> st
         arrived = "; ".join(f"{Path(f['file']).name}: {f['accepted']} accepted, {f['quarantined']} quarantined"
                             for f in s.get("files", [])) or "—"
         fired = "; ".join(s.get("fired", [])) or "—"
-        lines.append(f"| {s['step']} | {arrived} | {fired} | {s.get('version') or '—'} | {s['verdict']}: {s['reason']} |")
+        d = s.get("details") or {}
+        figures = (f" (champion {d['champion_value']:.3f} vs challenger {d['challenger_value']:.3f} {d['main_metric']} on "
+                   f"{d['examples']} frozen rows, {d['test']} p={d['p_value']:.2g})") if "champion_value" in d else ""
+        decision = s["verdict"] + (f": {s['reason']}" if s["reason"] else "") + figures
+        lines.append(f"| {s['step']} | {arrived} | {fired} | {s.get('version') or '—'} | {decision} |")
     return "\n".join(lines)
 
 
