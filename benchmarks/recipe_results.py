@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, default=ROOT / ".microtune-results")
     ap.add_argument("--only", nargs="*", choices=RECIPES, help="run only these recipes (the table keeps the others' last results)")
     ap.add_argument("--table-only", action="store_true", help="do not run; rebuild the table from the workspace")
+    ap.add_argument("--conditions", default="", help="how the runs were made (threads, machine load), printed with the table")
     args = ap.parse_args()
     if not args.table_only:
         for name in args.only or RECIPES:
@@ -98,7 +99,9 @@ def main() -> None:
             print(f"   {run_recipe(name, args.workspace) / 60:.1f} min", flush=True)
     body = ("Produced by `.venv/bin/python benchmarks/recipe_results.py` (bundled defaults of each recipe, "
             "SmolLM2-135M-Instruct, 2 CPU cores; main metric with its 95 % bootstrap interval over the test rows; "
-            "p: McNemar mid-p on per-row correctness for classification, paired bootstrap otherwise).\n\n" + table(args.workspace))
+            "p: McNemar mid-p on per-row correctness for classification, paired bootstrap otherwise). "
+            + (args.conditions + " " if args.conditions else "") + "Recipes not listed have not been run into this workspace yet."
+            + "\n\n" + table(args.workspace))
     for path in (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
         write_block(path, body)
     print(body)
