@@ -88,3 +88,23 @@ def test_faa_recipe_warns_about_its_majority_cause() -> None:
 
     warnings = [str(p) for p in build_dataset(load_recipe(ROOT / "recipes/faa-maintenance.yaml")).log.warnings]
     assert any("'inadequate preflight inspection' is 69% of train" in w for w in warnings), warnings
+
+
+def test_an_artifact_recipe_with_a_retired_key_still_loads(tmp_path) -> None:
+    """Adapters written by an older microtune keep loading after a recipe key is retired; other problems still fail."""
+    import json
+
+    import pytest
+
+    from microtune.config import artifact_recipe
+    from microtune.core.errors import RecipeError
+
+    raw = {"name": "x", "task": {"instruction": "Route it."}, "data": {"train": "t.jsonl"},
+           "watch": {"min_new_rows": 7, "quality_floor": None}, "train": {"epochs": 2, "retired_knob": 1}}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))
+    recipe = artifact_recipe(path)
+    assert recipe.watch.min_new_rows == 7 and recipe.train.epochs == 2
+    path.write_text(json.dumps({**raw, "train": {"epochs": "many"}}))
+    with pytest.raises(RecipeError, match="problem"):
+        artifact_recipe(path)

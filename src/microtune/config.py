@@ -582,6 +582,29 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return recipe
 
 
+def artifact_recipe(path: str | Path) -> Recipe:
+    """The resolved recipe an artifact stores (``recipe.json``). Keys this version no longer knows are dropped,
+    so artifacts written by an older microtune stay loadable; any other problem is still an error."""
+    import json
+
+    path = Path(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if not all(e["type"] == "extra_forbidden" for e in errors):
+            return validate_recipe(raw, source=str(path))
+        for err in errors:
+            node: Any = raw
+            *parents, leaf = [str(x) for x in err["loc"]]
+            for key in parents:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+        return validate_recipe(raw, source=str(path))
+
+
 def recipe_schema() -> dict[str, Any]:
     """The JSON schema of a recipe, with every field's description."""
     return Recipe.model_json_schema()

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from microtune.config import validate_recipe
-from microtune.core.artifacts import read_json, read_manifest
+from microtune.config import artifact_recipe
+from microtune.core.artifacts import read_manifest
 from microtune.models.hardware import device
 from microtune.models.peft_methods import quantization_config
 from microtune.models.resolve import BaseModelRef, load_model
@@ -20,7 +20,7 @@ def load_trained(ref: BaseModelRef, adapter_dir: Path, base_model: Any = None) -
     """Load a trained artifact as it was trained: whole model (`full`), 4-bit base + adapter (`qlora`), or base + adapter."""
     from peft import PeftModel
 
-    trained = validate_recipe(read_json(Path(adapter_dir) / "recipe.json"))
+    trained = artifact_recipe(Path(adapter_dir) / "recipe.json")
     method = read_manifest(adapter_dir, "adapter").get("method", "lora")
     if method == "full":
         return load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), "")).to(device()).eval()

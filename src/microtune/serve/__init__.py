@@ -56,14 +56,14 @@ def run_app(app: Any, settings: ServeSettings) -> None:
 
 def _adapter_base(settings: ServeSettings) -> str | None:
     """The base model the first --adapter was trained on (read from its recipe)."""
-    from microtune.config import validate_recipe
-    from microtune.core.artifacts import read_json, read_manifest
+    from microtune.config import artifact_recipe
+    from microtune.core.artifacts import read_manifest
 
     if not settings.adapters:
         return None
     name, folder = next(iter(settings.adapters.items()))
     read_manifest(folder, "adapter")
-    return validate_recipe(read_json(Path(folder) / "recipe.json"), source=str(Path(folder) / "recipe.json")).model.base
+    return artifact_recipe(Path(folder) / "recipe.json").model.base
 
 
 def _registry(settings: ServeSettings) -> Any:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microtune.config import Recipe, validate_recipe
-from microtune.core.artifacts import read_json, read_manifest
+from microtune.config import Recipe, artifact_recipe
+from microtune.core.artifacts import read_manifest
 from microtune.core.errors import ArtifactError, MicrotuneError
 from microtune.serve.settings import NAME_PATTERN
 
@@ -69,7 +69,7 @@ def load_spec(name: str, version: str | None, path: Path, base_path: str, base_o
     base_of = base_of or (lambda model: resolve_base(model).path)
     path = Path(path).resolve()
     manifest = read_manifest(path, "adapter")
-    recipe = validate_recipe(read_json(path / "recipe.json"), source=str(path / "recipe.json"))
+    recipe = artifact_recipe(path / "recipe.json")
     method = manifest.get("method", "lora")
     if method not in SERVABLE_METHODS:
         raise UnservableModel(f"model {name!r}: method {method!r} cannot share a base model in mixed batches",
