@@ -68,7 +68,11 @@ def test_a_champion_must_be_loadable_and_names_are_checked(store, tmp_path: Path
 
 def _evidence(champ: float, chall: float, p: float, **extra) -> Evidence:
     return Evidence("accuracy", {"accuracy": champ, "valid_rate": 1.0, **extra.get("c", {})},
-                    {"accuracy": chall, "valid_rate": 1.0, **extra.get("n", {})}, p, "McNemar", 200, extra.get("recall", {}))
+                    {"accuracy": chall, "valid_rate": 1.0, **extra.get("n", {})}, p, "McNemar", 200, extra.get("recall", {}),
+                    extra.get("flips", {}))
+
+
+_DROP = {"champion": {"a": 0.9, "b": 1.0}, "challenger": {"a": 1.0, "b": 0.7}}
 
 
 @pytest.mark.parametrize("evidence, verdict, reason", [
@@ -77,6 +81,10 @@ def _evidence(champ: float, chall: float, p: float, **extra) -> Evidence:
     (_evidence(0.80, 0.82, 0.30), "reject", "not significant: McNemar p=0.3"),
     (_evidence(0.80, 0.86, 0.01, recall={"champion": {"a": 0.9, "b": 0.8}, "challenger": {"a": 1.0, "b": 0.5}}),
      "reject", "recall of 'b' falls by 0.300"),
+    # 10 rows of b: 3 lost, 0 gained is within noise (one-sided binomial p=0.125); 6 lost of 6 flips is not (p=0.016)
+    (_evidence(0.80, 0.86, 0.01, recall=_DROP, flips={"a": (0, 1), "b": (3, 0)}), "promote", "accuracy 0.8000 → 0.8600"),
+    (_evidence(0.80, 0.86, 0.01, recall={"champion": {"b": 1.0}, "challenger": {"b": 0.4}}, flips={"b": (6, 0)}),
+     "reject", "6 of its rows lost, 0 gained, one-sided p=0.0156"),
     (_evidence(0.80, 0.86, 0.01, n={"valid_rate": 0.9}), "reject", "valid answers fall by 0.100"),
     (_evidence(0.80, 0.86, 0.01, c={"latency_ms_p50": 10.0}, n={"latency_ms_p50": 20.0}), "reject", "p50 latency 20.0 ms"),
 ])
@@ -84,6 +92,12 @@ def test_gate_rules(evidence: Evidence, verdict: str, reason: str) -> None:
     d = decide("m", "1", "2", evidence, GateConfig())
     assert d.verdict == verdict and reason in d.reason, d.reason
     assert d.details["gain"] == pytest.approx(evidence.challenger["accuracy"] - evidence.champion["accuracy"])
+
+
+def test_recall_drops_within_noise_are_reported() -> None:
+    d = decide("m", "1", "2", _evidence(0.80, 0.86, 0.01, recall=_DROP, flips={"b": (3, 0)}), GateConfig())
+    assert d.details["recall_drops_within_noise"] == [{"label": "b", "drop": pytest.approx(0.3), "lost": 3, "gained": 0,
+                                                       "p_value": pytest.approx(0.125)}]
 
 
 def test_min_gain_is_respected() -> None:

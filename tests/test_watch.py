@@ -129,3 +129,62 @@ def test_watch_loop_stops_cleanly_on_sigterm(tmp_path: Path, make_recipe, tiny_m
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "stopped cleanly after" in err and len(list(reports.glob("*.json"))) >= 2
+
+
+def test_champion_quality_floor_triggers_a_round(watched) -> None:
+    from microtune.pipeline.watch import watch_once
+
+    recipe, inbox, ws = watched
+    quiet = ["watch.min_rows_for_tests=5", "watch.label_shift_p=1e-12", "watch.psi_threshold=100", "watch.text_drift_auc=1.0"]
+    rows = [{"text": "my card was charged twice", "label": "billing"}, {"text": "where is my parcel now", "label": "shipping"},
+            {"text": "money back for the lamp", "label": "refund"}, {"text": "the invoice shows a wrong amount", "label": "billing"},
+            {"text": "tracking number does not work", "label": "shipping"}, {"text": "return the broken chair", "label": "refund"}]
+    write_jsonl(inbox / "labelled.jsonl", rows)
+    first = watch_once(recipe, [*quiet, "watch.quality_floor=0.0"], workspace=ws)
+    quality = first["statistics"]["champion_quality"]
+    assert quality["version"] == "1" and quality["metric"] == "accuracy" and quality["rows"] == 6
+    assert 0.0 <= quality["value"] <= 1.0 and first["fired"] == []  # the value is never below 0
+    # the same rows, a floor just above what the champion scored → a gated round
+    floor = round(quality["value"] + 0.01, 4)
+    second = watch_once(recipe, [*quiet, f"watch.quality_floor={floor}"], workspace=ws)
+    assert second["statistics"]["champion_quality"]["value"] == pytest.approx(quality["value"])  # same champion, same rows
+    assert second["fired"] == [f"champion accuracy {quality['value']:.3f} on 6 new rows < quality_floor {floor}"]
+    assert second["round"]["version"] == "2" and sorted(_versions(ws)) == ["1", "2"]
+    # without a floor the champion is not scored at all
+    assert "champion_quality" not in watch_once(recipe, quiet, workspace=ws)["statistics"]
+
+
+def test_kill_9_during_a_round_then_rerun_ends_in_the_same_state(watched) -> None:
+    import subprocess
+    import sys
+    import time
+
+    recipe, inbox, ws = watched
+    write_jsonl(inbox / "new.jsonl", [{"text": f"gift card {i} does not work", "label": "giftcard"} for i in range(8)])
+    cmd = [sys.executable, "-m", "microtune.cli", "watch", str(recipe), "-w", str(ws), "--once"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = ws / "toy" / "watch" / "state.db"
+    deadline = time.monotonic() + 240
+    status = None
+    while time.monotonic() < deadline and proc.poll() is None and status != "training":
+        time.sleep(0.05)
+        if state.exists():
+            with sqlite3.connect(state) as con:
+                status = next(iter(con.execute("select status from rounds order by id desc limit 1")), (None,))[0]
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait(timeout=60)
+    assert status == "training", "the round never started before the deadline"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    from microtune.registry.models import CHAMPION, artifact_exists, by_alias, registry_client
+
+    client = registry_client(f"sqlite:///{ws / 'mlflow.db'}")
+    assert sorted(_versions(ws)) == ["1", "2"]  # the round's version exists once
+    with sqlite3.connect(state) as con:
+        assert list(con.execute("select id, status, version from rounds")) == [(1, "done", "2")]
+        assert list(con.execute("select count(*) from rows where round is null")) == [(0,)]
+    champion = by_alias(client, "toy", CHAMPION)
+    assert champion is not None and artifact_exists(champion.source)
+    # a third run has nothing left to do
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "triggers: none" in again.stdout + again.stderr and sorted(_versions(ws)) == ["1", "2"]

@@ -284,7 +284,9 @@ class EvalConfig(Section):
 class GateConfig(Section):
     min_gain: float = Field(0.0, ge=0, description="Least rise of the main metric (first of eval.metrics) for a challenger to win.")
     alpha: float = Field(0.05, gt=0, lt=1, description="The paired test (McNemar / paired bootstrap) must give p below this.")
-    recall_drop: float = Field(0.10, ge=0, le=1, description="classify: most any one class's recall may fall.")
+    recall_drop: float = Field(
+        0.10, ge=0, le=1, description="classify: most any one class's recall may fall; a larger fall rejects when it is beyond noise "
+        "(the class's lost vs gained rows, one-sided exact binomial p below alpha).")
     valid_rate_drop: float = Field(0.02, ge=0, le=1, description="Most the valid-answer rate may fall.")
     latency_ratio: float = Field(1.5, ge=1, description="Most the p50 latency may grow, as a multiple of the champion's.")
 
@@ -296,7 +298,11 @@ class WatchConfig(Section):
     label_shift_p: float = Field(0.01, gt=0, lt=1, description="Trigger: chi-square test of new vs reference label counts below this p.")
     psi_threshold: float = Field(0.25, gt=0, description="Trigger: population stability index of the label distribution above this.")
     text_drift_auc: float = Field(0.80, gt=0.5, le=1, description="Trigger: a classifier tells new from reference texts with this AUC.")
-    min_rows_for_tests: int = Field(30, ge=5, description="Distribution and drift tests run only with at least this many new rows.")
+    min_rows_for_tests: int = Field(
+        30, ge=5, description="Distribution, drift and champion-quality tests run only with at least this many new rows.")
+    quality_floor: float | None = Field(
+        None, description="Trigger: the champion's main metric (first of eval.metrics) on the new labelled rows, predicted before "
+        "any retrain, below this; none: not checked (it costs one prediction pass over the new rows each cycle).")
     holdout: float = Field(0.25, ge=0, lt=1, description="Share of new rows held out (never trained on) and added to the frozen evaluation set.")
     retrain: list[str] = Field(
         ["method.kind=qlora"], description="Recipe overrides (`a.b=value`) for retraining; QLoRA by default."

@@ -133,6 +133,20 @@ def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Any, 
             results[system] |= {"raw": [raw for raw, _ in preds], "preds": [(task.parse(raw), None) for raw, _ in preds]}
 
 
+def score_examples(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A trained artifact's task metrics on normalised examples (no intervals, no artifact): watch's champion-quality check."""
+    from microtune.core.artifacts import read_manifest
+
+    task = get_task(recipe.task, read_manifest(adapter_dir, "adapter")["labels"])
+    renderer = Renderer(load_tokenizer(ref))
+    model = load_trained(ref, adapter_dir)
+    ids = [renderer.encode(task.messages(e), task.target(e), recipe.train.max_seq_len)[0] for e in examples]
+    preds = _predictor(task, model, renderer, recipe.eval.batch_size, use_bf16(recipe.train.bf16)).predict(ids)
+    if task.candidates() is None:
+        preds = [(task.parse(raw), None) for raw, _ in preds]
+    return task.metrics([task.gold(e) for e in examples], [p for p, _ in preds])
+
+
 def _predictor(task: Any, model: Any, renderer: Renderer, batch_size: int, bf16: bool) -> Any:
     """Constrained decoding over the task's answers when it has a closed set; greedy generation otherwise."""
     candidates = task.candidates()

@@ -75,8 +75,9 @@ def _evidence(recipe: Any, ws: Workspace, champ: Version, new: Version) -> Evide
     else:
         p, test = paired_bootstrap_p(a, b, seed=recipe.eval.seed), "paired bootstrap"
     recall = {"champion": _recall(golds, rows_champ), "challenger": _recall(golds, rows_new)} if task.has_labels else {}
+    flips = _flips(golds, a, b) if task.has_labels else {}
     return Evidence(recipe.metric_names()[0], read_json(champ_eval / "metrics.json")["micro"],
-                    read_json(new_eval / "metrics.json")["micro"], float(p), test, len(golds), recall)
+                    read_json(new_eval / "metrics.json")["micro"], float(p), test, len(golds), recall, flips)
 
 
 def _predictions(eval_dir: Path) -> list[dict[str, Any]]:
@@ -90,6 +91,16 @@ def _recall(golds: list[Any], rows: list[dict[str, Any]]) -> dict[str, float]:
         idx = [i for i, g in enumerate(golds) if g == label]
         out[label] = sum(rows[i]["micro"]["pred"] == label for i in idx) / len(idx)
     return out
+
+
+def _flips(golds: list[Any], champ: list[float], chall: list[float]) -> dict[str, tuple[int, int]]:
+    """Per gold class: rows the challenger got wrong that the champion got right, and the reverse."""
+    out: dict[str, list[int]] = {}
+    for g, a, b in zip(golds, champ, chall):
+        counts = out.setdefault(g if isinstance(g, str) else "; ".join(sorted(g)), [0, 0])
+        counts[0] += a == 1.0 and b != 1.0
+        counts[1] += b == 1.0 and a != 1.0
+    return {label: (lost, gained) for label, (lost, gained) in out.items()}
 
 
 def paired_bootstrap_p(a: list[float], b: list[float], n: int = 2000, seed: int = 13) -> float:

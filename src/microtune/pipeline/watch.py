@@ -34,6 +34,7 @@ from microtune.core.workspace import Workspace
 from microtune.pipeline.stages import RecipeLike, _recipe
 
 PATTERNS = ("*.jsonl", "*.csv", "*.tsv")
+ROW_FIELDS = ("task.text_field=text", "task.label_field=label", "task.target_field=target")  # the plain names of stored rows
 SCHEMA = """
 create table if not exists files (checksum text primary key, path text, accepted int, rejected int, at real);
 create table if not exists rows (id integer primary key autoincrement, checksum text, data text, holdout int, round int);
@@ -66,7 +67,7 @@ def watch_once(recipe: RecipeLike, overrides: list[str] | None = None, workspace
         report: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name}
         report["resumed_round"] = _finish_open_round(recipe, ws, con, folder, say)
         report["files"] = _ingest(recipe, inbox, con, folder, say)
-        report |= _triggers(recipe, con)
+        report |= _triggers(recipe, ws, con)
         if report["fired"]:
             round_id = _open_round(con, report["fired"])
             say(f"round {round_id}: retraining ({'; '.join(report['fired'])})")
@@ -130,12 +131,15 @@ def _raw(example: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_holdout(text: str, share: float) -> int:
-    """Deterministic by text, so a rerun holds out the same rows."""
-    return int(zlib.crc32(text.encode()) % 10_000 < share * 10_000)
+    """Deterministic by text (case and spacing ignored, as the leakage check does): a rerun holds out the same rows,
+    and two copies of one text never land on both sides."""
+    from microtune.data.dataset import normalize_text
+
+    return int(zlib.crc32(normalize_text(text).encode()) % 10_000 < share * 10_000)
 
 
 # -- triggers -------------------------------------------------------------------------------------------
-def _triggers(recipe: Recipe, con: sqlite3.Connection) -> dict[str, Any]:
+def _triggers(recipe: Recipe, ws: Workspace, con: sqlite3.Connection) -> dict[str, Any]:
     from microtune.data import label_shift, text_drift_auc
 
     cfg = recipe.watch
@@ -159,8 +163,40 @@ def _triggers(recipe: Recipe, con: sqlite3.Connection) -> dict[str, Any]:
         stats["text_drift_auc"] = auc
         if auc > cfg.text_drift_auc:
             fired.append(f"text drift: AUC {auc:.3f} > {cfg.text_drift_auc}")
+    if cfg.quality_floor is not None and len(new) >= cfg.min_rows_for_tests:
+        quality = _champion_quality(recipe, ws, new)
+        stats["champion_quality"] = quality
+        if quality is not None and quality["value"] < cfg.quality_floor:
+            fired.append(f"champion {quality['metric']} {quality['value']:.3f} on {quality['rows']} new rows "
+                         f"< quality_floor {cfg.quality_floor}")
     thresholds = cfg.model_dump(mode="json", exclude={"inbox", "retrain"})
     return {"statistics": stats, "thresholds": thresholds, "fired": fired}
+
+
+def _champion_quality(recipe: Recipe, ws: Workspace, new: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The champion's main metric on the new rows (before any retrain); None when nothing is champion yet."""
+    from microtune.config import apply_override, validate_recipe
+    from microtune.evaluate import score_examples
+    from microtune.models import resolve_base
+    from microtune.registry.models import CHAMPION, RegistryError, adapter_path, by_alias, registry_client
+    from microtune.registry.tracking import tracking_uri
+    from microtune.tasks import TASKS
+
+    client = registry_client(tracking_uri(recipe, ws))
+    try:
+        champ = by_alias(client, recipe.name, CHAMPION)
+    except RegistryError:
+        return None
+    if champ is None:
+        return None
+    raw = recipe.resolved()
+    for item in ROW_FIELDS:
+        apply_override(raw, item)
+    rows = validate_recipe(raw, source="watch rows")
+    examples = [e for e in (TASKS[rows.task.type].normalize(r, rows.task)[0] for r in new) if e is not None]
+    metrics = score_examples(rows, resolve_base(recipe.model), adapter_path(client, champ), examples)
+    metric = recipe.metric_names()[0]
+    return {"version": champ.version, "metric": metric, "value": float(metrics[metric]), "rows": len(examples)}
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -211,12 +247,16 @@ def _run_round(recipe: Recipe, ws: Workspace, con: sqlite3.Connection, folder: P
 
 
 def _round_recipe(recipe: Recipe, con: sqlite3.Connection, folder: Path, round_id: int) -> Recipe:
-    """The recipe of a retrain: its data = recipe train + new rows (train), recipe test + held-out new rows (frozen set)."""
+    """The recipe of a retrain: its data = recipe train + new rows (train), recipe test + held-out new rows (frozen set).
+    New rows that repeat a recipe row (case and spacing ignored) are left out: they would leak into the frozen set."""
     from microtune.config import apply_override, validate_recipe
     from microtune.data import build_dataset
+    from microtune.data.dataset import normalize_text
 
     base = build_dataset(recipe).splits
+    known = {normalize_text(r["text"]) for rows in base.values() for r in rows}  # re-sent recipe rows would leak into the frozen set
     new = [(json.loads(d), h) for d, h in con.execute("select data, holdout from rows where round <= ?", (round_id,))]
+    new = [(r, h) for r, h in new if normalize_text(r["text"]) not in known]
     files = {"train": [_raw(r) for r in base["train"]] + [r for r, h in new if not h],
              "test": [_raw(r) for r in base["test"]] + [r for r, h in new if h]}
     if base["valid"]:
@@ -225,8 +265,7 @@ def _round_recipe(recipe: Recipe, con: sqlite3.Connection, folder: Path, round_i
     for split, rows in files.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     raw = recipe.resolved()
-    overrides = [*recipe.watch.retrain, "task.text_field=text", "task.label_field=label", "task.target_field=target",
-                 *(f"data.{s}={folder / f'{s}.jsonl'}" for s in ("train", "valid", "test")), "data.format=jsonl"]
+    overrides = [*recipe.watch.retrain, *ROW_FIELDS, *(f"data.{s}={folder / f'{s}.jsonl'}" for s in ("train", "valid", "test")), "data.format=jsonl"]
     if "valid" not in files:
         overrides.append("data.split.valid=0")
     for item in overrides:

@@ -6,8 +6,10 @@ Evidence is measured by the caller on one frozen evaluation set for both version
 each, a paired test's p-value (McNemar for classification, paired bootstrap otherwise), per-class
 recall, the valid-answer rate and latency. Rules, in order: the main metric must rise by at least
 ``min_gain``; the paired test must be below ``alpha``; no class's recall may fall by more than
-``recall_drop``, the valid rate by more than ``valid_rate_drop``, and latency may not grow beyond
-``latency_ratio`` times the champion's. The first failing rule is the reason; every figure is kept.
+``recall_drop`` where the fall is beyond noise (the class's rows the challenger lost vs gained, one-sided
+exact binomial test below ``alpha``: with ten rows a class, 10/10 → 8/10 is noise, 10/10 → 5/10 is not), the
+valid rate may not fall by more than ``valid_rate_drop``, and latency may not grow beyond ``latency_ratio``
+times the champion's. The first failing rule is the reason; every figure is kept.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Evidence:
     test: str                          # which paired test produced p_value
     examples: int
     recall: dict[str, dict[str, float]] = field(default_factory=dict)  # {"champion": {label: r}, "challenger": {...}}
+    flips: dict[str, tuple[int, int]] = field(default_factory=dict)    # {label: (rows lost, rows gained) by the challenger}
 
 
 def decide(name: str, champion: str | None, challenger: str, evidence: Evidence | None, cfg: GateConfig) -> Decision:
@@ -35,7 +38,8 @@ def decide(name: str, champion: str | None, challenger: str, evidence: Evidence 
     ev, m = evidence, evidence.main_metric
     gain = ev.challenger[m] - ev.champion[m]
     details = {"main_metric": m, "champion_value": ev.champion[m], "challenger_value": ev.challenger[m], "gain": gain,
-               "p_value": ev.p_value, "test": ev.test, "examples": ev.examples, "min_gain": cfg.min_gain, "alpha": cfg.alpha}
+               "p_value": ev.p_value, "test": ev.test, "examples": ev.examples, "min_gain": cfg.min_gain, "alpha": cfg.alpha,
+               "recall": ev.recall, "flips": ev.flips}
     reason = _first_failure(ev, gain, cfg, details)
     if reason:
         return Decision(name, challenger, champion, "reject", reason, details)
@@ -53,8 +57,18 @@ def _first_failure(ev: Evidence, gain: float, cfg: GateConfig, details: dict[str
              if label in ev.recall.get("champion", {})}
     worst = max(drops.items(), key=lambda kv: kv[1], default=None)
     details["worst_recall_drop"] = worst
-    if worst and worst[1] > cfg.recall_drop:
-        return f"recall of {worst[0]!r} falls by {worst[1]:.3f} (> recall_drop {cfg.recall_drop})"
+    noise = []
+    for label, drop in sorted(drops.items(), key=lambda kv: -kv[1]):
+        if drop <= cfg.recall_drop:
+            break
+        lost, gained = ev.flips.get(label, (0, 0))
+        p = drop_p_value(lost, gained) if label in ev.flips else 0.0  # no flip counts: every large drop counts
+        if p < cfg.alpha:
+            details["recall_drops_within_noise"] = noise
+            return (f"recall of {label!r} falls by {drop:.3f} (> recall_drop {cfg.recall_drop}; {lost} of its rows lost, "
+                    f"{gained} gained, one-sided p={p:.3g} < alpha {cfg.alpha})")
+        noise.append({"label": label, "drop": drop, "lost": lost, "gained": gained, "p_value": p})
+    details["recall_drops_within_noise"] = noise
     valid_drop = ev.champion.get("valid_rate", 1.0) - ev.challenger.get("valid_rate", 1.0)
     if valid_drop > cfg.valid_rate_drop:
         return f"valid answers fall by {valid_drop:.3f} (> valid_rate_drop {cfg.valid_rate_drop})"
@@ -62,3 +76,10 @@ def _first_failure(ev: Evidence, gain: float, cfg: GateConfig, details: dict[str
     if old and new and new > cfg.latency_ratio * old:
         return f"p50 latency {new:.1f} ms is over {cfg.latency_ratio}× the champion's {old:.1f} ms"
     return None
+
+
+def drop_p_value(lost: int, gained: int) -> float:
+    """One-sided exact binomial test that a class's rows flip to wrong more often than to right."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue) if lost + gained else 1.0
