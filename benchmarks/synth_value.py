@@ -1,6 +1,7 @@
 """Does synthetic data help, and what does the fidelity gate see? Two measurements, figures into BENCHMARKS.md.
 
-    # value: needs a teacher, any OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama, a hosted API, `microtune serve`)
+    # value: needs a teacher, any OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama, a hosted API), or `local` (default):
+    # the recipe's base model served by microtune itself (a weak teacher, but needs no network)
     .venv/bin/python benchmarks/synth_value.py value --base-url http://127.0.0.1:8000/v1 --model NAME \\
         [--api-key-env VAR] [--recipe recipes/banking-intents.yaml] [--real-per-label 5] [--synth-per-label 20] \\
         [--steps 150] [--seeds 13 14]
@@ -57,7 +58,7 @@ def bootstrap(golds: list[str], preds: list[str | None], other: list[str | None]
 
 
 # -- value -------------------------------------------------------------------------------------------------------
-def write_slice(recipe_path: Path, work: Path, per_label: int, seed: int) -> dict[str, Any]:
+def write_slice(recipe_path: Path, work: Path, per_label: int, seed: int, n_labels: int | None = None) -> dict[str, Any]:
     from microtune.config import load_recipe
     from microtune.data import build_dataset
 
@@ -66,11 +67,13 @@ def write_slice(recipe_path: Path, work: Path, per_label: int, seed: int) -> dic
     rng, by_label = random.Random(seed), {}
     for row in data.splits["train"]:
         by_label.setdefault(row["label"], []).append(row)
-    train = [r for label in sorted(by_label) for r in rng.sample(by_label[label], min(per_label, len(by_label[label])))]
+    labels = sorted(by_label)[:n_labels]
+    train = [r for label in labels for r in rng.sample(by_label[label], min(per_label, len(by_label[label])))]
+    valid, test = ([r for r in data.splits[s] if r["label"] in labels] for s in ("valid", "test"))
     work.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("valid", data.splits["valid"]), ("test", data.splits["test"])):
+    for name, rows in (("train", train), ("valid", valid), ("test", test)):
         (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
-    return {"recipe": recipe, "labels": data.labels, "train": len(train), "test": len(data.splits["test"])}
+    return {"recipe": recipe, "labels": labels, "train": len(train), "test": len(test)}
 
 
 def value_recipe(args: argparse.Namespace, base: dict[str, Any], work: Path, seed: int) -> Path:
@@ -104,7 +107,7 @@ def run_value(args: argparse.Namespace) -> None:
     from microtune import pipeline
 
     work = Path(args.workdir).resolve()
-    base = write_slice(ROOT / args.recipe, work, args.real_per_label, args.seeds[0])
+    base = write_slice(ROOT / args.recipe, work, args.real_per_label, args.seeds[0], args.labels)
     results = []
     for seed in args.seeds:
         recipe = value_recipe(args, base, work, seed)
@@ -134,12 +137,15 @@ def _ci(m: dict[str, Any]) -> str:
 
 
 def value_markdown(args: argparse.Namespace, base: dict[str, Any], results: list[dict[str, Any]]) -> str:
-    cmd = " ".join(["benchmarks/synth_value.py", *sys.argv[1:]]).replace(args.base_url, "<BASE_URL>")
+    cmd = " ".join(["benchmarks/synth_value.py", *sys.argv[1:]])
+    cmd = cmd if args.base_url == "local" else cmd.replace(args.base_url, "<BASE_URL>")
+    teacher = (f"the local teacher (`microtune serve` on the recipe's base model, {base['recipe'].model.base})"
+               if args.base_url == "local" else f"teacher `{args.model}`")
     test = f"first {args.max_test} of {base['test']}" if args.max_test else str(base["test"])
     lines = ["## Synthetic data: real only vs real + synthetic (same training budget)", "",
              f"`.venv/bin/python {cmd}` — {args.real_per_label} real rows per label from `{args.recipe}` "
              f"({base['train']} rows, {len(base['labels'])} labels), {args.synth_per_label} accepted synthetic rows per label "
-             f"wanted, teacher `{args.model}`; {args.steps} optimizer steps each; eval on the real test split "
+             f"wanted, {teacher}; {args.steps} optimizer steps each; eval on the real test split "
              f"({test} rows); 95 % bootstrap intervals (1000 resamples), paired for the gain.", "",
              "| seed | system | train rows | accuracy | macro-F1 | accuracy gain | macro-F1 gain |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -214,8 +220,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("value", help="real only vs real + synthetic (needs a teacher endpoint)")
-    v.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint ending in /v1")
-    v.add_argument("--model", required=True, help="model name the endpoint serves")
+    v.add_argument("--base-url", default="local", help="OpenAI-compatible endpoint ending in /v1, or `local` (the default): "
+                   "the recipe's base model served by microtune itself")
+    v.add_argument("--model", default=None, help="model name the endpoint serves (not needed with `local`)")
+    v.add_argument("--labels", type=int, default=None, help="use the first N labels (sorted) only, train and test alike")
     v.add_argument("--api-key-env", default=None, help="environment variable holding the API key (none: no key)")
     v.add_argument("--recipe", default="recipes/banking-intents.yaml")
     v.add_argument("--real-per-label", type=int, default=5)

@@ -295,8 +295,12 @@ class WatchConfig(Section):
     inbox: Path | None = Field(None, description="Folder where new labelled JSONL/CSV files land (relative to the recipe).")
     min_new_rows: int = Field(100, ge=1, description="Trigger: at least this many new labelled rows since the last retrain.")
     new_label_min_rows: int = Field(5, ge=1, description="Trigger: a label never seen before with at least this many rows.")
-    label_shift_p: float = Field(0.01, gt=0, lt=1, description="Trigger: chi-square test of new vs reference label counts below this p.")
-    psi_threshold: float = Field(0.25, gt=0, description="Trigger: population stability index of the label distribution above this.")
+    label_shift_p: float = Field(
+        0.01, gt=0, lt=1, description="Trigger (label shift, with psi_threshold): chi-square test of new vs reference label counts "
+        "below this p.")
+    psi_threshold: float = Field(
+        0.25, gt=0, description="Trigger (label shift, with label_shift_p): population stability index of the label distribution "
+        "above this; both must hold — significant and large — since PSI alone on a few dozen rows is mostly noise.")
     text_drift_auc: float = Field(0.80, gt=0.5, le=1, description="Trigger: a classifier tells new from reference texts with this AUC.")
     min_rows_for_tests: int = Field(
         30, ge=5, description="Distribution, drift and champion-quality tests run only with at least this many new rows.")

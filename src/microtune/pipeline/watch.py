@@ -154,10 +154,9 @@ def _triggers(recipe: Recipe, ws: Workspace, con: sqlite3.Connection) -> dict[st
         stats["label_shift"] = shift
         fired += [f"new label {label!r} with {n} rows ≥ {cfg.new_label_min_rows}" for label, n in shift["new_labels"].items()
                   if n >= cfg.new_label_min_rows]
-        if len(new) >= cfg.min_rows_for_tests and shift["p_value"] < cfg.label_shift_p:
-            fired.append(f"label shift: chi-square p={shift['p_value']:.2g} < {cfg.label_shift_p}")
-        if len(new) >= cfg.min_rows_for_tests and shift["psi"] > cfg.psi_threshold:
-            fired.append(f"label shift: PSI {shift['psi']:.3f} > {cfg.psi_threshold}")
+        if len(new) >= cfg.min_rows_for_tests and shift["p_value"] < cfg.label_shift_p and shift["psi"] > cfg.psi_threshold:
+            fired.append(f"label shift: chi-square p={shift['p_value']:.2g} < {cfg.label_shift_p} and PSI {shift['psi']:.3f} > "
+                         f"{cfg.psi_threshold}")
     if len(new) >= cfg.min_rows_for_tests:
         auc = text_drift_auc([r["text"] for r in ref], [r["text"] for r in new])
         stats["text_drift_auc"] = auc
