@@ -116,17 +116,20 @@ def run_value(args: argparse.Namespace) -> None:
         synth_s = time.perf_counter() - start
         syn = json.loads((syn_dir / "manifest.json").read_text())
         systems = {}
-        for name, mix in (("real", "false"), ("real+synthetic", "true")):
+        # a set the fidelity gate refused (or too small to test) is not mixed in: the real-only model is still reported
+        mixes = (("real", "false"), ("real+synthetic", "true")) if syn["fidelity"]["passed"] else (("real", "false"),)
+        for name, mix in mixes:
             adapter = pipeline.train(recipe, [f"synth.mix.enabled={mix}"], work / "ws", progress="lines")
             eval_dir = pipeline.evaluate(recipe, None, work / "ws", adapter)
             systems[name] = {"adapter": str(adapter), "preds": micro_preds(eval_dir),
                              "train_rows": json.loads((adapter / "manifest.json").read_text()).get("synthetic", {})}
         golds, real_preds = systems["real"]["preds"]
-        _, mixed_preds = systems["real+synthetic"]["preds"]
+        mixed = systems.get("real+synthetic")
         results.append({"seed": seed, "synth_seconds": round(synth_s, 1), "synthetic": {k: syn[k] for k in (
             "plan", "usage", "filters", "accepted", "accepted_per_label", "fidelity")},
-            "real": bootstrap(golds, real_preds), "real+synthetic": bootstrap(golds, mixed_preds, real_preds),
-            "mix": systems["real+synthetic"]["train_rows"]})
+            "real": bootstrap(golds, real_preds),
+            "real+synthetic": bootstrap(golds, mixed["preds"][1], real_preds) if mixed else None,
+            "mix": mixed["train_rows"] if mixed else {}})
         print(json.dumps(results[-1], indent=1, default=str), flush=True)
     (work / "synth_value.json").write_text(json.dumps(results, indent=2, default=str))
     write_section("synth-value", value_markdown(args, base, results), Path(args.bench_file))
@@ -152,6 +155,12 @@ def value_markdown(args: argparse.Namespace, base: dict[str, Any], results: list
         used = r["mix"].get("used", 0)
         lines.append(f"| {r['seed']} | real | {base['train']} | {_ci(r['real']['accuracy'])} | {_ci(r['real']['macro_f1'])} | | |")
         m = r["real+synthetic"]
+        if m is None:
+            fid = r["synthetic"]["fidelity"]
+            why = (f"{r['synthetic']['accepted']} rows accepted, too few for the fidelity test" if fid["auc"] is None
+                   else f"fidelity gate failed (AUC {fid['auc']:.3f} > {fid['max_auc']})")
+            lines.append(f"| {r['seed']} | real + synthetic | — | not trained: {why} | | | |")
+            continue
         lines.append(f"| {r['seed']} | real + synthetic | {base['train']} + {used} | {_ci(m['accuracy'])} | {_ci(m['macro_f1'])} | "
                      f"{_ci(m['accuracy_gain'])} | {_ci(m['macro_f1_gain'])} |")
     lines += ["", "| seed | stage | entered | rejected | pass rate |", "|---|---|---:|---:|---:|"]

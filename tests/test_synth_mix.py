@@ -70,3 +70,14 @@ def test_synthetic_rows_of_other_data_are_not_mixed(synth_recipe, tmp_path: Path
         f.write(json.dumps({"text": "my invoice came in the wrong currency", "label": "billing"}) + "\n")
     with pytest.raises(ArtifactError, match="no synthetic artifact for this dataset"):
         train(recipe, ["synth.mix.enabled=true"], ws, progress=None)
+
+
+def test_a_set_too_small_for_the_fidelity_test_is_refused_with_the_reason(synth_recipe, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    with FakeTeacher(lambda _body, _attempt: (200, {}, '{"examples": [{"text": "unfinished')) as teacher:  # a weak teacher's JSON
+        folder = synth(synth_recipe(teacher.url), workspace=ws)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["accepted"] == 0 and manifest["fidelity"]["auc"] is None and not manifest["fidelity"]["passed"]
+    with pytest.raises(ArtifactError, match="has 0 accepted rows: too few for the fidelity test") as err:
+        train(synth_recipe(teacher.url), ["synth.mix.enabled=true"], ws, progress=None)
+    assert "rejected.jsonl" in (err.value.hint or "")

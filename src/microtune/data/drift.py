@@ -7,8 +7,8 @@ Label shift: a chi-square test of the 2×K table of label counts (Yates' correct
 scipy applies it) and the population stability index Σ (q−p)·ln(q/p) over the known labels, with
 Jeffreys smoothing (half a row added to every label) so empty cells stay finite. PSI on a few dozen
 rows over many labels is mostly sampling noise (40 rows drawn from 28 equally likely labels: PSI ≈ 0.4–0.5,
-chi-square p ≈ 0.2–0.6), so watch fires on a label shift only when both say so: significant and large. Text drift: TF-IDF + logistic regression asked to tell new
-texts from reference texts; 0.5 means indistinguishable, near 1.0 a different kind of text.
+chi-square p ≈ 0.2–0.6), so watch fires on a label shift only when both say so: significant and large.
+Text drift: TF-IDF + logistic regression asked to tell new texts from reference texts; 0.5 means indistinguishable, near 1.0 a different kind of text.
 """
 from __future__ import annotations
 

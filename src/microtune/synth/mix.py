@@ -42,8 +42,12 @@ def synthetic_for_training(recipe: Recipe, root: Path, dataset_hash: str, n_real
         raise ArtifactError(f"synthetic artifact {folder} was made from another dataset ({str(manifest.get('dataset_hash'))[:12]}, "
                             f"this recipe's is {dataset_hash[:12]})", hint="run `microtune synth RECIPE` again on the current data")
     fid = manifest["fidelity"]
+    if not fid["passed"] and not mix.allow_failed_gate and fid["auc"] is None:
+        raise ArtifactError(f"synthetic artifact {folder} has {manifest.get('accepted', 0)} accepted rows: too few for the fidelity "
+                            "test, so nothing is mixed in", hint="look at its rejected.jsonl (every reject has a reason code); "
+                            "a stronger teacher (synth.teacher.base_url) or a larger synth.per_label gives more rows")
     if not fid["passed"] and not mix.allow_failed_gate:
-        raise ArtifactError(f"synthetic artifact {folder} failed the fidelity gate: real-vs-synthetic AUC {fid['auc']} > "
+        raise ArtifactError(f"synthetic artifact {folder} failed the fidelity gate: real-vs-synthetic AUC {fid['auc']:.3f} > "
                             f"{fid['max_auc']}", hint="look at its fidelity.html; regenerate (more exemplars, attributes), raise "
                             "synth.fidelity.drop_most_synthetic, or set synth.mix.allow_failed_gate=true to mix it anyway")
     rows = [json.loads(line) for line in (folder / "accepted.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
