@@ -251,3 +251,25 @@ def test_local_teacher_is_microtune_serve_on_the_base_model(synth_recipe, tmp_pa
     assert m["teacher"]["base_url"].startswith("http://127.0.0.1:") and m["teacher"]["model"] == str(tiny_model_dir)
     assert m["usage"]["sent"] == m["plan"]["requests"] > 0  # every request reached the local server
     assert m["accepted"] + m["rejected"] > 0
+
+
+def test_tuned_local_teacher_learns_the_request_format_from_real_rows_only(synth_recipe, tmp_path: Path) -> None:
+    """`tune_steps`: the base is fine-tuned on requests answered by real rows (never the fidelity holdout), merged and served."""
+    recipe = synth_recipe("local", teacher={"max_tokens": 24, "tune_steps": 2}, fidelity={"folds": 2, "max_auc": 1.0, "holdout": 0.2})
+    ws = tmp_path / "ws"
+    folder = synth(recipe, workspace=ws)
+    m = manifest(folder)
+    teachers = list((ws / "toy" / "teacher").iterdir())
+    assert len(teachers) == 1 and m["teacher"]["model"] == str(teachers[0] / "merged")
+    rows = [json.loads(line) for line in (teachers[0] / "train.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    real = {json.loads(line)["text"]: json.loads(line)["label"] for line in lines}
+    holdout = {json.loads(lines[int(src.rsplit(":", 1)[1]) - 1])["text"] for src in m["holdout"]}
+    answers = [json.loads(r["target"])["examples"][0] for r in rows]
+    assert holdout and all(real[a["text"]] == a["label"] and f'label "{a["label"]}"' in r["text"] for a, r in zip(answers, rows))
+    assert len(rows) == len(real) - len(holdout) and not holdout & {a["text"] for a in answers}  # the holdout stays unseen
+    assert m["plan"]["requests"] == m["usage"]["sent"] == m["plan"]["examples_asked"]  # one example per request
+    # a second run reuses the merged teacher: nothing is trained again
+    stamp = (teachers[0] / "merged" / "manifest.json").stat().st_mtime_ns
+    synth(recipe, workspace=ws)
+    assert (teachers[0] / "merged" / "manifest.json").stat().st_mtime_ns == stamp and len(list((ws / "toy" / "teacher").iterdir())) == 1

@@ -335,6 +335,11 @@ class TeacherConfig(Section):
     temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature of the teacher.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling of the teacher.")
     max_tokens: int = Field(600, ge=16, description="Most tokens the teacher may write per request.")
+    tune_steps: int | None = Field(
+        None, ge=1, description="`local` only: first fine-tune the base model (LoRA, this many steps) to answer synth requests, on "
+        "requests built from the real train rows (the fidelity holdout stays unseen), each answered with a real row of its label; "
+        "then serve the merged model as the teacher, one example per request. A small base model that cannot follow the synth "
+        "prompt learns its format this way (label-conditioned generation); none: the base model as it is.")
     concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
     max_attempts: int = Field(
         5, ge=1, le=20, description="Tries per request (429/5xx/connection errors retry with capped exponential backoff and "

@@ -2,25 +2,64 @@
 
     with local_teacher(recipe) as (base_url, model):     # http://127.0.0.1:<port>/v1, the base model's name
         ...                                                # any OpenAI client can talk to it meanwhile
+    folder = tuned_teacher(recipe, workspace)            # synth.teacher.tune_steps: the base taught the request format
 
 The server listens on 127.0.0.1 on a free port, without the registry and without auth, and is shut
-down when the block ends. A small base model writes weak examples; the filter cascade and the
-fidelity tests say how weak — point `synth.teacher.base_url` at a bigger model for real use.
+down when the block ends. A small base model writes weak examples (SmolLM2-135M answers the synth
+prompt with broken JSON); with ``synth.teacher.tune_steps`` it is first fine-tuned on requests built
+from the real train rows, each answered by a real row of its label (label-conditioned generation, as in
+LAMBADA, Anaby-Tavor et al. 2020), merged, and that model is served. The fidelity holdout is never
+shown to it. The merged teacher is kept under ``<workspace>/<name>/teacher/<hash>/`` and reused while
+its rows, base and steps are the same. For real use, point `synth.teacher.base_url` at a bigger model.
 """
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from microtune.config import Recipe
 from microtune.core.errors import ModelError
 
 
+def tuned_teacher(recipe: Recipe, workspace: str | Path | None, progress: Any = None) -> Path:
+    """The base model fine-tuned to answer this recipe's synth requests, merged into a plain model folder."""
+    from microtune.config import validate_recipe
+    from microtune.core.hashing import hash_value
+    from microtune.core.workspace import Workspace
+    from microtune.data import read_split
+    from microtune.models.export import merge_adapter
+    from microtune.pipeline.stages import check, train
+    from microtune.synth.plan import split_holdout, tuning_rows
+
+    cfg, ws = recipe.synth, Workspace.at(workspace)
+    assert cfg is not None and cfg.teacher.tune_steps is not None
+    checked = check(recipe, None, workspace)
+    _, pool = split_holdout(read_split(checked.dataset_dir, "train"), cfg.fidelity.holdout, cfg.seed)
+    system, rows = tuning_rows(cfg, recipe.task.instruction, checked.manifest["labels"], pool)
+    spec = {"name": f"{recipe.name}-teacher", "model": recipe.model.model_dump(mode="json"),
+            "task": {"type": "generate", "instruction": system, "max_new_tokens": cfg.teacher.max_tokens},
+            "method": {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
+            "train": {"max_steps": cfg.teacher.tune_steps, "lr": 5.0e-4, "batch_size": 4, "max_seq_len": 768, "seed": cfg.seed},
+            "eval": {"baselines": [], "latency_examples": 0}, "tracking": {"register_model": False}}
+    folder = ws.stage_dir(recipe.name, "teacher") / hash_value({"spec": spec, "rows": rows})[:12]
+    merged = folder / "merged"
+    if (merged / "manifest.json").is_file():
+        return merged
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    spec["data"] = {"train": str(folder / "train.jsonl"), "split": {"valid": 0.0, "test": 0.1}}
+    adapter = train(validate_recipe(spec, source="synth.teacher.tune_steps"), None, ws.root, progress)
+    return merge_adapter(adapter, merged, force=True)
+
+
 @contextmanager
-def local_teacher(recipe: Recipe, start_timeout_s: float = 300) -> Iterator[tuple[str, str]]:
+def local_teacher(recipe: Recipe, start_timeout_s: float = 300, base: str | None = None) -> Iterator[tuple[str, str]]:
     import uvicorn
 
     from microtune.serve import ServeSettings, build_app
@@ -29,7 +68,8 @@ def local_teacher(recipe: Recipe, start_timeout_s: float = 300) -> Iterator[tupl
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     teacher = recipe.synth.teacher if recipe.synth else None
-    settings = ServeSettings(base=recipe.model.base, registry=False, host="127.0.0.1", port=port, poll_s=0,
+    base = base or recipe.model.base
+    settings = ServeSettings(base=base, registry=False, host="127.0.0.1", port=port, poll_s=0,
                              max_tokens=max(teacher.max_tokens if teacher else 600, 16), timeout_s=600)
     server = uvicorn.Server(uvicorn.Config(build_app(settings, api_keys=[]), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="microtune-local-teacher", daemon=True)
@@ -41,7 +81,7 @@ def local_teacher(recipe: Recipe, start_timeout_s: float = 300) -> Iterator[tupl
                              hint="set synth.teacher.base_url to another OpenAI-compatible endpoint")
         time.sleep(0.1)
     try:
-        yield f"http://127.0.0.1:{port}/v1", recipe.model.base
+        yield f"http://127.0.0.1:{port}/v1", base
     finally:
         server.should_exit = True
         thread.join(timeout=60)

@@ -173,10 +173,13 @@ def synth(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
 
     recipe = _recipe(recipe, overrides)
     if synth_config(recipe).teacher.base_url == "local":  # the offline default: the base model behind microtune serve
-        from microtune.pipeline.local_teacher import local_teacher
+        from microtune.pipeline.local_teacher import local_teacher, tuned_teacher
 
-        with local_teacher(recipe) as (url, model):
-            return synth(recipe, [f"synth.teacher.base_url={url}", f"synth.teacher.model={model}"], workspace, on_progress)
+        tuned = synth_config(recipe).teacher.tune_steps is not None
+        base = str(tuned_teacher(recipe, workspace, "lines" if on_progress else None)) if tuned else None
+        one = ["synth.examples_per_request=1"] if tuned else []  # the tuned teacher learned one example per answer
+        with local_teacher(recipe, base=base) as (url, model):
+            return synth(recipe, [f"synth.teacher.base_url={url}", f"synth.teacher.model={model}", *one], workspace, on_progress)
     teacher_endpoint(synth_config(recipe).teacher)  # a missing section or an unset key fails before any work
     checked = check(recipe, None, workspace)
     ws, run_id = Workspace.at(workspace), new_run_id()

@@ -157,6 +157,24 @@ def messages(instruction: str, labels: list[str], req: PlannedRequest) -> list[d
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
 
 
+def tuning_rows(cfg: SynthConfig, instruction: str, labels: list[str], pool: list[Row]) -> tuple[str, list[Row]]:
+    """``(system, rows)`` that teach a model the request format: per real row, a request for one example of its label
+    (other rows of the label as exemplars, sampled attributes) answered by that row in the JSON shape asked for."""
+    rng = random.Random(cfg.seed)
+    by_label: dict[str, list[Row]] = defaultdict(list)
+    for row in pool:
+        by_label[row["label"]].append(row)
+    system, rows = "", []
+    for label in labels:
+        for row in by_label.get(label, []):
+            others = [r for r in by_label[label] if r is not row]
+            attrs = {axis: rng.choice(values) for axis, values in sorted(cfg.attributes.items())}
+            req = PlannedRequest(len(rows), label, 1, rng.sample(others, min(cfg.exemplars, len(others))), attrs)
+            system, user = (m["content"] for m in messages(instruction, labels, req))
+            rows.append({"text": user, "target": json.dumps({"examples": [{"text": row["text"], "label": label}]})})
+    return system, rows
+
+
 _FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.IGNORECASE)
 
 
