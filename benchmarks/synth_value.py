@@ -90,7 +90,7 @@ def value_recipe(args: argparse.Namespace, base: dict[str, Any], work: Path, see
         "tracking": {"register_model": False},
         "synth": {"per_label": args.synth_per_label, "seed": seed,
                   "teacher": {"base_url": args.base_url, "model": args.model, "api_key_env": args.api_key_env,
-                              "concurrency": args.concurrency},
+                              "concurrency": args.concurrency, "tune_steps": args.tune_steps},
                   "mix": {"max_ratio": args.max_ratio}},
     }
     path = work / f"recipe-{seed}.yaml"
@@ -132,7 +132,7 @@ def run_value(args: argparse.Namespace) -> None:
             "mix": mixed["train_rows"] if mixed else {}})
         print(json.dumps(results[-1], indent=1, default=str), flush=True)
     (work / "synth_value.json").write_text(json.dumps(results, indent=2, default=str))
-    write_section("synth-value", value_markdown(args, base, results), Path(args.bench_file))
+    write_section(args.section, value_markdown(args, base, results), Path(args.bench_file))
 
 
 def _ci(m: dict[str, Any]) -> str:
@@ -142,8 +142,9 @@ def _ci(m: dict[str, Any]) -> str:
 def value_markdown(args: argparse.Namespace, base: dict[str, Any], results: list[dict[str, Any]]) -> str:
     cmd = " ".join(["benchmarks/synth_value.py", *sys.argv[1:]])
     cmd = cmd if args.base_url == "local" else cmd.replace(args.base_url, "<BASE_URL>")
-    teacher = (f"the local teacher (`microtune serve` on the recipe's base model, {base['recipe'].model.base})"
-               if args.base_url == "local" else f"teacher `{args.model}`")
+    teacher = (f"the local teacher (`microtune serve` on the recipe's base model, {base['recipe'].model.base}"
+               + (f", first fine-tuned {args.tune_steps} steps on the real rows to answer synth requests, one example each)"
+                  if args.tune_steps else ")") if args.base_url == "local" else f"teacher `{args.model}`")
     test = f"first {args.max_test} of {base['test']}" if args.max_test else str(base["test"])
     lines = ["## Synthetic data: real only vs real + synthetic (same training budget)", "",
              f"`.venv/bin/python {cmd}` — {args.real_per_label} real rows per label from `{args.recipe}` "
@@ -232,6 +233,9 @@ def main() -> None:
     v.add_argument("--base-url", default="local", help="OpenAI-compatible endpoint ending in /v1, or `local` (the default): "
                    "the recipe's base model served by microtune itself")
     v.add_argument("--model", default=None, help="model name the endpoint serves (not needed with `local`)")
+    v.add_argument("--tune-steps", type=int, default=None, help="with `local`: synth.teacher.tune_steps (teach the base model "
+                   "the request format on the real rows first)")
+    v.add_argument("--section", default="synth-value", help="marker of the BENCHMARKS.md section to (re)write")
     v.add_argument("--labels", type=int, default=None, help="use the first N labels (sorted) only, train and test alike")
     v.add_argument("--api-key-env", default=None, help="environment variable holding the API key (none: no key)")
     v.add_argument("--recipe", default="recipes/banking-intents.yaml")

@@ -149,6 +149,9 @@ def test_champion_quality_floor_triggers_a_round(watched) -> None:
     quality = first["statistics"]["champion_quality"]
     assert quality["version"] == "1" and quality["metric"] == "accuracy" and quality["rows"] == 6
     assert 0.0 <= quality["value"] <= 1.0 and first["fired"] == []  # the value is never below 0
+    shown = CliRunner().invoke(app, ["watch", str(recipe), "-w", str(ws), "--once", *(x for q in quiet for x in ("--set", q)),
+                                     "--set", "watch.quality_floor=0.0"])
+    assert shown.exit_code == 0 and f"champion (version 1) accuracy on the new rows: {quality['value']:.3f} (6 rows)" in shown.output
     # the same rows, a floor just above what the champion scored → a gated round
     floor = round(quality["value"] + 0.01, 4)
     second = watch_once(recipe, [*quiet, f"watch.quality_floor={floor}"], workspace=ws)

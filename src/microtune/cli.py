@@ -216,6 +216,9 @@ def _show_watch(report: dict[str, Any]) -> None:
     stats = report["statistics"]
     out.print(f"new rows: {stats['new_rows']} (reference {stats['reference_rows']}); "
               f"files: {len(report['files'])} new; triggers: {'; '.join(report['fired']) or 'none'}", highlight=False, markup=False)
+    if stats.get("champion_quality"):
+        q = stats["champion_quality"]
+        out.print(f"champion (version {q['version']}) {q['metric']} on the new rows: {q['value']:.3f} ({q['rows']} rows)", highlight=False)
     if report.get("round"):
         r = report["round"]
         out.print(f"round {r['id']}: version {r['version']} {r['verdict']} — {r['reason']}", highlight=False, markup=False)
