@@ -73,6 +73,18 @@ def sum_gradients(params: list[Any]) -> None:
             offset += g.numel()
 
 
+def held_state_mb(model: Any, optimizer: Any) -> dict[str, float]:
+    """MB of parameters and optimizer state this process holds: all of them under ddp, its shards under fsdp."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def mb(tensors: Any) -> float:
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if torch.is_tensor(t)]
+        return round(sum(t.numel() * t.element_size() for t in local) / 2**20, 3)
+
+    return {"params": mb(model.parameters()), "optimizer": mb(v for s in optimizer.state.values() for v in s.values())}
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

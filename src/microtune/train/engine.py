@@ -266,6 +266,7 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     wall = st["elapsed"] + time.perf_counter() - start
     if cfg.keep_best and best is not None:
         load_trainable(model, best)
+    held = dist.held_state_mb(model, optimizer)  # before saving: gathering full weights is not what a rank holds
     _save(model, loss_fn, out_dir, sharded, recipe.method.kind)
     tokenizer.save_pretrained(out_dir)
     counts = param_counts(model)
@@ -278,7 +279,9 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
                   "best_valid_loss": st["best_loss"], "steps": st["step"], "planned_steps": steps,
                   "stopped_early": st["stopped_early"], "balance": balance, "resumed": resume},
         "cost": cost_report(recipe.method.kind, dense_params(model), counts["total_params"], counts["trainable_params"],
-                            st["tokens"], wall, peak_memory_mb()) | {"device": device(), "bf16": bf16},
+                            st["tokens"], wall, peak_memory_mb()) | {"device": device(), "bf16": bf16, "distributed": {
+                                "strategy": "fsdp" if sharded else "ddp" if dist.world_size() > 1 else "none",
+                                "ranks": dist.world_size(), "state_mb_per_rank": held}},
     }
 
 
@@ -359,5 +362,7 @@ def _valid_loss(model: Any, loss_fn: Callable, rows: list[tuple[list[int], list[
             batch = {k: v.to(device()) for k, v in collate(rows[start:start + batch_size], pad).items()}
             loss, n = loss_fn(batch)
             total, count = total + loss.item() * n, count + n
+    if release := getattr(loss_fn, "release", None):  # FSDP: free what these forwards gathered (no backward does it)
+        release()
     model.train()
     return total / max(count, 1)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from microtune.config import FsdpConfig
 from microtune.core.errors import RecipeError
@@ -42,7 +43,7 @@ def decoder_layers(model: Any) -> list[Any]:
 def shard(model: Any, cfg: FsdpConfig, loss: Callable[[Any, dict[str, Any]], tuple[Any, float]]) -> LossFn:
     """Shard ``model`` in place across the process group; returns ``batch -> (loss, normaliser)`` to train with."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     cuda = torch.cuda.is_available()
     if cfg.cpu_offload and not cuda:
@@ -104,3 +105,10 @@ class _Loss(torch.nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[Any, float]:
         return self.loss(self.model, batch)
+
+    def release(self) -> None:
+        """Free gathered parameters after a forward without backward (validation): nothing reshards them then, so
+        the root group (and, without reshard_after_forward, every layer) would stay whole until the next step."""
+        for module in self.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
