@@ -2,7 +2,8 @@
 
     result = train_adapter(recipe, ref, dataset_dir, labels, out_dir, checkpoint_dir=ckpt, resume=False)
 
-Reads top to bottom: encode the splits → build the model (4-bit base for qlora) → optimizer →
+Reads top to bottom: encode the splits → build the model (4-bit base for qlora; sharded with FSDP2 under
+``train.distributed.strategy: fsdp``, see train/fsdp.py) → optimizer →
 (resume from the newest checkpoint) → steps with validation, early stopping, checkpoints → keep the
 best weights → save. Speed choices (measured in benchmarks/): the LM head runs only at positions
 that carry a label, a prompt prefix shared by the batch is computed once, matmuls run under bf16
