@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from microtune.config import load_recipe
+from microtune.config import load_recipe, validate_recipe
 from microtune.core.errors import RecipeError
 
 ENV = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
@@ -132,7 +132,10 @@ def test_recipes_fsdp_cannot_train_are_rejected(make_recipe, tiny_model_dir: Pat
     assert message in " ".join(str(p) for p in info.value.problems)
 
 
-def test_default_strategy_is_ddp(make_recipe, tiny_model_dir: Path) -> None:
-    recipe = load_recipe(make_recipe(tiny_model_dir))
-    assert recipe.train.distributed.strategy == "ddp"
-    assert load_recipe(make_recipe(tiny_model_dir), [FSDP, "method.kind=ia3"]).train.distributed.fsdp.reshard_after_forward
+def test_default_strategy_is_ddp_and_resolved_recipes_reload(make_recipe, tiny_model_dir: Path) -> None:
+    """The recipe.json an adapter carries spells out the fsdp defaults; it must validate again (eval, serve load it)."""
+    ddp = load_recipe(make_recipe(tiny_model_dir))
+    assert ddp.train.distributed.strategy == "ddp"
+    fsdp = load_recipe(make_recipe(tiny_model_dir), [FSDP, "method.kind=ia3", "train.distributed.fsdp.reshard_after_forward=false"])
+    for recipe in (ddp, fsdp):
+        assert validate_recipe(recipe.resolved()).train.distributed == recipe.train.distributed

@@ -214,7 +214,8 @@ class DistributedConfig(Section):
 
     @model_validator(mode="after")
     def _fsdp_only_with_fsdp(self) -> DistributedConfig:
-        if "fsdp" in self.model_fields_set and self.strategy != "fsdp":
+        # defaults are fine (a resolved recipe.json spells them out); anything else would be silently ignored
+        if self.strategy != "fsdp" and self.fsdp != FsdpConfig():
             raise ValueError(f"fsdp settings are given but strategy is {self.strategy!r}; set strategy: fsdp or remove fsdp")
         return self
 

@@ -140,7 +140,7 @@ def build_model(recipe: Recipe, ref: BaseModelRef) -> Any:
     quant = quantization_config(recipe.method)
     model = load_model(ref, recipe.model.trust_remote_code, quant)
     model.config.use_cache = False
-    if quant is None:
+    if quant is None and not _shards(recipe.train):  # FSDP moves each layer's shard to the device as it shards it
         model = model.to(device())
     model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
     if recipe.train.gradient_checkpointing:
@@ -303,9 +303,13 @@ def _rank_share(idx: list[int]) -> tuple[list[int], bool]:
     return (mine, False) if mine else (idx[:1], True)
 
 
+def _shards(cfg: Any) -> bool:
+    return cfg.distributed.strategy == "fsdp" and dist.world_size() > 1
+
+
 def _loss_fn(model: Any, cfg: Any) -> tuple[Callable[[dict[str, Any]], tuple[Any, float]], bool]:
     """``batch -> (loss, normaliser)``, and whether the model was sharded (FSDP) to get it."""
-    if cfg.distributed.strategy == "fsdp" and dist.world_size() > 1:
+    if _shards(cfg):
         from microtune.train import fsdp
 
         # no shared-prefix pass: ranks must call every FSDP layer equally often (each call is a collective),

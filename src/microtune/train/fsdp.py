@@ -67,17 +67,7 @@ def save(root: Any, out_dir: Path, trainable_only: bool) -> None:
     """Gather the full weights (every rank takes part) and let rank 0 write them as a single process would."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    model = root.model
-    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        # PEFT saves prompt embeddings computed by running its prompt encoder, not from a state dict: gather the
-        # root group (prompt encoder, embeddings; decoder layers stay sharded) for the save, then shard it again
-        root.unshard()
-        if dist.is_main():
-            model.save_pretrained(out_dir)
-        root.reshard()
-        dist.barrier()
-        return
-
+    model = root.model  # (prompt/prefix tuning is rejected with fsdp: PEFT saves it by running the sharded encoder)
     # adapters: only the trainable tensors are gathered (the frozen base is not written); `full`: everything
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     state = get_model_state_dict(model, options=options)
