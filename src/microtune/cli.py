@@ -72,7 +72,7 @@ def synth(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 @app.command()
 def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run from its last checkpoint.")] = False,
-          nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes (torchrun; gloo on CPU, NCCL on GPU).")] = 1,
+          nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (torchrun; gloo/CPU, NCCL/GPU); ddp or fsdp: train.distributed.")] = 1,
           ) -> None:
     """Fine-tune the base model (method.kind: lora, dora, qlora, ia3, prompt/prefix tuning, full); writes an adapter artifact."""
     from microtune import pipeline

@@ -181,6 +181,45 @@ MethodConfig = Annotated[
 ]
 
 
+class FsdpConfig(Section):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) settings, used when `train.distributed.strategy` is `fsdp`."""
+
+    reshard_after_forward: bool = Field(
+        True, description="Free each decoder layer's gathered parameters after its forward and gather them again for "
+        "backward (least memory, ZeRO-3 style); false keeps them gathered until backward (one all-gather fewer per layer)."
+    )
+    cpu_offload: bool = Field(
+        False, description="Keep the sharded parameters, gradients and optimizer state in CPU memory and copy each layer to "
+        "the GPU when it runs (FSDP2 CPUOffloadPolicy): bigger models fit, steps are slower. CUDA only."
+    )
+
+
+class DistributedConfig(Section):
+    """How `microtune train --nproc N` splits the work across its N processes."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="`ddp`: every process holds the whole model and gradients are summed across processes; `fsdp`: "
+        "parameters, gradients and optimizer state are sharded across processes, one FSDP2 group per decoder layer "
+        "(for models that do not fit one device). Both give the update one process gives with the same global batch."
+    )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP settings (only with strategy: fsdp).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_strategy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("strategy") == "deepspeed":
+            raise ValueError("strategy 'deepspeed' is not supported by microtune; use strategy: fsdp (sharded, built in) "
+                             "or run your own DeepSpeed setup through `accelerate launch`")
+        return data
+
+    @model_validator(mode="after")
+    def _fsdp_only_with_fsdp(self) -> DistributedConfig:
+        # defaults are fine (a resolved recipe.json spells them out); anything else would be silently ignored
+        if self.strategy != "fsdp" and self.fsdp != FsdpConfig():
+            raise ValueError(f"fsdp settings are given but strategy is {self.strategy!r}; set strategy: fsdp or remove fsdp")
+        return self
+
+
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train; overrides epochs.")
@@ -222,6 +261,9 @@ class TrainConfig(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     log_every: int = Field(5, ge=1, description="Log loss to MLflow every N optimizer steps.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Multi-process training (`microtune train --nproc N`): ddp or fsdp."
+    )
 
 
 class EndpointConfig(Section):
@@ -470,6 +512,22 @@ class Recipe(Section):
         if unknown:
             raise ValueError(f"eval.metrics: {', '.join(map(repr, unknown))} not reported for this task "
                              f"(one of: {', '.join(allowed)})")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_fits_method(self) -> Recipe:
+        if self.train.distributed.strategy != "fsdp":
+            return self
+        if self.method.kind == "qlora":
+            raise ValueError("train.distributed.strategy=fsdp cannot shard qlora's 4-bit (bitsandbytes) base weights; "
+                             "use method.kind=lora (or dora) with fsdp, or keep qlora with strategy: ddp")
+        if self.method.kind in ("prompt_tuning", "prefix_tuning"):
+            raise ValueError(f"train.distributed.strategy=fsdp does not support method.kind={self.method.kind}: PEFT saves its "
+                             "prompt embeddings by running the sharded prompt encoder; use lora, dora, ia3 or full with fsdp, "
+                             "or strategy: ddp")
+        if self.train.save_steps is not None:
+            raise ValueError("train.save_steps (resumable checkpoints) is not supported with train.distributed.strategy=fsdp "
+                             "yet; remove train.save_steps, or use strategy: ddp to checkpoint and --resume")
         return self
 
     def metric_names(self) -> list[str]:

@@ -1,12 +1,15 @@
-"""Data-parallel training across processes (torchrun): gloo on CPU, NCCL on CUDA.
+"""Training across processes (torchrun): gloo on CPU, NCCL on CUDA; the process plumbing of both strategies.
 
-    microtune train RECIPE --nproc 2      # re-launches itself under torchrun with 2 ranks
+    microtune train RECIPE --nproc 2                                            # ddp (default)
+    microtune train RECIPE --nproc 2 --set train.distributed.strategy=fsdp      # sharded (train/fsdp.py)
 
 Every rank takes its share of each global batch (``train.batch_size`` stays the global batch), the
 loss is scaled by the rank's share of the batch's completion tokens and gradients are summed across
-ranks, so N processes compute the same update as one process with the same global batch. Only rank 0
-logs, checkpoints and writes artifacts. For models that do not fit one device, FSDP/DeepSpeed through
-`accelerate launch` remain the route (not wrapped here).
+ranks, so N processes compute the same update as one process with the same global batch. With
+``ddp`` every rank holds the whole model and ``sum_gradients`` adds the gradients up; with ``fsdp``
+parameters, gradients and optimizer state are sharded and FSDP2 sums the gradients itself
+(``microtune.train.fsdp``). Only rank 0 logs, checkpoints and writes artifacts. DeepSpeed is not
+wrapped (a recipe asking for it is rejected; `accelerate launch` is the route).
 """
 from __future__ import annotations
 
@@ -71,6 +74,18 @@ def sum_gradients(params: list[Any]) -> None:
         for g in chunk:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def held_state_mb(model: Any, optimizer: Any) -> dict[str, float]:
+    """MB of parameters and optimizer state this process holds: all of them under ddp, its shards under fsdp."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def mb(tensors: Any) -> float:
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if torch.is_tensor(t)]
+        return round(sum(t.numel() * t.element_size() for t in local) / 2**20, 3)
+
+    return {"params": mb(model.parameters()), "optimizer": mb(v for s in optimizer.state.values() for v in s.values())}
 
 
 def barrier() -> None:

@@ -2,7 +2,8 @@
 
     result = train_adapter(recipe, ref, dataset_dir, labels, out_dir, checkpoint_dir=ckpt, resume=False)
 
-Reads top to bottom: encode the splits → build the model (4-bit base for qlora) → optimizer →
+Reads top to bottom: encode the splits → build the model (4-bit base for qlora; sharded with FSDP2 under
+``train.distributed.strategy: fsdp``, see train/fsdp.py) → optimizer →
 (resume from the newest checkpoint) → steps with validation, early stopping, checkpoints → keep the
 best weights → save. Speed choices (measured in benchmarks/): the LM head runs only at positions
 that carry a label, a prompt prefix shared by the batch is computed once, matmuls run under bf16
@@ -11,6 +12,7 @@ Imbalanced labels are sampled or weighted (``train.balance``).
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -41,6 +43,7 @@ from microtune.train.cost import cost_report, dense_params
 from microtune.train.packing import is_packed, pack, packed_hidden_states
 
 LogFn = Callable[[int, dict[str, float]], None]
+log = logging.getLogger(__name__)
 BUCKET_WINDOW = 50  # batches per length-sorting window when train.length_bucketing is on
 
 
@@ -137,7 +140,7 @@ def build_model(recipe: Recipe, ref: BaseModelRef) -> Any:
     quant = quantization_config(recipe.method)
     model = load_model(ref, recipe.model.trust_remote_code, quant)
     model.config.use_cache = False
-    if quant is None:
+    if quant is None and not _shards(recipe.train):  # FSDP moves each layer's shard to the device as it shards it
         model = model.to(device())
     model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
     if recipe.train.gradient_checkpointing:
@@ -198,6 +201,7 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     balance = resolve_balance(cfg.balance, [r.get("label") for r in train_rows])
     weights = label_weights([r["label"] for r in train_rows], cfg.balance_power) if balance != "none" else None
     model = build_model(recipe, ref)
+    loss_fn, sharded = _loss_fn(model, cfg)
     bf16 = use_bf16(cfg.bf16)
     lengths = [len(p) + len(c) for p, c in train_set]
     window = BUCKET_WINDOW if cfg.length_bucketing else 1
@@ -220,19 +224,21 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     try:
         for _epoch, idx in iterate_batches(lengths, cfg.batch_size, cfg.seed, total_micro, st["micro"],
                                            weights if balance == "sample" else None, window):
-            idx = dist.shard(idx)  # this rank's share of the global batch (all of it for one process)
-            batch = _batch([train_set[j] for j in idx], pad, [weights[j] for j in idx] if balance == "weight" else None, cfg)
+            idx, idle = _rank_share(idx)  # this rank's share of the global batch (all of it for one process)
+            batch = _batch([train_set[j] for j in idx], pad, [weights[j] for j in idx] if balance == "weight" else None, cfg, sharded)
             batch = {k: v.to(device()) for k, v in batch.items()}
             with autocast(bf16):
-                loss, norm = completion_loss(model, batch)
+                loss, norm = loss_fn(batch)
+            norm = 0 if idle else norm
             norm_all = dist.all_sum(norm)  # scale so summed rank gradients = the global batch's mean gradient
             (loss * (norm / norm_all) / cfg.grad_accum).backward()
             st["micro"] += 1
-            st["tokens"] += int(dist.all_sum(float(batch["n_tokens"] if is_packed(batch) else batch["attention_mask"].sum())))
+            st["tokens"] += int(dist.all_sum(0.0 if idle else float(batch["n_tokens"] if is_packed(batch) else batch["attention_mask"].sum())))
             accum, n_acc = [accum[0] + dist.all_sum(loss.item() * norm) / norm_all, accum[1] + 1], n_acc + 1
             if n_acc < cfg.grad_accum and st["micro"] != total_micro:
                 continue
-            dist.sum_gradients(trainable)
+            if not sharded:  # FSDP reduce-scatters the gradients itself, layer by layer, during backward
+                dist.sum_gradients(trainable)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
             st["step"] += 1
@@ -245,7 +251,7 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
                 if on_log:
                     on_log(st["step"], record)
             if valid_set and (st["step"] % eval_every == 0 or st["step"] == steps):
-                best = _validate(model, valid_set, cfg, pad, bf16, st, best, on_log)
+                best = _validate(model, loss_fn, valid_set, cfg, pad, bf16, st, best, on_log)
                 if cfg.early_stopping_patience and st["since_best"] >= cfg.early_stopping_patience:
                     st["stopped_early"] = True
             if checkpoint_dir and cfg.save_steps and (st["step"] % cfg.save_steps == 0) and st["step"] < steps:
@@ -261,7 +267,8 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     wall = st["elapsed"] + time.perf_counter() - start
     if cfg.keep_best and best is not None:
         load_trainable(model, best)
-    model.save_pretrained(out_dir)
+    held = dist.held_state_mb(model, optimizer)  # before saving: gathering full weights is not what a rank holds
+    _save(model, loss_fn, out_dir, sharded, recipe.method.kind)
     tokenizer.save_pretrained(out_dir)
     counts = param_counts(model)
     final_valid = st["valid"][-1]["valid_loss"] if st["valid"] else None
@@ -273,24 +280,63 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
                   "best_valid_loss": st["best_loss"], "steps": st["step"], "planned_steps": steps,
                   "stopped_early": st["stopped_early"], "balance": balance, "resumed": resume},
         "cost": cost_report(recipe.method.kind, dense_params(model), counts["total_params"], counts["trainable_params"],
-                            st["tokens"], wall, peak_memory_mb()) | {"device": device(), "bf16": bf16},
+                            st["tokens"], wall, peak_memory_mb()) | {"device": device(), "bf16": bf16, "distributed": {
+                                "strategy": "fsdp" if sharded else "ddp" if dist.world_size() > 1 else "none",
+                                "ranks": dist.world_size(), "state_mb_per_rank": held}},
     }
 
 
-def _batch(examples: list[tuple[list[int], list[int]]], pad: int, weights: list[float] | None, cfg: Any) -> dict[str, Any]:
+def _batch(examples: list[tuple[list[int], list[int]]], pad: int, weights: list[float] | None, cfg: Any,
+           sharded: bool = False) -> dict[str, Any]:
     """Packed rows (``train.packing``) or one right-padded row per example."""
     if cfg.packing:
-        return pack(examples, pad, cfg.max_seq_len, share_prefix=not cfg.gradient_checkpointing, weights=weights)
+        share = not cfg.gradient_checkpointing and not sharded  # FSDP: one decoder call per step on every rank
+        return pack(examples, pad, cfg.max_seq_len, share_prefix=share, weights=weights)
     return collate(examples, pad, weights)
+
+
+def _rank_share(idx: list[int]) -> tuple[list[int], bool]:
+    """This rank's rows, and whether it has none: a short last batch of an epoch can leave a rank without rows.
+    Such a rank runs the batch's first row at weight 0, so every rank makes the same collective calls
+    (the loss normaliser sums, FSDP's gathers, the gradient sums) and adds nothing to the update."""
+    mine = dist.shard(idx)
+    return (mine, False) if mine else (idx[:1], True)
+
+
+def _shards(cfg: Any) -> bool:
+    return cfg.distributed.strategy == "fsdp" and dist.world_size() > 1
+
+
+def _loss_fn(model: Any, cfg: Any) -> tuple[Callable[[dict[str, Any]], tuple[Any, float]], bool]:
+    """``batch -> (loss, normaliser)``, and whether the model was sharded (FSDP) to get it."""
+    if _shards(cfg):
+        from microtune.train import fsdp
+
+        # no shared-prefix pass: ranks must call every FSDP layer equally often (each call is a collective),
+        # and whether a rank's rows share a prefix differs from rank to rank
+        return fsdp.shard(model, cfg.distributed.fsdp, lambda m, batch: completion_loss(m, batch, share_prefix=False)), True
+    if cfg.distributed.strategy == "fsdp":
+        log.warning("train.distributed.strategy=fsdp with one process: nothing to shard across, training unsharded "
+                    "(run `microtune train RECIPE --nproc N` with N >= 2 to shard)")
+    return (lambda batch: completion_loss(model, batch)), False
+
+
+def _save(model: Any, loss_fn: Any, out_dir: Path, sharded: bool, kind: str) -> None:
+    if sharded:  # loss_fn is then the FSDP root module wrapping the model
+        from microtune.train import fsdp
+
+        fsdp.save(loss_fn, out_dir, trainable_only=kind != "full")
+    else:
+        model.save_pretrained(out_dir)
 
 
 def _meta(st: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in st.items() if k != "step"}
 
 
-def _validate(model: Any, valid_set: list, cfg: Any, pad: int, bf16: bool, st: dict[str, Any],
+def _validate(model: Any, loss_fn: Callable, valid_set: list, cfg: Any, pad: int, bf16: bool, st: dict[str, Any],
               best: dict[str, Any] | None, on_log: LogFn | None) -> dict[str, Any] | None:
-    loss = _valid_loss(model, valid_set, cfg.batch_size, pad, bf16)
+    loss = _valid_loss(model, loss_fn, valid_set, cfg.batch_size, pad, bf16)
     st["valid"].append({"step": st["step"], "valid_loss": loss})
     if on_log:
         on_log(st["step"], {"valid_loss": loss})
@@ -311,7 +357,7 @@ def _optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps)
 
 
-def _valid_loss(model: Any, rows: list[tuple[list[int], list[int]]], batch_size: int, pad: int, bf16: bool) -> float:
+def _valid_loss(model: Any, loss_fn: Callable, rows: list[tuple[list[int], list[int]]], batch_size: int, pad: int, bf16: bool) -> float:
     import torch
 
     model.eval()
@@ -319,7 +365,9 @@ def _valid_loss(model: Any, rows: list[tuple[list[int], list[int]]], batch_size:
     with torch.no_grad(), autocast(bf16):
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device()) for k, v in collate(rows[start:start + batch_size], pad).items()}
-            loss, n = completion_loss(model, batch)
+            loss, n = loss_fn(batch)
             total, count = total + loss.item() * n, count + n
+    if release := getattr(loss_fn, "release", None):  # FSDP: free what these forwards gathered (no backward does it)
+        release()
     model.train()
     return total / max(count, 1)
