@@ -146,7 +146,8 @@ def value_markdown(args: argparse.Namespace, base: dict[str, Any], results: list
                + (f", first fine-tuned {args.tune_steps} steps on the real rows to answer synth requests, one example each)"
                   if args.tune_steps else ")") if args.base_url == "local" else f"teacher `{args.model}`")
     test = f"first {args.max_test} of {base['test']}" if args.max_test else str(base["test"])
-    lines = ["## Synthetic data: real only vs real + synthetic (same training budget)", "",
+    kind = ("local teacher, tuned" if args.tune_steps else "local teacher, as it is") if args.base_url == "local" else args.model
+    lines = [f"## Synthetic data: real only vs real + synthetic (same training budget; {kind})", "",
              f"`.venv/bin/python {cmd}` — {args.real_per_label} real rows per label from `{args.recipe}` "
              f"({base['train']} rows, {len(base['labels'])} labels), {args.synth_per_label} accepted synthetic rows per label "
              f"wanted, {teacher}; {args.steps} optimizer steps each; eval on the real test split "
