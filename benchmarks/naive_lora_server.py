@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from microtune.config import ModelConfig
 from microtune.models import LabelPredictor, load_model, load_tokenizer, resolve_base
 from microtune.models.hardware import use_bf16
-from microtune.serve import parse_adapter_options
-from microtune.serve.catalog import load_spec
+from microtune.serving import parse_adapter_options
+from microtune.serving.catalog import load_spec
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
 

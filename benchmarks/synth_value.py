@@ -188,7 +188,7 @@ TELLS = {
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
-    from microtune.synth.fidelity import two_sample
+    from microtune.synthesis.fidelity import two_sample
 
     table = []
     for name, path in (("CLINC150 banking", "recipes/data/clinc150-banking/train.jsonl"),

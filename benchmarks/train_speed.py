@@ -106,7 +106,7 @@ def run_trl(config: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from microtune.train.cost import dense_params
+    from microtune.training.cost import dense_params
 
     s = shared(args.examples)
     recipe, instruction = s["recipe"], s["recipe"].task.instruction

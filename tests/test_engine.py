@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from microtune.train.batching import collate, iterate_batches, label_weights
-from microtune.train.engine import completion_loss, resolve_balance
+from microtune.training.batching import collate, iterate_batches, label_weights
+from microtune.training.engine import completion_loss, resolve_balance
 from toydata import write_jsonl
 
 

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from microtune.cli import app
-from microtune.evaluate.endpoint import match_label
-from microtune.evaluate.report import SECTIONS
-from microtune.evaluate.runner import similar_shots
+from microtune.evaluation.endpoint import match_label
+from microtune.evaluation.report import SECTIONS
+from microtune.evaluation.runner import similar_shots
 from toydata import LABELS, TEXTS
 
 SECRET = "sk-test-0123456789abcdef"
@@ -201,7 +201,7 @@ def test_mlflow_run_has_intervals_pvalues_and_report(evaluated: dict[str, Any]) 
 def test_unreachable_endpoint_and_missing_key_fail_with_the_fix(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     from microtune.config import EndpointConfig
     from microtune.core.errors import ModelError
-    from microtune.evaluate.endpoint import EndpointSystem
+    from microtune.evaluation.endpoint import EndpointSystem
 
     with pytest.raises(ModelError, match="MT_UNSET_KEY.*is not set"):
         EndpointSystem(EndpointConfig(name="x", base_url="http://127.0.0.1:9/v1", model="m", api_key_env="MT_UNSET_KEY"), LABELS)

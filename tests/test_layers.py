@@ -6,8 +6,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "microtune"
 FLOOR = {"core": 0, "config": 1, "data": 2, "tasks": 2, "models": 2, "registry": 2,
-         "synth": 3, "train": 3, "evaluate": 3, "serve": 3, "pipeline": 4, "cli": 5}
-STAGES = {"synth", "train", "evaluate", "serve"}
+         "synthesis": 3, "training": 3, "evaluation": 3, "serving": 3, "pipeline": 4, "cli": 5}
+STAGES = {"synthesis", "training", "evaluation", "serving"}
 
 
 def _room(path: Path) -> str:

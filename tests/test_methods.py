@@ -7,8 +7,8 @@ import pytest
 
 from microtune.config import load_recipe
 from microtune.models import resolve_base
-from microtune.train.batching import collate
-from microtune.train.engine import build_model, completion_loss
+from microtune.training.batching import collate
+from microtune.training.engine import build_model, completion_loss
 
 METHODS = {
     "lora": {"kind": "lora", "r": 4, "use_rslora": True},

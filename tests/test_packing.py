@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from microtune.train.batching import collate
-from microtune.train.engine import completion_loss
-from microtune.train.packing import block_mask, first_fit, pack, packed_hidden_states
+from microtune.training.batching import collate
+from microtune.training.engine import completion_loss
+from microtune.training.packing import block_mask, first_fit, pack, packed_hidden_states
 
 PREFIX = [5, 6, 7, 8, 9, 10]
 EXAMPLES = [(PREFIX + [11, 12], [13, 14]), (PREFIX + [21], [22, 23, 24]), (PREFIX + [31, 32, 33], [34]),

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from microtune.cli import app as cli_app
-from microtune.serve import ServeSettings, build_app
+from microtune.serving import ServeSettings, build_app
 from serve_helpers import Running, call, write_recipe
 from toydata import LABELS
 
@@ -263,7 +263,7 @@ def test_503_while_the_base_model_cannot_be_loaded(tmp_path: Path, tiny_model_di
 
 
 def test_api_keys_guard_every_route_but_health(adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from microtune.serve import read_api_keys
+    from microtune.serving import read_api_keys
 
     key_file = tmp_path / "keys.txt"
     key_file.write_text("# team keys\nfile-key\n")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from microtune.config import TaskConfig
-from microtune.evaluate.stats import Bootstrap, compare, mcnemar, paired_bootstrap_p, percentile_ci
+from microtune.evaluation.stats import Bootstrap, compare, mcnemar, paired_bootstrap_p, percentile_ci
 from microtune.tasks import get_task
 
 LABELS = ["billing", "cards", "loans", "travel"]

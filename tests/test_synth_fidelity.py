@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from microtune.config import FidelityConfig
-from microtune.synth.fidelity import fidelity, two_sample, write_html
+from microtune.synthesis.fidelity import fidelity, two_sample, write_html
 
 CLINC = Path(__file__).resolve().parents[1] / "recipes" / "data" / "clinc150-banking" / "train.jsonl"
 

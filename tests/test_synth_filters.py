@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 
 from microtune.config import SynthConfig, SynthFilterConfig
-from microtune.synth.filters import Cascade, find_pii, iban_ok, judge_says_no, luhn_ok
-from microtune.synth.plan import build_plan, parse_answer, quotas, split_holdout, validate_item
+from microtune.synthesis.filters import Cascade, find_pii, iban_ok, judge_says_no, luhn_ok
+from microtune.synthesis.plan import build_plan, parse_answer, quotas, split_holdout, validate_item
 from toydata import LABELS, TEXTS
 
 

@@ -12,7 +12,7 @@ from fake_teacher import FakeTeacher, examples, label_of, synth_recipe_factory
 from microtune.config import load_recipe
 from microtune.core.errors import ArtifactError
 from microtune.pipeline import synth, train
-from microtune.synth import synthetic_for_training
+from microtune.synthesis import synthetic_for_training
 from toydata import LABELS
 
 

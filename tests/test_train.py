@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from microtune.config import load_recipe
-from microtune.train.batching import batches_per_epoch, collate, epoch_batches, iterate_batches
-from microtune.train.engine import completion_loss
+from microtune.training.batching import batches_per_epoch, collate, epoch_batches, iterate_batches
+from microtune.training.engine import completion_loss
 
 
 def test_collate_masks_prompt_and_padding() -> None:
@@ -96,7 +96,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir: Path) -
 
     from microtune.config import LoraConfig
     from microtune.models import apply_method
-    from microtune.train.engine import shared_prefix_len
+    from microtune.training.engine import shared_prefix_len
 
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4), 0)
     prefix = [5, 6, 7, 8, 9, 10]

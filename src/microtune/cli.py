@@ -76,7 +76,7 @@ def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
           ) -> None:
     """Fine-tune the base model (method.kind: lora, dora, qlora, ia3, prompt/prefix tuning, full); writes an adapter artifact."""
     from microtune import pipeline
-    from microtune.train import distributed
+    from microtune.training import distributed
 
     if nproc > 1 and distributed.world_size() == 1:
         argv = ["train", str(recipe), *[x for s in set_ or [] for x in ("--set", s)], *(["--resume"] if resume else []),

@@ -35,7 +35,7 @@ def tuned_teacher(recipe: Recipe, workspace: str | Path | None, progress: Any = 
     from microtune.data import read_split
     from microtune.models.export import merge_adapter
     from microtune.pipeline.stages import check, train
-    from microtune.synth.plan import split_holdout, tuning_rows
+    from microtune.synthesis.plan import split_holdout, tuning_rows
 
     cfg, ws = recipe.synth, Workspace.at(workspace)
     assert cfg is not None and cfg.teacher.tune_steps is not None
@@ -62,7 +62,7 @@ def tuned_teacher(recipe: Recipe, workspace: str | Path | None, progress: Any = 
 def local_teacher(recipe: Recipe, start_timeout_s: float = 300, base: str | None = None) -> Iterator[tuple[str, str]]:
     import uvicorn
 
-    from microtune.serve import ServeSettings, build_app
+    from microtune.serving import ServeSettings, build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

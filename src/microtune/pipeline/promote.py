@@ -54,7 +54,7 @@ def gate(recipe: RecipeLike, version: str, workspace: str | Path | None = None) 
 
 
 def _evidence(recipe: Any, ws: Workspace, champ: Version, new: Version) -> Evidence:
-    from microtune.evaluate.stats import mcnemar
+    from microtune.evaluation.stats import mcnemar
     from microtune.tasks import get_task
 
     new_eval = Path(new.tags["eval_dir"])
@@ -107,7 +107,7 @@ def paired_bootstrap_p(a: list[float], b: list[float], n: int = 2000, seed: int 
     """Paired bootstrap over the frozen set's rows: both versions' mean score on the same resampled rows."""
     import numpy as np
 
-    from microtune.evaluate.stats import paired_bootstrap_p as p_value
+    from microtune.evaluation.stats import paired_bootstrap_p as p_value
 
     a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(a_), size=(n, len(a_)))

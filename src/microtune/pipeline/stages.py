@@ -114,8 +114,8 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     """
     from microtune.models import resolve_base
     from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
-    from microtune.train import distributed as dist
-    from microtune.train import train_adapter
+    from microtune.training import distributed as dist
+    from microtune.training import train_adapter
 
     dist.init()
     if not dist.is_main():
@@ -159,7 +159,7 @@ def _synthetic_rows(recipe: Recipe, ws: Workspace, checked: CheckResult) -> tupl
     """Synthetic rows `train` adds to the real ones (none unless synth.mix.enabled), and what was used."""
     if recipe.synth is None or not recipe.synth.mix.enabled:
         return [], {}
-    from microtune.synth import synthetic_for_training
+    from microtune.synthesis import synthetic_for_training
 
     n_real = checked.manifest["stats"]["rows"]["train"]
     return synthetic_for_training(recipe, ws.stage_dir(recipe.name, "synthetic"), checked.manifest["dataset_hash"], n_real)
@@ -169,7 +169,7 @@ def synth(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
           on_progress: Any = None) -> Path:
     """Check, then generate, filter and test synthetic rows; returns the ``synthetic/`` artifact folder."""
     from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
-    from microtune.synth import generate, synth_config, teacher_endpoint
+    from microtune.synthesis import generate, synth_config, teacher_endpoint
 
     recipe = _recipe(recipe, overrides)
     if synth_config(recipe).teacher.base_url == "local":  # the offline default: the base model behind microtune serve
@@ -209,7 +209,7 @@ def _synth_metrics(m: dict[str, Any]) -> dict[str, float]:
 def _pending_run(ws: Workspace, recipe: Recipe, recipe_hash: str) -> tuple[str, str]:
     """The newest run with a checkpoint and no finished adapter: ``(run_id, mlflow_run_id)``."""
     from microtune.core.errors import ArtifactError
-    from microtune.train.checkpoint import latest_checkpoint
+    from microtune.training.checkpoint import latest_checkpoint
 
     root = ws.stage_dir(recipe.name, "checkpoints")
     for folder in sorted(root.glob("*"), reverse=True) if root.is_dir() else []:
@@ -253,7 +253,7 @@ def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: 
     ``dataset``: test on another dataset artifact's test split than the adapter's own (the gate scores
     the champion on the challenger's frozen set this way).
     """
-    from microtune.evaluate import evaluate_systems, preflight
+    from microtune.evaluation import evaluate_systems, preflight
     from microtune.models import resolve_base
     from microtune.registry import log_folder, log_metrics, mlflow_run
 
@@ -281,7 +281,7 @@ def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: 
 
 def report(eval_dir: str | Path) -> Path:
     """Re-render report.html and its PNGs from an eval artifact's files (no model, no recipe needed)."""
-    from microtune.evaluate import render_report
+    from microtune.evaluation import render_report
 
     read_manifest(Path(eval_dir), "eval")
     return render_report(eval_dir)
@@ -290,7 +290,7 @@ def report(eval_dir: str | Path) -> Path:
 def register(recipe: RecipeLike, adapter_dir: Path, eval_dir: Path, workspace: str | Path | None = None,
              extra_tags: dict[str, str] | None = None) -> str:
     """Register the adapter as a new model version, with lineage and eval metrics as tags."""
-    from microtune.evaluate import MICRO
+    from microtune.evaluation import MICRO
     from microtune.registry import register_adapter
 
     recipe, ws = _recipe(recipe, None), Workspace.at(workspace)

@@ -175,7 +175,7 @@ def _triggers(recipe: Recipe, ws: Workspace, con: sqlite3.Connection) -> dict[st
 def _champion_quality(recipe: Recipe, ws: Workspace, new: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The champion's main metric on the new rows (before any retrain); None when nothing is champion yet."""
     from microtune.config import apply_override, validate_recipe
-    from microtune.evaluate import score_examples
+    from microtune.evaluation import score_examples
     from microtune.models import resolve_base
     from microtune.registry.models import CHAMPION, RegistryError, adapter_path, by_alias, registry_client
     from microtune.registry.tracking import tracking_uri

@@ -21,8 +21,8 @@ from typing import Any
 from microtune.config import Recipe
 from microtune.core.errors import DataError
 from microtune.data import read_split
-from microtune.evaluate import stats, timing
-from microtune.evaluate.endpoint import EndpointSystem
+from microtune.evaluation import stats, timing
+from microtune.evaluation.endpoint import EndpointSystem
 from microtune.models import BaseModelRef, load_model, load_tokenizer
 from microtune.models.decoding import LabelPredictor, TextGenerator
 from microtune.models.hardware import device, use_bf16
@@ -79,7 +79,7 @@ def preflight(recipe: Recipe) -> None:
 def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapter_dir: Path, labels: list[str],
                      out_dir: Path, on_system: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Predict the test split with every system; write the eval files into ``out_dir``; return metrics per system."""
-    from microtune.evaluate.report import render_report
+    from microtune.evaluation.report import render_report
 
     cfg = recipe.eval
     test = read_split(dataset_dir, "test")[: cfg.max_examples]

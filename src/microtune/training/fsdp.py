@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from microtune.config import FsdpConfig
 from microtune.core.errors import RecipeError
-from microtune.train import distributed as dist
+from microtune.training import distributed as dist
 
 LossFn = Callable[[dict[str, Any]], tuple[Any, float]]
 

@@ -22,9 +22,9 @@ from typing import Any
 from microtune.config import Recipe, artifact_recipe
 from microtune.core.artifacts import read_manifest
 from microtune.core.errors import ArtifactError, MicrotuneError
-from microtune.serve.settings import NAME_PATTERN
+from microtune.serving.settings import NAME_PATTERN
 
-log = logging.getLogger("microtune.serve")
+log = logging.getLogger("microtune.serving")
 BASE = "__base__"  # PEFT's name for "no adapter" rows in a mixed batch
 SERVABLE_METHODS = {"lora"}  # PEFT mixed-adapter batches support plain LoRA (not DoRA, IA3, prompt tuning, 4-bit bases)
 SERVABLE_TASKS = {"classify"}

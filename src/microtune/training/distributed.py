@@ -1,14 +1,14 @@
 """Training across processes (torchrun): gloo on CPU, NCCL on CUDA; the process plumbing of both strategies.
 
     microtune train RECIPE --nproc 2                                            # ddp (default)
-    microtune train RECIPE --nproc 2 --set train.distributed.strategy=fsdp      # sharded (train/fsdp.py)
+    microtune train RECIPE --nproc 2 --set train.distributed.strategy=fsdp      # sharded (training/fsdp.py)
 
 Every rank takes its share of each global batch (``train.batch_size`` stays the global batch), the
 loss is scaled by the rank's share of the batch's completion tokens and gradients are summed across
 ranks, so N processes compute the same update as one process with the same global batch. With
 ``ddp`` every rank holds the whole model and ``sum_gradients`` adds the gradients up; with ``fsdp``
 parameters, gradients and optimizer state are sharded and FSDP2 sums the gradients itself
-(``microtune.train.fsdp``). Only rank 0 logs, checkpoints and writes artifacts. DeepSpeed is not
+(``microtune.training.fsdp``). Only rank 0 logs, checkpoints and writes artifacts. DeepSpeed is not
 wrapped (a recipe asking for it is rejected; `accelerate launch` is the route).
 """
 from __future__ import annotations

@@ -24,12 +24,12 @@ from typing import Any
 
 from microtune.models.decoding import LabelPredictor, build_trie
 from microtune.models.hardware import autocast, device, use_bf16
-from microtune.serve.catalog import BASE, AdapterSpec, Catalog
-from microtune.serve.metrics import Metrics
-from microtune.serve.settings import ServeSettings
+from microtune.serving.catalog import BASE, AdapterSpec, Catalog
+from microtune.serving.metrics import Metrics
+from microtune.serving.settings import ServeSettings
 from microtune.tasks.render import Renderer
 
-log = logging.getLogger("microtune.serve")
+log = logging.getLogger("microtune.serving")
 
 
 class QueueFull(Exception):

@@ -27,14 +27,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from microtune.core.errors import MicrotuneError
-from microtune.serve import schemas as S
-from microtune.serve.catalog import BASE, AdapterSpec, Catalog, UnknownModel
-from microtune.serve.engine import Engine, Job, QueueFull
-from microtune.serve.metrics import Metrics
-from microtune.serve.settings import ServeSettings
+from microtune.serving import schemas as S
+from microtune.serving.catalog import BASE, AdapterSpec, Catalog, UnknownModel
+from microtune.serving.engine import Engine, Job, QueueFull
+from microtune.serving.metrics import Metrics
+from microtune.serving.settings import ServeSettings
 from microtune.tasks import get_task
 
-log = logging.getLogger("microtune.serve")
+log = logging.getLogger("microtune.serving")
 
 
 class Service:

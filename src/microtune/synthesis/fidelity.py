@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from microtune.config import FidelityConfig
-from microtune.synth.filters import probe, text_features
+from microtune.synthesis.filters import probe, text_features
 
 Row = dict[str, Any]
 

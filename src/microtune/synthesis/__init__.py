@@ -7,8 +7,8 @@ Modules: ``teacher`` (OpenAI-compatible client, retries, accounting), ``cache`` 
 ``fidelity`` (tests against held-out real rows), ``stage`` (the whole stage) and ``mix`` (what
 `train` adds to the real rows).
 """
-from microtune.synth.mix import synthetic_for_training
-from microtune.synth.stage import generate, synth_config
-from microtune.synth.teacher import resolve_endpoint as teacher_endpoint
+from microtune.synthesis.mix import synthetic_for_training
+from microtune.synthesis.stage import generate, synth_config
+from microtune.synthesis.teacher import resolve_endpoint as teacher_endpoint
 
 __all__ = ["generate", "synth_config", "synthetic_for_training", "teacher_endpoint"]

@@ -19,11 +19,11 @@ from urllib.parse import urlsplit, urlunsplit
 from microtune.config import Recipe, SynthConfig, TaskConfig
 from microtune.core.errors import RecipeError, TeacherError
 from microtune.data import read_split
-from microtune.synth.cache import AnswerCache, request_key
-from microtune.synth.fidelity import fidelity, two_sample, write_html
-from microtune.synth.filters import STAGES, Cascade, judge_messages, judge_says_no
-from microtune.synth.plan import PlannedRequest, build_plan, parse_answer, quotas, split_holdout, validate_item
-from microtune.synth.teacher import Answer, Teacher, TeacherRequest
+from microtune.synthesis.cache import AnswerCache, request_key
+from microtune.synthesis.fidelity import fidelity, two_sample, write_html
+from microtune.synthesis.filters import STAGES, Cascade, judge_messages, judge_says_no
+from microtune.synthesis.plan import PlannedRequest, build_plan, parse_answer, quotas, split_holdout, validate_item
+from microtune.synthesis.teacher import Answer, Teacher, TeacherRequest
 
 Row = dict[str, Any]
 Progress = Callable[[int, int, int], None]  # (answered, total, from cache)

@@ -22,7 +22,7 @@ from typing import Any
 
 from microtune.config import TeacherConfig
 from microtune.core.errors import TeacherError
-from microtune.synth.cache import AnswerCache
+from microtune.synthesis.cache import AnswerCache
 
 LOCAL_FIX = ("start `microtune serve` and set synth.teacher.base_url to its /v1 URL (e.g. --set "
              "synth.teacher.base_url=http://127.0.0.1:8000/v1), or point it at any OpenAI-compatible endpoint "

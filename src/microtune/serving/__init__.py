@@ -3,7 +3,7 @@
     microtune serve --adapter intents=.microtune/intents/adapters/RUN --port 8000
     microtune serve                      # every model in the workspace's MLflow registry, by name
 
-    from microtune.serve import ServeSettings, build_app, serve
+    from microtune.serving import ServeSettings, build_app, serve
     serve(ServeSettings(adapters={"intents": Path("adapter/")}))
 
 ``build_app`` checks everything a user can get wrong (adapter folders, base model, registry) before
@@ -16,9 +16,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from microtune.serve.settings import ServeSettings, parse_adapter_options, read_api_keys
+from microtune.serving.settings import ServeSettings, parse_adapter_options, read_api_keys
 
-log = logging.getLogger("microtune.serve")
+log = logging.getLogger("microtune.serving")
 DEFAULT_BASE = "smollm2-135m-instruct"
 
 
@@ -26,10 +26,10 @@ def build_app(settings: ServeSettings, api_keys: list[str] | None = None) -> Any
     """The app for these settings; ``api_keys`` default: $MICROTUNE_API_KEYS plus ``settings.api_keys``."""
     from microtune.config import ModelConfig
     from microtune.models import load_tokenizer, resolve_base
-    from microtune.serve.app import Service, create_app
-    from microtune.serve.catalog import Catalog
-    from microtune.serve.engine import Engine
-    from microtune.serve.metrics import Metrics
+    from microtune.serving.app import Service, create_app
+    from microtune.serving.catalog import Catalog
+    from microtune.serving.engine import Engine
+    from microtune.serving.metrics import Metrics
 
     base = settings.base or _adapter_base(settings) or DEFAULT_BASE
     ref = resolve_base(ModelConfig(base=base))
@@ -70,7 +70,7 @@ def _registry(settings: ServeSettings) -> Any:
     """The registry to resolve model names in, or None (turned off, or a workspace store that does not exist)."""
     from microtune.core.workspace import DEFAULT_ROOT, Workspace
     from microtune.registry.tracking import _USER_URI
-    from microtune.serve.catalog import RegistryReader
+    from microtune.serving.catalog import RegistryReader
 
     if not settings.registry:
         return None

@@ -3,7 +3,7 @@
     result = train_adapter(recipe, ref, dataset_dir, labels, out_dir, checkpoint_dir=ckpt, resume=False)
 
 Reads top to bottom: encode the splits → build the model (4-bit base for qlora; sharded with FSDP2 under
-``train.distributed.strategy: fsdp``, see train/fsdp.py) → optimizer →
+``train.distributed.strategy: fsdp``, see training/fsdp.py) → optimizer →
 (resume from the newest checkpoint) → steps with validation, early stopping, checkpoints → keep the
 best weights → save. Speed choices (measured in benchmarks/): the LM head runs only at positions
 that carry a label, a prompt prefix shared by the batch is computed once, matmuls run under bf16
@@ -36,11 +36,11 @@ from microtune.models.compat import cache_kwarg, cache_of
 from microtune.models.hardware import autocast, device, peak_memory_mb, seed_everything, use_bf16
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
-from microtune.train import distributed as dist
-from microtune.train.batching import batches_per_epoch, collate, iterate_batches, label_weights
-from microtune.train.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
-from microtune.train.cost import cost_report, dense_params
-from microtune.train.packing import is_packed, pack, packed_hidden_states
+from microtune.training import distributed as dist
+from microtune.training.batching import batches_per_epoch, collate, iterate_batches, label_weights
+from microtune.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
+from microtune.training.cost import cost_report, dense_params
+from microtune.training.packing import is_packed, pack, packed_hidden_states
 
 LogFn = Callable[[int, dict[str, float]], None]
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def _shards(cfg: Any) -> bool:
 def _loss_fn(model: Any, cfg: Any) -> tuple[Callable[[dict[str, Any]], tuple[Any, float]], bool]:
     """``batch -> (loss, normaliser)``, and whether the model was sharded (FSDP) to get it."""
     if _shards(cfg):
-        from microtune.train import fsdp
+        from microtune.training import fsdp
 
         # no shared-prefix pass: ranks must call every FSDP layer equally often (each call is a collective),
         # and whether a rank's rows share a prefix differs from rank to rank
@@ -323,7 +323,7 @@ def _loss_fn(model: Any, cfg: Any) -> tuple[Callable[[dict[str, Any]], tuple[Any
 
 def _save(model: Any, loss_fn: Any, out_dir: Path, sharded: bool, kind: str) -> None:
     if sharded:  # loss_fn is then the FSDP root module wrapping the model
-        from microtune.train import fsdp
+        from microtune.training import fsdp
 
         fsdp.save(loss_fn, out_dir, trainable_only=kind != "full")
     else:
