@@ -158,7 +158,7 @@ def serve(
     poll: Annotated[float, typer.Option(min=0, help="Seconds between registry alias checks (hot reload); 0: off.")] = 5.0,
 ) -> None:
     """Serve micro-models (and the base model) behind one OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
-    from microtune import serve as serving
+    from microtune import serving
 
     def settings() -> Any:
         keys = serving.read_api_keys(api_key_file)
