@@ -9,14 +9,38 @@ Relative data paths are resolved against the recipe file's folder.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    GetCoreSchemaHandler,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import CoreSchema, PydanticCustomError
 
+from microtune import methods
 from microtune.core.errors import Problem, RecipeError
 from microtune.core.schema import Section
+from microtune.methods import (  # noqa: F401 (the method sections, importable from the recipe module as before)
+    DoraConfig,
+    FullConfig,
+    Ia3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    QloraConfig,
+)
 
 
 class TaskConfig(Section):
@@ -95,87 +119,55 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
 
 
-TargetModules = list[str] | Literal["all-linear"]
-
-
-class LoraConfig(Section):
-    """LoRA: low-rank updates on the chosen linear layers (`dora` and `qlora` add to it)."""
-
-    kind: Literal["lora"] = Field("lora", description="PEFT method: lora | dora | qlora | ia3 | prompt_tuning | prefix_tuning | full.")
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
-    dropout: float = Field(
-        0.0, ge=0, lt=1, description="Dropout on the LoRA input; costs ~25% of a CPU training step (random masks), so off by default."
-    )
-    target_modules: TargetModules = Field(
-        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear`."
-    )
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r), steadier at high rank.")
-
-
-class DoraConfig(LoraConfig):
-    """DoRA: LoRA with the weight's magnitude and direction trained apart."""
-
-    kind: Literal["dora"] = Field("dora", description="Weight-decomposed LoRA (DoRA).")
-
-
-class QloraConfig(LoraConfig):
-    """QLoRA: the frozen base in 4-bit (bitsandbytes), LoRA on top in higher precision."""
-
-    kind: Literal["qlora"] = Field("qlora", description="LoRA on a 4-bit quantised base (bitsandbytes ≥ 0.50; CPU or CUDA).")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights.")
-    double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Dtype of the de-quantised matmuls.")
-
-
-class Ia3Config(Section):
-    """IA3: learned per-channel scaling vectors on keys, values and the feed-forward."""
-
-    kind: Literal["ia3"] = Field("ia3", description="IA3 rescaling vectors.")
-    target_modules: TargetModules | None = Field(None, description="Modules to rescale; default: PEFT's choice for the architecture.")
-    feedforward_modules: list[str] | None = Field(
-        None, description="Which of target_modules are feed-forward (scaled on the input); default: PEFT's choice."
-    )
-
-
-class PromptTuningConfig(Section):
-    """Prompt tuning: trained virtual-token embeddings in front of every prompt."""
-
-    kind: Literal["prompt_tuning"] = Field("prompt_tuning", description="Soft prompt (virtual tokens) in the input embeddings.")
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Number of virtual tokens.")
-    init_from_instruction: bool = Field(True, description="Start the virtual tokens from the embedding of the task instruction.")
-
-
-class PrefixTuningConfig(Section):
-    """Prefix tuning: trained key/value prefixes in every attention layer."""
-
-    kind: Literal["prefix_tuning"] = Field("prefix_tuning", description="Trained key/value prefixes per layer.")
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Length of the prefix.")
-
-
-class FullConfig(Section):
-    """Full fine-tuning: every weight trains; the reference PEFT methods are measured against."""
-
-    kind: Literal["full"] = Field("full", description="Train every parameter (writes a whole model, not an adapter).")
-
-
-METHOD_CONFIGS: dict[str, type[BaseModel]] = {
-    c.model_fields["kind"].default: c
-    for c in (LoraConfig, DoraConfig, QloraConfig, Ia3Config, PromptTuningConfig, PrefixTuningConfig, FullConfig)
-}
-
-
 def _method_kind(value: Any) -> str:
     """A method section without `kind` is LoRA."""
     return value.get("kind", "lora") if isinstance(value, dict) else getattr(value, "kind", "lora")
 
 
-MethodConfig = Annotated[
-    Annotated[LoraConfig, Tag("lora")] | Annotated[DoraConfig, Tag("dora")] | Annotated[QloraConfig, Tag("qlora")]
-    | Annotated[Ia3Config, Tag("ia3")] | Annotated[PromptTuningConfig, Tag("prompt_tuning")]
-    | Annotated[PrefixTuningConfig, Tag("prefix_tuning")] | Annotated[FullConfig, Tag("full")],
-    Discriminator(_method_kind),
-]
+class _RegisteredMethods:
+    """The `method` section's schema: every registered method's section, tagged by `kind`.
+
+    Built from ``microtune.methods`` whenever the Recipe schema is built; ``methods.register`` rebuilds
+    the Recipe (``_rebuild_recipe`` below), so a method registered later validates like a built-in one."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        tagged = tuple(Annotated[s.config, Tag(s.kind)] for s in methods.specs())
+        return handler(Annotated[Union[tagged], Discriminator(_method_kind)])  # noqa: UP007 (a Union built at run time)
+
+
+MethodConfig = Annotated[Section, _RegisteredMethods]
+_RULES = "method_rules"  # the pydantic error type of the method-vs-option rules (one error, split per rule for `check`)
+
+
+@dataclass(frozen=True)
+class _Needs:
+    """A recipe option that only some methods can train with: it needs a capability flag (``methods.base.Capabilities``)."""
+
+    path: tuple[str, ...]  # where the option is in the recipe
+    capability: str
+    used: Callable[[Any], bool]  # is the option on, given the train section?
+    option: str  # how the option reads in front of the method kind
+    instead: str  # the way out that keeps the method
+
+
+_METHOD_NEEDS = (
+    _Needs(("train", "distributed", "strategy"), "fsdp", lambda t: t.distributed.strategy == "fsdp",
+           "train.distributed.strategy=fsdp does not support", "use strategy: ddp"),
+    _Needs(("train", "packing"), "packing", lambda t: t.packing, "train.packing cannot be used with", "set train.packing=false"),
+)
+
+
+def _method_rules(kind: str | None, train: Any) -> list[tuple[tuple[str, ...], str, Any]]:
+    """Every (path, message, value) of ``train`` that method ``kind`` cannot train with, plus fsdp's own limit.
+    ``kind`` is None when the method section itself is invalid (its errors are reported instead)."""
+    broken = [(n.path, message, reduce(getattr, n.path[1:], train)) for n in _METHOD_NEEDS
+              if kind is not None and n.used(train) and (message := methods.conflict(kind, n.capability, n.option, n.instead))]
+    if train.distributed.strategy == "fsdp" and train.save_steps is not None:
+        broken.append((("train", "save_steps"), "train.save_steps (resumable checkpoints) is not supported with "
+                       "train.distributed.strategy=fsdp yet; remove train.save_steps, or use strategy: ddp to checkpoint "
+                       "and --resume", train.save_steps))
+    return broken
 
 
 class FsdpConfig(Section):
@@ -511,21 +503,19 @@ class Recipe(Section):
                              f"(one of: {', '.join(allowed)})")
         return self
 
-    @model_validator(mode="after")
-    def _fsdp_fits_method(self) -> Recipe:
-        if self.train.distributed.strategy != "fsdp":
-            return self
-        if self.method.kind == "qlora":
-            raise ValueError("train.distributed.strategy=fsdp cannot shard qlora's 4-bit (bitsandbytes) base weights; "
-                             "use method.kind=lora (or dora) with fsdp, or keep qlora with strategy: ddp")
-        if self.method.kind in ("prompt_tuning", "prefix_tuning"):
-            raise ValueError(f"train.distributed.strategy=fsdp does not support method.kind={self.method.kind}: PEFT saves its "
-                             "prompt embeddings by running the sharded prompt encoder; use lora, dora, ia3 or full with fsdp, "
-                             "or strategy: ddp")
-        if self.train.save_steps is not None:
-            raise ValueError("train.save_steps (resumable checkpoints) is not supported with train.distributed.strategy=fsdp "
-                             "yet; remove train.save_steps, or use strategy: ddp to checkpoint and --resume")
-        return self
+    @field_validator("train")
+    @classmethod
+    def _train_fits_method(cls, train: TrainConfig, info: ValidationInfo) -> TrainConfig:
+        """Options the method cannot train with, from its capability flags, all at once with their YAML paths.
+
+        A validator of `train` (not of the whole recipe): it runs even when other sections have errors, so
+        `check` reports these beside them; `method` is validated before `train`, and is absent when invalid."""
+        method = info.data.get("method")
+        broken = _method_rules(getattr(method, "kind", None), train)
+        if broken:
+            raise PydanticCustomError(_RULES, "{summary}", {"summary": " | ".join(m for _, m, _ in broken),
+                                                            "rules": [list(b) for b in broken]})
+        return train
 
     def metric_names(self) -> list[str]:
         """The metrics to report, main metric first (``eval.metrics`` or the task's default)."""
@@ -534,6 +524,14 @@ class Recipe(Section):
     def resolved(self) -> dict[str, Any]:
         """The full recipe as plain JSON-able data (paths as strings), for manifests and MLflow."""
         return self.model_dump(mode="json")
+
+
+def _rebuild_recipe() -> None:
+    """Rebuild the Recipe's schema after a method was (un)registered, so its `method` union holds it."""
+    Recipe.model_rebuild(force=True)
+
+
+methods.on_change(_rebuild_recipe)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -573,7 +571,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", lines: dict[t
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [_problem(err, source, lines or {}, raw.get("method")) for err in exc.errors()]
+        problems = [_problem(e, source, lines or {}, raw.get("method")) for err in exc.errors() for e in _split_rules(err)]
         raise RecipeError(
             f"{source}: {len(problems)} problem(s) in the recipe",
             hint="fix each field above (`microtune recipe-schema` lists every field)",
@@ -581,9 +579,16 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", lines: dict[t
         ) from None
 
 
+def _split_rules(err: dict[str, Any]) -> list[dict[str, Any]]:
+    """The method-vs-option rules come as one pydantic error; each becomes its own error at its own path."""
+    if err["type"] != _RULES:
+        return [err]
+    return [{"type": _RULES, "loc": path, "msg": message, "input": got} for path, message, got in err["ctx"]["rules"]]
+
+
 def _problem(err: dict[str, Any], source: str, lines: dict[tuple, int], raw_method: Any = None) -> Problem:
     loc = tuple(str(x) for x in err["loc"])
-    if len(loc) > 1 and loc[0] == "method" and loc[1] in METHOD_CONFIGS:  # pydantic puts the union tag in the path
+    if len(loc) > 1 and loc[0] == "method" and loc[1] in methods.kinds():  # pydantic puts the union tag in the path
         loc = (loc[0], *loc[2:])
     dotted = ".".join(loc) or "<top>"
     line = lines.get(loc) or lines.get(loc[:-1])
@@ -595,9 +600,9 @@ def _problem(err: dict[str, Any], source: str, lines: dict[tuple, int], raw_meth
     got = err.get("input")
     if err["type"] == "union_tag_invalid":
         tag = err["ctx"]["tag"]
-        near = difflib.get_close_matches(tag, list(METHOD_CONFIGS), n=1, cutoff=0.5)
+        near = difflib.get_close_matches(tag, methods.kinds(), n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        return Problem(where, f"unknown kind {tag!r}{hint} (one of: {', '.join(METHOD_CONFIGS)})")
+        return Problem(where, f"unknown kind {tag!r}{hint} (one of: {', '.join(methods.kinds())})")
     return Problem(where, err["msg"], None if err["type"] == "missing" else repr(got)[:80])
 
 
@@ -607,8 +612,7 @@ def _fields_at(loc: tuple[str, ...], raw_method: Any = None) -> list[str]:
         field = model.model_fields.get(part)
         ann = getattr(field, "annotation", None)
         if part == "method":
-            kind = raw_method.get("kind", "lora") if isinstance(raw_method, dict) else "lora"
-            ann = METHOD_CONFIGS.get(kind, LoraConfig)
+            ann = methods.configs().get(str(_method_kind(raw_method)), LoraConfig)
         ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # `X | None` → X
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []

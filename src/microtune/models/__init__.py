@@ -1,7 +1,6 @@
-"""Base models (resolve, load, cache), PEFT method builders, trained-artifact loading, constrained decoding."""
+"""Base models (resolve, load, cache), PEFT methods applied to them, trained-artifact loading, constrained decoding."""
 from microtune.models.decoding import LabelPredictor, TextGenerator, build_trie, common_prefix
 from microtune.models.peft_methods import (
-    METHODS,
     MethodContext,
     apply_method,
     is_prompt_learning,
@@ -11,6 +10,6 @@ from microtune.models.peft_methods import (
 from microtune.models.resolve import BaseModelRef, load_model, load_tokenizer, resolve_base
 from microtune.models.trained import load_trained
 
-__all__ = ["METHODS", "BaseModelRef", "LabelPredictor", "MethodContext", "apply_method", "build_trie", "common_prefix",
+__all__ = ["BaseModelRef", "LabelPredictor", "MethodContext", "apply_method", "build_trie", "common_prefix",
            "is_prompt_learning", "load_model", "load_tokenizer", "load_trained", "param_counts", "quantization_config",
            "resolve_base", "TextGenerator"]

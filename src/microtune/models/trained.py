@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from microtune import methods
 from microtune.config import artifact_recipe
 from microtune.core.artifacts import read_manifest
 from microtune.models.hardware import device
@@ -22,7 +23,7 @@ def load_trained(ref: BaseModelRef, adapter_dir: Path, base_model: Any = None) -
 
     trained = artifact_recipe(Path(adapter_dir) / "recipe.json")
     method = read_manifest(adapter_dir, "adapter").get("method", "lora")
-    if method == "full":
+    if methods.spec(method).capabilities.full_model:
         return load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), "")).to(device()).eval()
     quant = quantization_config(trained.method)
     if quant is not None or base_model is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microtune import __version__
+from microtune import __version__, methods
 from microtune.config import Recipe, load_recipe
 from microtune.core.artifacts import read_json, read_manifest, write_artifact
 from microtune.core.hashing import hash_file, hash_text, hash_value
@@ -230,7 +230,7 @@ def _measured_full(ws: Workspace, recipe: Recipe, dataset: dict[str, Any]) -> di
     """The measured cost of an earlier `full` run on the same data, to put beside a PEFT run's."""
     for manifest_path in sorted(ws.stage_dir(recipe.name, "adapters").glob("*/manifest.json"), reverse=True):
         m = read_json(manifest_path)
-        if m.get("method") == "full" and m.get("lineage", {}).get("dataset_hash") == dataset["dataset_hash"]:
+        if methods.has(m.get("method"), "full_model") and m.get("lineage", {}).get("dataset_hash") == dataset["dataset_hash"]:
             c = m["cost"]
             return {"source": "measured", "adapter": str(manifest_path.parent), "train_flops": c["train_flops"],
                     "tokens_seen": c["tokens_seen"], "wall_time_s": c["wall_time_s"], "peak_memory_mb": c["peak_memory_mb"],

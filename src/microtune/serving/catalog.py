@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from microtune import methods
 from microtune.config import Recipe, artifact_recipe
 from microtune.core.artifacts import read_manifest
 from microtune.core.errors import ArtifactError, MicrotuneError
@@ -26,7 +27,7 @@ from microtune.serving.settings import NAME_PATTERN
 
 log = logging.getLogger("microtune.serving")
 BASE = "__base__"  # PEFT's name for "no adapter" rows in a mixed batch
-SERVABLE_METHODS = {"lora"}  # PEFT mixed-adapter batches support plain LoRA (not DoRA, IA3, prompt tuning, 4-bit bases)
+SERVABLE_METHODS = set(methods.kinds_with("mixed_batch"))  # PEFT mixed-adapter batches: plain LoRA (not DoRA, IA3, prompt tuning, 4-bit bases)
 SERVABLE_TASKS = {"classify"}
 _REF = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[0-9]{1,9}))?$")
 

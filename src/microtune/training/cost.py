@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from microtune import methods
 from microtune.models.prices import GPUS
 
 MFU = 0.30
 BYTES_FULL = 16  # bf16 weights + fp32 master + 2 Adam moments + bf16 grads, per parameter
-BYTES_FROZEN = {"qlora": 0.55, "default": 2.0}  # 4-bit NF4 (+ constants) or bf16, per frozen parameter
+BYTES_FROZEN = {"4bit": 0.55, "default": 2.0}  # 4-bit NF4 (+ constants) or bf16, per frozen parameter
 
 
 def dense_params(model: Any) -> int:
@@ -34,7 +35,8 @@ def gpu_estimates(flops: float) -> dict[str, dict[str, float]]:
 
 def cost_report(kind: str, dense: int, total: int, trainable: int, tokens: int, wall_s: float,
                 peak_mb: float, full_measured: dict[str, Any] | None = None) -> dict[str, Any]:
-    per_token = (6 if kind == "full" else 4) * dense
+    method = methods.spec(kind).capabilities
+    per_token = (6 if method.full_model else 4) * dense
     flops = per_token * tokens
     report: dict[str, Any] = {
         "method": kind, "trainable_params": trainable, "total_params": total, "dense_params": dense,
@@ -51,11 +53,11 @@ def cost_report(kind: str, dense: int, total: int, trainable: int, tokens: int, 
         "optimizer_memory_mb_estimate": round(total * BYTES_FULL / 2**20, 1),
         "gpu_estimates": gpu_estimates(full_flops),
     }
-    frozen = BYTES_FROZEN.get(kind, BYTES_FROZEN["default"])
+    frozen = BYTES_FROZEN["4bit" if method.quantized_base else "default"]
     peft_state_mb = ((total - trainable) * frozen + trainable * BYTES_FULL) / 2**20
     report["saving"] = {
         "trainable_share": trainable / max(total, 1),
-        "flops_ratio_vs_full": flops / full_flops if kind != "full" else 1.0,
+        "flops_ratio_vs_full": flops / full_flops if not method.full_model else 1.0,
         "state_memory_mb": round(peft_state_mb, 1),
         "state_memory_mb_full": round(total * BYTES_FULL / 2**20, 1),
     }

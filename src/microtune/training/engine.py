@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from microtune import methods
 from microtune.config import Recipe
 from microtune.core.errors import RecipeError
 from microtune.data import imbalance, read_split
@@ -184,10 +185,6 @@ def train_adapter(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, labels: 
     import torch
 
     cfg = recipe.train
-    if cfg.packing and recipe.method.kind in ("prompt_tuning", "prefix_tuning"):
-        raise RecipeError(f"train.packing cannot be used with method.kind={recipe.method.kind}: its virtual tokens are "
-                          "prepended to each row, so packed examples would share them",
-                          hint="set train.packing=false, or use a LoRA-family method")
     dist.init()
     if cfg.batch_size < dist.world_size():
         raise RecipeError(f"train.batch_size {cfg.batch_size} is smaller than the {dist.world_size()} processes",
@@ -325,7 +322,7 @@ def _save(model: Any, loss_fn: Any, out_dir: Path, sharded: bool, kind: str) -> 
     if sharded:  # loss_fn is then the FSDP root module wrapping the model
         from microtune.training import fsdp
 
-        fsdp.save(loss_fn, out_dir, trainable_only=kind != "full")
+        fsdp.save(loss_fn, out_dir, trainable_only=not methods.spec(kind).capabilities.full_model)
     else:
         model.save_pretrained(out_dir)
 
