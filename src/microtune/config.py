@@ -535,6 +535,22 @@ class Recipe(Section):
         """The full recipe as plain JSON-able data (paths as strings), for manifests and MLflow."""
         return self.model_dump(mode="json")
 
+    def with_overrides(self, overrides: list[str]) -> Recipe:
+        """This recipe with ``a.b=value`` overrides applied (as `load_recipe` applies them to the YAML), validated again.
+
+        The recipe itself is left as it is; without overrides it is returned unchanged. Paths already
+        resolved stay absolute; a relative path given in an override is taken as it is written.
+        """
+        if isinstance(overrides, str):  # iterating a string would apply one "override" per character
+            raise RecipeError(f"overrides must be a list of a.b=value strings, got the string {overrides!r}",
+                              hint=f"wrap it in a list: with_overrides([{overrides!r}])")
+        if not overrides:
+            return self
+        raw = self.resolved()
+        for item in overrides:
+            apply_override(raw, item)
+        return validate_recipe(raw, source=f"recipe {self.name!r} with overrides {list(overrides)}")
+
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe YAML, apply ``a.b=value`` overrides, validate, resolve data paths."""
