@@ -103,3 +103,19 @@ def test_train_reports_progress_to_the_caller_and_metrics_to_mlflow(tmp_path: Pa
     run_id = read_manifest(adapter, "adapter")["mlflow_run_id"]
     history = MlflowClient(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}").get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3]  # the metrics events went to MLflow, not to the caller
+
+
+def test_serve_checks_its_settings_builds_the_app_and_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = importlib.import_module("microtune.pipeline.serve")  # `microtune.pipeline.serve` itself is the function
+    seen: dict = {}
+    monkeypatch.setattr(step, "build_app", lambda settings, keys: seen.update(settings=settings, keys=keys) or "the app")
+    monkeypatch.setattr(step, "run_app", lambda app, settings: seen.update(app=app))
+    monkeypatch.setenv("MICROTUNE_API_KEYS", "k0")
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("k1\n# a comment\n")
+    events: list[Event] = []
+    microtune.serve({"intents": tmp_path}, api_key_file=key_file, reporter=events.append, port=0, max_batch=4)
+    assert seen["app"] == "the app" and seen["keys"] == ["k0", "k1"]
+    assert seen["settings"].adapters == {"intents": tmp_path} and seen["settings"].max_batch == 4
+    assert [(e.stage, e.kind, e.data["text"]) for e in events] == [
+        ("serve", "message", "serving on http://127.0.0.1:0/v1 with 2 API key(s); models: GET /v1/models")]

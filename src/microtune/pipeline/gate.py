@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from microtune.config import Recipe
 from microtune.core.artifacts import read_json, read_manifest, write_json
 from microtune.core.progress import Reporter
@@ -120,8 +122,6 @@ def _flips(golds: list[Any], champ: list[float], chall: list[float]) -> dict[str
 
 def paired_bootstrap_p(a: list[float], b: list[float], n: int = 2000, seed: int = 13) -> float:
     """Paired bootstrap over the frozen set's rows: both versions' mean score on the same resampled rows."""
-    import numpy as np
-
     a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(a_), size=(n, len(a_)))
     return p_value(b_[idx].mean(axis=1), a_[idx].mean(axis=1), float(b_.mean() - a_.mean()))

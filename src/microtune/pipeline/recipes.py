@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from microtune.config import Recipe, load_recipe
@@ -21,6 +22,4 @@ def resolve_recipe(recipe: RecipeLike, overrides: list[str] | None = None) -> Re
 
 def recipe_json(recipe: Recipe) -> str:
     """The resolved recipe as the ``recipe.json`` every trained or generated artifact carries (eval and serve reload it)."""
-    import json
-
     return json.dumps(recipe.resolved(), indent=2, default=str) + "\n"

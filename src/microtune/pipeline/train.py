@@ -25,6 +25,7 @@ from microtune.pipeline.recipes import RecipeLike, recipe_json
 from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
 from microtune.synthesis import synthetic_for_training
 from microtune.training import distributed as dist
+from microtune.training import engine  # shim until the loop branch lands: then `from microtune.training import train_adapter`
 from microtune.training.checkpoint import latest_checkpoint
 
 
@@ -92,8 +93,6 @@ def _train_adapter(recipe: Recipe, ref: Any, dataset_dir: Path, labels: list[str
     ``metrics`` events, so the library stays silent and the caller's reporter sees what the new engine
     will emit. Once ``train_adapter(..., reporter=...)`` exists this function is a direct call.
     """
-    from microtune.training import engine  # shim until the loop branch lands
-
     emit = emitter(reporter, "train")
 
     class _Events:  # shim until the loop branch lands: stands in for engine._Reporter during this call
