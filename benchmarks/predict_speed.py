@@ -94,7 +94,7 @@ def table(rows: list[tuple[str, float, float, float]], peers: list[str], repeats
 def train_adapter(steps: int, workspace: Path) -> Path:
     from microtune.pipeline import train
 
-    return train(RECIPE, overrides=[f"train.max_steps={steps}", "tracking.register_model=false"], workspace=workspace, progress=False)
+    return train(RECIPE, overrides=[f"train.max_steps={steps}", "tracking.register_model=false"], workspace=workspace)
 
 
 def main() -> None:

@@ -24,10 +24,13 @@ RECIPES = ["banking-intents", "clinc150-oos", "cuad-clauses", "faa-maintenance",
 
 
 def run_recipe(name: str, workspace: Path) -> float:
+    from rich.console import Console
+
     from microtune import pipeline
+    from microtune.console import ConsoleReporter
 
     start = time.perf_counter()
-    pipeline.run(ROOT / "recipes" / f"{name}.yaml", workspace=workspace, progress="lines")
+    pipeline.run(ROOT / "recipes" / f"{name}.yaml", workspace=workspace, reporter=ConsoleReporter(Console(stderr=True), bars=False))
     seconds = time.perf_counter() - start
     times = _read_times(workspace)
     times[name] = round(seconds, 1)

@@ -104,7 +104,10 @@ def micro_preds(eval_dir: Path) -> tuple[list[str], list[str | None]]:
 
 
 def run_value(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
     from microtune import pipeline
+    from microtune.console import ConsoleReporter
 
     work = Path(args.workdir).resolve()
     base = write_slice(ROOT / args.recipe, work, args.real_per_label, args.seeds[0], args.labels)
@@ -119,7 +122,7 @@ def run_value(args: argparse.Namespace) -> None:
         # a set the fidelity gate refused (or too small to test) is not mixed in: the real-only model is still reported
         mixes = (("real", "false"), ("real+synthetic", "true")) if syn["fidelity"]["passed"] else (("real", "false"),)
         for name, mix in mixes:
-            adapter = pipeline.train(recipe, [f"synth.mix.enabled={mix}"], work / "ws", progress="lines")
+            adapter = pipeline.train(recipe, [f"synth.mix.enabled={mix}"], work / "ws", ConsoleReporter(Console(stderr=True), bars=False))
             eval_dir = pipeline.evaluate(recipe, None, work / "ws", adapter)
             systems[name] = {"adapter": str(adapter), "preds": micro_preds(eval_dir),
                              "train_rows": json.loads((adapter / "manifest.json").read_text()).get("synthetic", {})}

@@ -150,7 +150,7 @@ def run_microtune(kind: str, args: argparse.Namespace, work: Path) -> dict[str, 
                  f"train.batch_size={BATCH}", f"train.lr={recipe.train.lr}", f"train.seed={recipe.train.seed}",
                  "train.balance=none", f"method.kind={kind}"]
     start = time.perf_counter()
-    adapter = train(RECIPE, overrides=overrides, workspace=work / "ws", progress=None)
+    adapter = train(RECIPE, overrides=overrides, workspace=work / "ws")
     wall = time.perf_counter() - start
     peak = rss_mb()
     cost = read_json(adapter / "manifest.json")["cost"]

@@ -110,7 +110,10 @@ watch:
 
 
 def main() -> None:
+    from rich.console import Console
+
     from microtune import pipeline
+    from microtune.console import ConsoleReporter
     from microtune.pipeline.watch import watch_once
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,21 +130,22 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     recipe, batches = prepare(sc, work)
     ws = work / "ws"
-    say = lambda msg: print(f"  watch: {msg}", flush=True)  # noqa: E731
+    lines = ConsoleReporter(Console(stderr=True), bars=False)
+    say = lambda e: print(f"  watch: {e.data['text']}", flush=True) if e.stage == "watch" and e.kind == "message" else None  # noqa: E731
     steps: list[dict[str, Any]] = []
     start = time.perf_counter()
-    first = pipeline.run(recipe, workspace=ws, progress="lines")
+    first = pipeline.run(recipe, workspace=ws, reporter=lines)
     steps.append({"step": "0. champion (without the held-out categories)", "version": first.model_version,
                   "verdict": first.decision.verdict, "reason": first.decision.reason, "metrics": first.metrics["micro"]})
     for name in ("batch1", "batch3", "batch2"):
         shutil.copy(batches[name], recipe.parent / "inbox" / f"{name}.jsonl")
-        report = watch_once(recipe, workspace=ws, on_event=say)
+        report = watch_once(recipe, workspace=ws, reporter=say)
         r = report.get("round") or {}
         steps.append({"step": name, "files": report["files"], "fired": report["fired"], "version": r.get("version"),
                       "verdict": r.get("verdict", "no retrain"), "reason": r.get("reason", ""),
                       "details": r.get("details", {}), "statistics": report["statistics"],
                       "new_labels": _new_label_recall(sc, ws, recipe, r.get("version")) if r else {}})
-    worse = pipeline.run(recipe, ["train.max_steps=2", "train.lr=1e-6"], workspace=ws, progress="lines")
+    worse = pipeline.run(recipe, ["train.max_steps=2", "train.lr=1e-6"], workspace=ws, reporter=lines)
     steps.append({"step": "worse challenger (2 steps at lr 1e-6)", "version": worse.model_version, "verdict": worse.decision.verdict,
                   "reason": worse.decision.reason, "details": worse.decision.details})
     saved = {"steps": steps, "minutes": (time.perf_counter() - start) / 60, "rows": {k: _count(p) for k, p in batches.items()},

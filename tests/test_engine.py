@@ -53,7 +53,7 @@ def test_early_stopping_and_best_weights(tmp_path: Path, make_recipe, tiny_model
     recipe = make_recipe(tiny_model_dir, train={"max_steps": 200, "lr": 0.5, "eval_steps": 1, "early_stopping_patience": 2})
     text = recipe.read_text().replace("split:\n    valid: 0.0\n", "valid: valid.jsonl\n")
     recipe.write_text(text)
-    adapter = pipeline.train(recipe, workspace=tmp_path / "ws", progress=None)
+    adapter = pipeline.train(recipe, workspace=tmp_path / "ws")
     final = json.loads((adapter / "manifest.json").read_text())["final"]
     valid = json.loads((adapter / "manifest.json").read_text())["valid_history"]
     assert final["stopped_early"] and final["steps"] < 200
@@ -65,8 +65,8 @@ def test_cost_report(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     from microtune import pipeline
 
     full = pipeline.train(make_recipe(tiny_model_dir, method={"kind": "full"}, train={"max_steps": 2}),
-                          workspace=tmp_path / "ws", progress=None)
-    lora = pipeline.train(make_recipe(tiny_model_dir, train={"max_steps": 2}), workspace=tmp_path / "ws", progress=None)
+                          workspace=tmp_path / "ws")
+    lora = pipeline.train(make_recipe(tiny_model_dir, train={"max_steps": 2}), workspace=tmp_path / "ws")
     cost = json.loads((lora / "manifest.json").read_text())["cost"]
     assert cost["trainable_params"] < cost["total_params"] and cost["tokens_seen"] > 0
     assert cost["achieved_flops_per_s"] > 0 and set(cost["gpu_estimates"]) >= {"T4", "A100-80GB", "H100-SXM"}

@@ -94,7 +94,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, ch
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     os.environ["MT_TEST_KEY"] = SECRET
     try:
-        adapter = pipeline.train(root / "recipe.yaml", workspace=root / "ws", progress=False)
+        adapter = pipeline.train(root / "recipe.yaml", workspace=root / "ws")
         folder = pipeline.evaluate(root / "recipe.yaml", workspace=root / "ws", adapter=adapter)
     finally:
         del os.environ["MT_TEST_KEY"]

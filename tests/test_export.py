@@ -30,7 +30,7 @@ def adapter(trained: dict[str, Path], tmp_path: Path, make_recipe, tiny_model_di
 
     if "dir" not in trained:
         recipe = make_recipe(tiny_model_dir, train={"epochs": 4, "lr": 2e-2})
-        trained["dir"] = pipeline.train(recipe, workspace=tmp_path / "ws", progress=False)
+        trained["dir"] = pipeline.train(recipe, workspace=tmp_path / "ws")
     return trained["dir"]
 
 

@@ -147,7 +147,7 @@ def test_a_method_registered_later_validates_obeys_its_flags_and_trains(lora_tin
     assert "use method.kind=lora, dora, qlora, ia3 or full with packing" in packing[0]
     assert any("does not support method.kind=lora_tiny" in p for p in _problems(path, ["train.distributed.strategy=fsdp"]))
 
-    adapter = pipeline.train(path, workspace=tmp_path / "ws", progress=None)
+    adapter = pipeline.train(path, workspace=tmp_path / "ws")
     manifest = json.loads((adapter / "manifest.json").read_text())
     assert manifest["method"] == "lora_tiny" and manifest["final"]["steps"] == 2
     config = json.loads((adapter / "adapter_config.json").read_text())

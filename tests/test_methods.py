@@ -80,7 +80,7 @@ def test_train_and_eval_end_to_end_per_method(kind: str, tmp_path: Path, make_re
     from microtune import pipeline
 
     recipe = make_recipe(tiny_model_dir, method=METHODS[kind], train={"max_steps": 3})
-    adapter = pipeline.train(recipe, workspace=tmp_path / "ws", progress=None)
+    adapter = pipeline.train(recipe, workspace=tmp_path / "ws")
     manifest = json.loads((adapter / "manifest.json").read_text())
     assert manifest["method"] == kind and manifest["final"]["steps"] == 3
     evaluation = pipeline.evaluate(recipe, workspace=tmp_path / "ws", adapter=adapter)

@@ -105,7 +105,7 @@ def test_training_with_packing_follows_the_padded_run(tmp_path: Path, make_recip
     curves = []
     for packing in (False, True):
         recipe = make_recipe(tiny_model_dir, train={"packing": packing, "epochs": 2, "bf16": False})
-        adapter = pipeline.train(recipe, workspace=tmp_path / f"ws{packing}", progress=None)
+        adapter = pipeline.train(recipe, workspace=tmp_path / f"ws{packing}")
         curves.append([h["loss"] for h in json.loads((adapter / "manifest.json").read_text())["history"]])
     assert len(curves[0]) == len(curves[1]) >= 4
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
@@ -118,5 +118,5 @@ def test_packing_refuses_prompt_learning(tmp_path: Path, make_recipe, tiny_model
 
     recipe = make_recipe(tiny_model_dir, method={"kind": "prompt_tuning"}, train={"packing": True})
     with pytest.raises(RecipeError, match="train.packing cannot be used with method.kind=prompt_tuning"):
-        pipeline.train(recipe, workspace=tmp_path / "ws", progress=None)
+        pipeline.train(recipe, workspace=tmp_path / "ws")
     assert not list((tmp_path / "ws").rglob("adapter.safetensors")) and not list((tmp_path / "ws").rglob("adapter_model.safetensors"))

@@ -125,9 +125,9 @@ def test_run_twice_gates_the_second_version(tmp_path: Path, make_recipe, tiny_mo
     from microtune import pipeline
 
     recipe = make_recipe(tiny_model_dir, train={"max_steps": 2})
-    first = pipeline.run(recipe, workspace=tmp_path / "ws", progress=None)
+    first = pipeline.run(recipe, workspace=tmp_path / "ws")
     assert first.decision.verdict == "promote" and "first version" in first.decision.reason
-    second = pipeline.run(recipe, workspace=tmp_path / "ws", progress=None)
+    second = pipeline.run(recipe, workspace=tmp_path / "ws")
     assert second.decision.verdict == "reject" and "below min_gain" in second.decision.reason
     assert second.decision.details["test"] == "McNemar" and second.decision.details["p_value"] == 1.0
     client = registry_client(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")

@@ -32,7 +32,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     from microtune import pipeline
 
     root = tmp_path_factory.mktemp("serve")
-    return {name: pipeline.train(write_recipe(root / name, name, tiny_model_dir, coarse), workspace=root / "ws", progress=False)
+    return {name: pipeline.train(write_recipe(root / name, name, tiny_model_dir, coarse), workspace=root / "ws")
             for name, coarse in (("topic", False), ("route", True))}
 
 

@@ -34,14 +34,14 @@ def test_train_adds_synthetic_rows_up_to_the_ratio_and_keeps_every_real_row(synt
         recipe = synth_recipe(teacher.url)
         folder = synth(recipe, workspace=ws)
     assert json.loads((folder / "manifest.json").read_text())["accepted"] == 12
-    adapter = train(recipe, ["synth.mix.enabled=true", "synth.mix.max_ratio=0.5", "train.epochs=1"], ws, progress=None)
+    adapter = train(recipe, ["synth.mix.enabled=true", "synth.mix.max_ratio=0.5", "train.epochs=1"], ws)
     m = json.loads((adapter / "manifest.json").read_text())
     assert m["synthetic"] == {**m["synthetic"], "artifact": str(folder), "available": 12, "used": 9, "real": 18}
     assert m["final"]["planned_steps"] == math.ceil((18 + 9) / 4)  # 18 real + 9 synthetic rows, batch 4, one epoch
     rows, _ = synthetic_for_training(load_recipe(recipe, ["synth.mix.enabled=true", "synth.mix.max_ratio=0.5"]),
                                      ws / "toy" / "synthetic", m["lineage"]["dataset_hash"], 18)
     assert sorted(r["label"] for r in rows) == sorted(LABELS * 3)  # the pick keeps each label's share
-    plain = train(recipe, ["train.epochs=1"], ws, progress=None)
+    plain = train(recipe, ["train.epochs=1"], ws)
     assert "synthetic" not in json.loads((plain / "manifest.json").read_text())  # off unless the recipe says so
 
 
@@ -53,7 +53,7 @@ def test_a_set_that_failed_the_fidelity_gate_is_refused_unless_allowed(synth_rec
     fid = json.loads((folder / "manifest.json").read_text())["fidelity"]
     assert not fid["passed"] and fid["auc"] > 0.8
     with pytest.raises(ArtifactError, match="failed the fidelity gate") as err:
-        train(recipe, ["synth.mix.enabled=true"], ws, progress=None)
+        train(recipe, ["synth.mix.enabled=true"], ws)
     assert "allow_failed_gate" in (err.value.hint or "")
     dataset_hash = json.loads((folder / "manifest.json").read_text())["dataset_hash"]
     allowed = load_recipe(recipe, ["synth.mix.enabled=true", "synth.mix.allow_failed_gate=true"])
@@ -69,7 +69,7 @@ def test_synthetic_rows_of_other_data_are_not_mixed(synth_recipe, tmp_path: Path
     with open(tmp_path / "train.jsonl", "a") as f:
         f.write(json.dumps({"text": "my invoice came in the wrong currency", "label": "billing"}) + "\n")
     with pytest.raises(ArtifactError, match="no synthetic artifact for this dataset"):
-        train(recipe, ["synth.mix.enabled=true"], ws, progress=None)
+        train(recipe, ["synth.mix.enabled=true"], ws)
 
 
 def test_a_set_too_small_for_the_fidelity_test_is_refused_with_the_reason(synth_recipe, tmp_path: Path) -> None:
@@ -79,5 +79,5 @@ def test_a_set_too_small_for_the_fidelity_test_is_refused_with_the_reason(synth_
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["accepted"] == 0 and manifest["fidelity"]["auc"] is None and not manifest["fidelity"]["passed"]
     with pytest.raises(ArtifactError, match="has 0 accepted rows: too few for the fidelity test") as err:
-        train(synth_recipe(teacher.url), ["synth.mix.enabled=true"], ws, progress=None)
+        train(synth_recipe(teacher.url), ["synth.mix.enabled=true"], ws)
     assert "rejected.jsonl" in (err.value.hint or "")

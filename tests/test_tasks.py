@@ -165,7 +165,7 @@ def test_run_end_to_end_for_free_text_tasks(tmp_path: Path, make_recipe, tiny_mo
     task = {"type": kind, "labels": None, "max_new_tokens": 12} | ({"fields": FIELDS} if kind == "extract" else {})
     recipe = make_recipe(tiny_model_dir, data={"train": train.name, "test": test.name, "split": {"valid": 0.0}},
                          task=task, train={"max_steps": 4})
-    result = pipeline.run(recipe, workspace=tmp_path / "ws", progress=None)
+    result = pipeline.run(recipe, workspace=tmp_path / "ws")
     main = "micro_f1" if kind == "extract" else "rouge_l"
     assert set(result.metrics) == {"zero_shot", "few_shot", "micro"}
     assert all(0.0 <= m[main] <= 1.0 and m["examples"] == 6 for m in result.metrics.values())

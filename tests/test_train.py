@@ -51,7 +51,7 @@ def test_train_moves_only_lora_and_lowers_loss(tmp_path: Path, make_recipe, tiny
     from microtune import pipeline
 
     recipe = make_recipe(tiny_model_dir, train={"epochs": 8, "lr": 2e-2, "log_every": 1})
-    adapter = pipeline.train(recipe, workspace=tmp_path / "ws", progress=False)
+    adapter = pipeline.train(recipe, workspace=tmp_path / "ws")
     manifest = json.loads((adapter / "manifest.json").read_text())
     losses = [h["loss"] for h in manifest["history"]]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
@@ -72,8 +72,8 @@ def test_training_is_seeded(tmp_path: Path, make_recipe, tiny_model_dir: Path) -
     from microtune import pipeline
 
     recipe = make_recipe(tiny_model_dir, train={"epochs": 1})
-    a = load_file(pipeline.train(recipe, workspace=tmp_path / "a", progress=False) / "adapter_model.safetensors")
-    b = load_file(pipeline.train(recipe, workspace=tmp_path / "b", progress=False) / "adapter_model.safetensors")
+    a = load_file(pipeline.train(recipe, workspace=tmp_path / "a") / "adapter_model.safetensors")
+    b = load_file(pipeline.train(recipe, workspace=tmp_path / "b") / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
 
@@ -84,7 +84,7 @@ def test_failed_training_leaves_no_adapter(tmp_path: Path, make_recipe, tiny_mod
 
     recipe = make_recipe(tiny_model_dir, method={"target_modules": ["no_such_module"]})
     with pytest.raises(RecipeError, match="method.target_modules") as info:
-        pipeline.train(recipe, workspace=tmp_path / "ws", progress=False)
+        pipeline.train(recipe, workspace=tmp_path / "ws")
     assert info.value.exit_code == 2
     adapters = tmp_path / "ws" / "toy" / "adapters"
     assert not adapters.exists() or not list(adapters.iterdir())  # not even a temp folder
@@ -122,7 +122,7 @@ def test_tracking_uri_does_not_leak_between_workspaces(tmp_path: Path, make_reci
     from microtune import pipeline
 
     recipe = make_recipe(tiny_model_dir, train={"max_steps": 1})
-    pipeline.train(recipe, workspace=tmp_path / "a", progress=None)
+    pipeline.train(recipe, workspace=tmp_path / "a")
     assert "MLFLOW_TRACKING_URI" not in os.environ or os.environ["MLFLOW_TRACKING_URI"] != f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
-    pipeline.train(recipe, workspace=tmp_path / "b", progress=None)
+    pipeline.train(recipe, workspace=tmp_path / "b")
     assert (tmp_path / "b" / "mlflow.db").is_file()

@@ -44,7 +44,7 @@ def watched(tmp_path: Path, make_recipe, tiny_model_dir: Path):
         "retrain": ["method.kind=lora", "train.max_steps=2"]})
     from microtune import pipeline
 
-    first = pipeline.run(recipe, workspace=tmp_path / "ws", progress=None)
+    first = pipeline.run(recipe, workspace=tmp_path / "ws")
     assert first.decision.verdict == "promote"
     return recipe, inbox, tmp_path / "ws"
 

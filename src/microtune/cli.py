@@ -3,12 +3,12 @@
     microtune check recipes/banking-intents.yaml
     microtune run   recipes/banking-intents.yaml --set train.epochs=1
 
-Library errors (``MicrotuneError``) are printed with their fix; bad input exits with code 2.
+Library errors (``MicrotuneError``) are printed with their fix; bad input exits with code 2. Progress and
+messages of long steps come as events and are drawn by ``microtune.console`` (bars on a terminal, lines in logs).
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from microtune import __version__
+from microtune.console import ConsoleReporter
 from microtune.core.errors import MicrotuneError
+from microtune.core.version import __version__
 
 app = typer.Typer(help="Turn a small open LLM into a task-specific micro-model.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -46,9 +47,9 @@ def _guard(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(exc.exit_code) from None
 
 
-def _progress() -> str:
-    """A live bar on a terminal, a plain line every ~10 % of training otherwise (logs, CI, pipes)."""
-    return "bar" if sys.stderr.isatty() and not os.environ.get("CI") else "lines"
+def _reporter() -> ConsoleReporter:
+    """Events of a step on stderr: a live bar on a terminal, a plain line every ~10 % otherwise (logs, CI, pipes)."""
+    return ConsoleReporter(err)
 
 
 @app.command()
@@ -65,7 +66,8 @@ def synth(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
     """A teacher endpoint writes more examples; filters and fidelity tests against held-out real rows keep them honest."""
     from microtune import pipeline
 
-    folder = _guard(lambda: pipeline.synth(recipe, set_, workspace, on_progress=_synth_progress()))
+    with _reporter() as report:
+        folder = _guard(lambda: pipeline.synth(recipe, set_, workspace, report))
     _show_synth(folder)
 
 
@@ -82,7 +84,8 @@ def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
         argv = ["train", str(recipe), *[x for s in set_ or [] for x in ("--set", s)], *(["--resume"] if resume else []),
                 *(["--workspace", str(workspace)] if workspace else [])]
         raise typer.Exit(distributed.launch(nproc, argv))
-    adapter = _guard(lambda: pipeline.train(recipe, set_, workspace, progress=_progress(), resume=resume))
+    with _reporter() as report:
+        adapter = _guard(lambda: pipeline.train(recipe, set_, workspace, report, resume=resume))
     if distributed.is_main():
         _show_adapter(adapter)
 
@@ -93,7 +96,8 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
     """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html."""
     from microtune import pipeline
 
-    folder = _guard(lambda: pipeline.evaluate(recipe, set_, workspace, adapter, on_system=_say_system))
+    with _reporter() as report:
+        folder = _guard(lambda: pipeline.evaluate(recipe, set_, workspace, adapter, report))
     _show_eval(folder)
 
 
@@ -125,10 +129,10 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT when it exists and is not empty.")] = False,
 ) -> None:
     """Merge an adapter into its base model (--merge) and/or bundle it for vLLM serving (--vllm)."""
+    from microtune import pipeline
     from microtune.core.artifacts import read_json
-    from microtune.models.export import export_adapter
 
-    written = _guard(lambda: export_adapter(adapter, merge, vllm, dtype=dtype, name=name, force=force))
+    written = _guard(lambda: pipeline.export(adapter, merge, vllm, dtype=dtype, name=name, force=force))
     for kind, folder in written.items():
         files = ", ".join(sorted(p.name for p in folder.iterdir()))
         out.print(f"{'merged model' if kind == 'merge' else 'vLLM bundle'}: {folder}\n  {files}", highlight=False, markup=False)
@@ -158,20 +162,16 @@ def serve(
     poll: Annotated[float, typer.Option(min=0, help="Seconds between registry alias checks (hot reload); 0: off.")] = 5.0,
 ) -> None:
     """Serve micro-models (and the base model) behind one OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
-    from microtune import serving
+    from microtune import pipeline
+    from microtune.serving import parse_adapter_options
 
-    def settings() -> Any:
-        keys = serving.read_api_keys(api_key_file)
-        return serving.ServeSettings(base=base, adapters=serving.parse_adapter_options(adapter or []), registry=registry,
-                                     tracking_uri=tracking_uri, workspace=workspace, host=host, port=port, api_keys=keys,
-                                     max_loaded=max_loaded, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                                     max_tokens=max_tokens, max_body_bytes=max_body_bytes, timeout_s=timeout, poll_s=poll)
+    def run_server() -> None:
+        pipeline.serve(parse_adapter_options(adapter or []), api_key_file=api_key_file, reporter=_reporter(), base=base,
+                       registry=registry, tracking_uri=tracking_uri, workspace=workspace, host=host, port=port,
+                       max_loaded=max_loaded, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                       max_tokens=max_tokens, max_body_bytes=max_body_bytes, timeout_s=timeout, poll_s=poll)
 
-    chosen = _guard(settings)
-    app_ = _guard(lambda: serving.build_app(chosen, chosen.api_keys))
-    auth = f"{len(chosen.api_keys)} API key(s)" if chosen.api_keys else "no API key (anyone who can reach the port may call it)"
-    err.print(f"serving on http://{host}:{port}/v1 with {auth}; models: GET /v1/models", highlight=False, soft_wrap=True)
-    serving.run_app(app_, chosen)
+    _guard(run_server)
 
 
 @app.command()
@@ -188,17 +188,19 @@ def watch(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
           every: Annotated[str | None, typer.Option(help="Loop: a cycle every 30s / 10m / 1h / 1d until SIGTERM or Ctrl-C.")] = None,
           ) -> None:
     """Ingest new files from watch.inbox; on new data or drift retrain, gate and promote the winner."""
-    from microtune.pipeline.watch import watch_loop, watch_once
+    from microtune import pipeline
 
     if once == (every is not None):
         err.print("[bold red]error:[/] give exactly one of --once or --every DURATION")
         raise typer.Exit(2)
-    say = lambda msg: err.print(f"watch: {escape(msg)}")  # noqa: E731
     if once:
-        _show_watch(_guard(lambda: watch_once(recipe, set_, workspace, say)))
+        with _reporter() as report:
+            cycle = _guard(lambda: pipeline.watch(recipe, set_, workspace, reporter=report))
+        _show_watch(cycle)
         return
     seconds = _duration(every or "")
-    cycles = _guard(lambda: watch_loop(recipe, seconds, set_, workspace, say))
+    with _reporter() as report:
+        cycles = _guard(lambda: pipeline.watch_loop(recipe, seconds, set_, workspace, report))
     err.print(f"watch: stopped cleanly after {cycles} cycle(s)")
 
 
@@ -229,47 +231,29 @@ app.add_typer(models_app, name="models")
 NameArg = Annotated[str, typer.Argument(help="Registered model name (the recipe name).", show_default=False)]
 
 
-def _client(workspace: Path | None) -> Any:
-    from microtune.core.workspace import Workspace
-    from microtune.registry.models import registry_client
-    from microtune.registry.tracking import store_uri
-
-    return registry_client(store_uri(Workspace.at(workspace)))
-
-
 @models_app.command("list")
 def models_list(name: Annotated[str | None, typer.Argument(help="Show the versions of this model. [default: every model]",
                                                           show_default=False)] = None,
                 workspace: WorkspaceOpt = None) -> None:
     """Registered models, or one model's versions with their metrics and aliases."""
-    client = _client(workspace)
+    from microtune import pipeline
+
     if name is None:
         table = Table("model", "versions", "champion", title="registered micro-models")
-        for m in sorted(client.search_registered_models(), key=lambda m: m.name):
-            aliases = getattr(m, "aliases", {}) or {}
-            table.add_row(m.name, str(len(client.search_model_versions(f"name='{m.name}'"))), str(aliases.get("champion", "-")))
+        for m in _guard(lambda: pipeline.list_models(workspace)):
+            table.add_row(m.name, str(m.versions), m.champion or "-")
         out.print(table)
         return
-    from microtune.registry.models import list_versions
-
-    _show_versions(name, _guard(lambda: list_versions(client, name)))
+    _show_versions(name, _guard(lambda: pipeline.list_versions(name, workspace)))
 
 
 @models_app.command("show")
 def models_show(name: NameArg, version: Annotated[str | None, typer.Argument(help="[default: the champion]")] = None,
                 workspace: WorkspaceOpt = None) -> None:
     """One version: aliases, metrics, lineage tags and the last gate decision."""
-    from microtune.registry.models import CHAMPION, RegistryError, by_alias, get_version
+    from microtune import pipeline
 
-    client = _client(workspace)
-
-    def pick() -> Any:
-        found = get_version(client, name, version) if version else by_alias(client, name, CHAMPION)
-        if found is None:
-            raise RegistryError(f"model {name!r} has no champion yet", hint=f"name a version: `microtune models show {name} 1`")
-        return found
-
-    v = _guard(pick)
+    v = _guard(lambda: pipeline.show_version(name, version, workspace))
     out.print(f"[bold]{name}[/] version {v.version}  aliases: {', '.join(v.aliases) or '-'}")
     out.print(f"  source: {v.source}", highlight=False, markup=False, soft_wrap=True)
     for key in sorted(v.tags):
@@ -281,26 +265,18 @@ def models_promote(name: NameArg, version: Annotated[str, typer.Argument(help="T
                    reason: Annotated[str, typer.Option(help="Why (recorded with the decision).")] = "manual promotion",
                    workspace: WorkspaceOpt = None) -> None:
     """Make VERSION the champion by hand (bypasses the gate; the decision is recorded as manual)."""
-    from microtune.registry.models import CHAMPION, Decision, by_alias, promote, record_decision
+    from microtune import pipeline
 
-    client = _client(workspace)
-
-    def act() -> Any:
-        before = by_alias(client, name, CHAMPION)
-        promoted = promote(client, name, version, f"manual: {reason}")
-        record_decision(client, Decision(name, promoted.version, before.version if before else None, "promote", f"manual: {reason}"))
-        return before, promoted
-
-    before, promoted = _guard(act)
-    out.print(f"{name}: champion {before.version if before else '-'} → {promoted.version}")
+    decision = _guard(lambda: pipeline.promote(name, version, reason, workspace))
+    out.print(f"{name}: champion {decision.champion or '-'} → {decision.challenger}")
 
 
 @models_app.command("rollback")
 def models_rollback(name: NameArg, workspace: WorkspaceOpt = None) -> None:
     """Move the champion back to the version the current champion replaced."""
-    from microtune.registry.models import rollback
+    from microtune import pipeline
 
-    v = _guard(lambda: rollback(_client(workspace), name))
+    v = _guard(lambda: pipeline.rollback(name, workspace))
     out.print(f"{name}: champion is version {v.version} again")
 
 
@@ -332,7 +308,8 @@ def _run(recipe: Path, set_: list[str] | None, workspace: Path | None) -> None:
 
     checked = _guard(lambda: pipeline.check(recipe, set_, workspace))
     _show_check(checked.manifest, checked.dataset_dir)
-    result = _guard(lambda: pipeline.run(recipe, set_, workspace, progress=_progress(), on_system=_say_system))
+    with _reporter() as report:
+        result = _guard(lambda: pipeline.run(recipe, set_, workspace, report))
     _show_adapter(result.adapter_dir)
     _show_eval(result.eval_dir)
     if result.decision is not None:
@@ -360,10 +337,6 @@ def demo_recipe() -> Path:
     raise typer.BadParameter("the demo recipe is not installed; run from a microtune checkout")
 
 
-def _say_system(system: str) -> None:
-    err.print(f"predicting with [bold]{system}[/] …")
-
-
 def _show_check(manifest: dict[str, Any], folder: Path) -> None:
     stats = manifest["stats"]
     table = Table(title=f"dataset {manifest['recipe']} ({folder})", show_header=True)
@@ -380,14 +353,6 @@ def _show_check(manifest: dict[str, Any], folder: Path) -> None:
     out.print(f"duplicates within split: {stats['duplicates']}; overlap with train: {stats['overlap_with_train']}")
     for warning in manifest.get("warnings", []):
         err.print("[yellow]warning:[/] " + escape(warning), highlight=False, soft_wrap=True)
-
-
-def _synth_progress() -> Callable[[int, int, int], None]:
-    """A line every ~10 % of the teacher's answers (cached ones count too)."""
-    def say(done: int, total: int, cached: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            err.print(f"teacher answers {done}/{total} ({cached} from cache)", highlight=False)
-    return say
 
 
 def _show_synth(folder: Path) -> None:

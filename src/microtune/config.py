@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import CoreSchema, PydanticCustomError
 
-from microtune import methods
+import microtune.methods as methods
 from microtune.core.errors import Problem, RecipeError
 from microtune.core.schema import Section
 from microtune.methods import (  # noqa: F401 (the method sections, importable from the recipe module as before)
@@ -524,6 +524,22 @@ class Recipe(Section):
     def resolved(self) -> dict[str, Any]:
         """The full recipe as plain JSON-able data (paths as strings), for manifests and MLflow."""
         return self.model_dump(mode="json")
+
+    def with_overrides(self, overrides: list[str]) -> Recipe:
+        """This recipe with ``a.b=value`` overrides applied (as `load_recipe` applies them to the YAML), validated again.
+
+        The recipe itself is left as it is; without overrides it is returned unchanged. Paths already
+        resolved stay absolute; a relative path given in an override is taken as it is written.
+        """
+        if isinstance(overrides, str):  # iterating a string would apply one "override" per character
+            raise RecipeError(f"overrides must be a list of a.b=value strings, got the string {overrides!r}",
+                              hint=f"wrap it in a list: with_overrides([{overrides!r}])")
+        if not overrides:
+            return self
+        raw = self.resolved()
+        for item in overrides:
+            apply_override(raw, item)
+        return validate_recipe(raw, source=f"recipe {self.name!r} with overrides {list(overrides)}")
 
 
 def _rebuild_recipe() -> None:

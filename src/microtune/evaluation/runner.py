@@ -1,6 +1,7 @@
 """Evaluate the micro-model against prompted baselines and endpoints on the test split, with intervals.
 
     metrics = evaluate_systems(recipe, ref, dataset_dir, adapter_dir, labels, out_dir)   # as pipeline.evaluate does
+    # reporter: a ``message`` event (stage ``eval``) as each system starts predicting
 
 Systems: ``zero_shot`` (instruction + label list), ``few_shot`` (plus k train examples as chat turns:
 seeded and fixed, distinct labels first, or per row the most similar by TF-IDF), each of
@@ -14,12 +15,12 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from microtune.config import Recipe
 from microtune.core.errors import DataError
+from microtune.core.progress import Reporter, emitter
 from microtune.data import read_split
 from microtune.evaluation import stats, timing
 from microtune.evaluation.endpoint import EndpointSystem
@@ -31,6 +32,7 @@ from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
 
 MICRO = "micro"
+STAGE = "eval"  # the stage named in this module's events
 
 
 def pick_shots(train: list[dict[str, Any]], k: int, seed: int) -> list[dict[str, Any]]:
@@ -77,10 +79,11 @@ def preflight(recipe: Recipe) -> None:
 
 
 def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapter_dir: Path, labels: list[str],
-                     out_dir: Path, on_system: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     out_dir: Path, reporter: Reporter | None = None) -> dict[str, Any]:
     """Predict the test split with every system; write the eval files into ``out_dir``; return metrics per system."""
     from microtune.evaluation.report import render_report
 
+    emit = emitter(reporter, STAGE)
     cfg = recipe.eval
     test = read_split(dataset_dir, "test")[: cfg.max_examples]
     if not test:
@@ -90,10 +93,9 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
     results: dict[str, dict[str, Any]] = {}
     # endpoints first: a wrong URL or key fails in seconds, before minutes of local prediction
     for i, endpoint_cfg in enumerate(cfg.endpoints):
-        if on_system:
-            on_system(endpoint_cfg.name)
+        emit("message", text=f"predicting with {endpoint_cfg.name} …", system=endpoint_cfg.name)
         results[endpoint_cfg.name] = _run_endpoint(EndpointSystem(endpoint_cfg, labels, f"eval.endpoints[{i}]"), task, test)
-    _run_local(recipe, ref, adapter_dir, task, test, shots, results, on_system)
+    _run_local(recipe, ref, adapter_dir, task, test, shots, results, emit)
     order = [*cfg.baselines, *(e.name for e in cfg.endpoints), MICRO]  # tables read baselines → endpoints → micro
     results = {s: results[s] for s in order}
     golds = [task.gold(ex) for ex in test]
@@ -106,7 +108,7 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
 
 
 def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Any, test: list[dict[str, Any]],
-               shots: list[list[dict[str, Any]]], results: dict[str, Any], on_system: Callable[[str], None] | None) -> None:
+               shots: list[list[dict[str, Any]]], results: dict[str, Any], emit: Any) -> None:
     """Batched constrained prediction with the base model (baselines), then base + adapter (micro)."""
     cfg, tokenizer = recipe.eval, load_tokenizer(ref)
     renderer = Renderer(tokenizer)
@@ -120,8 +122,7 @@ def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Any, 
     for system in [*cfg.baselines, MICRO]:
         if system == MICRO:
             model = load_trained(ref, adapter_dir, model)
-        if on_system:
-            on_system(system)
+        emit("message", text=f"predicting with {system} …", system=system)
         predictor = _predictor(task, model, renderer, cfg.batch_size, bf16)
         ids = [prompts[system](i) for i in range(len(test))]
         start = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from microtune import methods
+import microtune.methods as methods
 from microtune.config import artifact_recipe
 from microtune.core.artifacts import read_manifest
 from microtune.models.hardware import device

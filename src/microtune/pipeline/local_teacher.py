@@ -1,7 +1,7 @@
 """The offline default teacher for `synth`: the recipe's base model served by `microtune serve`, in-process.
 
-    with local_teacher(recipe) as (base_url, model):     # http://127.0.0.1:<port>/v1, the base model's name
-        ...                                                # any OpenAI client can talk to it meanwhile
+    with served_teacher(recipe, workspace) as concrete:   # synth.teacher.base_url: local → http://127.0.0.1:<port>/v1
+        ...                                              # concrete.synth.teacher names the running server and its model
     folder = tuned_teacher(recipe, workspace)            # synth.teacher.tune_steps: the base taught the request format
 
 The server listens on 127.0.0.1 on a free port, without the registry and without auth, and is shut
@@ -21,24 +21,52 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from microtune.config import Recipe
+from microtune.config import Recipe, TeacherConfig, validate_recipe
 from microtune.core.errors import ModelError
+from microtune.core.hashing import hash_value
+from microtune.core.progress import Reporter, emitter
+from microtune.core.workspace import Workspace
+from microtune.data import read_split
+from microtune.models.export import merge_adapter
+from microtune.pipeline.check import check
+from microtune.pipeline.train import train
+from microtune.serving import ServeSettings, build_app
+from microtune.synthesis import synth_config
+from microtune.synthesis.plan import split_holdout, tuning_rows
+
+LOCAL = "local"
 
 
-def tuned_teacher(recipe: Recipe, workspace: str | Path | None, progress: Any = None) -> Path:
+@contextmanager
+def served_teacher(recipe: Recipe, workspace: str | Path | None = None, reporter: Reporter | None = None) -> Iterator[Recipe]:
+    """The recipe with a concrete teacher: itself when ``synth.teacher.base_url`` is a URL; for ``local``, a copy whose
+    teacher is the base model (or, with ``tune_steps``, the tuned teacher) served on 127.0.0.1 while the block runs."""
+    cfg = synth_config(recipe)
+    if cfg.teacher.base_url != LOCAL:
+        yield recipe
+        return
+    tuned = cfg.teacher.tune_steps is not None
+    base = str(tuned_teacher(recipe, workspace, reporter)) if tuned else None
+    with local_teacher(recipe, base=base, reporter=reporter) as (url, model):
+        yield _with_teacher(recipe, url, model, one_per_request=tuned)
+
+
+def _with_teacher(recipe: Recipe, url: str, model: str, one_per_request: bool) -> Recipe:
+    """A copy of the recipe whose teacher is the running server; the tuned teacher learned one example per answer."""
+    concrete = recipe.model_copy(deep=True)
+    assert concrete.synth is not None  # served_teacher checked the section
+    teacher = concrete.synth.teacher.model_dump() | {"base_url": url, "model": model}
+    concrete.synth.teacher = TeacherConfig.model_validate(teacher)  # validated assignment (Section)
+    if one_per_request:
+        concrete.synth.examples_per_request = 1
+    return concrete
+
+
+def tuned_teacher(recipe: Recipe, workspace: str | Path | None, reporter: Reporter | None = None) -> Path:
     """The base model fine-tuned to answer this recipe's synth requests, merged into a plain model folder."""
-    from microtune.config import validate_recipe
-    from microtune.core.hashing import hash_value
-    from microtune.core.workspace import Workspace
-    from microtune.data import read_split
-    from microtune.models.export import merge_adapter
-    from microtune.pipeline.stages import check, train
-    from microtune.synthesis.plan import split_holdout, tuning_rows
-
-    cfg, ws = recipe.synth, Workspace.at(workspace)
-    assert cfg is not None and cfg.teacher.tune_steps is not None
+    cfg, ws = synth_config(recipe), Workspace.at(workspace)
+    assert cfg.teacher.tune_steps is not None
     checked = check(recipe, None, workspace)
     _, pool = split_holdout(read_split(checked.dataset_dir, "train"), cfg.fidelity.holdout, cfg.seed)
     system, rows = tuning_rows(cfg, recipe.task.instruction, checked.manifest["labels"], pool)
@@ -54,15 +82,15 @@ def tuned_teacher(recipe: Recipe, workspace: str | Path | None, progress: Any = 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     spec["data"] = {"train": str(folder / "train.jsonl"), "split": {"valid": 0.0, "test": 0.1}}
-    adapter = train(validate_recipe(spec, source="synth.teacher.tune_steps"), None, ws.root, progress)
+    adapter = train(validate_recipe(spec, source="synth.teacher.tune_steps"), None, ws.root, reporter)
     return merge_adapter(adapter, merged, force=True)
 
 
 @contextmanager
-def local_teacher(recipe: Recipe, start_timeout_s: float = 300, base: str | None = None) -> Iterator[tuple[str, str]]:
-    import uvicorn
-
-    from microtune.serving import ServeSettings, build_app
+def local_teacher(recipe: Recipe, start_timeout_s: float = 300, base: str | None = None,
+                  reporter: Reporter | None = None) -> Iterator[tuple[str, str]]:
+    """``(base_url, model)`` of `microtune serve` on ``base`` (default: the recipe's base model), running while the block runs."""
+    import uvicorn  # heavy server stack: only when a local teacher is asked for
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,8 +108,10 @@ def local_teacher(recipe: Recipe, start_timeout_s: float = 300, base: str | None
             raise ModelError("the local teacher (microtune serve on the base model) did not start",
                              hint="set synth.teacher.base_url to another OpenAI-compatible endpoint")
         time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}/v1"
+    emitter(reporter, "synth")("message", text=f"local teacher: {base} served at {url}")
     try:
-        yield f"http://127.0.0.1:{port}/v1", base
+        yield url, base
     finally:
         server.should_exit = True
         thread.join(timeout=60)

@@ -1,14 +1,14 @@
 """`microtune watch`: new labelled data or drift triggers a retrain that is promoted only if it wins.
 
-    report = watch_once("recipes/faa-maintenance.yaml")          # one cycle (cron, Airflow, Prefect)
-    watch_loop("recipes/faa-maintenance.yaml", every_s=3600)      # until SIGTERM / Ctrl-C
+    report = watch("recipes/faa-maintenance.yaml")                # one cycle (cron, Airflow, Prefect)
+    watch("recipes/faa-maintenance.yaml", every_s=3600)           # until SIGTERM / Ctrl-C
 
 One cycle reads top to bottom: finish a round a crash interrupted → ingest new inbox files (each file
 once, by checksum; bad rows quarantined with a file:line report, never trained on) → triggers on the
 rows not yet used (count, new labels, label shift, text drift) → on a trigger, a round: train on the
 recipe's data plus every accepted new row (replay: old labels stay in the mix), evaluate on the frozen
 set (the recipe's test split plus the held-out share of the new rows), register, and let the gate
-decide (pipeline/promote.py). A drift report with every statistic and threshold is written each cycle.
+decide (pipeline/gate.py). A drift report with every statistic and threshold is written each cycle.
 
 Crash safety: the state (SQLite, one transaction per step) records files, rows and rounds; a round's
 version is found again by its ``watch.round`` tag, so a rerun after kill -9 never registers twice.
@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,20 @@ from microtune.config import Recipe
 from microtune.core.artifacts import write_json
 from microtune.core.errors import ProblemLog, RecipeError
 from microtune.core.hashing import hash_file
+from microtune.core.progress import Reporter, emitter
 from microtune.core.workspace import Workspace
-from microtune.pipeline.stages import RecipeLike, _recipe
+from microtune.data import build_dataset, label_shift, load_rows, text_drift_auc
+from microtune.data.dataset import normalize_text
+from microtune.evaluation import score_examples
+from microtune.models import resolve_base
+from microtune.pipeline.gate import gate
+from microtune.pipeline.recipes import RecipeLike, resolve_recipe
+from microtune.pipeline.run import run
+from microtune.registry.models import CHAMPION, RegistryError, adapter_path, by_alias, list_versions, registry_client
+from microtune.registry.tracking import tracking_uri
+from microtune.tasks import TASKS
 
+Say = Callable[[str], None]
 PATTERNS = ("*.jsonl", "*.csv", "*.tsv")
 ROW_FIELDS = ("task.text_field=text", "task.label_field=label", "task.target_field=target")  # the plain names of stored rows
 SCHEMA = """
@@ -53,48 +64,71 @@ def _state(path: Path) -> Iterator[sqlite3.Connection]:
         con.close()
 
 
+def watch(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None, *,
+          every_s: float | None = None, reporter: Reporter | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+    """`microtune watch`: one cycle, or with ``every_s`` a cycle every ``every_s`` seconds until SIGTERM/SIGINT (or
+    ``stop`` is set); returns the report of the last cycle run ({} when stopped before the first)."""
+    if every_s is None:
+        return watch_once(recipe, overrides, workspace, reporter)
+    last: dict[str, Any] = {}
+
+    def keep(report: dict[str, Any]) -> None:
+        last.clear()
+        last.update(report)
+
+    _loop(recipe, every_s, overrides, workspace, reporter, stop, keep)
+    return last
+
+
 def watch_once(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
-               on_event: Any = None) -> dict[str, Any]:
-    """One watch cycle; returns (and writes) the cycle report."""
-    recipe, ws = _recipe(recipe, overrides), Workspace.at(workspace)
+               reporter: Reporter | None = None) -> dict[str, Any]:
+    """One watch cycle; returns (and writes) the cycle report. Its news are ``message`` events of stage ``watch``."""
+    recipe, ws = resolve_recipe(recipe, overrides), Workspace.at(workspace)
     inbox = recipe.watch.inbox
     if inbox is None or not inbox.is_dir():
         raise RecipeError(f"watch.inbox {'is not set' if inbox is None else f'{inbox} is not a folder'}",
                           hint="set watch.inbox in the recipe to the folder where new labelled files land")
     folder = ws.stage_dir(recipe.name, "watch")
-    say = on_event or (lambda _msg: None)
+    emit = emitter(reporter, "watch")
+
+    def say(text: str) -> None:
+        emit("message", text=text)
+
     with _state(folder / "state.db") as con:
         report: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name}
-        report["resumed_round"] = _finish_open_round(recipe, ws, con, folder, say)
+        report["resumed_round"] = _finish_open_round(recipe, ws, con, folder, say, reporter)
         report["files"] = _ingest(recipe, inbox, con, folder, say)
         report |= _triggers(recipe, ws, con)
         if report["fired"]:
             round_id = _open_round(con, report["fired"])
             say(f"round {round_id}: retraining ({'; '.join(report['fired'])})")
-            report["round"] = _run_round(recipe, ws, con, folder, round_id, say)
+            report["round"] = _run_round(recipe, ws, con, folder, round_id, say, reporter)
     write_json(folder / "reports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.json", report)
     return report
 
 
 def watch_loop(recipe: RecipeLike, every_s: float, overrides: list[str] | None = None, workspace: str | Path | None = None,
-               on_event: Any = None, stop: threading.Event | None = None) -> int:
-    """Run cycles every ``every_s`` seconds until SIGTERM/SIGINT (the running cycle finishes first)."""
+               reporter: Reporter | None = None, stop: threading.Event | None = None) -> int:
+    """Run cycles every ``every_s`` seconds until SIGTERM/SIGINT (the running cycle finishes first); returns how many ran."""
+    return _loop(recipe, every_s, overrides, workspace, reporter, stop, lambda _report: None)
+
+
+def _loop(recipe: RecipeLike, every_s: float, overrides: list[str] | None, workspace: str | Path | None,
+          reporter: Reporter | None, stop: threading.Event | None, each: Callable[[dict[str, Any]], None]) -> int:
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     cycles = 0
     while not stop.is_set():
-        watch_once(recipe, overrides, workspace, on_event)
+        each(watch_once(recipe, overrides, workspace, reporter))
         cycles += 1
         stop.wait(every_s)
     return cycles
 
 
 # -- ingest ---------------------------------------------------------------------------------------------
-def _ingest(recipe: Recipe, inbox: Path, con: sqlite3.Connection, folder: Path, say: Any) -> list[dict[str, Any]]:
-    from microtune.data import load_rows
-
+def _ingest(recipe: Recipe, inbox: Path, con: sqlite3.Connection, folder: Path, say: Say) -> list[dict[str, Any]]:
     seen = {row[0] for row in con.execute("select checksum from files")}
     out = []
     for path in sorted(p for pattern in PATTERNS for p in inbox.glob(pattern)):
@@ -133,15 +167,11 @@ def _raw(example: dict[str, Any]) -> dict[str, Any]:
 def _is_holdout(text: str, share: float) -> int:
     """Deterministic by text (case and spacing ignored, as the leakage check does): a rerun holds out the same rows,
     and two copies of one text never land on both sides."""
-    from microtune.data.dataset import normalize_text
-
     return int(zlib.crc32(normalize_text(text).encode()) % 10_000 < share * 10_000)
 
 
 # -- triggers -------------------------------------------------------------------------------------------
 def _triggers(recipe: Recipe, ws: Workspace, con: sqlite3.Connection) -> dict[str, Any]:
-    from microtune.data import label_shift, text_drift_auc
-
     cfg = recipe.watch
     new = [json.loads(d) for (d,) in con.execute("select data from rows where round is null")]
     ref = _reference_rows(recipe, con)
@@ -174,13 +204,6 @@ def _triggers(recipe: Recipe, ws: Workspace, con: sqlite3.Connection) -> dict[st
 
 def _champion_quality(recipe: Recipe, ws: Workspace, new: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The champion's main metric on the new rows (before any retrain); None when nothing is champion yet."""
-    from microtune.config import apply_override, validate_recipe
-    from microtune.evaluation import score_examples
-    from microtune.models import resolve_base
-    from microtune.registry.models import CHAMPION, RegistryError, adapter_path, by_alias, registry_client
-    from microtune.registry.tracking import tracking_uri
-    from microtune.tasks import TASKS
-
     client = registry_client(tracking_uri(recipe, ws))
     try:
         champ = by_alias(client, recipe.name, CHAMPION)
@@ -188,10 +211,7 @@ def _champion_quality(recipe: Recipe, ws: Workspace, new: list[dict[str, Any]]) 
         return None
     if champ is None:
         return None
-    raw = recipe.resolved()
-    for item in ROW_FIELDS:
-        apply_override(raw, item)
-    rows = validate_recipe(raw, source="watch rows")
+    rows = recipe.with_overrides(list(ROW_FIELDS))
     examples = [e for e in (TASKS[rows.task.type].normalize(r, rows.task)[0] for r in new) if e is not None]
     metrics = score_examples(rows, resolve_base(recipe.model), adapter_path(client, champ), examples)
     metric = recipe.metric_names()[0]
@@ -205,8 +225,6 @@ def _label(row: dict[str, Any]) -> str:
 
 def _reference_rows(recipe: Recipe, con: sqlite3.Connection) -> list[dict[str, Any]]:
     """What the current model learned from: the recipe's train split plus rows of earlier rounds."""
-    from microtune.data import build_dataset
-
     base = [_raw(r) for r in build_dataset(recipe).splits["train"]]
     return base + [json.loads(d) for (d,) in con.execute("select data from rows where round is not null and holdout = 0")]
 
@@ -220,25 +238,25 @@ def _open_round(con: sqlite3.Connection, fired: list[str]) -> int:
     return round_id
 
 
-def _finish_open_round(recipe: Recipe, ws: Workspace, con: sqlite3.Connection, folder: Path, say: Any) -> dict[str, Any] | None:
+def _finish_open_round(recipe: Recipe, ws: Workspace, con: sqlite3.Connection, folder: Path, say: Say,
+                       reporter: Reporter | None) -> dict[str, Any] | None:
     open_round = con.execute("select id from rounds where status = 'training' order by id limit 1").fetchone()
     if open_round is None:
         return None
     say(f"round {open_round[0]}: interrupted earlier; finishing it")
-    return _run_round(recipe, ws, con, folder, int(open_round[0]), say)
+    return _run_round(recipe, ws, con, folder, int(open_round[0]), say, reporter)
 
 
-def _run_round(recipe: Recipe, ws: Workspace, con: sqlite3.Connection, folder: Path, round_id: int, say: Any) -> dict[str, Any]:
-    from microtune.pipeline.promote import gate
-    from microtune.pipeline.stages import run
-
+def _run_round(recipe: Recipe, ws: Workspace, con: sqlite3.Connection, folder: Path, round_id: int, say: Say,
+               reporter: Reporter | None) -> dict[str, Any]:
+    """Retrain, register and gate (the caller's reporter sees the round's train and eval events too)."""
     retrain = _round_recipe(recipe, con, folder / f"round-{round_id}", round_id)
     version = _version_of_round(retrain, ws, round_id)
     if version is None:
-        result = run(retrain, None, ws.root, progress=None, tags={"watch.round": str(round_id)})
+        result = run(retrain, None, ws.root, reporter, tags={"watch.round": str(round_id)})
         decision, version = result.decision, result.model_version
     else:  # registered before a crash: decide it, never register it again
-        decision = gate(retrain, version, ws.root)
+        decision = gate(retrain, version, ws.root, reporter)
     with con:
         con.execute("update rounds set status = 'done', version = ?, verdict = ? where id = ?", (version, decision.verdict, round_id))
     say(f"round {round_id}: version {version} — {decision.verdict}: {decision.reason}")
@@ -248,10 +266,6 @@ def _run_round(recipe: Recipe, ws: Workspace, con: sqlite3.Connection, folder: P
 def _round_recipe(recipe: Recipe, con: sqlite3.Connection, folder: Path, round_id: int) -> Recipe:
     """The recipe of a retrain: its data = recipe train + new rows (train), recipe test + held-out new rows (frozen set).
     New rows that repeat a recipe row (case and spacing ignored) are left out: they would leak into the frozen set."""
-    from microtune.config import apply_override, validate_recipe
-    from microtune.data import build_dataset
-    from microtune.data.dataset import normalize_text
-
     base = build_dataset(recipe).splits
     known = {normalize_text(r["text"]) for rows in base.values() for r in rows}  # re-sent recipe rows would leak into the frozen set
     new = [(json.loads(d), h) for d, h in con.execute("select data, holdout from rows where round <= ?", (round_id,))]
@@ -263,24 +277,17 @@ def _round_recipe(recipe: Recipe, con: sqlite3.Connection, folder: Path, round_i
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in files.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    raw = recipe.resolved()
-    overrides = [*recipe.watch.retrain, *ROW_FIELDS, *(f"data.{s}={folder / f'{s}.jsonl'}" for s in ("train", "valid", "test")), "data.format=jsonl"]
+    data = [*(f"data.{s}={folder / f'{s}.jsonl'}" for s in files), "data.format=jsonl"]
     if "valid" not in files:
-        overrides.append("data.split.valid=0")
-    for item in overrides:
-        apply_override(raw, item)
+        data += ["data.valid=null", "data.split.valid=0"]
+    retrain = recipe.with_overrides([*recipe.watch.retrain, *ROW_FIELDS, *data])
     if recipe.task.type == "classify" and recipe.task.labels is not None:  # a declared label set grows with new labels
         seen = {lab for r in files["train"] for lab in (r["label"] if isinstance(r["label"], list) else [r["label"]])}
-        raw["task"]["labels"] = [*recipe.task.labels, *sorted(seen - set(recipe.task.labels))]
-    if "valid" not in files:
-        raw["data"]["valid"] = None
-    return validate_recipe(raw, source=f"watch round {round_id}")
+        retrain.task.labels = [*recipe.task.labels, *sorted(seen - set(recipe.task.labels))]  # validated assignment (Section)
+    return retrain
 
 
 def _version_of_round(recipe: Recipe, ws: Workspace, round_id: int) -> str | None:
-    from microtune.registry.models import RegistryError, list_versions, registry_client
-    from microtune.registry.tracking import tracking_uri
-
     try:
         versions = list_versions(registry_client(tracking_uri(recipe, ws)), recipe.name)
     except RegistryError:  # nothing registered yet

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microtune import methods
+import microtune.methods as methods
 from microtune.config import Recipe, artifact_recipe
 from microtune.core.artifacts import read_manifest
 from microtune.core.errors import ArtifactError, MicrotuneError

@@ -2,6 +2,9 @@
 
     manifest = generate(recipe, dataset_dir, labels, out_dir, cache_path)   # fills out_dir; pipeline.synth wraps it
 
+With a ``reporter``, the teacher's answers are reported as they arrive (stage ``synth``: ``start``,
+``progress`` per answer with the number from cache, ``done``; see synthesis/teacher.py).
+
 ``out_dir`` receives ``accepted.jsonl`` (rows with provenance and filter scores), ``rejected.jsonl``
 (every reject with its reason code, including requests that failed after all retries),
 ``fidelity.json`` and ``fidelity.html``. The returned dict goes into the artifact's manifest.
@@ -11,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from microtune.config import Recipe, SynthConfig, TaskConfig
 from microtune.core.errors import RecipeError, TeacherError
+from microtune.core.progress import Reporter
 from microtune.data import read_split
 from microtune.synthesis.cache import AnswerCache, request_key
 from microtune.synthesis.fidelity import fidelity, two_sample, write_html
@@ -26,7 +29,6 @@ from microtune.synthesis.plan import PlannedRequest, build_plan, parse_answer, q
 from microtune.synthesis.teacher import Answer, Teacher, TeacherRequest
 
 Row = dict[str, Any]
-Progress = Callable[[int, int, int], None]  # (answered, total, from cache)
 
 
 def synth_config(recipe: Recipe) -> SynthConfig:
@@ -38,7 +40,7 @@ def synth_config(recipe: Recipe) -> SynthConfig:
 
 
 def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path, cache_path: Path,
-             on_progress: Progress | None = None) -> dict[str, Any]:
+             reporter: Reporter | None = None) -> dict[str, Any]:
     cfg = synth_config(recipe)
     cache = AnswerCache(cache_path)
     try:
@@ -49,7 +51,7 @@ def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path
         quota = quotas(cfg, labels, pool)
         plan = build_plan(cfg, recipe.task.instruction, labels, pool, quota)
         requests = [_request(teacher, cfg, p) for p in plan]
-        answers = teacher.ask_all(requests, _counter(len(requests), on_progress))
+        answers = teacher.ask_all(requests, reporter)
         _refuse_total_failure(answers, teacher)
         cascade = Cascade(cfg.filters, labels, pool, real, cfg.seed)
         candidates = _candidates(plan, requests, answers, labels, cascade, teacher, recipe.task)
@@ -73,17 +75,6 @@ def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path
 def _request(teacher: Teacher, cfg: SynthConfig, p: PlannedRequest) -> TeacherRequest:
     params = teacher.params(seed=cfg.seed * 100_000 + p.index)  # distinct seeds: two alike prompts still get two answers
     return TeacherRequest(request_key(teacher.model, params, p.messages), p.messages, params)
-
-
-def _counter(total: int, on_progress: Progress | None) -> Callable[[TeacherRequest, Answer], None]:
-    done = {"n": 0, "cached": 0}
-
-    def tick(_req: TeacherRequest, answer: Answer) -> None:
-        done["n"] += 1
-        done["cached"] += answer.cached
-        if on_progress:
-            on_progress(done["n"], total, done["cached"])
-    return tick
 
 
 def _refuse_total_failure(answers: dict[str, Answer], teacher: Teacher) -> None:

@@ -3,6 +3,9 @@
     teacher = Teacher(recipe.synth.teacher, AnswerCache(path))
     answers = teacher.ask_all([TeacherRequest(key, messages, params), ...])   # {key: Answer}
 
+With a ``reporter``, ``ask_all`` emits (stage ``synth``) ``start``, a ``progress`` event per answer
+(``data``: ``cached``, how many so far came from the cache) and ``done``.
+
 Retries are the ``openai`` client's own: 429, 408, 409, 5xx and connection errors are retried with
 exponential backoff (0.5 s doubling, capped at 8 s) and up to 25 % jitter, and a ``Retry-After`` /
 ``retry-after-ms`` header up to 60 s is honoured instead; ``teacher.max_attempts`` caps the tries.
@@ -16,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from microtune.config import TeacherConfig
 from microtune.core.errors import TeacherError
+from microtune.core.progress import Reporter, emitter
 from microtune.synthesis.cache import AnswerCache
 
 LOCAL_FIX = ("start `microtune serve` and set synth.teacher.base_url to its /v1 URL (e.g. --set "
@@ -83,24 +86,24 @@ class Teacher:
         """Sampling parameters of one request (part of its cache key)."""
         return {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_tokens, "seed": seed}
 
-    def ask_all(self, requests: list[TeacherRequest], on_answer: Callable[[TeacherRequest, Answer], None] | None = None,
-                ) -> dict[str, Answer]:
+    def ask_all(self, requests: list[TeacherRequest], reporter: Reporter | None = None) -> dict[str, Answer]:
         """Answer every request: from the cache where it has the key, else from the endpoint."""
         answers: dict[str, Answer] = {}
         todo: dict[str, TeacherRequest] = {}
+        tick = _Ticker(reporter, len(requests))
         for req in requests:
             hit = self.cache.get(req.key)
             if hit is not None:
                 answers[req.key] = Answer.from_cache(hit)
-                if on_answer:
-                    on_answer(req, answers[req.key])
+                tick(answers[req.key])
             else:
                 todo.setdefault(req.key, req)
         if todo:
-            answers.update(asyncio.run(self._send(list(todo.values()), on_answer)))
+            answers.update(asyncio.run(self._send(list(todo.values()), tick)))
+        tick.done()
         return answers
 
-    async def _send(self, todo: list[TeacherRequest], on_answer: Callable[[TeacherRequest, Answer], None] | None) -> dict[str, Answer]:
+    async def _send(self, todo: list[TeacherRequest], tick: _Ticker) -> dict[str, Answer]:
         from openai import AsyncOpenAI
 
         client = AsyncOpenAI(base_url=self.base_url, api_key=self._key, max_retries=self.cfg.max_attempts - 1,
@@ -112,8 +115,7 @@ class Teacher:
                 answer = await self._ask(client, req)
             if answer.error is None:
                 self.cache.put(req.key, answer.to_cache())  # on arrival: a kill -9 later loses nothing answered
-            if on_answer:
-                on_answer(req, answer)
+            tick(answer)
             return req.key, answer
 
         try:
@@ -141,6 +143,22 @@ class Teacher:
         message, usage = done.choices[0].message, done.usage
         return Answer(message.content, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0,
                       retries, refusal=getattr(message, "refusal", None))
+
+
+class _Ticker:
+    """Counts answers as they arrive (cached ones too) and reports each: the bar or log line of `microtune synth`."""
+
+    def __init__(self, reporter: Reporter | None, total: int):
+        self.emit, self.total, self.n, self.cached = emitter(reporter, "synth"), total, 0, 0
+        self.emit("start", 0, total)
+
+    def __call__(self, answer: Answer) -> None:
+        self.n += 1
+        self.cached += answer.cached
+        self.emit("progress", self.n, self.total, cached=self.cached)
+
+    def done(self) -> None:
+        self.emit("done", self.n, self.total, cached=self.cached)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from microtune import methods
+import microtune.methods as methods
 from microtune.models.prices import GPUS
 
 MFU = 0.30

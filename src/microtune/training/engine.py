@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microtune import methods
+import microtune.methods as methods
 from microtune.config import Recipe
 from microtune.core.errors import RecipeError
 from microtune.data import imbalance, read_split

@@ -1,12 +1,16 @@
-"""The gate applied to a newly registered version: challenger vs champion on one frozen set, then promote or not.
+"""The gate applied to a newly registered version: challenger vs champion on one frozen set, then promote or not;
+and the hand-operated verbs, ``promote`` and ``rollback``.
 
     decision = gate("recipes/banking-intents.yaml", version="4")     # after `run` registered version 4
+    promote("banking-intents", "3", reason="hotfix")                  # by hand, recorded as manual
+    rollback("banking-intents")                                       # champion back to the one it replaced
 
-Reads top to bottom: the version becomes ``challenger`` → both versions' predictions on the challenger's
-test split (the champion is re-evaluated there when its own eval used another test set) → paired test
-and guards (registry/gate.py) → the decision is written to ``<workspace>/<recipe>/decisions/`` and as
-tags on the version → ``champion`` moves only on ``promote``; ``challenger`` is cleared either way.
-The first version of a model has nothing to beat and becomes champion.
+``gate`` reads top to bottom: the version becomes ``challenger`` → both versions' predictions on the
+challenger's test split (the champion is re-evaluated there when its own eval used another test set)
+→ paired test and guards (registry/gate.py) → the decision is written to
+``<workspace>/<recipe>/decisions/`` and as tags on the version → ``champion`` moves only on
+``promote``; ``challenger`` is cleared either way. The first version of a model has nothing to beat
+and becomes champion.
 """
 from __future__ import annotations
 
@@ -15,55 +19,68 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from microtune.config import Recipe
 from microtune.core.artifacts import read_json, read_manifest, write_json
+from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace
-from microtune.pipeline.stages import RecipeLike, _recipe, evaluate
+from microtune.evaluation.stats import mcnemar
+from microtune.evaluation.stats import paired_bootstrap_p as p_value
+from microtune.pipeline.evaluate import evaluate
+from microtune.pipeline.recipes import RecipeLike, resolve_recipe
+from microtune.pipeline.versions import registry_at
+from microtune.registry import models as registry
 from microtune.registry.gate import Evidence, decide
-from microtune.registry.models import (
-    CHAMPION,
-    Decision,
-    Version,
-    by_alias,
-    clear_challenger,
-    get_version,
-    promote,
-    record_decision,
-    registry_client,
-    set_challenger,
-)
+from microtune.registry.models import CHAMPION, Decision, Version
 from microtune.registry.tracking import tracking_uri
+from microtune.tasks import get_task
 
 
-def gate(recipe: RecipeLike, version: str, workspace: str | Path | None = None) -> Decision:
-    recipe, ws = _recipe(recipe, None), Workspace.at(workspace)
-    client = registry_client(tracking_uri(recipe, ws))
-    name, new = recipe.name, get_version(client, recipe.name, version)
-    champ = by_alias(client, name, CHAMPION)
+def gate(recipe: RecipeLike, version: str, workspace: str | Path | None = None, reporter: Reporter | None = None) -> Decision:
+    """Decide whether registered ``version`` replaces the champion; the decision is recorded either way."""
+    recipe, ws = resolve_recipe(recipe), Workspace.at(workspace)
+    client = registry.registry_client(tracking_uri(recipe, ws))
+    name, new = recipe.name, registry.get_version(client, recipe.name, version)
+    champ = registry.by_alias(client, name, CHAMPION)
     if champ is None or champ.version == new.version:
         decision = decide(name, None, new.version, None, recipe.gate)
     else:
-        set_challenger(client, name, new.version)
-        decision = decide(name, champ.version, new.version, _evidence(recipe, ws, champ, new), recipe.gate)
+        registry.set_challenger(client, name, new.version)
+        decision = decide(name, champ.version, new.version, _evidence(recipe, ws, champ, new, reporter), recipe.gate)
     write_json(ws.stage_dir(name, "decisions") / f"v{new.version}.json", dataclasses.asdict(decision))
-    record_decision(client, decision)
+    registry.record_decision(client, decision)
     if decision.verdict == "promote":
-        promote(client, name, new.version, decision.reason)
+        registry.promote(client, name, new.version, decision.reason)
     else:
-        clear_challenger(client, name, new.version)
+        registry.clear_challenger(client, name, new.version)
     return decision
 
 
-def _evidence(recipe: Any, ws: Workspace, champ: Version, new: Version) -> Evidence:
-    from microtune.evaluation.stats import mcnemar
-    from microtune.tasks import get_task
+def promote(name: str, version: str | int, reason: str = "manual promotion", workspace: str | Path | None = None) -> Decision:
+    """Make ``version`` the champion by hand (bypassing the gate); the decision is recorded as manual and returned
+    (``champion``: the version it replaced, None when there was none)."""
+    client = registry_at(workspace)
+    before = registry.by_alias(client, name, CHAMPION)
+    promoted = registry.promote(client, name, str(version), f"manual: {reason}")
+    decision = Decision(name, promoted.version, before.version if before else None, "promote", f"manual: {reason}")
+    registry.record_decision(client, decision)
+    return decision
 
+
+def rollback(name: str, workspace: str | Path | None = None) -> Version:
+    """Move ``champion`` back to the version the current champion replaced; returns that version."""
+    return registry.rollback(registry_at(workspace), name)
+
+
+def _evidence(recipe: Recipe, ws: Workspace, champ: Version, new: Version, reporter: Reporter | None) -> Evidence:
     new_eval = Path(new.tags["eval_dir"])
     new_manifest = read_manifest(new_eval, "eval")
     champ_eval = Path(champ.tags.get("eval_dir", ""))
     same_set = champ_eval.is_dir() and read_manifest(champ_eval, "eval").get("test_hash") == new_manifest["test_hash"]
     if not same_set:  # score the champion on the challenger's frozen set
-        champ_eval = evaluate(recipe, ["eval.baselines=[]"], ws.root, adapter=champ.tags["adapter_dir"],
-                              dataset=new_manifest["dataset_dir"])
+        champ_eval = evaluate(recipe.with_overrides(["eval.baselines=[]"]), None, ws.root, adapter=champ.tags["adapter_dir"],
+                              reporter=reporter, dataset=new_manifest["dataset_dir"])
     rows_new, rows_champ = _predictions(new_eval), _predictions(champ_eval)
     labels = read_manifest(Path(new_manifest["dataset_dir"]), "dataset")["labels"]
     task = get_task(recipe.task, labels)
@@ -105,10 +122,6 @@ def _flips(golds: list[Any], champ: list[float], chall: list[float]) -> dict[str
 
 def paired_bootstrap_p(a: list[float], b: list[float], n: int = 2000, seed: int = 13) -> float:
     """Paired bootstrap over the frozen set's rows: both versions' mean score on the same resampled rows."""
-    import numpy as np
-
-    from microtune.evaluation.stats import paired_bootstrap_p as p_value
-
     a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(a_), size=(n, len(a_)))
     return p_value(b_[idx].mean(axis=1), a_[idx].mean(axis=1), float(b_.mean() - a_.mean()))

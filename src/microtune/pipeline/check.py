@@ -1,0 +1,46 @@
+"""The check step: validate recipe and data, write the content-addressed dataset artifact.
+
+    result = check("recipes/banking-intents.yaml")      # CheckResult(recipe, dataset_dir, manifest, warnings)
+
+The artifact lives at ``<workspace>/<recipe>/datasets/<hash>/`` and is reused while the data and the
+splitting settings are unchanged; every later step starts from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microtune.config import Recipe
+from microtune.core.artifacts import read_manifest, write_artifact
+from microtune.core.workspace import Workspace
+from microtune.data import build_dataset, compute_stats, write_dataset
+from microtune.models import load_tokenizer, resolve_base
+from microtune.pipeline.recipes import RecipeLike, resolve_recipe
+from microtune.tasks import get_task
+from microtune.tasks.render import Renderer
+
+
+@dataclass
+class CheckResult:
+    recipe: Recipe
+    dataset_dir: Path
+    manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None) -> CheckResult:
+    """Validate recipe and data; write the content-addressed dataset artifact (reused when unchanged)."""
+    recipe, ws = resolve_recipe(recipe, overrides), Workspace.at(workspace)
+    result = build_dataset(recipe)
+    ref = resolve_base(recipe.model)
+    renderer, task = Renderer(load_tokenizer(ref)), get_task(recipe.task, result.labels)
+    max_len = recipe.train.max_seq_len
+    stats = compute_stats(result.splits, result.labels, lambda ex: renderer.encode(task.messages(ex), task.target(ex), max_len))
+    dest = ws.stage_dir(recipe.name, "datasets") / result.key[:12]
+    manifest = {"recipe": recipe.name, "dataset_hash": result.key, "labels": result.labels, "sources": result.sources,
+                "stats": stats, "warnings": [str(p) for p in result.log.warnings], "task": recipe.task.model_dump(mode="json")}
+    if not (dest / "manifest.json").is_file():
+        with write_artifact(dest, "dataset", manifest) as (tmp, _):
+            write_dataset(result, tmp)
+    return CheckResult(recipe, dest, read_manifest(dest, "dataset"), manifest["warnings"])

@@ -1,0 +1,40 @@
+"""What a trained artifact records about where it came from: base model, data, recipe, code and library versions."""
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from microtune.config import Recipe
+from microtune.core.hashing import hash_text, hash_value
+from microtune.core.version import __version__
+
+
+def lineage(recipe: Recipe, ref: Any, dataset: dict[str, Any], adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's lineage: enough to tell two artifacts apart and to reproduce one."""
+    import peft  # heavy: imported only once a model was trained (torch is loaded by then anyway)
+    import torch
+    import transformers
+
+    template = adapter_dir / "chat_template.jinja"
+    return {
+        **ref.lineage(),
+        "dataset_hash": dataset["dataset_hash"],
+        "recipe_hash": hash_value(recipe.resolved()),
+        "chat_template_hash": hash_text(template.read_text()) if template.is_file() else None,
+        "microtune_version": __version__,
+        "git_commit": git_commit(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "seed": recipe.train.seed,
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the working directory's git checkout, if there is one (None outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,157 @@
+"""The train step: check, then fine-tune; the adapter artifact is tracked as an MLflow run.
+
+    adapter_dir = train("recipes/banking-intents.yaml", ["train.epochs=1"], reporter=print)
+
+Events from the training engine (stage ``train``: ``start``, ``progress`` per optimizer step, ``metrics``,
+``done``) are routed here: ``metrics`` go to the MLflow run, everything else to the caller's reporter.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from microtune.config import Recipe
+import microtune.methods as methods
+from microtune.core.artifacts import read_json, write_artifact
+from microtune.core.errors import ArtifactError
+from microtune.core.hashing import hash_value
+from microtune.core.progress import Event, Reporter, emitter
+from microtune.core.workspace import Workspace, new_run_id
+from microtune.models import resolve_base
+from microtune.pipeline.check import CheckResult, check
+from microtune.pipeline.lineage import lineage
+from microtune.pipeline.recipes import RecipeLike, recipe_json
+from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
+from microtune.synthesis import synthetic_for_training
+from microtune.training import distributed as dist
+from microtune.training import engine  # shim until the loop branch lands: then `from microtune.training import train_adapter`
+from microtune.training.checkpoint import latest_checkpoint
+
+
+def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
+          reporter: Reporter | None = None, resume: bool = False) -> Path:
+    """Check, then fine-tune; returns the adapter artifact folder. Tracked as an MLflow run.
+
+    With ``resume`` the newest unfinished run of this recipe continues from its last checkpoint
+    (written every ``train.save_steps``) in the same MLflow run; the recipe must not have changed.
+    """
+    dist.init()
+    if not dist.is_main():
+        dist.barrier()  # rank 0 writes the dataset artifact first
+    checked = check(recipe, overrides, workspace)
+    if dist.is_main():
+        dist.barrier()
+    recipe, ws = checked.recipe, Workspace.at(workspace)
+    ref = resolve_base(recipe.model)
+    recipe_hash = hash_value(recipe.resolved())
+    run_id, mlflow_id = _pending_run(ws, recipe, recipe_hash) if resume else (new_run_id(), None)
+    dest, ckpt = ws.stage_dir(recipe.name, "adapters") / run_id, ws.stage_dir(recipe.name, "checkpoints") / run_id
+    extra, synthetic = _synthetic_rows(recipe, ws, checked)
+    labels = checked.manifest["labels"]
+    if not dist.is_main():  # other ranks train their shard; only rank 0 reports, logs and writes
+        with tempfile.TemporaryDirectory() as scratch:
+            _train_adapter(recipe, ref, checked.dataset_dir, labels, Path(scratch), checkpoint_dir=ckpt, resume=resume,
+                           extra_train=extra)
+        return dest
+    with mlflow_run(recipe, ws, run_id=mlflow_id, run_name=run_id) as run:
+        if mlflow_id is None:
+            log_params(recipe)
+        with write_artifact(dest, "adapter", {"recipe": recipe.name}) as (tmp, manifest):
+            out = _train_adapter(recipe, ref, checked.dataset_dir, labels, tmp, reporter=_to_mlflow(reporter), checkpoint_dir=ckpt,
+                                 resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": recipe_hash},
+                                 extra_train=extra)
+            if synthetic:
+                manifest["synthetic"] = synthetic
+            out["cost"]["full_finetune"] = _measured_full(ws, recipe, checked.manifest) or out["cost"]["full_finetune"]
+            (tmp / "recipe.json").write_text(recipe_json(recipe))
+            manifest.update(labels=labels, dataset_dir=str(checked.dataset_dir), mlflow_run_id=run.info.run_id,
+                            lineage=lineage(recipe, ref, checked.manifest, tmp), **out)
+        log_metrics({f"cost.{k}": v for k, v in out["cost"].items() if isinstance(v, (int, float))})
+        log_folder(dest, "adapter")
+    shutil.rmtree(ckpt, ignore_errors=True)  # the run finished: its checkpoints are spent
+    return dest
+
+
+def _to_mlflow(reporter: Reporter | None) -> Reporter:
+    """``metrics`` events go to the active MLflow run (at their step); every other event to the caller's reporter."""
+    def route(event: Event) -> None:
+        if event.kind == "metrics":
+            log_metrics(event.data, event.step)
+        elif reporter is not None:
+            reporter(event)
+    return route
+
+
+def _train_adapter(recipe: Recipe, ref: Any, dataset_dir: Path, labels: list[str], out_dir: Path, *,
+                   reporter: Reporter | None = None, checkpoint_dir: Path | None = None, resume: bool = False,
+                   run_meta: dict[str, Any] | None = None, extra_train: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``train_adapter`` with the signature of the training-loop contract.
+
+    shim until the loop branch lands: today's engine takes ``on_log``/``progress`` and draws its own
+    bar; here its step callbacks become ``start``/``progress``/``done`` events and ``on_log`` becomes
+    ``metrics`` events, so the library stays silent and the caller's reporter sees what the new engine
+    will emit. Once ``train_adapter(..., reporter=...)`` exists this function is a direct call.
+    """
+    emit = emitter(reporter, "train")
+
+    class _Events:  # shim until the loop branch lands: stands in for engine._Reporter during this call
+        def __init__(self, mode: str | None, total: int, start: int):
+            self.on, self.total = mode is not None, total
+            if self.on:
+                emit("start", start, total)
+
+        def update(self, step: int, loss: float, tps: float) -> None:
+            if self.on:
+                emit("progress", step, self.total, loss=loss, tokens_per_s=tps)
+
+        def close(self) -> None:
+            if self.on:
+                emit("done", None, self.total)
+
+    on_log = (lambda step, m: emit("metrics", step, **m)) if reporter is not None else None
+    saved, engine._Reporter = engine._Reporter, _Events  # shim until the loop branch lands
+    try:
+        return engine.train_adapter(recipe, ref, dataset_dir, labels, out_dir, on_log=on_log,
+                                    progress="events" if reporter is not None else None, checkpoint_dir=checkpoint_dir,
+                                    resume=resume, run_meta=run_meta, extra_train=extra_train)
+    finally:
+        engine._Reporter = saved
+
+
+def _synthetic_rows(recipe: Recipe, ws: Workspace, checked: CheckResult) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Synthetic rows `train` adds to the real ones (none unless synth.mix.enabled), and what was used."""
+    if recipe.synth is None or not recipe.synth.mix.enabled:
+        return [], {}
+    n_real = checked.manifest["stats"]["rows"]["train"]
+    return synthetic_for_training(recipe, ws.stage_dir(recipe.name, "synthetic"), checked.manifest["dataset_hash"], n_real)
+
+
+def _pending_run(ws: Workspace, recipe: Recipe, recipe_hash: str) -> tuple[str, str]:
+    """The newest run with a checkpoint and no finished adapter: ``(run_id, mlflow_run_id)``."""
+    root = ws.stage_dir(recipe.name, "checkpoints")
+    for folder in sorted(root.glob("*"), reverse=True) if root.is_dir() else []:
+        ckpt = latest_checkpoint(folder)
+        if ckpt is None or (ws.stage_dir(recipe.name, "adapters") / folder.name / "manifest.json").is_file():
+            continue
+        state = read_json(ckpt / "state.json")
+        if state.get("recipe_hash") != recipe_hash:
+            raise ArtifactError(f"the recipe changed since run {folder.name} was checkpointed; it cannot resume",
+                                hint="undo the change (or the --set overrides), or start a new run without --resume")
+        return folder.name, state["mlflow_run_id"]
+    raise ArtifactError(f"nothing to resume for recipe {recipe.name!r}: no unfinished run with a checkpoint",
+                        hint="start a run with train.save_steps set (e.g. --set train.save_steps=50); "
+                             "--resume continues it after a crash")
+
+
+def _measured_full(ws: Workspace, recipe: Recipe, dataset: dict[str, Any]) -> dict[str, Any] | None:
+    """The measured cost of an earlier `full` run on the same data, to put beside a PEFT run's."""
+    for manifest_path in sorted(ws.stage_dir(recipe.name, "adapters").glob("*/manifest.json"), reverse=True):
+        m = read_json(manifest_path)
+        if methods.has(m.get("method"), "full_model") and m.get("lineage", {}).get("dataset_hash") == dataset["dataset_hash"]:
+            c = m["cost"]
+            return {"source": "measured", "adapter": str(manifest_path.parent), "train_flops": c["train_flops"],
+                    "tokens_seen": c["tokens_seen"], "wall_time_s": c["wall_time_s"], "peak_memory_mb": c["peak_memory_mb"],
+                    "trainable_params": c["trainable_params"], "gpu_estimates": c["gpu_estimates"]}
+    return None
