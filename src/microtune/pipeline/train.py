@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from microtune.config import Recipe
 import microtune.methods as methods
+from microtune.config import Recipe
 from microtune.core.artifacts import read_json, write_artifact
 from microtune.core.errors import ArtifactError
 from microtune.core.hashing import hash_value
