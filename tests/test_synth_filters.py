@@ -8,12 +8,19 @@ import pytest
 from microtune.config import SynthConfig, SynthFilterConfig
 from microtune.synthesis.filters import Cascade, find_pii, iban_ok, judge_says_no, luhn_ok
 from microtune.synthesis.plan import build_plan, parse_answer, quotas, split_holdout, validate_item
+from microtune.tasks import ClassifyConfig, SynthHooks, get_task
 from toydata import LABELS, TEXTS
 
 
 def real_rows() -> list[dict[str, Any]]:
     return [{"text": TEXTS[label][i], "label": label, "source": f"train.jsonl:{i * 3 + j + 1}"}
             for i in range(6) for j, label in enumerate(LABELS)]
+
+
+def _hooks(**cfg: Any) -> SynthHooks:
+    hooks = get_task(ClassifyConfig(instruction="Route it.", **cfg), LABELS).synth()
+    assert hooks is not None
+    return hooks
 
 
 def row(text: str, label: str, i: int = 0) -> dict[str, Any]:
@@ -129,14 +136,12 @@ def test_answers_are_parsed_or_rejected_with_the_problem(content: str | None, pr
 
 
 def test_items_are_validated_by_the_task_schema() -> None:
-    from microtune.config import TaskConfig
-
-    task = TaskConfig(instruction="Route it.", text_field="message", label_field="intent")  # the answer's keys are fixed
-    assert validate_item({"text": "  my  bill ", "label": "billing"}, task) == ({"text": "my bill", "label": "billing"}, None)
-    assert validate_item({"label": "billing"}, task)[1] == "missing field 'text' (got keys ['label'])"
-    assert validate_item({"text": 3, "label": "billing"}, task)[1] == "field 'text' is not a string (got 3)"
-    assert validate_item({"text": " ", "label": "billing"}, task)[1].startswith("field 'text' is empty")
-    assert validate_item("just a string", task)[1] == "an example must be a JSON object (got str)"
+    hooks = _hooks(text_field="message", label_field="intent")  # the answer's keys are fixed, whatever the recipe's field names
+    assert validate_item({"text": "  my  bill ", "label": "billing"}, hooks) == ({"text": "my bill", "label": "billing"}, None)
+    assert validate_item({"label": "billing"}, hooks)[1] == "missing field 'text' (got keys ['label'])"
+    assert validate_item({"text": 3, "label": "billing"}, hooks)[1] == "field 'text' is not a string (got 3)"
+    assert validate_item({"text": " ", "label": "billing"}, hooks)[1].startswith("field 'text' is empty")
+    assert validate_item("just a string", hooks)[1] == "an example must be a JSON object (got str)"
 
 
 def test_plan_fixes_the_label_first_rotates_exemplars_and_cycles_attributes() -> None:
@@ -145,7 +150,7 @@ def test_plan_fixes_the_label_first_rotates_exemplars_and_cycles_attributes() ->
     assert all(sum(r["label"] == label for r in holdout) == 2 for label in LABELS)
     cfg = SynthConfig(per_label=6, examples_per_request=2, exemplars=2, exemplar_max_uses=3, oversample=1.0,
                       attributes={"channel": ["email", "chat", "phone"]})
-    plan = build_plan(cfg, "Route it.", LABELS, pool, quotas(cfg, LABELS, pool))
+    plan = build_plan(cfg, _hooks(), LABELS, pool, quotas(cfg, LABELS, pool))
     assert [p.label for p in plan] == ["billing"] * 3 + ["shipping"] * 3 + ["refund"] * 3
     shown = [r["source"] for p in plan for r in p.exemplars]
     assert max(shown.count(s) for s in shown) <= 3

@@ -32,9 +32,16 @@ from microtune.core.errors import ProblemLog, RecipeError
 from microtune.core.hashing import hash_file
 from microtune.core.workspace import Workspace
 from microtune.pipeline.stages import RecipeLike, _recipe
+from microtune.tasks import ClassifyConfig
 
 PATTERNS = ("*.jsonl", "*.csv", "*.tsv")
 ROW_FIELDS = ("task.text_field=text", "task.label_field=label", "task.target_field=target")  # the plain names of stored rows
+
+
+def _row_fields(recipe: Recipe) -> list[str]:
+    """The ROW_FIELDS overrides the recipe's task section has (a classify section has no target_field, and so on)."""
+    fields = type(recipe.task).model_fields
+    return [item for item in ROW_FIELDS if item.partition("=")[0].removeprefix("task.") in fields]
 SCHEMA = """
 create table if not exists files (checksum text primary key, path text, accepted int, rejected int, at real);
 create table if not exists rows (id integer primary key autoincrement, checksum text, data text, holdout int, round int);
@@ -189,7 +196,7 @@ def _champion_quality(recipe: Recipe, ws: Workspace, new: list[dict[str, Any]]) 
     if champ is None:
         return None
     raw = recipe.resolved()
-    for item in ROW_FIELDS:
+    for item in _row_fields(recipe):
         apply_override(raw, item)
     rows = validate_recipe(raw, source="watch rows")
     examples = [e for e in (TASKS[rows.task.type].normalize(r, rows.task)[0] for r in new) if e is not None]
@@ -264,12 +271,13 @@ def _round_recipe(recipe: Recipe, con: sqlite3.Connection, folder: Path, round_i
     for split, rows in files.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     raw = recipe.resolved()
-    overrides = [*recipe.watch.retrain, *ROW_FIELDS, *(f"data.{s}={folder / f'{s}.jsonl'}" for s in ("train", "valid", "test")), "data.format=jsonl"]
+    overrides = [*recipe.watch.retrain, *_row_fields(recipe), *(f"data.{s}={folder / f'{s}.jsonl'}" for s in ("train", "valid", "test")),
+                 "data.format=jsonl"]
     if "valid" not in files:
         overrides.append("data.split.valid=0")
     for item in overrides:
         apply_override(raw, item)
-    if recipe.task.type == "classify" and recipe.task.labels is not None:  # a declared label set grows with new labels
+    if isinstance(recipe.task, ClassifyConfig) and recipe.task.labels is not None:  # a declared label set grows with new labels
         seen = {lab for r in files["train"] for lab in (r["label"] if isinstance(r["label"], list) else [r["label"]])}
         raw["task"]["labels"] = [*recipe.task.labels, *sorted(seen - set(recipe.task.labels))]
     if "valid" not in files:
