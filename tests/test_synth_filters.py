@@ -180,3 +180,27 @@ def test_synth_recipe_errors_name_the_field_and_the_nearest_key(tmp_path) -> Non
     text = str(err.value)
     assert "r.yaml:5 synth.per_lable: unknown key 'per_lable'; did you mean 'per_label'?" in text
     assert "teacher.model is required for base_url 'http://h/v1'" in text
+
+
+def test_the_cascade_runs_only_the_filters_the_task_applies() -> None:
+    real = real_rows()
+    copy = row(real[0]["text"], real[0]["label"])
+    full = Cascade(SynthFilterConfig(length_slack=3.0), LABELS, real, real)
+    assert full.run([copy]) == [] and [r["reason"] for r in full.rejected] == ["copy"]
+    some = Cascade(SynthFilterConfig(length_slack=3.0), LABELS, real, real, stages=("length", "refusal"))
+    assert some.run([copy]) == [copy] and some.rejected == [] and set(some.entered) == {"length", "refusal"}
+
+
+def test_a_filter_switched_on_that_the_task_type_leaves_out_is_an_error() -> None:
+    from microtune.core.errors import RecipeError
+    from microtune.synthesis.stage import _filters_apply
+
+    hooks = _hooks()
+    cfg = SynthConfig(per_label=2, filters={"judge": True})
+    _filters_apply(cfg, hooks)  # classify applies every filter
+    fewer = SynthHooks(hooks.request, hooks.parse_row, hooks.answer_row, filters=("length", "copy", "pii", "probe"))
+    with pytest.raises(RecipeError, match="synth.filters.judge is on, but the judge filter does not apply") as err:
+        _filters_apply(cfg, fewer)
+    assert err.value.hint == "set synth.filters.judge=false"
+    with pytest.raises(ValueError, match="unknown filter stage"):
+        _filters_apply(cfg, SynthHooks(hooks.request, hooks.parse_row, hooks.answer_row, filters=("spelling",)))
