@@ -45,7 +45,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> 
 
 @pytest.fixture
 def make_recipe(tmp_path: Path):
-    """Write a recipe (and by default toy train/test files) into tmp_path; returns its path."""
+    """Write a recipe (and by default toy train/test files) into tmp_path; returns its path. A section's key given
+    as None is left out (e.g. task={"type": "generate", "labels": None}: a generate section has no labels key)."""
 
     def make(base: str | Path, data: dict[str, Any] | None = None, **sections: Any) -> Path:
         if data is None:
@@ -58,7 +59,10 @@ def make_recipe(tmp_path: Path):
                   "train": {"epochs": 2, "batch_size": 4, "max_seq_len": 96, "lr": 2e-3, "log_every": 1},
                   "eval": {"shots": 2, "batch_size": 4}}
         for key, value in sections.items():
-            recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+            if isinstance(value, dict):
+                recipe[key] = {k: v for k, v in {**recipe.get(key, {}), **value}.items() if v is not None}
+            else:
+                recipe[key] = value
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         return path

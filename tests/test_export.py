@@ -47,9 +47,8 @@ def test_merged_model_gives_the_logits_and_labels_of_base_plus_adapter(tmp_path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from microtune.config import TaskConfig
     from microtune.models import LabelPredictor
-    from microtune.tasks import get_task
+    from microtune.tasks import ClassifyConfig, get_task
     from microtune.tasks.render import Renderer
 
     out = merge_adapter(adapter, tmp_path / "merged")
@@ -64,7 +63,7 @@ def test_merged_model_gives_the_logits_and_labels_of_base_plus_adapter(tmp_path:
     assert merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     renderer = Renderer(AutoTokenizer.from_pretrained(out))
-    task = get_task(TaskConfig(**json.loads((adapter / "recipe.json").read_text())["task"]), source["labels"])
+    task = get_task(ClassifyConfig(**json.loads((adapter / "recipe.json").read_text())["task"]), source["labels"])
     prompts = [renderer.prompt_ids(task.messages({"text": t})) for t in TEXTS]
     base_logits = _logits(base, prompts)
     with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()

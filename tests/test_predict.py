@@ -8,9 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microtune.config import TaskConfig
 from microtune.models.decoding import END, LabelPredictor, build_trie, common_prefix
-from microtune.tasks import get_task
+from microtune.tasks import ClassifyConfig, get_task
 from microtune.tasks.render import Renderer
 
 LABELS = ["balance", "balance_transfer", "card_declined", "pin_change", "report_fraud"]
@@ -46,7 +45,7 @@ def test_completion_ends_with_end_of_turn(tokenizer: Any) -> None:
 
 def _prompts(tokenizer: Any, texts: list[str], label_list: bool) -> list[list[int]]:
     renderer = Renderer(tokenizer)
-    task = get_task(TaskConfig(instruction="Name the banking intent."), LABELS)
+    task = get_task(ClassifyConfig(instruction="Name the banking intent."), LABELS)
     return [renderer.prompt_ids(task.messages({"text": t, "label": ""}, label_list=label_list)) for t in texts]
 
 

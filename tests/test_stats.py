@@ -6,9 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from microtune.config import TaskConfig
 from microtune.evaluation.stats import Bootstrap, compare, mcnemar, paired_bootstrap_p, percentile_ci
-from microtune.tasks import get_task
+from microtune.tasks import ClassifyConfig, get_task
 
 LABELS = ["billing", "cards", "loans", "travel"]
 
@@ -60,7 +59,7 @@ def test_bootstrap_is_seeded() -> None:
 
 
 def test_fast_classification_path_equals_the_task_metrics_on_every_resample() -> None:
-    task = get_task(TaskConfig(instruction="x"), LABELS)
+    task = get_task(ClassifyConfig(instruction="x"), LABELS)
     rng = random.Random(3)
     golds = [rng.choice(LABELS) for _ in range(60)]
     preds = [g if rng.random() < 0.6 else rng.choice([*LABELS, None]) for g in golds]

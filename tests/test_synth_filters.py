@@ -8,12 +8,19 @@ import pytest
 from microtune.config import SynthConfig, SynthFilterConfig
 from microtune.synthesis.filters import Cascade, find_pii, iban_ok, judge_says_no, luhn_ok
 from microtune.synthesis.plan import build_plan, parse_answer, quotas, split_holdout, validate_item
+from microtune.tasks import ClassifyConfig, SynthHooks, get_task
 from toydata import LABELS, TEXTS
 
 
 def real_rows() -> list[dict[str, Any]]:
     return [{"text": TEXTS[label][i], "label": label, "source": f"train.jsonl:{i * 3 + j + 1}"}
             for i in range(6) for j, label in enumerate(LABELS)]
+
+
+def _hooks(**cfg: Any) -> SynthHooks:
+    hooks = get_task(ClassifyConfig(instruction="Route it.", **cfg), LABELS).synth()
+    assert hooks is not None
+    return hooks
 
 
 def row(text: str, label: str, i: int = 0) -> dict[str, Any]:
@@ -129,14 +136,12 @@ def test_answers_are_parsed_or_rejected_with_the_problem(content: str | None, pr
 
 
 def test_items_are_validated_by_the_task_schema() -> None:
-    from microtune.config import TaskConfig
-
-    task = TaskConfig(instruction="Route it.", text_field="message", label_field="intent")  # the answer's keys are fixed
-    assert validate_item({"text": "  my  bill ", "label": "billing"}, task) == ({"text": "my bill", "label": "billing"}, None)
-    assert validate_item({"label": "billing"}, task)[1] == "missing field 'text' (got keys ['label'])"
-    assert validate_item({"text": 3, "label": "billing"}, task)[1] == "field 'text' is not a string (got 3)"
-    assert validate_item({"text": " ", "label": "billing"}, task)[1].startswith("field 'text' is empty")
-    assert validate_item("just a string", task)[1] == "an example must be a JSON object (got str)"
+    hooks = _hooks(text_field="message", label_field="intent")  # the answer's keys are fixed, whatever the recipe's field names
+    assert validate_item({"text": "  my  bill ", "label": "billing"}, hooks) == ({"text": "my bill", "label": "billing"}, None)
+    assert validate_item({"label": "billing"}, hooks)[1] == "missing field 'text' (got keys ['label'])"
+    assert validate_item({"text": 3, "label": "billing"}, hooks)[1] == "field 'text' is not a string (got 3)"
+    assert validate_item({"text": " ", "label": "billing"}, hooks)[1].startswith("field 'text' is empty")
+    assert validate_item("just a string", hooks)[1] == "an example must be a JSON object (got str)"
 
 
 def test_plan_fixes_the_label_first_rotates_exemplars_and_cycles_attributes() -> None:
@@ -145,7 +150,7 @@ def test_plan_fixes_the_label_first_rotates_exemplars_and_cycles_attributes() ->
     assert all(sum(r["label"] == label for r in holdout) == 2 for label in LABELS)
     cfg = SynthConfig(per_label=6, examples_per_request=2, exemplars=2, exemplar_max_uses=3, oversample=1.0,
                       attributes={"channel": ["email", "chat", "phone"]})
-    plan = build_plan(cfg, "Route it.", LABELS, pool, quotas(cfg, LABELS, pool))
+    plan = build_plan(cfg, _hooks(), LABELS, pool, quotas(cfg, LABELS, pool))
     assert [p.label for p in plan] == ["billing"] * 3 + ["shipping"] * 3 + ["refund"] * 3
     shown = [r["source"] for p in plan for r in p.exemplars]
     assert max(shown.count(s) for s in shown) <= 3
@@ -175,3 +180,27 @@ def test_synth_recipe_errors_name_the_field_and_the_nearest_key(tmp_path) -> Non
     text = str(err.value)
     assert "r.yaml:5 synth.per_lable: unknown key 'per_lable'; did you mean 'per_label'?" in text
     assert "teacher.model is required for base_url 'http://h/v1'" in text
+
+
+def test_the_cascade_runs_only_the_filters_the_task_applies() -> None:
+    real = real_rows()
+    copy = row(real[0]["text"], real[0]["label"])
+    full = Cascade(SynthFilterConfig(length_slack=3.0), LABELS, real, real)
+    assert full.run([copy]) == [] and [r["reason"] for r in full.rejected] == ["copy"]
+    some = Cascade(SynthFilterConfig(length_slack=3.0), LABELS, real, real, stages=("length", "refusal"))
+    assert some.run([copy]) == [copy] and some.rejected == [] and set(some.entered) == {"length", "refusal"}
+
+
+def test_a_filter_switched_on_that_the_task_type_leaves_out_is_an_error() -> None:
+    from microtune.core.errors import RecipeError
+    from microtune.synthesis.stage import _filters_apply
+
+    hooks = _hooks()
+    cfg = SynthConfig(per_label=2, filters={"judge": True})
+    _filters_apply(cfg, hooks)  # classify applies every filter
+    fewer = SynthHooks(hooks.request, hooks.parse_row, hooks.answer_row, filters=("length", "copy", "pii", "probe"))
+    with pytest.raises(RecipeError, match="synth.filters.judge is on, but the judge filter does not apply") as err:
+        _filters_apply(cfg, fewer)
+    assert err.value.hint == "set synth.filters.judge=false"
+    with pytest.raises(ValueError, match="unknown filter stage"):
+        _filters_apply(cfg, SynthHooks(hooks.request, hooks.parse_row, hooks.answer_row, filters=("spelling",)))

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fake_teacher import GEN, FakeTeacher, examples, good_answer, label_of, synth_recipe_factory
 from microtune.cli import app
-from microtune.core.errors import TeacherError
+from microtune.core.errors import RecipeError, TeacherError
 from microtune.pipeline import synth
 from toydata import LABELS
 
@@ -223,6 +223,21 @@ def test_user_errors_exit_2_with_the_fix(synth_recipe, tmp_path: Path) -> None:
 def test_a_recipe_without_a_synth_section_says_how_to_add_one(make_recipe, tiny_model_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["synth", str(make_recipe(tiny_model_dir)), "-w", str(tmp_path / "ws")])
     assert result.exit_code == 2 and "has no `synth` section" in result.output and "per_label" in result.output
+
+
+@pytest.mark.parametrize("kind", ["extract", "generate"])
+def test_synth_on_a_task_type_without_synth_hooks_exits_2_with_the_fix(make_recipe, tiny_model_dir: Path, tmp_path: Path,
+                                                                       kind: str) -> None:
+    """Refused where the stage starts, by the task's synth hook: before the local teacher, the data check or any request."""
+    task = {"type": kind, "labels": None} | ({"fields": {"drug": "the drug"}} if kind == "extract" else {})
+    recipe, ws = make_recipe(tiny_model_dir, task=task, synth={"per_label": 4}), tmp_path / "ws"  # teacher: the local default
+    result = CliRunner().invoke(app, ["synth", str(recipe), "-w", str(ws)])
+    assert result.exit_code == 2, result.output
+    assert f"`microtune synth` does not support task.type {kind} yet" in result.output
+    assert "remove the `synth` section" in result.output
+    assert not ws.exists() or not list(ws.rglob("manifest.json"))  # nothing checked, nothing written
+    with pytest.raises(RecipeError, match=f"does not support task.type {kind}"):
+        synth(recipe, workspace=ws)
 
 
 def test_the_cli_shows_the_cascade_and_warns_about_labels_short_of_their_quota(synth_recipe, tmp_path: Path) -> None:

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from microtune.config import TaskConfig, validate_recipe
+from microtune.config import validate_recipe
 from microtune.core.errors import DataError, RecipeError
-from microtune.tasks import get_task
+from microtune.tasks import ClassifyConfig, ExtractConfig, GenerateConfig, TaskSection, get_task
 from microtune.tasks.generate import rouge_l
 from toydata import write_jsonl
 
 FIELDS = {"drug": "the drug", "effect": "the adverse effect", "dosage": "the dose"}
 
 
-def _cfg(**kw) -> TaskConfig:
-    return TaskConfig(instruction="Do it.", **kw)
+def _cfg(type: str = "classify", **kw) -> TaskSection:
+    config = {"classify": ClassifyConfig, "extract": ExtractConfig, "generate": GenerateConfig}[type]
+    return config(instruction="Do it.", **kw)
 
 
 # -- classify ---------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_recipe_rules_between_task_keys() -> None:
     assert "task.type extract needs task.fields" in str(err.value.problems[0])
     with pytest.raises(RecipeError) as err:
         validate_recipe({**base, "task": {"type": "generate", "instruction": "x", "labels": ["a"]}})
-    assert "labels only apply to task.type classify, not generate" in str(err.value.problems[0])
+    assert "task.labels: key 'labels' is not valid for task.type generate; it applies to task.type classify" in str(err.value.problems[0])
     with pytest.raises(RecipeError) as err:
         validate_recipe({**base, "task": {"type": "generate", "instruction": "x"}, "eval": {"metrics": ["accuracy"]}})
     assert "eval.metrics: 'accuracy' not reported for this task (one of: rouge_l" in str(err.value.problems[0])

@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import CoreSchema, PydanticCustomError
 
 import microtune.methods as methods
@@ -41,57 +42,21 @@ from microtune.methods import (  # noqa: F401 (the method sections, importable f
     PromptTuningConfig,
     QloraConfig,
 )
+from microtune.tasks import DEFAULT_TASK, TASKS, Task, TaskSection
 
 
-class TaskConfig(Section):
-    type: Literal["classify", "extract", "generate"] = Field(
-        "classify", description="Task type: `classify` (text → label, or labels with multi_label), `extract` (text → JSON "
-        "object with the `fields`), `generate` (text → free text, e.g. a summary)."
-    )
-    instruction: str = Field(
-        ..., min_length=1, description="What the model must do, in plain words; it becomes the system prompt."
-    )
-    labels: list[str] | None = Field(
-        None, description="classify: the label set. Omitted: inferred from the train split (sorted)."
-    )
-    text_field: str = Field("text", description="Field of a JSONL/CSV row that holds the input text.")
-    label_field: str = Field("label", description="classify: field that holds the label (a list, or `a;b` text, with multi_label).")
-    multi_label: bool = Field(False, description="classify: each text has one or more labels; the answer is a set of labels.")
-    max_labels: int = Field(2, ge=1, le=4, description="classify with multi_label: most labels one text can carry.")
-    label_separator: str = Field(";", min_length=1, description="classify with multi_label: separator of labels given as text.")
-    none_label: str | None = Field(
-        None, description="classify: the out-of-scope label (e.g. `oos`, 'none of these'); adds in-scope accuracy and "
-        "out-of-scope precision/recall to the metrics."
-    )
-    target_field: str = Field(
-        "target", description="extract: field with the JSON object (or its JSON text); generate: field with the target "
-        "text (a list of strings = several references; training uses the first)."
-    )
-    fields: dict[str, str] | None = Field(
-        None, description="extract: output field name → what it holds (shown to prompted baselines). Values are a "
-        "string, a list of strings, or null."
-    )
-    max_new_tokens: int = Field(96, ge=1, le=2048, description="extract/generate: longest answer generated, in tokens.")
+def _task_type(value: Any) -> str:
+    """A task section without `type` is classify."""
+    return value.get("type", DEFAULT_TASK) if isinstance(value, dict) else getattr(value, "type", DEFAULT_TASK)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> TaskConfig:
-        if self.labels is not None:
-            if not self.labels:
-                raise ValueError("labels is empty; list the labels or omit the key to infer them")
-            dupes = sorted({x for x in self.labels if self.labels.count(x) > 1})
-            if dupes:
-                raise ValueError(f"labels repeat: {dupes}")
-        if self.type == "extract" and not self.fields:
-            raise ValueError("task.type extract needs task.fields (name: description of each output field)")
-        if self.type != "classify":
-            used = [k for k in ("labels", "multi_label", "none_label") if getattr(self, k) not in (None, False)]
-            if used:
-                raise ValueError(f"{', '.join(used)} only apply to task.type classify, not {self.type}")
-        if self.type != "extract" and self.fields:
-            raise ValueError(f"fields only apply to task.type extract, not {self.type}")
-        if self.none_label and self.labels is not None and self.none_label not in self.labels:
-            raise ValueError(f"none_label {self.none_label!r} is not in labels")
-        return self
+
+def _task_union() -> Any:
+    """The recipe's `task` section: one config class per registered task type, picked by `type`."""
+    choices = tuple(Annotated[cls.config, Tag(name)] for name, cls in TASKS.items())
+    return Annotated[Union[choices], Discriminator(_task_type)]  # noqa: UP007  # built at runtime from TASKS
+
+
+TaskConfig = _task_union()
 
 
 class SplitConfig(Section):
@@ -467,16 +432,9 @@ class SynthConfig(Section):
         return self
 
 
-def task_metrics(task: TaskConfig, every: bool = False) -> list[str]:
-    """The default metric list of a task (main first), or with ``every`` all the scalar metrics it reports."""
-    if task.type == "extract":
-        return ["micro_f1", "micro_f1_normalized", "valid_rate"] + (["macro_f1"] if every else [])
-    if task.type == "generate":
-        return ["rouge_l", "length_ratio"] + (["pred_words_mean", "ref_words_mean", "valid_rate"] if every else [])
-    names = ["exact_match", "micro_f1", "macro_f1"] if task.multi_label else ["accuracy", "macro_f1"]
-    if task.none_label and not task.multi_label:
-        names += ["in_scope_accuracy", "oos_recall"] + (["oos_precision"] if every else [])
-    return names + (["valid_rate"] if every else [])
+def task_metrics(task: TaskSection, every: bool = False) -> list[str]:
+    """The default metric list of a task (main first), or with ``every`` all the scalar metrics it reports: the task class says."""
+    return TASKS[task.type].metric_names(task, every)
 
 
 class Recipe(Section):
@@ -606,9 +564,12 @@ def _problem(err: dict[str, Any], source: str, lines: dict[tuple, int], raw_meth
     loc = tuple(str(x) for x in err["loc"])
     if len(loc) > 1 and loc[0] == "method" and loc[1] in methods.kinds():  # pydantic puts the union tag in the path
         loc = (loc[0], *loc[2:])
+    loc, task_message = _task_loc(err, loc)
     dotted = ".".join(loc) or "<top>"
     line = lines.get(loc) or lines.get(loc[:-1])
     where = f"{source}:{line} {dotted}" if line else f"{source} {dotted}"
+    if task_message:
+        return Problem(where, task_message)
     if err["type"] == "extra_forbidden":
         near = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1], raw_method), n=1, cutoff=0.5)
         msg = f"unknown key {loc[-1]!r}" + (f"; did you mean {near[0]!r}?" if near else "")
@@ -620,6 +581,38 @@ def _problem(err: dict[str, Any], source: str, lines: dict[tuple, int], raw_meth
         hint = f"; did you mean {near[0]!r}?" if near else ""
         return Problem(where, f"unknown kind {tag!r}{hint} (one of: {', '.join(methods.kinds())})")
     return Problem(where, err["msg"], None if err["type"] == "missing" else repr(got)[:80])
+
+
+def _task_loc(err: dict[str, Any], loc: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    """The task section's part of ``_problem``: drop the union tag pydantic puts after `task` (as for `method`), and
+    word the errors of the union itself: an unknown `type`, a key that this task type does not have."""
+    if loc[:1] != ("task",):
+        return loc, None
+    task_type = loc[1] if len(loc) > 1 and loc[1] in TASKS else None
+    loc = (loc[0], *loc[2:]) if task_type else loc
+    if err["type"] == "union_tag_not_found":  # `type: null`
+        return ("task", "type"), f"task.type is empty; give one of: {', '.join(TASKS)} (or omit it for {DEFAULT_TASK})"
+    if err["type"] == "union_tag_invalid":
+        tag = str(err["ctx"]["tag"])
+        near = difflib.get_close_matches(tag, list(TASKS), n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return ("task", "type"), f"unknown task type {tag!r}{hint} (one of: {', '.join(TASKS)})"
+    if err["type"] == "extra_forbidden" and task_type and len(loc) == 2:
+        return loc, _task_key_message(loc[-1], task_type)
+    return loc, None
+
+
+def _task_key_message(key: str, task_type: str) -> str:
+    """An unknown key in the task section: say which task types it belongs to, else suggest the nearest key."""
+    owners = {f: [n for n, c in TASKS.items() if f in c.config.model_fields] for c in TASKS.values() for f in c.config.model_fields}
+    if key in owners:
+        return f"key {key!r} is not valid for task.type {task_type}; it applies to task.type {' or '.join(owners[key])}"
+    near = difflib.get_close_matches(key, list(TASKS[task_type].config.model_fields), n=1, cutoff=0.5)
+    if near:
+        return f"unknown key {key!r}; did you mean {near[0]!r}? (task.type {task_type})"
+    near = difflib.get_close_matches(key, list(owners), n=1, cutoff=0.5)
+    elsewhere = f"; did you mean {near[0]!r}? It applies to task.type {' or '.join(owners[near[0]])}" if near else ""
+    return f"unknown key {key!r} for task.type {task_type}{elsewhere}"
 
 
 def _fields_at(loc: tuple[str, ...], raw_method: Any = None) -> list[str]:
@@ -687,12 +680,43 @@ def artifact_recipe(path: str | Path) -> Recipe:
             return validate_recipe(raw, source=str(path))
         for err in errors:
             node: Any = raw
-            *parents, leaf = [str(x) for x in err["loc"]]
+            *parents, leaf = _without_tags([str(x) for x in err["loc"]])
             for key in parents:
                 node = node.get(key, {}) if isinstance(node, dict) else {}
             if isinstance(node, dict):
                 node.pop(leaf, None)
         return validate_recipe(raw, source=str(path))
+
+
+def _without_tags(loc: list[str]) -> list[str]:
+    """An error path as a path into the raw recipe: pydantic adds the union tag after `method` and `task`."""
+    if len(loc) > 2 and (loc[0], loc[1]) in {("method", k) for k in methods.kinds()} | {("task", t) for t in TASKS}:
+        return [loc[0], *loc[2:]]
+    return loc
+
+
+def register_task(task: type[Task]) -> None:
+    """Add (or replace) a task type at runtime, e.g. from a plugin: ``TASKS`` gains it and the recipe's `task` union
+    is rebuilt so recipes of that type validate. Built-in types are listed in ``microtune.tasks.TASKS`` instead."""
+    tag = task.config.model_fields["type"].default if "type" in task.config.model_fields else None
+    if tag != task.name:
+        raise ValueError(f"task class {task.__name__}: its config's `type` must default to its name {task.name!r} (got {tag!r})")
+    TASKS[task.name] = task
+    _rebuild_task_union()
+
+
+def unregister_task(name: str) -> None:
+    """Remove a task type added with ``register_task`` (a test's or plugin's clean-up)."""
+    TASKS.pop(name, None)
+    _rebuild_task_union()
+
+
+def _rebuild_task_union() -> None:
+    global TaskConfig
+    TaskConfig = _task_union()
+    old = Recipe.model_fields["task"]
+    Recipe.model_fields["task"] = FieldInfo.from_annotated_attribute(TaskConfig, Field(..., description=old.description))
+    Recipe.model_rebuild(force=True)
 
 
 def recipe_schema() -> dict[str, Any]:

@@ -76,9 +76,8 @@ def test_plain_peft_reload_reproduces_micro_predictions(finished_run: dict, bund
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from microtune.config import TaskConfig
     from microtune.models import LabelPredictor
-    from microtune.tasks import get_task
+    from microtune.tasks import ClassifyConfig, get_task
     from microtune.tasks.render import Renderer
 
     ws = finished_run["ws"]
@@ -89,7 +88,7 @@ def test_plain_peft_reload_reproduces_micro_predictions(finished_run: dict, bund
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bundled_dir), str(adapter))
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     renderer = Renderer(tokenizer)
-    task = get_task(TaskConfig(instruction="Route the customer message to a team."), labels)
+    task = get_task(ClassifyConfig(instruction="Route the customer message to a team."), labels)
     rows = [json.loads(line) for line in (evaluation / "predictions.jsonl").read_text().splitlines()]
     preds = LabelPredictor(model, renderer, labels, bf16=bf16).predict(
         [renderer.prompt_ids(task.messages({"text": r["text"], "label": ""})) for r in rows])

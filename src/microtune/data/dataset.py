@@ -22,7 +22,7 @@ from microtune.config import Recipe
 from microtune.core.errors import DataError, ProblemLog
 from microtune.core.hashing import hash_file, hash_value
 from microtune.data.readers import detect_format, read_rows
-from microtune.tasks import TASKS
+from microtune.tasks import TASKS, TaskSection
 
 SPLITS = ("train", "valid", "test")
 
@@ -50,8 +50,9 @@ def build_dataset(recipe: Recipe) -> DatasetResult:
     task_cls = TASKS[recipe.task.type]
     labels: list[str] = []
     if task_cls.has_labels:
-        labels = recipe.task.labels or sorted({a for e in splits["train"] for a in task_cls.atoms_of(e)})
-        _check_labels(splits, labels, recipe.task.labels is not None, task_cls.atoms_of, log)
+        declared = recipe.task.declared_labels()
+        labels = declared or sorted({a for e in splits["train"] for a in task_cls.atoms_of(e)})
+        _check_labels(splits, labels, declared is not None, task_cls.atoms_of, log)
         _check_balance(splits["train"], labels, log)
     _check_overlap(splits, log)
     if log.errors:
@@ -81,7 +82,7 @@ def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, A
         log.error(f"{path}:1", "data file is empty", None)
         return []
     task_cls = TASKS[recipe.task.type]
-    chat_cfg = recipe.task.model_copy(update={"text_field": "text", "label_field": "label", "target_field": "label"})
+    chat_cfg = _chat_fields(recipe.task)
     rows = []
     for line, row in read_rows(path, recipe.data.format, log):
         example, problems = task_cls.normalize(row, chat_cfg if row.get("_chat") else recipe.task)
@@ -92,6 +93,12 @@ def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, A
     if not rows and not log.errors:
         log.error(str(path), "no rows in file", None)
     return rows
+
+
+def _chat_fields(task: TaskSection) -> TaskSection:
+    """The task section for OpenAI chat rows, which the reader gives as ``{"text": user turn, "label": answer}``."""
+    names = {"text_field": "text", "label_field": "label", "target_field": "label"}
+    return task.model_copy(update={k: v for k, v in names.items() if k in type(task).model_fields})
 
 
 def _split(raw: dict[str, list[dict[str, Any]]], recipe: Recipe) -> dict[str, list[dict[str, Any]]]:

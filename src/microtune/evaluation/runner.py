@@ -28,7 +28,7 @@ from microtune.models import BaseModelRef, load_model, load_tokenizer
 from microtune.models.decoding import LabelPredictor, TextGenerator
 from microtune.models.hardware import device, use_bf16
 from microtune.models.trained import load_trained
-from microtune.tasks import get_task
+from microtune.tasks import ClassifyConfig, Task, get_task
 from microtune.tasks.render import Renderer
 
 MICRO = "micro"
@@ -107,7 +107,7 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
     return {s: r["metrics"] for s, r in results.items()}
 
 
-def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Any, test: list[dict[str, Any]],
+def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Task, test: list[dict[str, Any]],
                shots: list[list[dict[str, Any]]], results: dict[str, Any], emit: Any) -> None:
     """Batched constrained prediction with the base model (baselines), then base + adapter (micro)."""
     cfg, tokenizer = recipe.eval, load_tokenizer(ref)
@@ -130,7 +130,7 @@ def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Any, 
         seconds = time.perf_counter() - start
         latency = timing.measure_latency(lambda p, pr=predictor: pr.predict([p]), ids[: cfg.latency_examples])
         results[system] = {"preds": preds, "timing": _timing(len(test), seconds, latency, cfg.usd_per_hour)}
-        if task.candidates() is None:  # free generation: keep the raw text, score the parsed answer
+        if task.decoder().kind != "labels":  # generated text: keep the raw text, score the parsed answer
             results[system] |= {"raw": [raw for raw, _ in preds], "preds": [(task.parse(raw), None) for raw, _ in preds]}
 
 
@@ -143,17 +143,18 @@ def score_examples(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, example
     model = load_trained(ref, adapter_dir)
     ids = [renderer.encode(task.messages(e), task.target(e), recipe.train.max_seq_len)[0] for e in examples]
     preds = _predictor(task, model, renderer, recipe.eval.batch_size, use_bf16(recipe.train.bf16)).predict(ids)
-    if task.candidates() is None:
+    if task.decoder().kind != "labels":
         preds = [(task.parse(raw), None) for raw, _ in preds]
     return task.metrics([task.gold(e) for e in examples], [p for p, _ in preds])
 
 
-def _predictor(task: Any, model: Any, renderer: Renderer, batch_size: int, bf16: bool) -> Any:
-    """Constrained decoding over the task's answers when it has a closed set; greedy generation otherwise."""
-    candidates = task.candidates()
-    if candidates is not None:
-        return LabelPredictor(model, renderer, candidates, batch_size, bf16)
-    return TextGenerator(model, renderer, task.cfg.max_new_tokens, batch_size, bf16)
+def _predictor(task: Task, model: Any, renderer: Renderer, batch_size: int, bf16: bool) -> Any:
+    """Constrained decoding over the task's answers when it has a closed set; greedy generation otherwise (a JSON
+    answer too: there is no grammar-constrained decoder yet, the task's parse checks the object)."""
+    spec = task.decoder()
+    if spec.kind == "labels":
+        return LabelPredictor(model, renderer, spec.candidates, batch_size, bf16)
+    return TextGenerator(model, renderer, spec.max_new_tokens, batch_size, bf16)
 
 
 def _timing(n: int, seconds: float, latency: dict[str, Any], usd_per_hour: float | None, cost: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -164,26 +165,26 @@ def _timing(n: int, seconds: float, latency: dict[str, Any], usd_per_hour: float
             "usd_per_1k": cost["usd_per_1k"], "cost_basis": cost["basis"]}
 
 
-def _run_endpoint(endpoint: EndpointSystem, task: Any, test: list[dict[str, Any]]) -> dict[str, Any]:
+def _run_endpoint(endpoint: EndpointSystem, task: Task, test: list[dict[str, Any]]) -> dict[str, Any]:
     start = time.perf_counter()
     answers = endpoint.predict([task.messages(ex, label_list=True) for ex in test])
     seconds = time.perf_counter() - start
     latency = timing.percentiles_ms([a.seconds for a in answers])
     # An endpoint gives no label probability: its answer is taken as certain (prob None in predictions.jsonl).
-    single_label = task.has_labels and not task.cfg.multi_label
+    single_label = isinstance(task.cfg, ClassifyConfig) and not task.cfg.multi_label
     preds = [(a.pred if single_label else task.parse(a.raw), None) for a in answers]
     return {"preds": preds, "raw": [a.raw for a in answers],
             "timing": _timing(len(test), seconds, latency, None, endpoint.cost_per_1k(answers))}
 
 
-def _statistics(recipe: Recipe, task: Any, golds: list[Any], results: dict[str, Any]) -> dict[str, Any]:
+def _statistics(recipe: Recipe, task: Task, golds: list[Any], results: dict[str, Any]) -> dict[str, Any]:
     """Bootstrap intervals for every system and paired tests of micro vs each other system."""
     cfg = recipe.eval
     boot = stats.Bootstrap(len(golds), cfg.n_resamples, cfg.seed)
     preds = {s: [p for p, _ in r["preds"]] for s, r in results.items()}
     dists = {s: boot.distribution(golds, preds[s], task.metrics) for s in results}
     intervals = {s: stats.interval_table(results[s]["metrics"], dists[s], cfg.confidence) for s in results}
-    classification = getattr(task, "name", "") == "classify"
+    classification = task.name == "classify"
     comparisons = {s: stats.compare(golds, preds[MICRO], preds[s], results[MICRO]["metrics"], results[s]["metrics"],
                                     dists[MICRO], dists[s], classification) for s in results if s != MICRO}
     for s, r in results.items():

@@ -34,6 +34,7 @@ from microtune.pipeline.train import train
 from microtune.serving import ServeSettings, build_app
 from microtune.synthesis import synth_config
 from microtune.synthesis.plan import split_holdout, tuning_rows
+from microtune.synthesis.stage import synth_hooks
 
 LOCAL = "local"
 
@@ -69,7 +70,8 @@ def tuned_teacher(recipe: Recipe, workspace: str | Path | None, reporter: Report
     assert cfg.teacher.tune_steps is not None
     checked = check(recipe, None, workspace)
     _, pool = split_holdout(read_split(checked.dataset_dir, "train"), cfg.fidelity.holdout, cfg.seed)
-    system, rows = tuning_rows(cfg, recipe.task.instruction, checked.manifest["labels"], pool)
+    labels = checked.manifest["labels"]
+    system, rows = tuning_rows(cfg, synth_hooks(recipe, labels), labels, pool)
     spec = {"name": f"{recipe.name}-teacher", "model": recipe.model.model_dump(mode="json"),
             "task": {"type": "generate", "instruction": system, "max_new_tokens": cfg.teacher.max_tokens},
             "method": {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},

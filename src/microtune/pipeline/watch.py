@@ -41,11 +41,17 @@ from microtune.pipeline.recipes import RecipeLike, resolve_recipe
 from microtune.pipeline.run import run
 from microtune.registry.models import CHAMPION, RegistryError, adapter_path, by_alias, list_versions, registry_client
 from microtune.registry.tracking import tracking_uri
-from microtune.tasks import TASKS
+from microtune.tasks import TASKS, ClassifyConfig
 
 Say = Callable[[str], None]
 PATTERNS = ("*.jsonl", "*.csv", "*.tsv")
 ROW_FIELDS = ("task.text_field=text", "task.label_field=label", "task.target_field=target")  # the plain names of stored rows
+
+
+def _row_fields(recipe: Recipe) -> list[str]:
+    """The ROW_FIELDS overrides the recipe's task section has (a classify section has no target_field, and so on)."""
+    fields = type(recipe.task).model_fields
+    return [item for item in ROW_FIELDS if item.partition("=")[0].removeprefix("task.") in fields]
 SCHEMA = """
 create table if not exists files (checksum text primary key, path text, accepted int, rejected int, at real);
 create table if not exists rows (id integer primary key autoincrement, checksum text, data text, holdout int, round int);
@@ -211,7 +217,7 @@ def _champion_quality(recipe: Recipe, ws: Workspace, new: list[dict[str, Any]]) 
         return None
     if champ is None:
         return None
-    rows = recipe.with_overrides(list(ROW_FIELDS))
+    rows = recipe.with_overrides(_row_fields(recipe))
     examples = [e for e in (TASKS[rows.task.type].normalize(r, rows.task)[0] for r in new) if e is not None]
     metrics = score_examples(rows, resolve_base(recipe.model), adapter_path(client, champ), examples)
     metric = recipe.metric_names()[0]
@@ -280,8 +286,8 @@ def _round_recipe(recipe: Recipe, con: sqlite3.Connection, folder: Path, round_i
     data = [*(f"data.{s}={folder / f'{s}.jsonl'}" for s in files), "data.format=jsonl"]
     if "valid" not in files:
         data += ["data.valid=null", "data.split.valid=0"]
-    retrain = recipe.with_overrides([*recipe.watch.retrain, *ROW_FIELDS, *data])
-    if recipe.task.type == "classify" and recipe.task.labels is not None:  # a declared label set grows with new labels
+    retrain = recipe.with_overrides([*recipe.watch.retrain, *_row_fields(recipe), *data])
+    if isinstance(recipe.task, ClassifyConfig) and recipe.task.labels is not None:  # a declared label set grows with new labels
         seen = {lab for r in files["train"] for lab in (r["label"] if isinstance(r["label"], list) else [r["label"]])}
         retrain.task.labels = [*recipe.task.labels, *sorted(seen - set(recipe.task.labels))]  # validated assignment (Section)
     return retrain

@@ -8,7 +8,7 @@ Modules: ``teacher`` (OpenAI-compatible client, retries, accounting), ``cache`` 
 `train` adds to the real rows).
 """
 from microtune.synthesis.mix import synthetic_for_training
-from microtune.synthesis.stage import generate, synth_config
+from microtune.synthesis.stage import generate, synth_config, synth_hooks
 from microtune.synthesis.teacher import resolve_endpoint as teacher_endpoint
 
-__all__ = ["generate", "synth_config", "synthetic_for_training", "teacher_endpoint"]
+__all__ = ["generate", "synth_config", "synth_hooks", "synthetic_for_training", "teacher_endpoint"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from microtune.data.dataset import normalize_text
 
 Row = dict[str, Any]
 STAGES = ("schema", "label", "length", "refusal", "pii", "copy", "near_duplicate", "probe", "judge")
+CASCADE = ("length", "refusal", "pii", "copy", "near_duplicate", "probe")  # the stages `Cascade.run` runs, in this order
 
 _REFUSAL = [
     r"\bas an ai\b", r"\b(?:ai|large) language model\b", r"\bi(?:'m| am) (?:sorry|unable|not able)\b",
@@ -105,8 +106,11 @@ def rouge_l(candidates: list[list[str]], references: list[list[str]]) -> tuple[n
 
 
 class Cascade:
-    def __init__(self, cfg: SynthFilterConfig, labels: list[str], pool: list[Row], real: list[Row], seed: int = 13):
+    def __init__(self, cfg: SynthFilterConfig, labels: list[str], pool: list[Row], real: list[Row], seed: int = 13,
+                 stages: Sequence[str] = CASCADE):
+        """``stages``: the filters that apply to the task's rows (its synth hooks say); the others are skipped."""
         self.cfg, self.labels, self.pool, self.real, self.seed = cfg, labels, pool, real, seed
+        self.stages = set(stages)
         self.rejected: list[Row] = []
         self.counts: dict[str, Counter[str]] = defaultdict(Counter)  # reason -> label -> rejected rows
         self.entered: dict[str, int] = {}
@@ -124,6 +128,8 @@ class Cascade:
     def run(self, rows: list[Row]) -> list[Row]:
         for name, stage in (("length", self._length), ("refusal", self._refusal), ("pii", self._pii), ("copy", self._copy),
                             ("near_duplicate", self._near_dup), ("probe", self._probe)):
+            if name not in self.stages:
+                continue
             self.entered[name] = self.entered.get(name, 0) + len(rows)
             rows = stage(rows)
         return rows

@@ -2,13 +2,14 @@
 
     holdout, pool = split_holdout(train_rows, share=0.3, seed=13)
     quota = quotas(recipe.synth, labels, pool)
-    plan = build_plan(recipe.synth, recipe.task.instruction, labels, pool, quota)   # [PlannedRequest]
+    plan = build_plan(recipe.synth, hooks, labels, pool, quota)   # [PlannedRequest]; hooks = task.synth()
     items, problem = parse_answer(answer_text)
 
 The label of each request is fixed first and the example written second (a teacher asked for "an
 example" drifts to the labels it finds easy). Each request shows ``exemplars`` real rows of its
 label, rotated through a shuffled pool with an optional per-row cap, and one value of each attribute
 axis, cycled so every value is used about equally. Held-out rows are never shown to the teacher.
+The task's synth hooks write each request's prompt and check each item of an answer.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from microtune.config import SynthConfig, TaskConfig
+from microtune.config import SynthConfig
 from microtune.core.errors import RecipeError
-from microtune.tasks import TASKS
+from microtune.tasks import SynthHooks
 
 Row = dict[str, Any]
 
@@ -84,7 +85,7 @@ def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
     return out
 
 
-def build_plan(cfg: SynthConfig, instruction: str, labels: list[str], pool: list[Row], quota: dict[str, int]) -> list[PlannedRequest]:
+def build_plan(cfg: SynthConfig, hooks: SynthHooks, labels: list[str], pool: list[Row], quota: dict[str, int]) -> list[PlannedRequest]:
     rng = random.Random(cfg.seed)
     rotation = _ExemplarRotation(pool, cfg.exemplars, cfg.exemplar_max_uses, rng)
     axes = {axis: _Cycle(values, rng) for axis, values in sorted(cfg.attributes.items())}
@@ -94,7 +95,7 @@ def build_plan(cfg: SynthConfig, instruction: str, labels: list[str], pool: list
         while wanted > 0:
             n = min(cfg.examples_per_request, wanted)
             req = PlannedRequest(len(plan), label, n, rotation.take(label), {a: c.next() for a, c in axes.items()})
-            req.messages = messages(instruction, labels, req)
+            req.messages = hooks.request(req)
             plan.append(req)
             wanted -= n
     return plan
@@ -137,27 +138,7 @@ class _Cycle:
         return self.queue.pop()
 
 
-SHAPE = '{"examples": [{"text": "...", "label": "..."}]}'
-
-
-def messages(instruction: str, labels: list[str], req: PlannedRequest) -> list[dict[str, str]]:
-    system = (
-        "You write realistic, varied examples for training a text classifier.\n"
-        f"Task: {instruction}\nAll labels: {', '.join(labels)}.\n"
-        "Rules: write what a real person would write; vary wording, length and scenario; never copy or lightly edit "
-        "the examples shown; no real names, e-mail addresses, phone numbers or account numbers; keep the label's meaning exactly.\n"
-        f"Answer with JSON only, in this shape: {SHAPE}"
-    )
-    parts = [f"Label: {req.label}"]
-    if req.attributes:
-        parts.append("Scenario: " + "; ".join(f"{k} = {v}" for k, v in req.attributes.items()))
-    if req.exemplars:
-        parts.append("Real examples with this label:\n" + "\n".join(f"- {r['text']}" for r in req.exemplars))
-    parts.append(f'Write {req.n} new, different example(s) with label "{req.label}". JSON only.')
-    return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
-
-
-def tuning_rows(cfg: SynthConfig, instruction: str, labels: list[str], pool: list[Row]) -> tuple[str, list[Row]]:
+def tuning_rows(cfg: SynthConfig, hooks: SynthHooks, labels: list[str], pool: list[Row]) -> tuple[str, list[Row]]:
     """``(system, rows)`` that teach a model the request format: per real row, a request for one example of its label
     (other rows of the label as exemplars, sampled attributes) answered by that row in the JSON shape asked for."""
     rng = random.Random(cfg.seed)
@@ -170,8 +151,8 @@ def tuning_rows(cfg: SynthConfig, instruction: str, labels: list[str], pool: lis
             others = [r for r in by_label[label] if r is not row]
             attrs = {axis: rng.choice(values) for axis, values in sorted(cfg.attributes.items())}
             req = PlannedRequest(len(rows), label, 1, rng.sample(others, min(cfg.exemplars, len(others))), attrs)
-            system, user = (m["content"] for m in messages(instruction, labels, req))
-            rows.append({"text": user, "target": json.dumps({"examples": [{"text": row["text"], "label": label}]})})
+            system, user = (m["content"] for m in hooks.request(req))
+            rows.append({"text": user, "target": json.dumps({"examples": [hooks.answer_row(row)]})})
     return system, rows
 
 
@@ -208,11 +189,8 @@ def _loads(text: str) -> Any:
     return None
 
 
-def validate_item(item: Any, task: TaskConfig) -> tuple[dict[str, str] | None, str | None]:
+def validate_item(item: Any, hooks: SynthHooks) -> tuple[Row | None, str | None]:
     """``({"text", "label"}, None)`` or ``(None, why)``: one item checked by the task's own row schema."""
     if not isinstance(item, dict):
         return None, f"an example must be a JSON object (got {type(item).__name__})"
-    example, problems = TASKS[task.type].normalize(item, task.model_copy(update={"text_field": "text", "label_field": "label"}))
-    if example is None:
-        return None, "; ".join(f"{reason} (got {str(got)[:60]})" for reason, got in problems)
-    return {"text": " ".join(example["text"].split()), "label": example["label"]}, None
+    return hooks.parse_row(item)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from microtune.config import Recipe, SynthConfig, TaskConfig
+from microtune.config import Recipe, SynthConfig
 from microtune.core.errors import RecipeError, TeacherError
 from microtune.core.progress import Reporter
 from microtune.data import read_split
@@ -27,16 +27,47 @@ from microtune.synthesis.fidelity import fidelity, two_sample, write_html
 from microtune.synthesis.filters import STAGES, Cascade, judge_messages, judge_says_no
 from microtune.synthesis.plan import PlannedRequest, build_plan, parse_answer, quotas, split_holdout, validate_item
 from microtune.synthesis.teacher import Answer, Teacher, TeacherRequest
+from microtune.tasks import SynthHooks, get_task
 
 Row = dict[str, Any]
 
 
 def synth_config(recipe: Recipe) -> SynthConfig:
+    """The recipe's synth section, once the recipe can be synthesised at all: its task type has synth hooks,
+    the section is there, and no filter it turns on is one the task type leaves out. The synth stage's first check."""
+    hooks = synth_hooks(recipe, [])
     if recipe.synth is None:
         raise RecipeError(f"recipe {recipe.name!r} has no `synth` section",
                           hint="add e.g. `synth: {per_label: 50, teacher: {base_url: http://127.0.0.1:8000/v1, model: NAME}}` "
                                "(`microtune recipe-schema` lists every synth field)")
+    _filters_apply(recipe.synth, hooks)
     return recipe.synth
+
+
+def synth_hooks(recipe: Recipe, labels: list[str]) -> SynthHooks:
+    """How the recipe's task type is synthesised (prompts, row schema, filters), or a RecipeError naming the fix."""
+    hooks = get_task(recipe.task, labels).synth()
+    if hooks is None:
+        kind = recipe.task.type
+        raise RecipeError(f"`microtune synth` does not support task.type {kind} yet (the {kind} task has no synth hooks; "
+                          "synthetic rows are written per label)",
+                          hint="remove the `synth` section from this recipe and train on real rows only, or run synth on a "
+                               "classify recipe")
+    return hooks
+
+
+_TOGGLES = {"pii": "pii", "probe": "label_check", "judge": "judge"}  # filter stage → the synth.filters switch that turns it on
+
+
+def _filters_apply(cfg: SynthConfig, hooks: SynthHooks) -> None:
+    """A filter turned on for a task type that leaves it out would be silently ignored: refuse instead."""
+    unknown = sorted(set(hooks.filters) - set(STAGES))
+    if unknown:
+        raise ValueError(f"the task's synth hooks name unknown filter stage(s) {unknown}; known: {', '.join(STAGES)}")
+    for stage, switch in _TOGGLES.items():
+        if getattr(cfg.filters, switch) and stage not in hooks.filters:
+            raise RecipeError(f"synth.filters.{switch} is on, but the {stage} filter does not apply to this task type",
+                              hint=f"set synth.filters.{switch}=false")
 
 
 def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path, cache_path: Path,
@@ -49,12 +80,13 @@ def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path
         real = train + read_split(dataset_dir, "valid") + read_split(dataset_dir, "test")
         holdout, pool = split_holdout(train, cfg.fidelity.holdout, cfg.seed)
         quota = quotas(cfg, labels, pool)
-        plan = build_plan(cfg, recipe.task.instruction, labels, pool, quota)
+        hooks = synth_hooks(recipe, labels)
+        plan = build_plan(cfg, hooks, labels, pool, quota)
         requests = [_request(teacher, cfg, p) for p in plan]
         answers = teacher.ask_all(requests, reporter)
         _refuse_total_failure(answers, teacher)
-        cascade = Cascade(cfg.filters, labels, pool, real, cfg.seed)
-        candidates = _candidates(plan, requests, answers, labels, cascade, teacher, recipe.task)
+        cascade = Cascade(cfg.filters, labels, pool, real, cfg.seed, hooks.filters)
+        candidates = _candidates(plan, requests, answers, labels, cascade, teacher, hooks)
         kept = cascade.run(candidates)
         if cfg.filters.judge:
             kept = _judge(kept, recipe, labels, cascade, cache)
@@ -88,7 +120,7 @@ def _refuse_total_failure(answers: dict[str, Answer], teacher: Teacher) -> None:
 
 
 def _candidates(plan: list[PlannedRequest], requests: list[TeacherRequest], answers: dict[str, Answer], labels: list[str],
-                cascade: Cascade, teacher: Teacher, task: TaskConfig) -> list[Row]:
+                cascade: Cascade, teacher: Teacher, hooks: SynthHooks) -> list[Row]:
     """Schema and label validity: every answer becomes candidate rows or rejects with a reason."""
     out: list[Row] = []
     units = valid = 0  # rows entering the schema check (items, or whole unparseable answers) and the label check
@@ -109,7 +141,7 @@ def _candidates(plan: list[PlannedRequest], requests: list[TeacherRequest], answ
         if problem:
             cascade.reject({**base, "text": (answer.content or "")[:500]}, "schema", problem)
         for pos, item in enumerate(items):
-            row, why = validate_item(item, task)
+            row, why = validate_item(item, hooks)
             valid += row is not None
             if row is None:
                 cascade.reject({**base, "text": json.dumps(item)[:500]}, "schema", why or "invalid")

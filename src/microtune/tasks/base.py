@@ -1,11 +1,199 @@
-"""Pieces every task type shares: the input-text check, few-shot turns, rates over examples."""
+"""The task protocol every task type implements, its recipe-section base, and the pieces task types share.
+
+A task type is one module: a config section (a ``TaskSection`` subclass with a ``type`` literal and only
+its own fields) and a task class that satisfies ``Task``. Registering the class in ``microtune.tasks.TASKS``
+is the one other line: the recipe's ``task`` union, the metric lists and every stage read it from there.
+
+``Task`` is a ``typing.Protocol`` rather than an ABC: a plugin satisfies it by shape, without importing a
+base class, and callers are typed against it either way. The built-in tasks subclass it explicitly to
+inherit the few members that follow from others (``main_metric``, ``candidates``, ``atoms_of``).
+"""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import Field
+
+from microtune.core.schema import Section
+
+Row = dict[str, Any]
+Message = dict[str, str]
+RowProblems = list[tuple[str, Any]]  # (reason, got) pairs; the data stage turns them into file:line problems
+
+TYPE_DESCRIPTION = (
+    "Task type: `classify` (text → label, or labels with multi_label), `extract` (text → JSON "
+    "object with the `fields`), `generate` (text → free text, e.g. a summary)."
+)
 
 
-def check_text(row: dict[str, Any], field: str) -> tuple[str, list[tuple[str, Any]]]:
+def type_field(name: str) -> Any:
+    """The ``type`` field of a task section: the union tag, defaulting to the section's own type."""
+    return Field(name, description=TYPE_DESCRIPTION)
+
+
+class TaskSection(Section):
+    """Fields every task type has. Each task module subclasses it with ``type: Literal[<name>]`` and its own fields.
+
+    OpenAI chat rows (``data.format: openai_chat``) put the user turn under ``text`` and the assistant's answer
+    under ``label``; a task reads them by pointing ``text_field`` and its answer field (``label_field`` or
+    ``target_field``) at those names.
+    """
+
+    type: str = Field(..., description=TYPE_DESCRIPTION)
+    instruction: str = Field(
+        ..., min_length=1, description="What the model must do, in plain words; it becomes the system prompt."
+    )
+    text_field: str = Field("text", description="Field of a JSONL/CSV row that holds the input text.")
+
+    def declared_labels(self) -> list[str] | None:
+        """The label set the recipe declares; ``None`` when it is inferred from train (or the task has no labels)."""
+        return None
+
+
+class GeneratedSection(TaskSection):
+    """Fields of the task types whose answer is generated text and parsed afterwards (extract, generate)."""
+
+    target_field: str = Field(
+        "target", description="extract: field with the JSON object (or its JSON text); generate: field with the target "
+        "text (a list of strings = several references; training uses the first)."
+    )
+    max_new_tokens: int = Field(96, ge=1, le=2048, description="extract/generate: longest answer generated, in tokens.")
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """How answers are decoded: ``labels`` picks among ``candidates`` (a token trie, every answer valid);
+    ``json`` generates up to ``max_new_tokens`` an object described by ``schema``; ``free`` generates text.
+
+    There is no grammar-constrained JSON decoder yet: ``json`` answers are generated like ``free`` ones and
+    the task's ``parse`` checks them; the schema documents the answer (and is what such a decoder would use).
+    """
+
+    kind: Literal["labels", "json", "free"]
+    candidates: list[str] | None = None
+    schema: dict[str, Any] | None = None
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "labels" and self.candidates is None:
+            raise ValueError("DecoderSpec(kind='labels') needs the candidate answers")
+        if self.kind == "json" and self.schema is None:
+            raise ValueError("DecoderSpec(kind='json') needs the answer's JSON schema")
+        if self.kind != "labels" and (self.max_new_tokens is None or self.max_new_tokens < 1):
+            raise ValueError(f"DecoderSpec(kind={self.kind!r}) needs max_new_tokens >= 1")
+
+
+class SynthAsk(Protocol):
+    """One planned teacher request as a task's synth prompt sees it (``synthesis.plan.PlannedRequest`` is one)."""
+
+    label: str
+    n: int
+    exemplars: list[Row]
+    attributes: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SynthHooks:
+    """How `microtune synth` asks a teacher for rows of a task and checks what comes back.
+
+    ``request`` writes the prompt for one planned request; ``parse_row`` maps one item of the teacher's
+    answer (a JSON object) to ``{"text", "label"}`` or gives the reason it is not a valid row; ``answer_row``
+    writes a real row the way the teacher should answer (it teaches a local teacher the format); ``filters``
+    names the filter stages that apply (from ``synthesis.filters.STAGES``).
+    """
+
+    request: Callable[[SynthAsk], list[Message]]
+    parse_row: Callable[[dict[str, Any]], tuple[Row | None, str | None]]
+    answer_row: Callable[[Row], dict[str, Any]]
+    filters: tuple[str, ...]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task type. ``TASKS[type](cfg, labels)`` builds one for a recipe's task section and the dataset's labels.
+
+    Class level (used before a dataset exists): ``name``, ``config``, ``has_labels``, ``normalize``,
+    ``label_of``, ``atoms_of``, ``metric_names``, ``main_metric``. Instance level: prompts, decoding,
+    parsing, scoring and synth, which need the labels.
+    """
+
+    name: ClassVar[str]  # the `task.type` tag
+    config: ClassVar[type[TaskSection]]  # the recipe section of this type
+    has_labels: ClassVar[bool]  # rows carry labels: stratified splits, balancing, label checks, McNemar
+    cfg: TaskSection
+    labels: list[str]
+
+    # -- rows -------------------------------------------------------------------------------------
+    @staticmethod
+    def normalize(row: dict[str, Any], cfg: Any) -> tuple[Row | None, RowProblems]:
+        """Map a raw row to an example; on failure ``None`` and every problem as ``(reason, got)``."""
+        ...
+
+    @staticmethod
+    def label_of(example: Row) -> str | None:
+        """The example's stratum for splits and balancing; ``None`` for tasks without labels."""
+        ...
+
+    @classmethod
+    def atoms_of(cls, example: Row) -> list[str]:
+        """The labels an example uses (what a declared label set must contain)."""
+        label = cls.label_of(example)
+        return [] if label is None else [label]
+
+    # -- prompts and answers ----------------------------------------------------------------------
+    def messages(self, example: Row, *, label_list: bool = False, shots: Sequence[Row] = ()) -> list[Message]:
+        """Chat messages up to the answer; ``label_list`` and ``shots`` make the prompted baselines' prompt."""
+        ...
+
+    def target(self, example: Row) -> str:
+        """The completion the model is trained on."""
+        ...
+
+    def decoder(self) -> DecoderSpec:
+        """How answers are decoded (a closed label set, a JSON object, free text)."""
+        ...
+
+    def candidates(self) -> list[str] | None:
+        """Every valid answer when the decoder picks among a closed set, else ``None``."""
+        spec = self.decoder()
+        return list(spec.candidates or []) if spec.kind == "labels" else None
+
+    def gold(self, example: Row) -> Any:
+        """What ``metrics`` compares predictions with."""
+        ...
+
+    def parse(self, output: str) -> Any | None:
+        """Map raw model output to an answer, or ``None`` when it is not a valid one."""
+        ...
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def metrics(self, golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, Any]:
+        """Every metric of ``metric_names(cfg, every=True)`` (plus non-scalar tables, e.g. per label)."""
+        ...
+
+    def example_scores(self, golds: Sequence[Any], preds: Sequence[Any]) -> list[float]:
+        """One score per example: what the paired tests compare."""
+        ...
+
+    @classmethod
+    def metric_names(cls, cfg: Any, every: bool = False) -> list[str]:
+        """The default metric list, main metric first; with ``every``, all scalar metrics ``metrics`` reports."""
+        ...
+
+    @classmethod
+    def main_metric(cls, cfg: Any) -> str:
+        """The metric eval reports first, the gate compares and the registry tags (unless eval.metrics says otherwise)."""
+        return cls.metric_names(cfg)[0]
+
+    # -- synthetic data ---------------------------------------------------------------------------
+    def synth(self) -> SynthHooks | None:
+        """How `microtune synth` makes rows of this task; ``None``: synth does not support the task type."""
+        ...
+
+
+def check_text(row: dict[str, Any], field: str) -> tuple[str, RowProblems]:
     """The row's input text (stripped) and the problems with it, as ``(reason, got)`` pairs."""
     if field not in row:
         return "", [(f"missing field {field!r}", f"keys {sorted(row)}")]
@@ -17,9 +205,9 @@ def check_text(row: dict[str, Any], field: str) -> tuple[str, list[tuple[str, An
     return value.strip(), []
 
 
-def shot_turns(shots: Sequence[dict[str, Any]], target: Callable[[dict[str, Any]], str]) -> list[dict[str, str]]:
+def shot_turns(shots: Sequence[Mapping[str, Any]], target: Callable[[Any], str]) -> list[Message]:
     """Few-shot examples as user/assistant chat turns."""
-    turns: list[dict[str, str]] = []
+    turns: list[Message] = []
     for shot in shots:
         turns += [{"role": "user", "content": shot["text"]}, {"role": "assistant", "content": target(shot)}]
     return turns

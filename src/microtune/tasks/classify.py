@@ -7,32 +7,82 @@ the recipe's instruction (system) and the text (user); the completion is the lab
 Prompted baselines also get the label list and, for few-shot, example turns. Constrained decoding picks
 among ``candidates()``: the labels, or every label set of up to ``max_labels`` labels.
 Metrics: accuracy and macro-F1 (+ per-label F1); multi-label: exact match, micro/macro-F1 over labels;
-with a none_label: in-scope accuracy and out-of-scope precision/recall (the CLINC150 measures).
+with a none_label: in-scope accuracy and out-of-scope precision/recall (the CLINC150 measures). The main
+metric is the first of ``metric_names``: accuracy, or exact match with multi_label.
+
+Synth: the only task type `microtune synth` supports. A request asks for ``n`` examples of one label,
+showing real rows of that label; each item of the answer is checked by this task's own row schema.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import combinations
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from microtune.config import TaskConfig
-from microtune.tasks.base import check_text, example_rate, shot_turns
+from pydantic import Field, model_validator
+
+from microtune.tasks.base import (
+    DecoderSpec,
+    Message,
+    Row,
+    RowProblems,
+    SynthAsk,
+    SynthHooks,
+    Task,
+    TaskSection,
+    check_text,
+    example_rate,
+    shot_turns,
+    type_field,
+)
 
 JOIN = "; "
 
 
-class ClassifyTask:
-    name = "classify"
-    has_labels = True
-    main_metric = "macro_f1"
+class ClassifyConfig(TaskSection):
+    """Task `classify`: text → one label, or a set of labels with multi_label."""
 
-    def __init__(self, cfg: TaskConfig, labels: Sequence[str]):
-        self.cfg = cfg
+    type: Literal["classify"] = type_field("classify")
+    labels: list[str] | None = Field(
+        None, description="classify: the label set. Omitted: inferred from the train split (sorted)."
+    )
+    label_field: str = Field("label", description="classify: field that holds the label (a list, or `a;b` text, with multi_label).")
+    multi_label: bool = Field(False, description="classify: each text has one or more labels; the answer is a set of labels.")
+    max_labels: int = Field(2, ge=1, le=4, description="classify with multi_label: most labels one text can carry.")
+    label_separator: str = Field(";", min_length=1, description="classify with multi_label: separator of labels given as text.")
+    none_label: str | None = Field(
+        None, description="classify: the out-of-scope label (e.g. `oos`, 'none of these'); adds in-scope accuracy and "
+        "out-of-scope precision/recall to the metrics."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClassifyConfig:
+        if self.labels is not None:
+            if not self.labels:
+                raise ValueError("labels is empty; list the labels or omit the key to infer them")
+            dupes = sorted({x for x in self.labels if self.labels.count(x) > 1})
+            if dupes:
+                raise ValueError(f"labels repeat: {dupes}")
+        if self.none_label and self.labels is not None and self.none_label not in self.labels:
+            raise ValueError(f"none_label {self.none_label!r} is not in labels")
+        return self
+
+    def declared_labels(self) -> list[str] | None:
+        return self.labels
+
+
+class ClassifyTask(Task):
+    name: ClassVar[str] = "classify"
+    config: ClassVar[type[TaskSection]] = ClassifyConfig
+    has_labels: ClassVar[bool] = True
+
+    def __init__(self, cfg: ClassifyConfig, labels: Sequence[str] = ()):
+        self.cfg: ClassifyConfig = cfg
         self.labels = list(labels)
 
     # -- rows -------------------------------------------------------------------------------------
     @staticmethod
-    def normalize(row: dict[str, Any], cfg: TaskConfig) -> tuple[dict[str, Any] | None, list[tuple[str, Any]]]:
+    def normalize(row: dict[str, Any], cfg: ClassifyConfig) -> tuple[Row | None, RowProblems]:
         """Map a raw row to an example; on failure return ``None`` and ``(reason, got)`` pairs."""
         text, problems = check_text(row, cfg.text_field)
         labels = _labels_of(row, cfg, problems)
@@ -46,8 +96,8 @@ class ClassifyTask:
     def label_of(example: dict[str, Any]) -> str:
         return example["label"]
 
-    @staticmethod
-    def atoms_of(example: dict[str, Any]) -> list[str]:
+    @classmethod
+    def atoms_of(cls, example: dict[str, Any]) -> list[str]:
         """The labels of an example (one, or several with multi_label) — what task.labels must contain."""
         return example.get("labels", [example["label"]])
 
@@ -68,7 +118,11 @@ class ClassifyTask:
     def target(self, example: dict[str, Any]) -> str:
         return example["label"]
 
-    def candidates(self) -> list[str]:
+    def decoder(self) -> DecoderSpec:
+        """A trie over every valid answer: the labels, or every label set of up to ``max_labels`` labels."""
+        return DecoderSpec(kind="labels", candidates=self._answers())
+
+    def _answers(self) -> list[str]:
         """Every valid answer: constrained decoding picks among these."""
         if not self.cfg.multi_label:
             return self.labels
@@ -85,12 +139,19 @@ class ClassifyTask:
             known = {label.lower(): label for label in self.labels}
             parts = [known.get(p.strip().lower(), p.strip()) for p in text.replace(",", ";").split(";") if p.strip()]
             text = JOIN.join(sorted(set(parts)))
-        valid = self.candidates()
+        valid = self._answers()
         if text in valid:
             return text
         return {c.lower(): c for c in valid}.get(text.lower())
 
     # -- metrics ----------------------------------------------------------------------------------
+    @classmethod
+    def metric_names(cls, cfg: ClassifyConfig, every: bool = False) -> list[str]:
+        names = ["exact_match", "micro_f1", "macro_f1"] if cfg.multi_label else ["accuracy", "macro_f1"]
+        if cfg.none_label and not cfg.multi_label:
+            names += ["in_scope_accuracy", "oos_recall"] + (["oos_precision"] if every else [])
+        return names + (["valid_rate"] if every else [])
+
     def example_scores(self, golds: Sequence[str], preds: Sequence[str | None]) -> list[float]:
         """Per-example correctness (1/0): what the paired tests compare."""
         return [float(g == p) for g, p in zip(golds, preds)]
@@ -137,11 +198,49 @@ class ClassifyTask:
         }
 
 
+    # -- synthetic data ---------------------------------------------------------------------------
+    def synth(self) -> SynthHooks:
+        return SynthHooks(request=self._synth_request, parse_row=self._synth_row, answer_row=_synth_answer_row,
+                          filters=("length", "refusal", "pii", "copy", "near_duplicate", "probe", "judge"))
+
+    def _synth_request(self, ask: SynthAsk) -> list[Message]:
+        """Ask for ``ask.n`` examples of one label (fixed first: a teacher asked for "an example" drifts to easy labels)."""
+        system = (
+            "You write realistic, varied examples for training a text classifier.\n"
+            f"Task: {self.cfg.instruction}\nAll labels: {', '.join(self.labels)}.\n"
+            "Rules: write what a real person would write; vary wording, length and scenario; never copy or lightly edit "
+            "the examples shown; no real names, e-mail addresses, phone numbers or account numbers; keep the label's meaning exactly.\n"
+            f"Answer with JSON only, in this shape: {SYNTH_SHAPE}"
+        )
+        parts = [f"Label: {ask.label}"]
+        if ask.attributes:
+            parts.append("Scenario: " + "; ".join(f"{k} = {v}" for k, v in ask.attributes.items()))
+        if ask.exemplars:
+            parts.append("Real examples with this label:\n" + "\n".join(f"- {r['text']}" for r in ask.exemplars))
+        parts.append(f'Write {ask.n} new, different example(s) with label "{ask.label}". JSON only.')
+        return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
+
+    def _synth_row(self, item: dict[str, Any]) -> tuple[Row | None, str | None]:
+        """``({"text", "label"}, None)`` or ``(None, why)``: the item checked by this task's row schema, under the
+        fixed keys of ``SYNTH_SHAPE`` (whatever the recipe's field names are)."""
+        example, problems = self.normalize(item, self.cfg.model_copy(update={"text_field": "text", "label_field": "label"}))
+        if example is None:
+            return None, "; ".join(f"{reason} (got {str(got)[:60]})" for reason, got in problems)
+        return {"text": " ".join(example["text"].split()), "label": example["label"]}, None
+
+
+SYNTH_SHAPE = '{"examples": [{"text": "...", "label": "..."}]}'
+
+
+def _synth_answer_row(row: Row) -> dict[str, Any]:
+    return {"text": row["text"], "label": row["label"]}
+
+
 def _as_set(answer: str | None) -> set[str]:
     return set(answer.split(JOIN)) if answer else set()
 
 
-def _labels_of(row: dict[str, Any], cfg: TaskConfig, problems: list[tuple[str, Any]]) -> list[str]:
+def _labels_of(row: dict[str, Any], cfg: ClassifyConfig, problems: RowProblems) -> list[str]:
     """The row's label(s), canonical (stripped; sorted and de-duplicated with multi_label)."""
     field = cfg.label_field
     if field not in row:

@@ -8,7 +8,9 @@ also get the field list with descriptions. Parsing takes the first JSON object i
 
 Metrics: JSON validity rate; per field precision/recall/F1 over the set of values, by exact match and
 after normalisation (case, punctuation, articles, spacing); micro-F1 (all fields pooled) and macro-F1
-(mean over fields). An example's score for paired tests is its micro-F1.
+(mean over fields). An example's score for paired tests is its micro-F1, the main metric.
+Decoding: free generation of up to ``max_new_tokens``, parsed afterwards (the decoder spec carries the
+answer's JSON schema). Synth: not supported yet.
 """
 from __future__ import annotations
 
@@ -16,26 +18,55 @@ import difflib
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from microtune.config import TaskConfig
-from microtune.tasks.base import check_text, example_rate, shot_turns
+from pydantic import Field, model_validator
+
+from microtune.tasks.base import (
+    DecoderSpec,
+    GeneratedSection,
+    Row,
+    RowProblems,
+    Task,
+    TaskSection,
+    check_text,
+    example_rate,
+    shot_turns,
+    type_field,
+)
 
 Value = str | list[str] | None
 
 
-class ExtractTask:
-    name = "extract"
-    has_labels = False
-    main_metric = "micro_f1"
+class ExtractConfig(GeneratedSection):
+    """Task `extract`: text → a JSON object with the recipe's `fields`."""
 
-    def __init__(self, cfg: TaskConfig, labels: Sequence[str] = ()):
-        self.cfg = cfg
+    type: Literal["extract"] = type_field("extract")
+    fields: dict[str, str] | None = Field(
+        None, description="extract: output field name → what it holds (shown to prompted baselines). Values are a "
+        "string, a list of strings, or null."
+    )
+
+    @model_validator(mode="after")
+    def _fields_given(self) -> ExtractConfig:
+        if not self.fields:
+            raise ValueError("task.type extract needs task.fields (name: description of each output field)")
+        return self
+
+
+class ExtractTask(Task):
+    name: ClassVar[str] = "extract"
+    config: ClassVar[type[TaskSection]] = ExtractConfig
+    has_labels: ClassVar[bool] = False
+
+    def __init__(self, cfg: ExtractConfig, labels: Sequence[str] = ()):
+        self.cfg: ExtractConfig = cfg
+        self.labels = list(labels)
         self.fields = list(cfg.fields or {})
 
     # -- rows -------------------------------------------------------------------------------------
     @staticmethod
-    def normalize(row: dict[str, Any], cfg: TaskConfig) -> tuple[dict[str, Any] | None, list[tuple[str, Any]]]:
+    def normalize(row: dict[str, Any], cfg: ExtractConfig) -> tuple[Row | None, RowProblems]:
         text, problems = check_text(row, cfg.text_field)
         output = _output_of(row, cfg, problems)
         return (None, problems) if problems else ({"text": text, "output": output}, [])
@@ -58,8 +89,15 @@ class ExtractTask:
     def target(self, example: dict[str, Any]) -> str:
         return json.dumps({f: example["output"].get(f) for f in self.fields}, ensure_ascii=False)
 
-    def candidates(self) -> None:
-        return None  # free generation, parsed afterwards
+    def decoder(self) -> DecoderSpec:
+        """Generated, then parsed: no grammar-constrained decoder yet (the schema describes the answer)."""
+        return DecoderSpec(kind="json", schema=self.answer_schema(), max_new_tokens=self.cfg.max_new_tokens)
+
+    def answer_schema(self) -> dict[str, Any]:
+        """JSON schema of the answer: every recipe field, each a string, a list of strings or null."""
+        value = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+        return {"type": "object", "additionalProperties": False, "required": self.fields,
+                "properties": {name: {**value, "description": desc} for name, desc in (self.cfg.fields or {}).items()}}
 
     def gold(self, example: dict[str, Any]) -> dict[str, Value]:
         return example["output"]
@@ -72,6 +110,10 @@ class ExtractTask:
         return {f: _coerce(obj.get(f)) for f in self.fields}
 
     # -- metrics ----------------------------------------------------------------------------------
+    @classmethod
+    def metric_names(cls, cfg: ExtractConfig, every: bool = False) -> list[str]:
+        return ["micro_f1", "micro_f1_normalized", "valid_rate"] + (["macro_f1"] if every else [])
+
     def example_scores(self, golds: Sequence[dict[str, Value]], preds: Sequence[dict[str, Value] | None]) -> list[float]:
         scores = []
         for gold, pred in zip(golds, preds):
@@ -94,8 +136,12 @@ class ExtractTask:
             "per_field": per_field,
         }
 
+    # -- synthetic data ---------------------------------------------------------------------------
+    def synth(self) -> None:
+        return None  # not supported yet: the synth plan, filters and fidelity tests are per label
 
-def _output_of(row: dict[str, Any], cfg: TaskConfig, problems: list[tuple[str, Any]]) -> dict[str, Value]:
+
+def _output_of(row: dict[str, Any], cfg: ExtractConfig, problems: RowProblems) -> dict[str, Value]:
     field, fields = cfg.target_field, list(cfg.fields or {})
     if field not in row:
         problems.append((f"missing field {field!r}", f"keys {sorted(row)}"))

@@ -4,29 +4,47 @@ Rows are normalised to ``{"text": str, "target": str, "references": [str, ...]}`
 may hold one reference or a list of them (SciTLDR's test set has several per abstract); training
 uses the first, scoring takes the best match over all of them. Metrics: ROUGE-L F1 (longest common
 subsequence of lower-cased word tokens, best reference per example, averaged), mean words of the
-predictions and of the references and their ratio, and the share of non-empty answers (valid_rate).
+predictions and of the references and their ratio, and the share of non-empty answers (valid_rate);
+ROUGE-L is the main metric. Decoding: free generation of up to ``max_new_tokens``. Synth: not supported yet.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from microtune.config import TaskConfig
-from microtune.tasks.base import check_text, example_rate, shot_turns
+from microtune.tasks.base import (
+    DecoderSpec,
+    GeneratedSection,
+    Row,
+    RowProblems,
+    Task,
+    TaskSection,
+    check_text,
+    example_rate,
+    shot_turns,
+    type_field,
+)
 
 
-class GenerateTask:
-    name = "generate"
-    has_labels = False
-    main_metric = "rouge_l"
+class GenerateConfig(GeneratedSection):
+    """Task `generate`: text → free text (a summary, a rewrite, an answer)."""
 
-    def __init__(self, cfg: TaskConfig, labels: Sequence[str] = ()):
-        self.cfg = cfg
+    type: Literal["generate"] = type_field("generate")
+
+
+class GenerateTask(Task):
+    name: ClassVar[str] = "generate"
+    config: ClassVar[type[TaskSection]] = GenerateConfig
+    has_labels: ClassVar[bool] = False
+
+    def __init__(self, cfg: GenerateConfig, labels: Sequence[str] = ()):
+        self.cfg: GenerateConfig = cfg
+        self.labels = list(labels)
 
     # -- rows -------------------------------------------------------------------------------------
     @staticmethod
-    def normalize(row: dict[str, Any], cfg: TaskConfig) -> tuple[dict[str, Any] | None, list[tuple[str, Any]]]:
+    def normalize(row: dict[str, Any], cfg: GenerateConfig) -> tuple[Row | None, RowProblems]:
         text, problems = check_text(row, cfg.text_field)
         refs = _references(row, cfg.target_field, problems)
         return (None, problems) if problems else ({"text": text, "target": refs[0], "references": refs}, [])
@@ -44,8 +62,8 @@ class GenerateTask:
     def target(self, example: dict[str, Any]) -> str:
         return example["target"]
 
-    def candidates(self) -> None:
-        return None
+    def decoder(self) -> DecoderSpec:
+        return DecoderSpec(kind="free", max_new_tokens=self.cfg.max_new_tokens)
 
     def gold(self, example: dict[str, Any]) -> list[str]:
         return example["references"]
@@ -55,6 +73,10 @@ class GenerateTask:
         return text or None
 
     # -- metrics ----------------------------------------------------------------------------------
+    @classmethod
+    def metric_names(cls, cfg: GenerateConfig, every: bool = False) -> list[str]:
+        return ["rouge_l", "length_ratio"] + (["pred_words_mean", "ref_words_mean", "valid_rate"] if every else [])
+
     def example_scores(self, golds: Sequence[list[str]], preds: Sequence[str | None]) -> list[float]:
         return [max(rouge_l(p or "", r) for r in refs) for refs, p in zip(golds, preds)]
 
@@ -66,6 +88,10 @@ class GenerateTask:
         return {"rouge_l": _mean(scores), "pred_words_mean": mean_pred, "ref_words_mean": mean_ref,
                 "length_ratio": mean_pred / mean_ref if mean_ref else 0.0,
                 "valid_rate": example_rate(p is not None for p in preds)}
+
+    # -- synthetic data ---------------------------------------------------------------------------
+    def synth(self) -> None:
+        return None  # not supported yet: the synth plan, filters and fidelity tests are per label
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -93,7 +119,7 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _references(row: dict[str, Any], field: str, problems: list[tuple[str, Any]]) -> list[str]:
+def _references(row: dict[str, Any], field: str, problems: RowProblems) -> list[str]:
     if field not in row:
         problems.append((f"missing field {field!r}", f"keys {sorted(row)}"))
         return []
