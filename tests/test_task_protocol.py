@@ -11,7 +11,8 @@ from typing import Any, ClassVar, Literal
 import pytest
 from pydantic import Field
 
-from microtune.config import register_task, task_metrics, unregister_task, validate_recipe
+from microtune import tasks
+from microtune.config import task_metrics, validate_recipe
 from microtune.core.errors import DataError, RecipeError
 from microtune.synthesis.filters import STAGES
 from microtune.tasks import (
@@ -223,9 +224,9 @@ class PolarityTask(Task):
 
 @pytest.fixture
 def polarity() -> Any:
-    register_task(PolarityTask)  # the one line a new task type needs
+    tasks.register(PolarityTask)  # the one line a new task type needs
     yield PolarityTask
-    unregister_task("polarity")
+    tasks.unregister("polarity")
 
 
 def test_a_new_task_type_validates_and_goes_through_check(polarity: Any, tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
@@ -259,7 +260,7 @@ def test_a_new_task_type_validates_and_goes_through_check(polarity: Any, tmp_pat
 def test_an_unregistered_task_type_is_unknown_again(polarity: Any) -> None:
     raw = {"name": "x", "data": {"train": "t.jsonl"}, "task": {"type": "polarity", "instruction": "go"}}
     assert isinstance(validate_recipe(raw).task, PolarityConfig)
-    unregister_task("polarity")
+    tasks.unregister("polarity")
     with pytest.raises(RecipeError, match="unknown task type 'polarity'"):
         validate_recipe(raw)
-    register_task(PolarityTask)  # the fixture removes it again
+    tasks.register(PolarityTask)  # the fixture removes it again

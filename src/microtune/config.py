@@ -27,10 +27,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_core import CoreSchema, PydanticCustomError
 
 import microtune.methods as methods
+import microtune.tasks as tasks
 from microtune.core.errors import Problem, RecipeError
 from microtune.core.schema import Section
 from microtune.methods import (  # noqa: F401 (the method sections, importable from the recipe module as before)
@@ -42,7 +42,7 @@ from microtune.methods import (  # noqa: F401 (the method sections, importable f
     PromptTuningConfig,
     QloraConfig,
 )
-from microtune.tasks import DEFAULT_TASK, TASKS, Task, TaskSection
+from microtune.tasks import DEFAULT_TASK, TASKS, TaskSection
 
 
 def _task_type(value: Any) -> str:
@@ -50,13 +50,19 @@ def _task_type(value: Any) -> str:
     return value.get("type", DEFAULT_TASK) if isinstance(value, dict) else getattr(value, "type", DEFAULT_TASK)
 
 
-def _task_union() -> Any:
-    """The recipe's `task` section: one config class per registered task type, picked by `type`."""
-    choices = tuple(Annotated[cls.config, Tag(name)] for name, cls in TASKS.items())
-    return Annotated[Union[choices], Discriminator(_task_type)]  # noqa: UP007  # built at runtime from TASKS
+class _RegisteredTasks:
+    """The `task` section's schema: every registered task type's section, tagged by `type` (``microtune.tasks``).
+
+    Built whenever the Recipe schema is built; ``tasks.register`` rebuilds the Recipe (``_rebuild_recipe``
+    below), so a task type registered later validates like a built-in one — the same shape as `method`."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        tagged = tuple(Annotated[task.config, Tag(name)] for name, task in TASKS.items())
+        return handler(Annotated[Union[tagged], Discriminator(_task_type)])  # noqa: UP007 (a Union built at run time)
 
 
-TaskConfig = _task_union()
+TaskConfig = Annotated[TaskSection, _RegisteredTasks]
 
 
 class SplitConfig(Section):
@@ -501,11 +507,12 @@ class Recipe(Section):
 
 
 def _rebuild_recipe() -> None:
-    """Rebuild the Recipe's schema after a method was (un)registered, so its `method` union holds it."""
+    """Rebuild the Recipe's schema after a method or task type was (un)registered, so its unions hold it."""
     Recipe.model_rebuild(force=True)
 
 
 methods.on_change(_rebuild_recipe)
+tasks.on_change(_rebuild_recipe)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -693,30 +700,6 @@ def _without_tags(loc: list[str]) -> list[str]:
     if len(loc) > 2 and (loc[0], loc[1]) in {("method", k) for k in methods.kinds()} | {("task", t) for t in TASKS}:
         return [loc[0], *loc[2:]]
     return loc
-
-
-def register_task(task: type[Task]) -> None:
-    """Add (or replace) a task type at runtime, e.g. from a plugin: ``TASKS`` gains it and the recipe's `task` union
-    is rebuilt so recipes of that type validate. Built-in types are listed in ``microtune.tasks.TASKS`` instead."""
-    tag = task.config.model_fields["type"].default if "type" in task.config.model_fields else None
-    if tag != task.name:
-        raise ValueError(f"task class {task.__name__}: its config's `type` must default to its name {task.name!r} (got {tag!r})")
-    TASKS[task.name] = task
-    _rebuild_task_union()
-
-
-def unregister_task(name: str) -> None:
-    """Remove a task type added with ``register_task`` (a test's or plugin's clean-up)."""
-    TASKS.pop(name, None)
-    _rebuild_task_union()
-
-
-def _rebuild_task_union() -> None:
-    global TaskConfig
-    TaskConfig = _task_union()
-    old = Recipe.model_fields["task"]
-    Recipe.model_fields["task"] = FieldInfo.from_annotated_attribute(TaskConfig, Field(..., description=old.description))
-    Recipe.model_rebuild(force=True)
 
 
 def recipe_schema() -> dict[str, Any]:

@@ -6,20 +6,55 @@ Every task class satisfies ``microtune.tasks.base.Task``: ``normalize`` (raw row
 ``gold`` / ``parse`` / ``metrics`` / ``example_scores``, ``metric_names`` / ``main_metric`` (the one source of
 the metric lists) and ``synth`` (how `microtune synth` makes rows, or ``None``).
 
-A new task type is a module here plus one line in ``TASKS``; ``microtune.config`` builds the recipe's
-``task`` union from this table (``config.register_task`` adds a type at runtime, e.g. from a plugin).
+A new task type is a module here plus one ``register`` line below — the same shape as ``microtune.methods``:
+``microtune.config`` builds the recipe's ``task`` union from this table and rebuilds it on every
+``register``/``unregister``, so a type added later (a plugin, a test) validates like a built-in one.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from microtune.tasks.base import DecoderSpec, SynthHooks, Task, TaskSection
 from microtune.tasks.classify import ClassifyConfig, ClassifyTask
 from microtune.tasks.extract import ExtractConfig, ExtractTask
 from microtune.tasks.generate import GenerateConfig, GenerateTask
 
-TASKS: dict[str, type[Task]] = {"classify": ClassifyTask, "extract": ExtractTask, "generate": GenerateTask}
+TASKS: dict[str, type[Task]] = {}
 DEFAULT_TASK = "classify"  # recipes may omit task.type
+_LISTENERS: list[Callable[[], None]] = []
+
+
+def register(task: type[Task]) -> type[Task]:
+    """Add a task type; whatever is built from the registry (the recipe's ``task`` union) is rebuilt."""
+    tag = task.config.model_fields["type"].default if "type" in task.config.model_fields else None
+    if tag != task.name:
+        raise ValueError(f"task class {task.__name__}: its config's `type` must default to its name {task.name!r} (got {tag!r})")
+    if task.name in TASKS:
+        raise ValueError(f"task type {task.name!r} is already registered ({TASKS[task.name].__name__})")
+    TASKS[task.name] = task
+    _changed()
+    return task
+
+
+def unregister(name: str) -> None:
+    """Remove a task type (a plugin unloading, a test cleaning up); dependants are rebuilt."""
+    TASKS.pop(name, None)
+    _changed()
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener`` after every register/unregister (the recipe model rebuilds its union this way)."""
+    _LISTENERS.append(listener)
+
+
+def _changed() -> None:
+    for listener in _LISTENERS:
+        listener()
+
+
+register(ClassifyTask)
+register(ExtractTask)
+register(GenerateTask)
 
 
 def get_task(cfg: TaskSection, labels: Sequence[str] = ()) -> Task:
@@ -28,4 +63,5 @@ def get_task(cfg: TaskSection, labels: Sequence[str] = ()) -> Task:
 
 
 __all__ = ["DEFAULT_TASK", "TASKS", "ClassifyConfig", "ClassifyTask", "DecoderSpec", "ExtractConfig", "ExtractTask", "GenerateConfig",
-           "GenerateTask", "SynthHooks", "Task", "TaskSection", "get_task"]
+           "GenerateTask", "SynthHooks", "Task", "TaskSection", "get_task", "on_change", "register",
+           "unregister"]
