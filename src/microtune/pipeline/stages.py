@@ -112,6 +112,7 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     With ``resume`` the newest unfinished run of this recipe continues from its last checkpoint
     (written every ``train.save_steps``) in the same MLflow run; the recipe must not have changed.
     """
+    from microtune.core.progress import only
     from microtune.models import resolve_base
     from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
     from microtune.training import distributed as dist
@@ -128,19 +129,18 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     recipe_hash = hash_value(recipe.resolved())
     run_id, mlflow_id = _pending_run(ws, recipe, recipe_hash) if resume else (new_run_id(), None)
     dest, ckpt = ws.stage_dir(recipe.name, "adapters") / run_id, ws.stage_dir(recipe.name, "checkpoints") / run_id
-    mode = {True: "bar", False: None}.get(progress, progress) if isinstance(progress, bool) else progress
     extra, synthetic = _synthetic_rows(recipe, ws, checked)
     if not dist.is_main():  # other ranks train their shard; only rank 0 logs and writes
         with tempfile.TemporaryDirectory() as scratch:
-            train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], Path(scratch), None, None, ckpt, resume,
-                          extra_train=extra)
+            train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], Path(scratch), checkpoint_dir=ckpt,
+                          resume=resume, extra_train=extra)
         return dest
     with mlflow_run(recipe, ws, run_id=mlflow_id, run_name=run_id) as run:
         if mlflow_id is None:
             log_params(recipe)
         with write_artifact(dest, "adapter", {"recipe": recipe.name}) as (tmp, manifest):
             out = train_adapter(recipe, ref, checked.dataset_dir, checked.manifest["labels"], tmp,
-                                on_log=lambda step, m: log_metrics(m, step), progress=mode, checkpoint_dir=ckpt,
+                                reporter=only(["metrics"], lambda event: log_metrics(event.data, event.step)), checkpoint_dir=ckpt,
                                 resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": recipe_hash},
                                 extra_train=extra)
             if synthetic:
