@@ -138,3 +138,33 @@ def test_ddp_strategy_accumulates_like_one_process(kind: str, process_group, mak
     assert wrapped.keys() == plain.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
     for name in plain:
         assert torch.allclose(wrapped[name], plain[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_two_ddp_ranks_with_accumulation_give_the_one_process_adapter(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    """torchrun with 2 gloo ranks, 2 micro-batches per step (the first under no_sync) and an epoch-closing 1-row batch
+    (rank 1 runs a weight-0 row): the adapter and the losses of one process. Tolerance as in test_train's ddp tests."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    recipe = make_recipe(tiny_model_dir, train={"max_steps": 3, "grad_accum": 2, "bf16": False, "lr": 5e-3, "batch_size": 7})
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
+    adapters = []
+    for nproc in (1, 2):
+        ws = tmp_path / f"ws{nproc}"
+        cmd = [sys.executable, "-m", "microtune.cli", "train", str(recipe), "-w", str(ws), "--nproc", str(nproc)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (adapter,) = (ws / "toy" / "adapters").iterdir()
+        adapters.append(adapter)
+    one, two = (load_file(a / "adapter_model.safetensors") for a in adapters)
+    assert one.keys() == two.keys()
+    for key in one:
+        assert (one[key] - two[key]).abs().max() < 1e-4, key
+    ma, mb = (json.loads((a / "manifest.json").read_text()) for a in adapters)
+    assert mb["cost"]["distributed"]["strategy"] == "ddp" and mb["final"]["steps"] == 3
+    assert [h["loss"] for h in mb["history"]] == pytest.approx([h["loss"] for h in ma["history"]], rel=1e-4)
+    assert mb["cost"]["tokens_seen"] == ma["cost"]["tokens_seen"]
