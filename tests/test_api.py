@@ -98,7 +98,7 @@ def test_train_reports_progress_to_the_caller_and_metrics_to_mlflow(tmp_path: Pa
                               reporter=events.append)
     kinds = [(e.stage, e.kind, e.step, e.total) for e in events]
     assert kinds == [("train", "start", 0, 3), ("train", "progress", 1, 3), ("train", "progress", 2, 3),
-                     ("train", "progress", 3, 3), ("train", "done", None, 3)]
+                     ("train", "progress", 3, 3), ("train", "done", 3, 3)]
     assert all(e.data["loss"] > 0 and e.data["tokens_per_s"] > 0 for e in events if e.kind == "progress")
     run_id = read_manifest(adapter, "adapter")["mlflow_run_id"]
     history = MlflowClient(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}").get_metric_history(run_id, "loss")

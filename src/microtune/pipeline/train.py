@@ -17,7 +17,7 @@ from microtune.config import Recipe
 from microtune.core.artifacts import read_json, write_artifact
 from microtune.core.errors import ArtifactError
 from microtune.core.hashing import hash_value
-from microtune.core.progress import Event, Reporter, emitter
+from microtune.core.progress import Event, Reporter
 from microtune.core.workspace import Workspace, new_run_id
 from microtune.models import resolve_base
 from microtune.pipeline.check import CheckResult, check
@@ -26,7 +26,7 @@ from microtune.pipeline.recipes import RecipeLike, recipe_json
 from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
 from microtune.synthesis import synthetic_for_training
 from microtune.training import distributed as dist
-from microtune.training import engine  # shim until the loop branch lands: then `from microtune.training import train_adapter`
+from microtune.training import train_adapter
 from microtune.training.checkpoint import latest_checkpoint
 
 
@@ -52,16 +52,16 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     labels = checked.manifest["labels"]
     if not dist.is_main():  # other ranks train their shard; only rank 0 reports, logs and writes
         with tempfile.TemporaryDirectory() as scratch:
-            _train_adapter(recipe, ref, checked.dataset_dir, labels, Path(scratch), checkpoint_dir=ckpt, resume=resume,
-                           extra_train=extra)
+            train_adapter(recipe, ref, checked.dataset_dir, labels, Path(scratch), checkpoint_dir=ckpt, resume=resume,
+                          extra_train=extra)
         return dest
     with mlflow_run(recipe, ws, run_id=mlflow_id, run_name=run_id) as run:
         if mlflow_id is None:
             log_params(recipe)
         with write_artifact(dest, "adapter", {"recipe": recipe.name}) as (tmp, manifest):
-            out = _train_adapter(recipe, ref, checked.dataset_dir, labels, tmp, reporter=_to_mlflow(reporter), checkpoint_dir=ckpt,
-                                 resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": recipe_hash},
-                                 extra_train=extra)
+            out = train_adapter(recipe, ref, checked.dataset_dir, labels, tmp, reporter=_to_mlflow(reporter), checkpoint_dir=ckpt,
+                                resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": recipe_hash},
+                                extra_train=extra)
             if synthetic:
                 manifest["synthetic"] = synthetic
             out["cost"]["full_finetune"] = _measured_full(ws, recipe, checked.manifest) or out["cost"]["full_finetune"]
@@ -82,42 +82,6 @@ def _to_mlflow(reporter: Reporter | None) -> Reporter:
         elif reporter is not None:
             reporter(event)
     return route
-
-
-def _train_adapter(recipe: Recipe, ref: Any, dataset_dir: Path, labels: list[str], out_dir: Path, *,
-                   reporter: Reporter | None = None, checkpoint_dir: Path | None = None, resume: bool = False,
-                   run_meta: dict[str, Any] | None = None, extra_train: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """``train_adapter`` with the signature of the training-loop contract.
-
-    shim until the loop branch lands: today's engine takes ``on_log``/``progress`` and draws its own
-    bar; here its step callbacks become ``start``/``progress``/``done`` events and ``on_log`` becomes
-    ``metrics`` events, so the library stays silent and the caller's reporter sees what the new engine
-    will emit. Once ``train_adapter(..., reporter=...)`` exists this function is a direct call.
-    """
-    emit = emitter(reporter, "train")
-
-    class _Events:  # shim until the loop branch lands: stands in for engine._Reporter during this call
-        def __init__(self, mode: str | None, total: int, start: int):
-            self.on, self.total = mode is not None, total
-            if self.on:
-                emit("start", start, total)
-
-        def update(self, step: int, loss: float, tps: float) -> None:
-            if self.on:
-                emit("progress", step, self.total, loss=loss, tokens_per_s=tps)
-
-        def close(self) -> None:
-            if self.on:
-                emit("done", None, self.total)
-
-    on_log = (lambda step, m: emit("metrics", step, **m)) if reporter is not None else None
-    saved, engine._Reporter = engine._Reporter, _Events  # shim until the loop branch lands
-    try:
-        return engine.train_adapter(recipe, ref, dataset_dir, labels, out_dir, on_log=on_log,
-                                    progress="events" if reporter is not None else None, checkpoint_dir=checkpoint_dir,
-                                    resume=resume, run_meta=run_meta, extra_train=extra_train)
-    finally:
-        engine._Reporter = saved
 
 
 def _synthetic_rows(recipe: Recipe, ws: Workspace, checked: CheckResult) -> tuple[list[dict[str, Any]], dict[str, Any]]:

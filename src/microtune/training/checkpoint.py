@@ -51,8 +51,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, scheduler: Any, meta: dict[str, Any],
+def save_checkpoint(folder: Path, state: dict[str, Any], model: Any, optimizer: Any, scheduler: Any,
                     best: dict[str, Any] | None) -> Path:
+    """Write ``step-<state["step"]>/``; ``state`` is the run's ``TrainState.to_dict()`` (state.json, read back by resume)."""
     import torch
     from safetensors.torch import save_file
 
@@ -64,8 +65,8 @@ def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, schedul
             save_file(best, tmp / "best.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
-        dest = folder / f"step-{step:08d}"
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+        dest = folder / f"step-{state['step']:08d}"
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,7 +82,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore everything; returns ``(meta, best_state_or_None)``."""
+    """Restore weights, optimizer, scheduler and RNG; returns ``(state, best_weights_or_None)``, state as saved."""
     import torch
     from safetensors.torch import load_file
 

@@ -1,4 +1,4 @@
-"""Training across processes (torchrun): gloo on CPU, NCCL on CUDA; the process plumbing of both strategies.
+"""Training across processes (torchrun): gloo on CPU, NCCL on CUDA; the process plumbing the strategies share.
 
     microtune train RECIPE --nproc 2                                            # ddp (default)
     microtune train RECIPE --nproc 2 --set train.distributed.strategy=fsdp      # sharded (training/fsdp.py)
@@ -6,10 +6,10 @@
 Every rank takes its share of each global batch (``train.batch_size`` stays the global batch), the
 loss is scaled by the rank's share of the batch's completion tokens and gradients are summed across
 ranks, so N processes compute the same update as one process with the same global batch. With
-``ddp`` every rank holds the whole model and ``sum_gradients`` adds the gradients up; with ``fsdp``
-parameters, gradients and optimizer state are sharded and FSDP2 sums the gradients itself
-(``microtune.training.fsdp``). Only rank 0 logs, checkpoints and writes artifacts. DeepSpeed is not
-wrapped (a recipe asking for it is rejected; `accelerate launch` is the route).
+``ddp`` every rank holds the whole model and torch's DistributedDataParallel sums the gradients
+during backward; with ``fsdp`` parameters, gradients and optimizer state are sharded and FSDP2 sums
+them (training/strategy.py holds both layouts). Only rank 0 reports, checkpoints and writes
+artifacts. DeepSpeed is not wrapped (a recipe asking for it is rejected; `accelerate launch` is the route).
 """
 from __future__ import annotations
 
@@ -47,33 +47,17 @@ def shard(batch: list[int]) -> list[int]:
     return batch[rank()::world_size()]
 
 
-def all_sum(value: float) -> float:
+def all_sums(values: list[float]) -> list[float]:
+    """Each value summed over the ranks, in one collective (float64; on the device NCCL needs, the CPU for gloo)."""
     import torch
     import torch.distributed as dist
 
     if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return list(values)
+    where = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=where)
     dist.all_reduce(t)
-    return float(t.item())
-
-
-def sum_gradients(params: list[Any]) -> None:
-    """Sum gradients across ranks in one flat buffer (adapters are small; full models go bucket by bucket)."""
-    import torch
-    import torch.distributed as dist
-
-    if world_size() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    for start in range(0, len(grads), 64):
-        chunk = grads[start:start + 64]
-        flat = torch.cat([g.reshape(-1) for g in chunk])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in chunk:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    return t.tolist()
 
 
 def held_state_mb(model: Any, optimizer: Any) -> dict[str, float]:

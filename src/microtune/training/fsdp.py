@@ -4,7 +4,7 @@
 
 Each decoder layer becomes one FSDP group (its parameters all-gathered just before it runs, its
 gradients reduce-scattered right after its backward), then a root group holds the rest (embeddings,
-final norm, LM head). The root is a small module wrapping the loss, so the engine's fast loss path
+final norm, LM head). The root is the loss as a module (training/root.py), so the fast loss path
 (LM head only at completion positions, shared-prefix pass, packing) runs inside FSDP's hooks exactly
 as it does unsharded. Each rank's loss is already scaled by its share of the global batch's tokens,
 so FSDP is told to sum gradients rather than average them: N ranks make the update one process does.
@@ -14,7 +14,6 @@ Imported only when a recipe asks for fsdp (it imports torch at the top).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 from microtune.config import FsdpConfig
 from microtune.core.errors import RecipeError
 from microtune.training import distributed as dist
-
-LossFn = Callable[[dict[str, Any]], tuple[Any, float]]
+from microtune.training.root import LossOf, LossRoot
 
 
 def decoder_layers(model: Any) -> list[Any]:
@@ -40,8 +38,8 @@ def decoder_layers(model: Any) -> list[Any]:
     return layers
 
 
-def shard(model: Any, cfg: FsdpConfig, loss: Callable[[Any, dict[str, Any]], tuple[Any, float]]) -> LossFn:
-    """Shard ``model`` in place across the process group; returns ``batch -> (loss, normaliser)`` to train with."""
+def shard(model: Any, cfg: FsdpConfig, loss: LossOf) -> LossRoot:
+    """Shard ``model`` in place across the process group; returns the root to train with: ``root(batch) -> (loss, normaliser)``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -53,17 +51,17 @@ def shard(model: Any, cfg: FsdpConfig, loss: Callable[[Any, dict[str, Any]], tup
     offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, offload_policy=offload)
-    root = fully_shard(_Loss(model, loss), mesh=mesh, offload_policy=offload)
+    root = fully_shard(LossRoot(model, loss), mesh=mesh, offload_policy=offload)
     for module in root.modules():
         if isinstance(module, FSDPModule):
-            # the engine scales each rank's loss by its token share: gradients must be summed, not averaged;
+            # the loop scales each rank's loss by its token share: gradients must be summed, not averaged;
             # a plain SUM (no PREMUL_SUM, which gloo lacks) with a divide factor of 1
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return root
 
 
-def save(root: Any, out_dir: Path, trainable_only: bool) -> None:
+def save(root: LossRoot, out_dir: Path, trainable_only: bool) -> None:
     """Gather the full weights (every rank takes part) and let rank 0 write them as a single process would."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -84,21 +82,3 @@ def _retie(model: Any, state: dict[str, Any]) -> dict[str, Any]:
         if name in state:
             state[name] = state[first.setdefault(id(param), name)]
     return state
-
-
-class _Loss(torch.nn.Module):
-    """The FSDP root: calling it runs the root group's gather before the loss and its reduce after backward."""
-
-    def __init__(self, model: Any, loss: Callable[[Any, dict[str, Any]], tuple[Any, float]]):
-        super().__init__()
-        self.model, self.loss = model, loss
-
-    def forward(self, batch: dict[str, Any]) -> tuple[Any, float]:
-        return self.loss(self.model, batch)
-
-    def release(self) -> None:
-        """Free gathered parameters after a forward without backward (validation): nothing reshards them then, so
-        the root group (and, without reshard_after_forward, every layer) would stay whole until the next step."""
-        for module in self.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()

@@ -1,0 +1,191 @@
+"""Everything a run needs before its first step: encoded data, the model in its process layout, optimizer, plan.
+
+    run = set_up(recipe, ref, DataSource(dataset_dir, labels), Resume(checkpoint_dir, resume=True))
+
+The steps themselves are in training/loop.py; ``Run`` is what they share.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microtune.config import Recipe
+from microtune.core.errors import RecipeError
+from microtune.data import imbalance, read_split
+from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config
+from microtune.models.hardware import device, seed_everything, use_bf16
+from microtune.tasks import get_task
+from microtune.tasks.render import Renderer
+from microtune.training import distributed as dist
+from microtune.training.batching import batches_per_epoch, label_weights
+from microtune.training.checkpoint import latest_checkpoint, load_checkpoint
+from microtune.training.state import Clock, TrainState
+from microtune.training.strategy import Single, pick
+
+BUCKET_WINDOW = 50  # batches per length-sorting window when train.length_bucketing is on
+Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids) per example
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the rows come from: a dataset artifact's splits, plus ``extra_train`` rows (synthetic, picked by the pipeline)."""
+
+    dataset_dir: Path
+    labels: list[str]
+    extra_train: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Checkpoints: where they go (``None``: none written), whether to continue from the newest, and the run's identifiers."""
+
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    run_meta: dict[str, Any] | None = None
+
+
+@dataclass
+class Data:
+    train: Encoded
+    valid: Encoded
+    balance: str  # the resolved train.balance: none | sample | weight
+    weights: list[float] | None  # per train example (balance sample or weight), else None
+    pad: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    total_micro: int  # micro-batches of the whole run
+    steps: int  # optimizer steps
+    eval_every: int  # optimizer steps between validations
+    window: int  # batches per length-sorting window (1: random batches)
+
+
+@dataclass
+class Run:
+    """A run in progress: set up once, advanced by ``loop.step`` / ``loop.after_step``."""
+
+    recipe: Recipe
+    tokenizer: Any
+    data: Data
+    plan: Plan
+    model: Any
+    strategy: Single
+    optimizer: Any
+    scheduler: Any
+    state: TrainState
+    best: dict[str, Any] | None  # trainable weights at the lowest validation loss (train.keep_best)
+    bf16: bool
+    resume: Resume
+    clock: Clock = field(default_factory=Clock)
+
+    @property
+    def cfg(self) -> Any:
+        return self.recipe.train
+
+    @property
+    def trainable(self) -> list[Any]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume) -> Run:
+    """Check, encode, build, plan, and restore the newest checkpoint when resuming; the model is left in train mode."""
+    cfg = recipe.train
+    _refuse(recipe)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(ref)
+    data = encode(recipe, tokenizer, source)
+    strategy = pick(cfg)
+    model = build_model(recipe, ref, to_device=not strategy.places_model)
+    strategy.wrap(model, cfg)
+    plan = make_plan(cfg, [len(p) + len(c) for p, c in data.train])
+    optimizer, scheduler = _optimizer(model, cfg, plan.steps)
+    state, best = _restore(resume, model, optimizer, scheduler)
+    model.train()
+    return Run(recipe, tokenizer, data, plan, model, strategy, optimizer, scheduler, state, best, use_bf16(cfg.bf16), resume,
+               Clock(state.elapsed))
+
+
+def _refuse(recipe: Recipe) -> None:
+    """Settings this run cannot train with (method-vs-option rules are the recipe's, checked when it loads), and joining
+    the process group (torchrun) to know how many ranks there are."""
+    cfg = recipe.train
+    dist.init()
+    if cfg.batch_size < dist.world_size():
+        raise RecipeError(f"train.batch_size {cfg.batch_size} is smaller than the {dist.world_size()} processes",
+                          hint="the batch is split across processes: use a batch_size of at least --nproc")
+
+
+def encode(recipe: Recipe, tokenizer: Any, source: DataSource) -> Data:
+    """Token ids of the train (real + extra rows) and valid splits, and the class balancing they get."""
+    cfg = recipe.train
+    renderer, task = Renderer(tokenizer), get_task(recipe.task, source.labels)
+    rows = read_split(source.dataset_dir, "train") + list(source.extra_train or [])
+    train = encode_split(rows, task, renderer, cfg.max_seq_len)
+    valid = encode_split(read_split(source.dataset_dir, "valid"), task, renderer, cfg.max_seq_len)
+    balance = resolve_balance(cfg.balance, [r.get("label") for r in rows])
+    weights = label_weights([r["label"] for r in rows], cfg.balance_power) if balance != "none" else None
+    return Data(train, valid, balance, weights, tokenizer.pad_token_id)
+
+
+def encode_split(rows: list[dict[str, Any]], task: Any, renderer: Renderer, max_len: int) -> Encoded:
+    return [renderer.encode(task.messages(r), task.target(r), max_len) for r in rows]
+
+
+def resolve_balance(setting: str, labels: list[str | None]) -> str:
+    """``auto`` → ``sample`` when the majority label would dominate (the same rule as `check`'s warning).
+
+    Tasks without labels (extract, generate) have nothing to balance: ``auto`` is ``none`` and an explicit
+    ``sample``/``weight`` is an error rather than a silently ignored option."""
+    if any(label is None for label in labels):
+        if setting in ("sample", "weight"):
+            raise RecipeError(f"train.balance={setting} needs labels; this task type has none",
+                              hint="set train.balance=auto (or none) for extract and generate recipes")
+        return "none"
+    if setting != "auto":
+        return setting
+    return "sample" if imbalance(labels) else "none"
+
+
+def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> Any:
+    """The base model with the recipe's method applied; ``to_device=False`` leaves placing it to the layout (FSDP
+    moves each layer's shard to the device as it shards it; a 4-bit base is placed by its loader)."""
+    quant = quantization_config(recipe.method)
+    model = load_model(ref, recipe.model.trust_remote_code, quant)
+    model.config.use_cache = False
+    if quant is None and to_device:
+        model = model.to(device())
+    model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def make_plan(cfg: Any, lengths: list[int]) -> Plan:
+    """Micro-batches and steps of the run: ``train.max_steps`` when set, else ``train.epochs`` passes."""
+    window = BUCKET_WINDOW if cfg.length_bucketing else 1
+    per_epoch = batches_per_epoch(len(lengths), cfg.batch_size, window)
+    total_micro = cfg.max_steps * cfg.grad_accum if cfg.max_steps else max(1, round(per_epoch * cfg.epochs))
+    eval_every = cfg.eval_steps or max(1, round(per_epoch / cfg.grad_accum))
+    return Plan(total_micro, math.ceil(total_micro / cfg.grad_accum), eval_every, window)
+
+
+def _optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(steps * cfg.warmup_ratio)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps)
+
+
+def _restore(resume: Resume, model: Any, optimizer: Any, scheduler: Any) -> tuple[TrainState, dict[str, Any] | None]:
+    """A fresh state, or the newest checkpoint's state and best weights (model, optimizer, scheduler, RNG restored)."""
+    meta = dict(resume.run_meta or {})
+    if resume.resume and resume.checkpoint_dir and (ckpt := latest_checkpoint(resume.checkpoint_dir)):
+        saved, best = load_checkpoint(ckpt, model, optimizer, scheduler)
+        return TrainState.from_dict(meta | saved), best
+    return TrainState(meta=meta), None
