@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from microtune.cli import app as cli_app
 from microtune.serving import ServeSettings, build_app
-from serve_helpers import Running, call, write_recipe
+from serve_helpers import Running, call, held_app, wait_for, write_recipe
 from toydata import LABELS
 
 TEXTS = ["where is my parcel", "refund my order please", "the invoice is wrong", "my card was charged twice",
@@ -162,16 +162,21 @@ def _metric(srv: Running, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_concurrent_requests_for_two_adapters_share_batches_and_match_sequential_answers(adapters: dict[str, Path]) -> None:
+def test_concurrent_requests_for_two_adapters_share_batches_and_match_sequential_answers(adapters: dict[str, Path], server: Running) -> None:
     jobs = [(("topic", "route")[i % 2], TEXTS[i % len(TEXTS)]) for i in range(8)]
-    with Running(build_app(settings(adapters, batch_window_ms=400), api_keys=[])) as srv:
+    sequential = [ask(client(server), m, t).choices[0].message.content for m, t in jobs]
+    app, engine = held_app(settings(adapters), gate_open=False)  # the worker waits until all 8 requests are queued
+    with Running(app) as srv:
         c = client(srv)
-        sequential = [ask(c, m, t).choices[0].message.content for m, t in jobs]
-        batches_before = _metric(srv, 'microtune_batch_size_count{kind="classify"}')
-        together = _concurrently(lambda job: ask(c, *job).choices[0].message.content, jobs)
-        batches = _metric(srv, 'microtune_batch_size_count{kind="classify"}') - batches_before
-    assert together == sequential
-    assert batches < len(jobs)  # at least two requests (of either adapter) shared a forward pass
+        answers: list[Any] = []
+        asking = threading.Thread(target=lambda: answers.extend(_concurrently(lambda job: ask(c, *job).choices[0].message.content, jobs)))
+        asking.start()
+        wait_for(lambda: call("GET", srv.url + "/health")[1]["queue"] == len(jobs), "queueing all 8 requests")
+        engine.gate.set()
+        asking.join()
+        batches = _metric(srv, 'microtune_batch_size_count{kind="classify"}')
+    assert answers == sequential
+    assert batches == 1  # all 8 requests, of both adapters, in one mixed-adapter batch
 
 
 def test_lru_limit_unloads_and_reloads_adapters_with_the_same_answers(adapters: dict[str, Path], server: Running) -> None:
@@ -222,28 +227,30 @@ def test_error_statuses_have_openai_bodies(server: Running, tiny_model_dir: Path
 
 
 def test_full_queue_answers_429_and_the_queued_request_still_completes(adapters: dict[str, Path], tiny_model_dir: Path) -> None:
-    with Running(build_app(settings(adapters, max_queue=1, max_batch=1, batch_window_ms=0, max_tokens=400), api_keys=[])) as srv:
-        stream = client(srv).completions.create(model=str(tiny_model_dir), prompt="go", max_tokens=400, stream=True)
-        first = next(iter(stream))  # the worker is generating now, for a while
+    app, engine = held_app(settings(adapters, max_queue=1, max_batch=1, batch_window_ms=0), hold_generations=True)
+    with Running(app) as srv:
+        stream = client(srv).chat.completions.create(model=str(tiny_model_dir), messages=[{"role": "user", "content": "go"}], stream=True)
+        first = next(iter(stream))
+        assert engine.holding.wait(60)  # the worker holds the generation until its client leaves
         queued: dict[str, Any] = {}
         waiting = threading.Thread(target=lambda: queued.update(r=call("POST", srv.url + "/v1/completions",
                                                                        {"model": "topic", "prompt": "where is my parcel"})))
         waiting.start()
-        while call("GET", srv.url + "/health")[1]["queue"] < 1:
-            time.sleep(0.01)
+        wait_for(lambda: call("GET", srv.url + "/health")[1]["queue"] == 1, "queueing the second request")
         status, err = _error(srv, "/v1/completions", {"model": "route", "prompt": "refund"})
-        stream.close()  # the client leaves: the generation stops at its next token and the queued request runs
+        stream.close()  # the client leaves: the generation stops at its first token and the queued request runs
         waiting.join()
-    assert first.choices[0].text
+    assert first.choices[0].delta.role == "assistant"
     assert (status, err["code"], err["type"]) == (429, "queue_full", "rate_limit_error")
     assert queued["r"][0] == 200 and queued["r"][1]["choices"][0]["text"] in LABELS
 
 
 def test_request_past_its_timeout_answers_504(adapters: dict[str, Path], tiny_model_dir: Path) -> None:
-    with Running(build_app(settings(adapters, timeout_s=0.3, max_tokens=200), api_keys=[])) as srv:
-        start = time.monotonic()
+    app, _ = held_app(settings(adapters, timeout_s=0.3), hold_generations=True)  # the generation cannot finish in time
+    with Running(app) as srv:
         status, err = _error(srv, "/v1/completions", {"model": str(tiny_model_dir), "prompt": "go", "max_tokens": 200})
-        assert (status, err["code"]) == (504, "timeout") and time.monotonic() - start < 5
+        assert (status, err["code"], err["type"]) == (504, "timeout", "timeout_error") and "0.3s timeout" in err["message"]
+        assert _metric(srv, 'microtune_requests_total{route="/v1/completions",status="504"}') == 1
 
 
 def test_503_while_the_base_model_cannot_be_loaded(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -363,6 +370,9 @@ def test_admin_reload_moves_to_the_new_champion_at_once(adapters: dict[str, Path
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(adapters: dict[str, Path]) -> None:
+    """SIGTERM comes only once the server has taken all four requests (their response heads are back: streaming
+    sends them before the answer), so none can be refused; the 800 ms batching window keeps them in flight."""
+    import http.client
     import os
     import signal
     import subprocess
@@ -386,21 +396,20 @@ def test_sigterm_finishes_in_flight_requests_then_exits(adapters: dict[str, Path
                 pass
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        results: list[Any] = []
-        threads = [threading.Thread(target=lambda t=t: results.append(call("POST", url + "/v1/completions", {"model": "topic", "prompt": t})))
-                   for t in TEXTS[:4]]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)  # all four are inside the 800 ms batching window now
+        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in range(4)]
+        for conn, text in zip(connections, TEXTS):
+            conn.request("POST", "/v1/completions", json.dumps({"model": "topic", "prompt": text, "stream": True}),
+                         {"Content-Type": "application/json"})
+        responses = [conn.getresponse() for conn in connections]  # each head comes back once the server has the request
         proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join()
+        results = [(r.status, [line.removeprefix("data: ") for line in r.read().decode().splitlines() if line.startswith("data: ")])
+                   for r in responses]
         code = proc.wait(60)
         log = proc.stdout.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert [status for status, _ in results] == [200] * 4
-    assert all(body["choices"][0]["text"] in LABELS for _, body in results)
+    assert all(events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["text"] in LABELS for _, events in results)
     # uvicorn re-raises the captured SIGTERM once its graceful shutdown is done, so the exit status is -15, not a crash
     assert code == -signal.SIGTERM and "Finished server process" in log

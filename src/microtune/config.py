@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, model_validator
 
 from microtune.core.errors import Problem, RecipeError
+from microtune.core.names import NAME_PATTERN
 from microtune.core.schema import Section
 
 
@@ -488,7 +489,7 @@ def task_metrics(task: TaskConfig, every: bool = False) -> list[str]:
 
 
 class Recipe(Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
         ..., description="Name of the micro-model (letters, digits, `-_.`); names the workspace folder and registered model."
     )
     task: TaskConfig = Field(..., description="What the micro-model does.")
