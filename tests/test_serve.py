@@ -386,7 +386,8 @@ def test_admin_reload_moves_to_the_new_champion_at_once(adapters: dict[str, Path
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_then_exits(adapters: dict[str, Path]) -> None:
     """SIGTERM comes only once the server has taken all four requests (their response heads are back: streaming
-    sends them before the answer), so none can be refused; the 800 ms batching window keeps them in flight."""
+    sends them before the answer), so none can be refused; the 800 ms batching window usually keeps them in flight,
+    and either way every one must be answered in full."""
     import http.client
     import os
     import signal
