@@ -1,4 +1,4 @@
-# microtune — `make demo` runs the bundled example end to end, `make test` runs the tests.
+# microtune — `make demo` runs the bundled example end to end, `make test` runs the tests (`make test-fast`: the quick ones).
 # Both set themselves up first (a .venv with the project, its dev extras and the bundled model).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks

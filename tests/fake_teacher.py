@@ -2,6 +2,7 @@
 
     with FakeTeacher(good_answer) as teacher:        # teacher.url = "http://127.0.0.1:PORT/v1"
         ...                                          # teacher.hits: every request (body, headers, time)
+    FakeTeacher(hold_from=5)                         # the 5th request on gets no answer until teacher.release()
 
 An answer function gets the request body and the number of earlier hits with the same messages and
 seed, and returns ``(status, headers, content)``: a string becomes the assistant message, a dict is sent
@@ -69,8 +70,9 @@ def completion(model: str, content: str) -> dict[str, Any]:
 
 
 class FakeTeacher:
-    def __init__(self, answer: Callable[[dict[str, Any], int], Answer] = good_answer, delay: float = 0.0):
-        self.answer, self.delay = answer, delay
+    def __init__(self, answer: Callable[[dict[str, Any], int], Answer] = good_answer, hold_from: int | None = None):
+        self.answer, self.hold_from = answer, hold_from
+        self.released = threading.Event()
         self.hits: list[dict[str, Any]] = []
         self.attempts: Counter[str] = Counter()
         self.lock = threading.Lock()
@@ -86,8 +88,13 @@ class FakeTeacher:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
+
+    def release(self) -> None:
+        """Answer the held requests (their clients may be gone) and hold no more."""
+        self.released.set()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -104,8 +111,9 @@ class FakeTeacher:
                     fake.attempts[key] += 1
                     headers = {k.lower(): v for k, v in self.headers.items()}
                     fake.hits.append({"body": body, "headers": headers, "time": time.monotonic(), "attempt": attempt})
-                if fake.delay:
-                    time.sleep(fake.delay)
+                    held = fake.hold_from is not None and len(fake.hits) >= fake.hold_from
+                if held:
+                    fake.released.wait(300)
                 status, headers, content = fake.answer(body, attempt)
                 payload = content if isinstance(content, dict) else completion(body["model"], content)
                 if status >= 400 and not isinstance(content, dict):
@@ -118,7 +126,10 @@ class FakeTeacher:
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # a held request's client was killed meanwhile
+                    pass
 
         return Handler
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from microtune.serving.engine import Engine, Job
 from toydata import LABELS, TEXTS, write_jsonl
 
 # Adapter B maps the toy texts onto two coarser labels, so A and B answer from different label sets.
@@ -31,6 +32,56 @@ def write_recipe(folder: Path, name: str, base: Path, coarse: bool) -> Path:
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+class HeldEngine(Engine):
+    """The real engine with two controls a test sets instead of racing the clock (through ``build_app(engine_class=)``).
+
+    ``gate``: while it is clear the worker takes no batch, so requests pile up in the queue (set by default).
+    ``hold_generations``: a free generation does not start until its request is cancelled (the server timed it out,
+    or the client left), so it can never finish in time; ``holding`` is set once the worker holds one. Either way
+    the real code then runs: a cancelled generation stops at its first token, as it does in production.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.gate, self.holding, self.hold_generations = threading.Event(), threading.Event(), False
+        self.gate.set()
+
+    def _next_batch(self) -> list[Job] | None:
+        while not self.gate.wait(0.05):
+            if self._stopping.is_set():
+                return None
+        return super()._next_batch()
+
+    def _generate(self, job: Job) -> None:
+        if self.hold_generations:
+            self.holding.set()
+            deadline = time.monotonic() + 120  # a safety net: a cancel that never comes fails the test instead of hanging it
+            while not job.cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+        super()._generate(job)
+
+
+def held_app(settings: Any, **controls: Any) -> tuple[Any, HeldEngine]:
+    """``(app, engine)`` on a HeldEngine; ``controls`` (``gate_open``, ``hold_generations``) take effect before it starts."""
+    from microtune.serving import build_app
+
+    app = build_app(settings, api_keys=[], engine_class=HeldEngine)
+    engine = app.state.service.engine
+    engine.hold_generations = controls.pop("hold_generations", False)
+    if not controls.pop("gate_open", True):
+        engine.gate.clear()
+    assert not controls, f"unknown controls {sorted(controls)}"
+    return app, engine
+
+
+def wait_for(condition: Any, what: str, timeout: float = 60) -> None:
+    """Poll ``condition()`` until it holds; the timeout is a safety net against a hang, not part of what is tested."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.02)
 
 
 def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, Any]:

@@ -109,12 +109,14 @@ def test_match_label_exact_then_normalised_else_invalid() -> None:
     assert match_label("the balance", labels) is None
 
 
+@pytest.mark.slow
 def test_similar_shots_pick_the_nearest_train_rows_most_similar_last() -> None:
     train = [{"text": t, "label": l} for l in LABELS for t in TEXTS[l][:5]]
     (shots,) = similar_shots(train, [{"text": "my parcel has not arrived, where is the package", "label": "shipping"}], 2)
     assert [s["text"] for s in shots] == ["where is my parcel", "the package has not arrived yet"]
 
 
+@pytest.mark.slow
 def test_metrics_carry_intervals_pvalues_latency_and_cost(evaluated: dict[str, Any]) -> None:
     metrics = json.loads((evaluated["folder"] / "metrics.json").read_text())
     assert list(metrics) == ["zero_shot", "few_shot", "big", "micro"]
@@ -130,6 +132,7 @@ def test_metrics_carry_intervals_pvalues_latency_and_cost(evaluated: dict[str, A
     assert metrics["big"]["usd_per_1k"] == pytest.approx(1000 * (40 * 1.0 + 2 * 4.0) / 1e6)
 
 
+@pytest.mark.slow
 def test_endpoint_answers_mapped_and_invalid_counted(evaluated: dict[str, Any], chat_server: ChatServer) -> None:
     metrics = json.loads((evaluated["folder"] / "metrics.json").read_text())["big"]
     assert metrics["valid_rate"] == pytest.approx(6 / 9)  # the 3 refund rows got a sentence, not a label
@@ -142,12 +145,14 @@ def test_endpoint_answers_mapped_and_invalid_counted(evaluated: dict[str, Any], 
     assert set(chat_server.auth[-9:]) == {f"Bearer {SECRET}"}
 
 
+@pytest.mark.slow
 def test_api_key_is_never_written(evaluated: dict[str, Any]) -> None:
     ws = evaluated["root"] / "ws"
     leaks = [p for p in ws.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaks == []
 
 
+@pytest.mark.slow
 def test_stats_hold_mcnemar_and_paired_bootstrap(evaluated: dict[str, Any]) -> None:
     stats = json.loads((evaluated["folder"] / "stats.json").read_text())
     assert set(stats["comparisons"]) == {"zero_shot", "few_shot", "big"}
@@ -160,6 +165,7 @@ def test_stats_hold_mcnemar_and_paired_bootstrap(evaluated: dict[str, Any]) -> N
     assert shots["selection"] == "similar" and len(shots["shots"]) == 9 and all(len(s) == 2 for s in shots["shots"])
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_inline_images(evaluated: dict[str, Any]) -> None:
     page = (evaluated["folder"] / "report.html").read_text()
     for section in SECTIONS:
@@ -171,6 +177,7 @@ def test_report_has_every_section_and_inline_images(evaluated: dict[str, Any]) -
     assert TEXTS["refund"][5] in page or "got every test row right" in page  # worst errors show the input text
 
 
+@pytest.mark.slow
 def test_report_command_rerenders_from_the_artifact_alone(evaluated: dict[str, Any]) -> None:
     folder = evaluated["folder"]
     (folder / "report.html").unlink()
@@ -187,6 +194,7 @@ def test_report_command_rerenders_from_the_artifact_alone(evaluated: dict[str, A
     assert bad.exit_code == 2 and "expected 'eval'" in bad.output
 
 
+@pytest.mark.slow
 def test_mlflow_run_has_intervals_pvalues_and_report(evaluated: dict[str, Any]) -> None:
     import mlflow
 
@@ -221,6 +229,7 @@ def test_endpoint_names_must_not_clash(tmp_path: Path, make_recipe, tiny_model_d
     assert "endpoint names must be unique" in str(info.value) and "['micro']" in str(info.value)
 
 
+@pytest.mark.slow
 def test_missing_key_fails_before_tracking_and_keeps_the_run(evaluated: dict[str, Any]) -> None:
     import mlflow
 

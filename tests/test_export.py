@@ -41,6 +41,7 @@ def _logits(model, prompts: list[list[int]]):
         return [model(input_ids=torch.tensor([p])).logits[0] for p in prompts]
 
 
+@pytest.mark.slow
 def test_merged_model_gives_the_logits_and_labels_of_base_plus_adapter(tmp_path: Path, adapter: Path,
                                                                          tiny_model_dir: Path) -> None:
     import torch
@@ -77,6 +78,7 @@ def test_merged_model_gives_the_logits_and_labels_of_base_plus_adapter(tmp_path:
     assert [p for _, p in ours] == pytest.approx([p for _, p in theirs], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_merge_casts_to_the_dtype_asked_for(tmp_path: Path, adapter: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -101,6 +103,7 @@ def test_cli_refuses_a_folder_that_is_not_an_adapter(tmp_path: Path) -> None:
         vllm_bundle(tmp_path, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_cli_keeps_an_existing_out_unless_forced(tmp_path: Path, adapter: Path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()
@@ -116,6 +119,7 @@ def test_cli_keeps_an_existing_out_unless_forced(tmp_path: Path, adapter: Path) 
     assert "vllm serve" in result.output
 
 
+@pytest.mark.slow
 def test_cli_refuses_options_that_would_do_nothing(tmp_path: Path, adapter: Path) -> None:
     result = runner.invoke(app, ["export", str(adapter), "--vllm", str(tmp_path / "v"), "--dtype", "bfloat16"])
     assert result.exit_code == 2 and "--dtype sets the merged model's dtype, but no --merge OUT was given" in result.output
@@ -126,6 +130,7 @@ def test_cli_refuses_options_that_would_do_nothing(tmp_path: Path, adapter: Path
     assert not (tmp_path / "v").exists() and not (tmp_path / "m").exists() and adapter.is_dir()
 
 
+@pytest.mark.slow
 def test_vllm_bundle_serves_the_lora_adapter(tmp_path: Path, adapter: Path) -> None:
     from peft import PeftConfig
 
@@ -147,6 +152,7 @@ def test_vllm_bundle_serves_the_lora_adapter(tmp_path: Path, adapter: Path) -> N
     assert json.loads((out / "manifest.json").read_text())["kind"] == "vllm"
 
 
+@pytest.mark.slow
 def test_serve_script_finds_the_adapter_after_the_bundle_moves(tmp_path: Path, adapter: Path) -> None:
     bundle = vllm_bundle(adapter, tmp_path / "vllm", name="support-router")
     moved = shutil.move(str(bundle), tmp_path / "elsewhere")
@@ -161,6 +167,7 @@ def test_serve_script_finds_the_adapter_after_the_bundle_moves(tmp_path: Path, a
                                         f"support-router={Path(moved).resolve()}", "--max-lora-rank", "16", "--port", "8001"]
 
 
+@pytest.mark.slow
 def test_vllm_refuses_an_adapter_that_is_not_lora(tmp_path: Path, adapter: Path, tiny_model_dir: Path) -> None:
     from peft import IA3Config, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM

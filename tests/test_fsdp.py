@@ -65,6 +65,7 @@ def _halved(ma: dict, mb: dict) -> None:
         assert 0.45 < two["state_mb_per_rank"][part] / one["state_mb_per_rank"][part] < 0.6, (part, one, two)
 
 
+@pytest.mark.slow
 def test_two_fsdp_ranks_give_the_one_process_adapter(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     """LoRA with validation and best-weight keeping: 2 sharded ranks write the adapter 1 process writes.
 
@@ -93,6 +94,7 @@ def test_two_fsdp_ranks_give_the_one_process_adapter(tmp_path: Path, make_recipe
     assert len(client.search_runs([experiment.experiment_id])) == 1  # one MLflow run, from rank 0
 
 
+@pytest.mark.slow
 def test_fsdp_full_finetune_with_packing_and_accumulation(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     """method full (every weight sharded and gathered at the end, tied LM head kept tied), packed rows, 2 micro-batches
     per step, layers kept gathered between forward and backward: the same model.safetensors as 1 process (tolerance
@@ -107,6 +109,7 @@ def test_fsdp_full_finetune_with_packing_and_accumulation(tmp_path: Path, make_r
     _halved(ma, mb)
 
 
+@pytest.mark.slow
 def test_fsdp_cpu_offload_needs_cuda(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     proc = _train(make_recipe(tiny_model_dir, train={"max_steps": 1}), tmp_path / "ws", 2, FSDP,
                   "train.distributed.fsdp.cpu_offload=true")

@@ -19,13 +19,14 @@ METHODS = {
     "prefix_tuning": {"kind": "prefix_tuning", "num_virtual_tokens": 4},
     "full": {"kind": "full"},
 }
+SLOW = {"prompt_tuning", "prefix_tuning", "full"}  # over ~5 s each on a 2-core CPU
 
 
 def _snapshot(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kind", list(METHODS))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in METHODS])
 def test_method_changes_only_its_parameters(kind: str, make_recipe, tiny_model_dir: Path) -> None:
     import torch
 
@@ -73,6 +74,7 @@ def test_method_specific_keys_are_checked(make_recipe, tiny_model_dir: Path) -> 
 
 
 @pytest.mark.parametrize("kind", ["prompt_tuning", "full", "qlora"])
+@pytest.mark.slow
 def test_train_and_eval_end_to_end_per_method(kind: str, tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     """Non-LoRA methods go through train → eval: every answer is still a valid label."""
     import json

@@ -98,6 +98,7 @@ def test_packed_loss_and_gradients_equal_padded_rows(tiny_model_dir: Path, weigh
         assert torch.allclose(g1[key], g2[key], atol=1e-4, rtol=1e-3), key
 
 
+@pytest.mark.slow
 def test_training_with_packing_follows_the_padded_run(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     """Same seed, same batches: the packed run's loss curve is the padded run's (fp32: summation order aside)."""
     from microtune import pipeline

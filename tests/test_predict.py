@@ -51,6 +51,7 @@ def _prompts(tokenizer: Any, texts: list[str], label_list: bool) -> list[list[in
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=6))
+@pytest.mark.slow
 def test_every_prediction_is_a_valid_label(tiny_model: Any, tokenizer: Any, texts: list[str]) -> None:
     predictor = LabelPredictor(tiny_model, Renderer(tokenizer), LABELS, batch_size=4)
     for label, prob in predictor.predict(_prompts(tokenizer, texts, label_list=True)):

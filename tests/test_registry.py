@@ -37,6 +37,7 @@ def store(tmp_path: Path):
     return client, ws
 
 
+@pytest.mark.slow
 def test_promote_moves_aliases_and_rollback_returns(store) -> None:
     client, _ = store
     promote(client, "m", "1", "first")
@@ -53,6 +54,7 @@ def test_promote_moves_aliases_and_rollback_returns(store) -> None:
         rollback(client, "m")
 
 
+@pytest.mark.slow
 def test_a_champion_must_be_loadable_and_names_are_checked(store, tmp_path: Path) -> None:
     client, _ = store
     (tmp_path / "adapter2").rmdir()
@@ -106,6 +108,7 @@ def test_min_gain_is_respected() -> None:
     assert decide("m", None, "1", None, GateConfig()).verdict == "promote"
 
 
+@pytest.mark.slow
 def test_models_cli(store) -> None:
     client, ws = store
     runner = CliRunner()
@@ -120,6 +123,7 @@ def test_models_cli(store) -> None:
     assert unknown.exit_code == 2 and "no registered model named 'zzz'" in unknown.output
 
 
+@pytest.mark.slow
 def test_run_twice_gates_the_second_version(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     """First run: champion. Second run (same data, same seed → same predictions): no gain → rejected, champion kept."""
     from microtune import pipeline
@@ -138,6 +142,7 @@ def test_run_twice_gates_the_second_version(tmp_path: Path, make_recipe, tiny_mo
     assert saved["verdict"] == "reject" and saved["champion"] == "1"
 
 
+@pytest.mark.slow
 def test_against_a_real_mlflow_server(tmp_path: Path) -> None:
     """The same alias moves through `mlflow server` on 127.0.0.1, and the CLI finds it via MLFLOW_TRACKING_URI."""
     import os

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from microtune.cli import app as cli_app
 from microtune.serving import ServeSettings, build_app
-from serve_helpers import Running, call, write_recipe
+from serve_helpers import Running, call, held_app, wait_for, write_recipe
 from toydata import LABELS
 
 TEXTS = ["where is my parcel", "refund my order please", "the invoice is wrong", "my card was charged twice",
@@ -55,6 +55,7 @@ def ask(c: openai.OpenAI, model: str, text: str) -> Any:
 
 
 # -- the OpenAI routes ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_openai_client_chat_and_completions_answer_a_label_with_its_probability(server: Running, tiny_model_dir: Path) -> None:
     c = client(server)
     assert sorted(m.id for m in c.models.list()) == sorted([str(tiny_model_dir), "route", "topic"])
@@ -69,6 +70,7 @@ def test_openai_client_chat_and_completions_answer_a_label_with_its_probability(
     assert done.choices[0].text in {"money", "parcel"}
 
 
+@pytest.mark.slow
 def test_streaming_gives_the_same_answer_as_a_plain_request(server: Running) -> None:
     c = client(server)
     plain = ask(c, "topic", "the invoice is wrong").choices[0].message.content
@@ -81,6 +83,7 @@ def test_streaming_gives_the_same_answer_as_a_plain_request(server: Running) -> 
     assert streamed == c.completions.create(model="route", prompt="delivery is late").choices[0].text
 
 
+@pytest.mark.slow
 def test_base_model_generates_and_streams_the_same_greedy_text(server: Running, tiny_model_dir: Path) -> None:
     c, base = client(server), str(tiny_model_dir)
     msgs = [{"role": "user", "content": "hello there"}]
@@ -92,6 +95,7 @@ def test_base_model_generates_and_streams_the_same_greedy_text(server: Running, 
     assert text.usage.completion_tokens == 6 and text.choices[0].text
 
 
+@pytest.mark.slow
 def test_classify_answer_equals_the_evaluation_prompt_through_load_trained(server: Running, adapters: dict[str, Path],
                                                                            tiny_model_dir: Path) -> None:
     """The server builds the micro prompt exactly as evaluation does (trained instruction + text, no label list)."""
@@ -113,6 +117,7 @@ def test_classify_answer_equals_the_evaluation_prompt_through_load_trained(serve
 
 
 # -- batching -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_mixed_adapter_batch_equals_each_adapter_alone(adapters: dict[str, Path], tiny_model_dir: Path) -> None:
     """One forward pass with rows for different adapters (PEFT adapter_names) = each row on its own single-adapter model."""
     from peft import PeftModel
@@ -162,18 +167,25 @@ def _metric(srv: Running, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_concurrent_requests_for_two_adapters_share_batches_and_match_sequential_answers(adapters: dict[str, Path]) -> None:
+@pytest.mark.slow
+def test_concurrent_requests_for_two_adapters_share_batches_and_match_sequential_answers(adapters: dict[str, Path], server: Running) -> None:
     jobs = [(("topic", "route")[i % 2], TEXTS[i % len(TEXTS)]) for i in range(8)]
-    with Running(build_app(settings(adapters, batch_window_ms=400), api_keys=[])) as srv:
+    sequential = [ask(client(server), m, t).choices[0].message.content for m, t in jobs]
+    app, engine = held_app(settings(adapters), gate_open=False)  # the worker waits until all 8 requests are queued
+    with Running(app) as srv:
         c = client(srv)
-        sequential = [ask(c, m, t).choices[0].message.content for m, t in jobs]
-        batches_before = _metric(srv, 'microtune_batch_size_count{kind="classify"}')
-        together = _concurrently(lambda job: ask(c, *job).choices[0].message.content, jobs)
-        batches = _metric(srv, 'microtune_batch_size_count{kind="classify"}') - batches_before
-    assert together == sequential
-    assert batches < len(jobs)  # at least two requests (of either adapter) shared a forward pass
+        answers: list[Any] = []
+        asking = threading.Thread(target=lambda: answers.extend(_concurrently(lambda job: ask(c, *job).choices[0].message.content, jobs)))
+        asking.start()
+        wait_for(lambda: call("GET", srv.url + "/health")[1]["queue"] == len(jobs), "queueing all 8 requests")
+        engine.gate.set()
+        asking.join()
+        batches = _metric(srv, 'microtune_batch_size_count{kind="classify"}')
+    assert answers == sequential
+    assert batches == 1  # all 8 requests, of both adapters, in one mixed-adapter batch
 
 
+@pytest.mark.slow
 def test_lru_limit_unloads_and_reloads_adapters_with_the_same_answers(adapters: dict[str, Path], server: Running) -> None:
     expected = {(m, t): ask(client(server), m, t).choices[0].message.content for m in ("topic", "route") for t in TEXTS[:2]}
     with Running(build_app(settings(adapters, max_loaded=1), api_keys=[])) as srv:
@@ -194,6 +206,7 @@ def _error(srv: Running, path: str, body: Any = None, raw: bytes | None = None, 
     return status, data["error"]
 
 
+@pytest.mark.slow
 def test_error_statuses_have_openai_bodies(server: Running, tiny_model_dir: Path) -> None:
     chat = "/v1/chat/completions"
     msgs = [{"role": "user", "content": "hi"}]
@@ -221,29 +234,33 @@ def test_error_statuses_have_openai_bodies(server: Running, tiny_model_dir: Path
         client(server).chat.completions.create(model="topic", messages=msgs, temperature=1.5)
 
 
+@pytest.mark.slow
 def test_full_queue_answers_429_and_the_queued_request_still_completes(adapters: dict[str, Path], tiny_model_dir: Path) -> None:
-    with Running(build_app(settings(adapters, max_queue=1, max_batch=1, batch_window_ms=0, max_tokens=400), api_keys=[])) as srv:
-        stream = client(srv).completions.create(model=str(tiny_model_dir), prompt="go", max_tokens=400, stream=True)
-        first = next(iter(stream))  # the worker is generating now, for a while
+    app, engine = held_app(settings(adapters, max_queue=1, max_batch=1, batch_window_ms=0), hold_generations=True)
+    with Running(app) as srv:
+        stream = client(srv).chat.completions.create(model=str(tiny_model_dir), messages=[{"role": "user", "content": "go"}], stream=True)
+        first = next(iter(stream))
+        assert engine.holding.wait(60)  # the worker holds the generation until its client leaves
         queued: dict[str, Any] = {}
         waiting = threading.Thread(target=lambda: queued.update(r=call("POST", srv.url + "/v1/completions",
                                                                        {"model": "topic", "prompt": "where is my parcel"})))
         waiting.start()
-        while call("GET", srv.url + "/health")[1]["queue"] < 1:
-            time.sleep(0.01)
+        wait_for(lambda: call("GET", srv.url + "/health")[1]["queue"] == 1, "queueing the second request")
         status, err = _error(srv, "/v1/completions", {"model": "route", "prompt": "refund"})
-        stream.close()  # the client leaves: the generation stops at its next token and the queued request runs
+        stream.close()  # the client leaves: the generation stops at its first token and the queued request runs
         waiting.join()
-    assert first.choices[0].text
+    assert first.choices[0].delta.role == "assistant"
     assert (status, err["code"], err["type"]) == (429, "queue_full", "rate_limit_error")
     assert queued["r"][0] == 200 and queued["r"][1]["choices"][0]["text"] in LABELS
 
 
+@pytest.mark.slow
 def test_request_past_its_timeout_answers_504(adapters: dict[str, Path], tiny_model_dir: Path) -> None:
-    with Running(build_app(settings(adapters, timeout_s=0.3, max_tokens=200), api_keys=[])) as srv:
-        start = time.monotonic()
+    app, _ = held_app(settings(adapters, timeout_s=0.3), hold_generations=True)  # the generation cannot finish in time
+    with Running(app) as srv:
         status, err = _error(srv, "/v1/completions", {"model": str(tiny_model_dir), "prompt": "go", "max_tokens": 200})
-        assert (status, err["code"]) == (504, "timeout") and time.monotonic() - start < 5
+        assert (status, err["code"], err["type"]) == (504, "timeout", "timeout_error") and "0.3s timeout" in err["message"]
+        assert _metric(srv, 'microtune_requests_total{route="/v1/completions",status="504"}') == 1
 
 
 def test_503_while_the_base_model_cannot_be_loaded(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -262,6 +279,7 @@ def test_503_while_the_base_model_cannot_be_loaded(tmp_path: Path, tiny_model_di
         assert (status, err["code"]) == (503, "loading")
 
 
+@pytest.mark.slow
 def test_api_keys_guard_every_route_but_health(adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from microtune.serving import read_api_keys
 
@@ -282,6 +300,7 @@ def test_api_keys_guard_every_route_but_health(adapters: dict[str, Path], tmp_pa
             assert ask(client(srv, key), "topic", "where is my parcel").choices[0].message.content in LABELS
 
 
+@pytest.mark.slow
 def test_metrics_count_requests_latency_batches_and_queue(server: Running) -> None:
     ask(client(server), "topic", "delivery is late")
     text = call("GET", server.url + "/metrics")[1]
@@ -329,6 +348,7 @@ def _registry_server(adapters: dict[str, Path], tiny_model_dir: Path, poll_s: fl
     return Running(build_app(ServeSettings(base=str(tiny_model_dir), tracking_uri=uri, poll_s=poll_s, bf16=False), api_keys=[]))
 
 
+@pytest.mark.slow
 def test_registry_names_resolve_and_a_promotion_is_served_without_restart(adapters: dict[str, Path], tiny_model_dir: Path) -> None:
     mlflow, (v1, v2) = _register(adapters, "hot", ["topic", "route"])
     with _registry_server(adapters, tiny_model_dir, poll_s=0.2) as srv:
@@ -340,7 +360,7 @@ def test_registry_names_resolve_and_a_promotion_is_served_without_restart(adapte
             ask(c, "hot@challenger", "hi")
         for version, labels in ((v1, LABELS), (v2, ["money", "parcel"])):
             mlflow.set_registered_model_alias("hot", "champion", version)
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 60  # a safety net: polling every 0.2 s picks it up long before
             while (r := ask(c, "hot", "where is my parcel")).system_fingerprint != f"hot/{version}":
                 assert time.monotonic() < deadline, "the promotion was not picked up"
                 time.sleep(0.1)
@@ -348,6 +368,7 @@ def test_registry_names_resolve_and_a_promotion_is_served_without_restart(adapte
             assert ask(c, "hot@champion", "refund please").system_fingerprint == f"hot/{version}"
 
 
+@pytest.mark.slow
 def test_admin_reload_moves_to_the_new_champion_at_once(adapters: dict[str, Path], tiny_model_dir: Path) -> None:
     mlflow, (v1, v2) = _register(adapters, "reloaded", ["topic", "route"])
     mlflow.set_registered_model_alias("reloaded", "champion", v1)
@@ -362,7 +383,12 @@ def test_admin_reload_moves_to_the_new_champion_at_once(adapters: dict[str, Path
         assert r.system_fingerprint == f"reloaded/{v2}" and r.choices[0].message.content in {"money", "parcel"}
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_then_exits(adapters: dict[str, Path]) -> None:
+    """SIGTERM comes only once the server has taken all four requests (their response heads are back: streaming
+    sends them before the answer), so none can be refused; the 800 ms batching window usually keeps them in flight,
+    and either way every one must be answered in full."""
+    import http.client
     import os
     import signal
     import subprocess
@@ -386,21 +412,20 @@ def test_sigterm_finishes_in_flight_requests_then_exits(adapters: dict[str, Path
                 pass
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        results: list[Any] = []
-        threads = [threading.Thread(target=lambda t=t: results.append(call("POST", url + "/v1/completions", {"model": "topic", "prompt": t})))
-                   for t in TEXTS[:4]]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)  # all four are inside the 800 ms batching window now
+        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in range(4)]
+        for conn, text in zip(connections, TEXTS):
+            conn.request("POST", "/v1/completions", json.dumps({"model": "topic", "prompt": text, "stream": True}),
+                         {"Content-Type": "application/json"})
+        responses = [conn.getresponse() for conn in connections]  # each head comes back once the server has the request
         proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join()
+        results = [(r.status, [line.removeprefix("data: ") for line in r.read().decode().splitlines() if line.startswith("data: ")])
+                   for r in responses]
         code = proc.wait(60)
         log = proc.stdout.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert [status for status, _ in results] == [200] * 4
-    assert all(body["choices"][0]["text"] in LABELS for _, body in results)
+    assert all(events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["text"] in LABELS for _, events in results)
     # uvicorn re-raises the captured SIGTERM once its graceful shutdown is done, so the exit status is -15, not a crash
     assert code == -signal.SIGTERM and "Finished server process" in log

@@ -15,6 +15,8 @@ from microtune.pipeline import synth, train
 from microtune.synthesis import synthetic_for_training
 from toydata import LABELS
 
+pytestmark = pytest.mark.slow  # every test synthesises a set, most also train on it
+
 
 @pytest.fixture
 def synth_recipe(make_recipe, tiny_model_dir: Path, tmp_path: Path):

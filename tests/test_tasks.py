@@ -152,6 +152,7 @@ def test_check_reports_bad_extract_rows_with_file_and_line(tmp_path: Path, make_
 
 
 @pytest.mark.parametrize("kind", ["extract", "generate"])
+@pytest.mark.slow
 def test_run_end_to_end_for_free_text_tasks(tmp_path: Path, make_recipe, tiny_model_dir: Path, kind: str) -> None:
     """check → train → eval on a tiny model: metrics of every system, raw outputs kept for inspection."""
     from microtune import pipeline

@@ -45,6 +45,7 @@ def test_completion_loss_equals_full_forward_loss(tiny_model_dir: Path) -> None:
     assert float(ours) == pytest.approx(float(reference), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_train_moves_only_lora_and_lowers_loss(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     from safetensors.torch import load_file
 
@@ -66,6 +67,7 @@ def test_train_moves_only_lora_and_lowers_loss(tmp_path: Path, make_recipe, tiny
     assert load_recipe(recipe).train.seed == lineage["seed"]
 
 
+@pytest.mark.slow
 def test_training_is_seeded(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     from safetensors.torch import load_file
 
@@ -116,6 +118,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir: Path) -
         assert torch.allclose(g1[key], g2[key], atol=1e-4, rtol=1e-3), key  # summation order only
 
 
+@pytest.mark.slow
 def test_tracking_uri_does_not_leak_between_workspaces(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
     import os
 

@@ -55,6 +55,7 @@ def _versions(ws: Path) -> list[str]:
     return [v.version for v in list_versions(registry_client(f"sqlite:///{ws / 'mlflow.db'}"), "toy")]
 
 
+@pytest.mark.slow
 def test_watch_scenario(watched) -> None:
     from microtune.pipeline.watch import watch_once
 
@@ -90,6 +91,7 @@ def test_watch_scenario(watched) -> None:
     assert len(reports) == 4 and "thresholds" in json.loads(reports[-1].read_text())
 
 
+@pytest.mark.slow
 def test_an_interrupted_round_is_finished_without_registering_twice(watched) -> None:
     from microtune.pipeline.watch import watch_once
 
@@ -105,6 +107,7 @@ def test_an_interrupted_round_is_finished_without_registering_twice(watched) -> 
     assert "round" not in again  # the rows were already used by round 1
 
 
+@pytest.mark.slow
 def test_watch_cli_needs_once_or_every(watched) -> None:
     recipe, _, ws = watched
     runner = CliRunner()
@@ -136,6 +139,7 @@ def test_watch_loop_stops_cleanly_on_sigterm(tmp_path: Path, make_recipe, tiny_m
     assert "stopped cleanly after" in err and len(list(reports.glob("*.json"))) >= 2
 
 
+@pytest.mark.slow
 def test_champion_quality_floor_triggers_a_round(watched) -> None:
     from microtune.pipeline.watch import watch_once
 
@@ -162,6 +166,7 @@ def test_champion_quality_floor_triggers_a_round(watched) -> None:
     assert "champion_quality" not in watch_once(recipe, quiet, workspace=ws)["statistics"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_round_then_rerun_ends_in_the_same_state(watched) -> None:
     import subprocess
     import sys

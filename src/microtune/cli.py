@@ -23,6 +23,7 @@ from rich.table import Table
 from microtune.console import ConsoleReporter
 from microtune.core.errors import MicrotuneError
 from microtune.core.version import __version__
+from microtune.serving.settings import ServeSettings
 
 app = typer.Typer(help="Turn a small open LLM into a task-specific micro-model.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -140,26 +141,41 @@ def export(
             out.print(f"  serve: {read_json(folder / 'vllm.json')['command']}", highlight=False, markup=False, soft_wrap=True)
 
 
+_SERVE = ServeSettings.model_fields  # the `serve` options' defaults and bounds: defined once, there (the Python API shares them)
+
+
+def _bounds(field: str) -> dict[str, Any]:
+    """``min``/``max`` of a `serve` option from the ge/le of its ServeSettings field: out of range is a usage error (exit 2)."""
+    meta = _SERVE[field].metadata
+    return {"min": next((m.ge for m in meta if hasattr(m, "ge")), None), "max": next((m.le for m in meta if hasattr(m, "le")), None)}
+
+
 @app.command()
 def serve(
     adapter: Annotated[list[str] | None, typer.Option(
         "--adapter", "-a", metavar="NAME=PATH", help="Serve an adapter folder as model NAME (repeatable).")] = None,
     base: Annotated[str | None, typer.Option(help="Base model. \\[default: the first adapter's base, else smollm2-135m-instruct]")] = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: the network).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: the network).")] = _SERVE["host"].default,
+    port: Annotated[int, typer.Option(help="TCP port.", **_bounds("port"))] = _SERVE["port"].default,
     workspace: WorkspaceOpt = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store to resolve registered models in. [default: $MLFLOW_TRACKING_URI, "
-                                                          "else the workspace's]")] = None,
-    registry: Annotated[bool, typer.Option("--registry/--no-registry", help="Resolve other model names in the MLflow registry.")] = True,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store to resolve registered models in. \\[default: $MLFLOW_TRACKING_URI, "
+                                                          "else the workspace's]")] = _SERVE["tracking_uri"].default,
+    registry: Annotated[bool, typer.Option("--registry/--no-registry",
+                                           help="Resolve other model names in the MLflow registry.")] = _SERVE["registry"].default,
     api_key_file: Annotated[Path | None, typer.Option(help="Accepted API keys, one per line (plus $MICROTUNE_API_KEYS).")] = None,
-    max_loaded: Annotated[int, typer.Option(min=1, help="LoRA adapters in memory at once (LRU).")] = 8,
-    max_batch: Annotated[int, typer.Option(min=1, help="Requests per forward batch.")] = 32,
-    batch_window_ms: Annotated[float, typer.Option(min=0, help="Wait for more requests after the first (ms).")] = 10.0,
-    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 429.")] = 256,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
-    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body (413 beyond).")] = 1_000_000,
-    timeout: Annotated[float, typer.Option(min=0.001, help="Per-request timeout in seconds (504 beyond).")] = 60.0,
-    poll: Annotated[float, typer.Option(min=0, help="Seconds between registry alias checks (hot reload); 0: off.")] = 5.0,
+    max_loaded: Annotated[int, typer.Option(help="LoRA adapters in memory at once (LRU).", **_bounds("max_loaded"))] = _SERVE["max_loaded"].default,
+    max_batch: Annotated[int, typer.Option(help="Requests per forward batch.", **_bounds("max_batch"))] = _SERVE["max_batch"].default,
+    batch_window_ms: Annotated[float, typer.Option(help="Wait for more requests after the first (ms).",
+                                                   **_bounds("batch_window_ms"))] = _SERVE["batch_window_ms"].default,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests before 429.", **_bounds("max_queue"))] = _SERVE["max_queue"].default,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.",
+                                            **_bounds("max_tokens"))] = _SERVE["max_tokens"].default,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 beyond).",
+                                                **_bounds("max_body_bytes"))] = _SERVE["max_body_bytes"].default,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds (504 beyond).",
+                                           **_bounds("timeout_s"))] = _SERVE["timeout_s"].default,
+    poll: Annotated[float, typer.Option(help="Seconds between registry alias checks (hot reload); 0: off.",
+                                        **_bounds("poll_s"))] = _SERVE["poll_s"].default,
 ) -> None:
     """Serve micro-models (and the base model) behind one OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
     from microtune import pipeline

@@ -32,6 +32,7 @@ from pydantic_core import CoreSchema, PydanticCustomError
 import microtune.methods as methods
 import microtune.tasks as tasks
 from microtune.core.errors import Problem, RecipeError
+from microtune.core.names import NAME_PATTERN
 from microtune.core.schema import Section
 from microtune.methods import (  # noqa: F401 (the method sections, importable from the recipe module as before)
     DoraConfig,
@@ -444,7 +445,7 @@ def task_metrics(task: TaskSection, every: bool = False) -> list[str]:
 
 
 class Recipe(Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
         ..., description="Name of the micro-model (letters, digits, `-_.`); names the workspace folder and registered model."
     )
     task: TaskConfig = Field(..., description="What the micro-model does.")

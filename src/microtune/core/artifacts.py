@@ -6,54 +6,25 @@ is renamed into place, on any error it is removed, so a crash never leaves a hal
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from microtune.core.atomic import atomic_dir, read_json, write_json
 from microtune.core.errors import ArtifactError
 
 MANIFEST = "manifest.json"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+__all__ = ["MANIFEST", "read_json", "read_manifest", "write_artifact", "write_json"]  # read/write_json: long-standing home
 
 
 @contextlib.contextmanager
 def write_artifact(dest: Path, kind: str, manifest: dict[str, Any]) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Yield ``(tmp_dir, manifest)``; fill both, and on exit the folder replaces ``dest`` whole."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     manifest = {"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest}
-    try:
+    with atomic_dir(dest) as tmp:
         yield tmp, manifest
         write_json(tmp / MANIFEST, manifest)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_manifest(folder: Path, kind: str) -> dict[str, Any]:

@@ -46,8 +46,13 @@ class Workspace:
         return cls(path)
 
     @property
+    def mlflow_db(self) -> Path:
+        """The workspace's own MLflow store (tracking + registry), used when no other URI is given."""
+        return self.root / "mlflow.db"
+
+    @property
     def mlflow_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        return f"sqlite:///{self.mlflow_db}"
 
     @property
     def mlflow_artifacts(self) -> Path:

@@ -9,7 +9,6 @@ labels unseen in train, a majority label a constant guess would exploit, train/v
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter, defaultdict
@@ -21,6 +20,7 @@ from typing import Any
 from microtune.config import Recipe
 from microtune.core.errors import DataError, ProblemLog
 from microtune.core.hashing import hash_file, hash_value
+from microtune.core.jsonl import read_jsonl, write_jsonl
 from microtune.data.readers import detect_format, read_rows
 from microtune.tasks import TASKS, TaskSection
 
@@ -158,14 +158,12 @@ def _check_overlap(splits: dict[str, list[dict[str, Any]]], log: ProblemLog) -> 
             else:
                 index[key] = ex["source"]
         seen[name] = index
-    for ex in splits["test"]:
-        first = seen["train"].get(normalize_text(ex["text"]))
-        if first:
-            log.error(ex["source"], f"test row also in train at {first} (leakage); remove it from one split", ex["text"])
-    for ex in splits["valid"]:
-        first = seen["train"].get(normalize_text(ex["text"]))
-        if first:
-            log.warn(ex["source"], f"valid row also in train at {first}; validation loss will be optimistic", ex["text"])
+    for split, report, consequence in (("test", log.error, " (leakage); remove it from one split"),
+                                       ("valid", log.warn, "; validation loss will be optimistic")):
+        for ex in splits[split]:
+            first = seen["train"].get(normalize_text(ex["text"]))
+            if first:
+                report(ex["source"], f"{split} row also in train at {first}{consequence}", ex["text"])
 
 
 def imbalance(labels: list[str]) -> tuple[str, float] | None:
@@ -191,12 +189,8 @@ def _check_balance(train: list[dict[str, Any]], labels: list[str], log: ProblemL
 
 def write_dataset(result: DatasetResult, folder: Path) -> None:
     for name in SPLITS:
-        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for ex in result.splits[name]:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+        write_jsonl(folder / f"{name}.jsonl", result.splits[name])
 
 
 def read_split(folder: Path, name: str) -> list[dict[str, Any]]:
-    path = Path(folder) / f"{name}.jsonl"
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(Path(folder) / f"{name}.jsonl")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from microtune.core.errors import ProblemLog
+from microtune.core.jsonl import OnError, iter_jsonl, numbered_lines
 
 FORMATS = ("jsonl", "csv", "openai_chat")
 
@@ -40,7 +41,7 @@ def read_rows(path: Path, fmt: str, log: ProblemLog) -> Iterator[tuple[int, dict
     if fmt == "csv":
         yield from _csv_rows(path, log)
         return
-    for line, obj in _json_lines(path, log):
+    for line, obj in iter_jsonl(path, _at(path, log)):
         if fmt == "openai_chat":
             row = _chat_row(obj, f"{path}:{line}", log)
             if row is not None:
@@ -49,34 +50,13 @@ def read_rows(path: Path, fmt: str, log: ProblemLog) -> Iterator[tuple[int, dict
             yield line, obj
 
 
-def _decoded_lines(path: Path, log: ProblemLog) -> Iterator[tuple[int, str]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                log.error(f"{path}:{number}", f"not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r} at column "
-                          f"{exc.start + 1}); re-save the file as UTF-8")
-
-
-def _json_lines(path: Path, log: ProblemLog) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, text in _decoded_lines(path, log):
-        if not text.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            log.error(where, f"not valid JSON ({exc.msg} at column {exc.colno})", text.strip())
-            continue
-        if not isinstance(obj, dict):
-            log.error(where, f"a JSONL row must be a JSON object, not {type(obj).__name__}", obj)
-            continue
-        yield number, obj
+def _at(path: Path, log: ProblemLog) -> OnError:
+    """Report a bad line into ``log`` as ``file:line`` (reading goes on, so every problem shows at once)."""
+    return lambda number, message, got: log.error(f"{path}:{number}", message, got)
 
 
 def _csv_rows(path: Path, log: ProblemLog) -> Iterator[tuple[int, dict[str, Any]]]:
-    lines = [text for _, text in _decoded_lines(path, log)]
+    lines = [text for _, text in numbered_lines(path, _at(path, log))]
     if len(log.errors):
         return
     reader = csv.DictReader(io.StringIO("".join(lines)), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")

@@ -14,13 +14,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from microtune.core.atomic import read_json, write_bytes, write_text
 from microtune.core.errors import ArtifactError
+from microtune.core.jsonl import read_jsonl
 
 MICRO = "micro"
 SECTIONS = ("Summary", "Metric intervals", "Paired tests", "Per-class F1", "Confusion matrix",
@@ -35,16 +34,7 @@ def _load(eval_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[st
     if missing:
         raise ArtifactError(f"{eval_dir} lacks {', '.join(missing)}: not an eval artifact this version of microtune can report on",
                             hint="pass an eval folder (.microtune/<recipe>/evals/<run>), or rerun `microtune eval RECIPE`")
-    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows, json.loads((eval_dir / "metrics.json").read_text()), json.loads((eval_dir / "stats.json").read_text())
-
-
-def _save(path: Path, data: bytes) -> None:
-    """Atomic write (temp file, then rename): a re-render never leaves a half-written report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    return read_jsonl(eval_dir / "predictions.jsonl"), read_json(eval_dir / "metrics.json"), read_json(eval_dir / "stats.json")
 
 
 def _color(system: str, systems: list[str]) -> str:
@@ -282,7 +272,7 @@ def render_report(eval_dir: str | Path) -> Path:
     }
     for name, data in plots.items():
         if data is not None:
-            _save(eval_dir / name, data)
+            write_bytes(eval_dir / name, data)  # atomic: a re-render never leaves a half-written file
     title = _title(eval_dir, len(rows))
     parts = {
         "Summary": _summary(metrics, stats, systems),
@@ -297,7 +287,7 @@ def render_report(eval_dir: str | Path) -> Path:
     body = "".join(f'<h2 id="{k.lower().replace(" ", "-")}">{k}</h2>{parts[k]}' for k in SECTIONS)
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
-    _save(eval_dir / "report.html", page.encode("utf-8"))
+    write_text(eval_dir / "report.html", page)
     return eval_dir / "report.html"
 
 
@@ -309,5 +299,5 @@ def _latency_table(metrics: dict[str, Any], systems: list[str]) -> str:
 
 def _title(eval_dir: Path, n: int) -> str:
     manifest = eval_dir / "manifest.json"
-    recipe = json.loads(manifest.read_text()).get("recipe") if manifest.is_file() else eval_dir.parent.parent.name
+    recipe = read_json(manifest).get("recipe") if manifest.is_file() else eval_dir.parent.parent.name
     return f"microtune evaluation: {recipe} — {n} test rows ({eval_dir.name})"

@@ -12,14 +12,15 @@ latency, throughput, cost), stats.json (intervals + paired tests), shots.json, r
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 from microtune.config import Recipe
+from microtune.core.atomic import write_json
 from microtune.core.errors import DataError
+from microtune.core.jsonl import write_jsonl
 from microtune.core.progress import Reporter, emitter
 from microtune.data import read_split
 from microtune.evaluation import stats, timing
@@ -207,16 +208,17 @@ def _headline_p(comparison: dict[str, Any], main_metric: str) -> float:
 
 def _write(out_dir: Path, test: list[dict[str, Any]], golds: list[Any], results: dict[str, Any],
            shots: list[list[dict[str, Any]]], summary: dict[str, Any]) -> None:
-    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for i, ex in enumerate(test):
-            row = {"source": ex["source"], "text": ex["text"], "gold": golds[i]}
-            for s, r in results.items():
-                pred, prob = r["preds"][i]
-                row[s] = {"pred": pred, "prob": None if prob is None else round(prob, 4)} | ({"raw": r["raw"][i]} if "raw" in r else {})
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    metrics = {s: r["metrics"] for s, r in results.items()}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_jsonl(out_dir / "predictions.jsonl", (_prediction(i, ex, golds, results) for i, ex in enumerate(test)))
+    write_json(out_dir / "metrics.json", {s: r["metrics"] for s, r in results.items()})
+    write_json(out_dir / "stats.json", summary)
     fixed = all(s is shots[0] for s in shots)
-    (out_dir / "shots.json").write_text(json.dumps({"selection": "fixed" if fixed else "similar",
-                                                    "shots": shots[0] if fixed else shots}, indent=2, ensure_ascii=False) + "\n")
+    write_json(out_dir / "shots.json", {"selection": "fixed" if fixed else "similar", "shots": shots[0] if fixed else shots}, ensure_ascii=False)
+
+
+def _prediction(i: int, ex: dict[str, Any], golds: list[Any], results: dict[str, Any]) -> dict[str, Any]:
+    """One line of predictions.jsonl: the example, its gold answer and every system's prediction (and raw answer)."""
+    row = {"source": ex["source"], "text": ex["text"], "gold": golds[i]}
+    for s, r in results.items():
+        pred, prob = r["preds"][i]
+        row[s] = {"pred": pred, "prob": None if prob is None else round(prob, 4)} | ({"raw": r["raw"][i]} if "raw" in r else {})
+    return row

@@ -30,6 +30,21 @@ from microtune.tasks.render import Renderer
 END = -1  # trie key marking a finished label
 
 
+def padded(seqs: Sequence[list[int]], pad: int, left: bool) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)`` of token lists padded to the longest: on the left where generation or a shared
+    prefix continues from the last column, on the right where each row is read up to its own length."""
+    import torch
+
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[row, cols], mask[row, cols] = torch.tensor(s), 1
+    return ids, mask
+
+
 def build_trie(sequences: dict[str, list[int]]) -> dict[int, Any]:
     root: dict[int, Any] = {}
     for label, seq in sequences.items():
@@ -145,15 +160,8 @@ class LabelPredictor:
 
         A group is an adapter in a mixed batch (its prompts share its instruction, and LoRA changes the keys and
         values), or all prompts otherwise."""
-        import torch
 
-        width = max(plen.values())
-        ids = torch.full((len(distinct), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(distinct), width), dtype=torch.long)
-        for row, g in enumerate(distinct):
-            first = next(p for p, h in zip(prompts, groups) if h == g)
-            if plen[g]:
-                ids[row, width - plen[g]:], mask[row, width - plen[g]:] = torch.tensor(first[: plen[g]]), 1
+        ids, mask = padded([next(p for p, h in zip(prompts, groups) if h == g)[: plen[g]] for g in distinct], self.pad, left=True)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         dev = device()
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True,
@@ -164,12 +172,9 @@ class LabelPredictor:
                 names: list[str] | None = None) -> list[tuple[str, float]]:
         import torch
 
-        b, width, p = len(suffixes), max(len(s) for s in suffixes), prefix_mask.shape[1]
-        ids = torch.full((b, width), self.pad, dtype=torch.long)
-        mask = torch.cat([prefix_mask, torch.zeros((b, width), dtype=torch.long)], dim=1)
-        for row, s in enumerate(suffixes):  # left-pad the suffixes so every row ends at the same column
-            ids[row, width - len(s):] = torch.tensor(s)
-            mask[row, p + width - len(s):] = 1
+        b, p = len(suffixes), prefix_mask.shape[1]
+        ids, suffix_mask = padded(suffixes, self.pad, left=True)  # left-padded: every row ends at the same column
+        mask = torch.cat([prefix_mask, suffix_mask], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
         nodes = list(tries)
         logprob = [0.0] * b
@@ -201,11 +206,8 @@ class LabelPredictor:
 
         nodes, logprob, dev = list(tries), [0.0] * len(seqs), device()
         while not all(END in n for n in nodes):
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, s in enumerate(seqs):
-                ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
+            ids, mask = padded(seqs, self.pad, left=False)
+            width = ids.shape[1]
             logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **_adapters(names)).logits.float()
             offset = logits.shape[1] - width  # prompt tuning prepends its virtual tokens to the output
             for row, s in enumerate(seqs):
@@ -245,15 +247,10 @@ class TextGenerator:
         return out  # type: ignore[return-value]
 
     def _generate(self, batch: list[list[int]]) -> list[str]:
-        import torch
         from transformers import GenerationConfig
 
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, p in enumerate(batch):
-            ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+        ids, mask = padded(batch, self.pad, left=True)
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.stops,
                                   pad_token_id=self.pad)
         gen = self.model.generate(input_ids=ids.to(device()), attention_mask=mask.to(device()), generation_config=config)
-        return [self.renderer.tok.decode(row[width:], skip_special_tokens=True).strip() for row in gen.cpu()]
+        return [self.renderer.tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen.cpu()]

@@ -15,7 +15,6 @@ artifacts (``manifest.json`` carrying the adapter's lineage), written atomically
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from microtune.config import ModelConfig
 from microtune.core.artifacts import read_json, read_manifest, write_artifact, write_json
 from microtune.core.errors import ArtifactError, InputError
+from microtune.core.names import NAME_RULE, is_valid_name
 from microtune.models.resolve import BaseModelRef, load_model, resolve_base
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,7 +31,6 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's `--max-lora-rank` 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # what `--lora-modules name=path` parses unambiguously
 log = logging.getLogger(__name__)
 
 
@@ -83,9 +82,9 @@ def vllm_bundle(adapter_dir: str | Path, out_dir: str | Path, name: str | None =
     config = peft_config(adapter_dir)
     check_vllm_lora(adapter_dir, config)
     name = name or manifest["recipe"]
-    if not NAME.match(name):
+    if not is_valid_name(name):  # what `--lora-modules name=path` parses unambiguously
         raise InputError(f"--name: {name!r} is not a usable vLLM module name",
-                         hint="use letters, digits and `-_.` (it becomes the `model` field of API requests)")
+                         hint=f"use {NAME_RULE} (it becomes the `model` field of API requests)")
     check_out(adapter_dir, out_dir, force, "--vllm")
     spec = vllm_spec(_servable_base(manifest), name, out_dir.resolve(), config.r)
     with write_artifact(out_dir, "vllm", {**_source(adapter_dir, manifest), "lora_name": name}) as (tmp, _):

@@ -13,13 +13,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from microtune.config import ModelConfig
+from microtune.core.atomic import atomic_dir
 from microtune.core.errors import ModelError
 from microtune.core.hashing import hash_file, hash_value
 from microtune.core.workspace import cache_dir
@@ -158,14 +157,11 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     fresh.load_state_dict(loaded.state_dict())
     if getattr(fresh.generation_config, "pad_token_id", None) is None:
         fresh.generation_config.pad_token_id = config.pad_token_id
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, dest)
+        with atomic_dir(dest, replace=False) as tmp:
+            fresh.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (dest / "config.json").is_file():  # lost a race with another process: theirs is fine
             raise
 

@@ -1,6 +1,7 @@
 """MLflow tracking and model registry, on the workspace's SQLite store unless told otherwise.
 
-The URI is ``tracking.uri`` from the recipe, else ``$MLFLOW_TRACKING_URI``, else
+The URI (tracking and registry alike) is chosen by one rule, ``store_uri``: an explicit URI (the
+recipe's ``tracking.uri``, `microtune serve --tracking-uri`), else ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///<workspace>/mlflow.db`` with artifacts in ``<workspace>/mlartifacts``. Browse it with
 ``mlflow ui --backend-store-uri sqlite:///.microtune/mlflow.db``.
 """
@@ -21,18 +22,31 @@ from microtune.core.workspace import Workspace
 _USER_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def given_uri(explicit: str | None = None) -> str | None:
+    """The store the user chose, if any: ``explicit`` (a recipe's ``tracking.uri``, `serve --tracking-uri`), else
+    ``$MLFLOW_TRACKING_URI`` as it was when microtune started."""
+    return explicit or _USER_URI
+
+
+def store_uri(ws: Workspace, explicit: str | None = None) -> str:
+    """The MLflow tracking and registry URI: the user's choice (``given_uri``), else the workspace's SQLite store.
+    Every stage, `serve` and `models` go through here."""
+    return given_uri(explicit) or ws.mlflow_uri
+
+
 def tracking_uri(recipe: Recipe, ws: Workspace) -> str:
-    return recipe.tracking.uri or _USER_URI or ws.mlflow_uri
+    """The store of a recipe's runs and registered versions: its ``tracking.uri``, else as ``store_uri``."""
+    return store_uri(ws, recipe.tracking.uri)
 
 
-def store_uri(ws: Workspace) -> str:
-    """The store without a recipe at hand (`microtune models`): ``$MLFLOW_TRACKING_URI`` or the workspace's."""
-    return _USER_URI or ws.mlflow_uri
+def quiet_mlflow_logs() -> None:
+    """MLflow's store (alembic migrations, store and client INFO lines) would flood every command's output."""
+    for name in ("alembic", "mlflow.store", "mlflow.tracking"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _mlflow(uri: str) -> Any:
-    for name in ("alembic", "mlflow.store", "mlflow.tracking"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_mlflow_logs()
     import mlflow
 
     mlflow.set_tracking_uri(uri)

@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microtune.serving.settings import ServeSettings, parse_adapter_options, read_api_keys
+
+if TYPE_CHECKING:
+    from microtune.serving.engine import Engine
 
 log = logging.getLogger("microtune.serving")
 DEFAULT_BASE = "smollm2-135m-instruct"
 
 
-def build_app(settings: ServeSettings, api_keys: list[str] | None = None) -> Any:
-    """The app for these settings; ``api_keys`` default: $MICROTUNE_API_KEYS plus ``settings.api_keys``."""
+def build_app(settings: ServeSettings, api_keys: list[str] | None = None, engine_class: type[Engine] | None = None) -> Any:
+    """The app for these settings; ``api_keys`` default: $MICROTUNE_API_KEYS plus ``settings.api_keys``.
+
+    ``engine_class``: an ``Engine`` subclass to run instead of the engine itself (it takes the same arguments), for
+    code that adds behaviour around batching or generation; the tests use one to hold a generation deterministically.
+    The running service (engine, catalog, metrics) is ``app.state.service``."""
     from microtune.config import ModelConfig
     from microtune.models import load_tokenizer, resolve_base
     from microtune.serving.app import Service, create_app
@@ -36,7 +43,7 @@ def build_app(settings: ServeSettings, api_keys: list[str] | None = None) -> Any
     tokenizer = load_tokenizer(ref)
     catalog = Catalog(base, ref.path, settings.adapters, _registry(settings))
     metrics = Metrics()
-    engine = Engine(settings, catalog, tokenizer, ref, metrics)
+    engine = (engine_class or Engine)(settings, catalog, tokenizer, ref, metrics)
     keys = list(api_keys) if api_keys is not None else [*read_api_keys(None), *settings.api_keys]
     return create_app(Service(settings, catalog, engine, metrics, keys))
 
@@ -69,19 +76,16 @@ def _adapter_base(settings: ServeSettings) -> str | None:
 def _registry(settings: ServeSettings) -> Any:
     """The registry to resolve model names in, or None (turned off, or a workspace store that does not exist)."""
     from microtune.core.workspace import DEFAULT_ROOT, Workspace
-    from microtune.registry.tracking import _USER_URI
+    from microtune.registry.tracking import given_uri, store_uri
     from microtune.serving.catalog import RegistryReader
 
     if not settings.registry:
         return None
-    uri = settings.tracking_uri or _USER_URI
-    if uri is None:
-        ws = Workspace(Path(settings.workspace or DEFAULT_ROOT).expanduser().resolve())
-        if not (ws.root / "mlflow.db").is_file():
-            log.info("no MLflow store at %s: serving the --adapter folders and the base model only", ws.root / "mlflow.db")
-            return None
-        uri = ws.mlflow_uri
-    return RegistryReader(uri)
+    ws = Workspace(Path(settings.workspace or DEFAULT_ROOT).expanduser().resolve())  # not Workspace.at: serving creates no folder
+    if given_uri(settings.tracking_uri) is None and not ws.mlflow_db.is_file():
+        log.info("no MLflow store at %s: serving the --adapter folders and the base model only", ws.mlflow_db)
+        return None
+    return RegistryReader(store_uri(ws, settings.tracking_uri))
 
 
 __all__ = ["DEFAULT_BASE", "ServeSettings", "build_app", "parse_adapter_options", "read_api_keys", "run_app", "serve"]

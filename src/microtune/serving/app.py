@@ -262,6 +262,7 @@ def create_app(svc: Service) -> FastAPI:
         await asyncio.to_thread(svc.stop)  # uvicorn has already let in-flight requests finish
 
     app = FastAPI(title="microtune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = svc  # for code that embeds the app (and tests): the engine, catalog and metrics behind the routes
     _middleware(app, svc)
     _routes(app, svc)
     return app

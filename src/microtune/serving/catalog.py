@@ -23,7 +23,8 @@ import microtune.methods as methods
 from microtune.config import Recipe, artifact_recipe
 from microtune.core.artifacts import read_manifest
 from microtune.core.errors import ArtifactError, MicrotuneError
-from microtune.serving.settings import NAME_PATTERN
+from microtune.core.names import is_valid_name
+from microtune.registry.tracking import quiet_mlflow_logs
 
 log = logging.getLogger("microtune.serving")
 BASE = "__base__"  # PEFT's name for "no adapter" rows in a mixed batch
@@ -94,8 +95,7 @@ class RegistryReader:
     """Read-only view of the MLflow model registry: which version a name/alias points at, and its adapter folder."""
 
     def __init__(self, uri: str):
-        for name in ("alembic", "mlflow.store", "mlflow.tracking"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_mlflow_logs()
         from mlflow import MlflowClient
 
         self.uri = uri
@@ -122,7 +122,7 @@ class RegistryReader:
         try:
             return self.client.get_model_version_by_alias(name, "champion")
         except MlflowException:
-            found = self.client.search_model_versions(f"name='{name}'")  # name matched NAME_PATTERN: no quote can get in
+            found = self.client.search_model_versions(f"name='{name}'")  # the name passed is_valid_name: no quote can get in
             return max(found, key=lambda mv: int(mv.version)) if found else None
 
     def local_path(self, source: str) -> Path:
@@ -170,7 +170,7 @@ class Catalog:
 
     def _from_registry(self, model: str) -> AdapterSpec:
         m = _REF.match(model)
-        if m is None or not re.match(NAME_PATTERN, m["name"]):
+        if m is None or not is_valid_name(m["name"]):
             raise UnknownModel(f"model {model!r} is not a valid model name", hint="use NAME, NAME@ALIAS or NAME/VERSION")
         if self.registry is None:
             raise UnknownModel(f"model {model!r} is not served here", hint=f"use one of {self.names()}")

@@ -12,9 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from microtune.core.errors import InputError
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # the recipe-name pattern: registered model names share it
+from microtune.core.errors import InputError, Problem
+from microtune.core.names import NAME_RULE, is_valid_name
 
 
 class ServeSettings(BaseModel):
@@ -36,7 +35,7 @@ class ServeSettings(BaseModel):
     max_tokens: int = Field(512, ge=1, description="Largest `max_tokens` a request may ask for (free generation).")
     max_prompt_tokens: int = Field(2048, ge=16, description="Longest prompt in tokens a generation request may send.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; larger answers 413.")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout (queue + compute); past it the request answers 504.")
+    timeout_s: float = Field(60.0, ge=0.001, description="Per-request timeout (queue + compute); past it the request answers 504.")
     poll_s: float = Field(5.0, ge=0, description="Seconds between registry alias checks (hot reload); 0 turns polling off.")
     bf16: Literal["auto"] | bool = Field("auto", description="bf16 autocast: `auto` where the hardware has native bf16.")
 
@@ -56,10 +55,6 @@ def read_api_keys(key_file: Path | None) -> list[str]:
 
 def parse_adapter_options(items: list[str]) -> dict[str, Path]:
     """``name=PATH`` pairs of `--adapter`; every bad one is reported at once."""
-    import re
-
-    from microtune.core.errors import Problem
-
     out: dict[str, Path] = {}
     problems = []
     for i, item in enumerate(items):
@@ -67,8 +62,8 @@ def parse_adapter_options(items: list[str]) -> dict[str, Path]:
         where = f"--adapter #{i + 1}"
         if not sep or not path:
             problems.append(Problem(where, "expected NAME=PATH", repr(item)))
-        elif not re.match(NAME_PATTERN, name):
-            problems.append(Problem(where, "the name must be letters, digits and -_. (at most 64)", repr(name)))
+        elif not is_valid_name(name):
+            problems.append(Problem(where, f"the name must be {NAME_RULE}", repr(name)))
         elif name in out:
             problems.append(Problem(where, "the name is given twice", repr(name)))
         else:

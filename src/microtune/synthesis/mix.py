@@ -8,7 +8,6 @@ share of the accepted rows. A set that failed the fidelity gate is refused unles
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import defaultdict
@@ -18,6 +17,7 @@ from typing import Any
 from microtune.config import Recipe
 from microtune.core.artifacts import read_manifest
 from microtune.core.errors import ArtifactError
+from microtune.core.jsonl import read_jsonl
 
 
 def find_artifact(recipe: Recipe, root: Path, dataset_hash: str) -> Path:
@@ -50,7 +50,7 @@ def synthetic_for_training(recipe: Recipe, root: Path, dataset_hash: str, n_real
         raise ArtifactError(f"synthetic artifact {folder} failed the fidelity gate: real-vs-synthetic AUC {fid['auc']:.3f} > "
                             f"{fid['max_auc']}", hint="look at its fidelity.html; regenerate (more exemplars, attributes), raise "
                             "synth.fidelity.drop_most_synthetic, or set synth.mix.allow_failed_gate=true to mix it anyway")
-    rows = [json.loads(line) for line in (folder / "accepted.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(folder / "accepted.jsonl")
     picked = _stratified(rows, math.floor(n_real * mix.max_ratio), recipe.train.seed)
     info = {"artifact": str(folder), "available": len(rows), "used": len(picked), "real": n_real, "max_ratio": mix.max_ratio,
             "fidelity_auc": fid["auc"]}

@@ -19,7 +19,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from microtune.config import Recipe, SynthConfig
+from microtune.core.atomic import write_json
 from microtune.core.errors import RecipeError, TeacherError
+from microtune.core.jsonl import write_jsonl
 from microtune.core.progress import Reporter
 from microtune.data import read_split
 from microtune.synthesis.cache import AnswerCache, request_key
@@ -251,13 +253,9 @@ def _usage(answers: dict[str, Answer], cfg: SynthConfig) -> dict[str, Any]:
 
 
 def _write(out_dir: Path, accepted: list[Row], rejected: list[Row], report: dict[str, Any], name: str) -> None:
-    with open(out_dir / "accepted.jsonl", "w", encoding="utf-8") as f:
-        for row in accepted:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(out_dir / "rejected.jsonl", "w", encoding="utf-8") as f:
-        for row in rejected:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out_dir / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_jsonl(out_dir / "accepted.jsonl", accepted)
+    write_jsonl(out_dir / "rejected.jsonl", rejected)
+    write_json(out_dir / "fidelity.json", report)
     write_html(report, out_dir / "fidelity.html", f"Synthetic data fidelity: {name}")
 
 
