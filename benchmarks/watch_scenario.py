@@ -10,7 +10,7 @@ Steps (one workspace, one MLflow store, the bundled model):
   3. batch 2 — rows of the held-out categories → trigger "new label" → QLoRA retrain on old + new rows →
      gate on the frozen set (recipe test + held-out new rows) → promote if it wins;
   4. a deliberately worse challenger (2 training steps at lr 1e-6) → the gate must reject it.
-Writes the decisions and metrics into BENCHMARKS.md and the README's watch section (block watch-scenario-<name>).
+Writes the decisions and metrics into BENCHMARKS.md and docs/watch.md (block watch-scenario-<name>).
 The held-out categories were fixed before any run: for banking, one easy to tell apart ("order_checks") and one
 close to three others ("report_lost_card" vs damaged_card, new_card, freeze_account).
 """
@@ -172,7 +172,7 @@ def _new_label_recall(sc: Scenario, ws: Path, recipe: Path, version: str | None)
 def _publish(sc: Scenario, body: str) -> None:
     from recipe_results import write_block_named
 
-    for path in (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
+    for path in (ROOT / "docs" / "watch.md", ROOT / "BENCHMARKS.md"):
         write_block_named(path, f"watch-scenario-{sc.name}", body)
     print(body)
 
