@@ -334,14 +334,14 @@ def _run(recipe: Path, set_: list[str] | None, workspace: Path | None) -> None:
         out.print(f"gate: [{colour}]{d.verdict}[/] version {d.challenger} — {escape(d.reason)}")
     if result.model_version:
         out.print(f"registered [bold]{result.recipe.name}[/] version {result.model_version} in MLflow "
-                  f"(browse: mlflow ui --backend-store-uri {_store_hint(workspace)})")
+                  f"(browse: mlflow ui --backend-store-uri {_store_hint(result.recipe, workspace)})")
 
 
-def _store_hint(workspace: Path | None) -> str:
+def _store_hint(recipe: Any, workspace: Path | None) -> str:
     from microtune.core.workspace import Workspace
-    from microtune.registry.tracking import _USER_URI
+    from microtune.registry.tracking import tracking_uri
 
-    return _USER_URI or Workspace.at(workspace).mlflow_uri
+    return tracking_uri(recipe, Workspace.at(workspace))
 
 
 def demo_recipe() -> Path:

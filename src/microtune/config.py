@@ -230,7 +230,7 @@ class TrainConfig(Section):
 class EndpointConfig(Section):
     """An OpenAI-compatible chat endpoint evaluated as one more system (a bigger generalist: vLLM, hosted models)."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
         ..., description="System name in the tables and the report (not zero_shot, few_shot or micro)."
     )
     base_url: str = Field(..., description="API root, e.g. http://localhost:8000/v1 or https://api.openai.com/v1.")

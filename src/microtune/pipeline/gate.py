@@ -15,7 +15,6 @@ and becomes champion.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from microtune.config import Recipe
 from microtune.core.artifacts import read_json, read_manifest, write_json
+from microtune.core.jsonl import read_jsonl
 from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace
 from microtune.evaluation.stats import mcnemar
@@ -98,8 +98,7 @@ def _evidence(recipe: Recipe, ws: Workspace, champ: Version, new: Version, repor
 
 
 def _predictions(eval_dir: Path) -> list[dict[str, Any]]:
-    with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(eval_dir / "predictions.jsonl")
 
 
 def _recall(golds: list[Any], rows: list[dict[str, Any]]) -> dict[str, float]:

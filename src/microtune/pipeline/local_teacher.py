@@ -14,7 +14,6 @@ its rows, base and steps are the same. For real use, point `synth.teacher.base_u
 """
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from microtune.config import Recipe, TeacherConfig, validate_recipe
 from microtune.core.errors import ModelError
 from microtune.core.hashing import hash_value
+from microtune.core.jsonl import write_jsonl
 from microtune.core.progress import Reporter, emitter
 from microtune.core.workspace import Workspace
 from microtune.data import read_split
@@ -82,7 +82,7 @@ def tuned_teacher(recipe: Recipe, workspace: str | Path | None, reporter: Report
     if (merged / "manifest.json").is_file():
         return merged
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(folder / "train.jsonl", rows)
     spec["data"] = {"train": str(folder / "train.jsonl"), "split": {"valid": 0.0, "test": 0.1}}
     adapter = train(validate_recipe(spec, source="synth.teacher.tune_steps"), None, ws.root, reporter)
     return merge_adapter(adapter, merged, force=True)

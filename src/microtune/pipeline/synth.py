@@ -13,6 +13,7 @@ from typing import Any
 
 from microtune.config import Recipe
 from microtune.core.artifacts import read_manifest, write_artifact
+from microtune.core.atomic import write_text
 from microtune.core.hashing import hash_value
 from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace, new_run_id
@@ -45,7 +46,7 @@ def _generate(recipe: Recipe, workspace: str | Path | None, reporter: Reporter |
         with write_artifact(dest, "synthetic", {**meta, "mlflow_run_id": run.info.run_id}) as (tmp, manifest):
             manifest.update(generate(recipe, checked.dataset_dir, checked.manifest["labels"], tmp, ws.root / "synth-cache.sqlite",
                                      reporter))
-            (tmp / "recipe.json").write_text(recipe_json(recipe))
+            write_text(tmp / "recipe.json", recipe_json(recipe))
         log_metrics(_synth_metrics(read_manifest(dest, "synthetic")))
         log_folder(dest, "synthetic")
     return dest

@@ -15,6 +15,7 @@ from typing import Any
 import microtune.methods as methods
 from microtune.config import Recipe
 from microtune.core.artifacts import read_json, write_artifact
+from microtune.core.atomic import write_text
 from microtune.core.errors import ArtifactError
 from microtune.core.hashing import hash_value
 from microtune.core.progress import Event, Reporter
@@ -65,7 +66,7 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
             if synthetic:
                 manifest["synthetic"] = synthetic
             out["cost"]["full_finetune"] = _measured_full(ws, recipe, checked.manifest) or out["cost"]["full_finetune"]
-            (tmp / "recipe.json").write_text(recipe_json(recipe))
+            write_text(tmp / "recipe.json", recipe_json(recipe))
             manifest.update(labels=labels, dataset_dir=str(checked.dataset_dir), mlflow_run_id=run.info.run_id,
                             lineage=lineage(recipe, ref, checked.manifest, tmp), **out)
         log_metrics({f"cost.{k}": v for k, v in out["cost"].items() if isinstance(v, (int, float))})

@@ -30,6 +30,7 @@ from microtune.config import Recipe
 from microtune.core.artifacts import write_json
 from microtune.core.errors import ProblemLog, RecipeError
 from microtune.core.hashing import hash_file
+from microtune.core.jsonl import write_jsonl
 from microtune.core.progress import Reporter, emitter
 from microtune.core.workspace import Workspace
 from microtune.data import build_dataset, label_shift, load_rows, text_drift_auc
@@ -282,7 +283,7 @@ def _round_recipe(recipe: Recipe, con: sqlite3.Connection, folder: Path, round_i
         files["valid"] = [_raw(r) for r in base["valid"]]
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in files.items():
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_jsonl(folder / f"{split}.jsonl", rows)
     data = [*(f"data.{s}={folder / f'{s}.jsonl'}" for s in files), "data.format=jsonl"]
     if "valid" not in files:
         data += ["data.valid=null", "data.split.valid=0"]

@@ -7,13 +7,12 @@ optimizer and scheduler state go through ``torch.save`` and are read back with
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from microtune.core.atomic import atomic_dir, read_json, write_json
 
 KEEP = 2  # older checkpoints are removed once a newer one is complete
 
@@ -57,20 +56,14 @@ def save_checkpoint(folder: Path, state: dict[str, Any], model: Any, optimizer: 
     import torch
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".step-tmp-"))
-    try:
+    dest = folder / f"step-{state['step']:08d}"
+    with atomic_dir(dest) as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         if best is not None:
             save_file(best, tmp / "best.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
-        dest = folder / f"step-{state['step']:08d}"
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "state.json", state)
     for old in sorted(folder.glob("step-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
@@ -92,4 +85,4 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> t
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
-    return json.loads((path / "state.json").read_text()), best
+    return read_json(path / "state.json"), best
