@@ -13,9 +13,9 @@ a test) works the same: ``register`` tells the recipe to rebuild.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 
 from microtune.core.errors import RecipeError
+from microtune.core.registry import Registry
 from microtune.core.schema import Section
 from microtune.methods import dora, full, ia3, lora, prefix_tuning, prompt_tuning, qlora
 from microtune.methods.base import Capabilities, MethodContext, MethodSpec, refusal
@@ -27,33 +27,18 @@ from microtune.methods.prefix_tuning import PrefixTuningConfig
 from microtune.methods.prompt_tuning import PromptTuningConfig
 from microtune.methods.qlora import QloraConfig
 
-_REGISTRY: dict[str, MethodSpec] = {}
-_LISTENERS: list[Callable[[], None]] = []
+_REGISTRY: Registry[MethodSpec] = Registry("method kind")
+on_change = _REGISTRY.on_change  # the recipe rebuilds its `method` union on every register/unregister
 
 
 def register(method: MethodSpec) -> MethodSpec:
     """Add a method; whatever is built from the registry (the recipe's ``method`` union) is rebuilt."""
-    if method.kind in _REGISTRY:
-        raise ValueError(f"method kind {method.kind!r} is already registered ({_REGISTRY[method.kind].config.__name__})")
-    _REGISTRY[method.kind] = method
-    _changed()
-    return method
+    return _REGISTRY.add(method.kind, method)
 
 
 def unregister(kind: str) -> None:
     """Remove a method (a plugin unloading, a test cleaning up); dependants are rebuilt."""
-    del _REGISTRY[spec(kind).kind]
-    _changed()
-
-
-def on_change(listener: Callable[[], None]) -> None:
-    """Call ``listener`` after every register/unregister (the recipe model rebuilds its union this way)."""
-    _LISTENERS.append(listener)
-
-
-def _changed() -> None:
-    for listener in _LISTENERS:
-        listener()
+    _REGISTRY.remove(spec(kind).kind)
 
 
 def spec(kind: str) -> MethodSpec:

@@ -12,16 +12,17 @@ A new task type is a module here plus one ``register`` line below — the same s
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from microtune.core.registry import Registry
 from microtune.tasks.base import DecoderSpec, SynthHooks, Task, TaskSection
 from microtune.tasks.classify import ClassifyConfig, ClassifyTask
 from microtune.tasks.extract import ExtractConfig, ExtractTask
 from microtune.tasks.generate import GenerateConfig, GenerateTask
 
-TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry("task type")
 DEFAULT_TASK = "classify"  # recipes may omit task.type
-_LISTENERS: list[Callable[[], None]] = []
+on_change = TASKS.on_change  # the recipe rebuilds its `task` union on every register/unregister
 
 
 def register(task: type[Task]) -> type[Task]:
@@ -29,27 +30,12 @@ def register(task: type[Task]) -> type[Task]:
     tag = task.config.model_fields["type"].default if "type" in task.config.model_fields else None
     if tag != task.name:
         raise ValueError(f"task class {task.__name__}: its config's `type` must default to its name {task.name!r} (got {tag!r})")
-    if task.name in TASKS:
-        raise ValueError(f"task type {task.name!r} is already registered ({TASKS[task.name].__name__})")
-    TASKS[task.name] = task
-    _changed()
-    return task
+    return TASKS.add(task.name, task)
 
 
 def unregister(name: str) -> None:
     """Remove a task type (a plugin unloading, a test cleaning up); dependants are rebuilt."""
-    TASKS.pop(name, None)
-    _changed()
-
-
-def on_change(listener: Callable[[], None]) -> None:
-    """Call ``listener`` after every register/unregister (the recipe model rebuilds its union this way)."""
-    _LISTENERS.append(listener)
-
-
-def _changed() -> None:
-    for listener in _LISTENERS:
-        listener()
+    TASKS.remove(name)
 
 
 register(ClassifyTask)
