@@ -2,7 +2,7 @@
 
 Speed choices (measured in benchmarks/): the LM head runs only at positions that carry a label, and a
 prompt prefix shared by the whole batch is computed once. Both give the loss and gradients of the plain
-full forward (tests/test_train.py), so the strategies (training/strategy.py) wrap this function as is.
+full forward (tests/training/test_train.py), so the strategies (training/strategy.py) wrap this function as is.
 """
 from __future__ import annotations
 

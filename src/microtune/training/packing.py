@@ -9,7 +9,7 @@ into rows of ``capacity`` tokens. ``seq_ids`` holds each token's example (index 
 ``position_ids`` restart at the prefix length for every example, so each token sees the positions it
 would see alone. The attention mask is block-diagonal and causal over the suffixes, plus full access to
 the shared prefix (its KV cache is computed once and repeated for the rows): no token ever attends to
-another example (tests/test_packing.py checks it with a crafted batch). Only the last row can carry
+another example (tests/training/test_packing.py checks it with a crafted batch). Only the last row can carry
 padding, so the linear layers — most of the FLOPs for short examples — see almost no wasted tokens.
 
 The first suffix token of every example is a prompt token (the prefix stops at least one token

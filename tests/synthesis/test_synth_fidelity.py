@@ -12,7 +12,7 @@ import pytest
 from microtune.config import FidelityConfig
 from microtune.synthesis.fidelity import fidelity, two_sample, write_html
 
-CLINC = Path(__file__).resolve().parents[1] / "recipes" / "data" / "clinc150-banking" / "train.jsonl"
+CLINC = Path(__file__).resolve().parents[2] / "recipes" / "data" / "clinc150-banking" / "train.jsonl"
 
 
 def styled(text: str) -> str:

@@ -397,7 +397,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(adapters: dict[str, Path
     from serve_helpers import free_port
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "microtune.cli", "serve", "--adapter", f"topic={adapters['topic']}", "--port", str(port),
                              "--no-registry", "--batch-window-ms", "800"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -21,7 +21,7 @@ from microtune.core.errors import RecipeError, TeacherError
 from microtune.pipeline import synth
 from toydata import LABELS
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture
