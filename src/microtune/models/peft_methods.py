@@ -37,12 +37,27 @@ def apply_method(model: Any, method: Any, ctx: MethodContext | int) -> Any:
         return model
     if spec.capabilities.quantized_base:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_differentiable(model)
     try:
         return get_peft_model(model, spec.build(method, ctx))
     except ValueError as exc:  # PEFT's word on a module list that does not fit this model
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
         raise RecipeError(f"method.target_modules: PEFT cannot apply {method.kind} here: {str(exc)[:300]}",
                           hint=f"use `all-linear` or names of this model's linear layers: {names}") from None
+
+
+def keep_4bit_differentiable(model: Any) -> int:
+    """Stop bitsandbytes from re-packing 4-bit weights for CPU inference in a model that trains; returns how many layers.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` forward in eval mode without gradients (a validation pass)
+    rewrites its weight, for good, into a packed layout whose matmul (``gemv_4bit``) has no autograd
+    kernel: every later training step's backward through it is silently wrong (LoRA gradients off by
+    ~100 %, tests/methods/test_qlora_gradients.py). A model that trains keeps the differentiable layout;
+    prediction-only models (eval, serve) still get the fast packed one."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def is_prompt_learning(kind: str) -> bool:

@@ -1,0 +1,88 @@
+"""QLoRA gradients on CPU equal those of the same de-quantized weights in fp32, for any input shape and after a
+validation pass (an eval-mode forward without gradients, after which bitsandbytes would re-pack its weights for CPU
+inference into a layout whose matmul has no autograd kernel — see ``models.peft_methods.keep_4bit_differentiable``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microtune.config import load_recipe
+from microtune.models import resolve_base
+from microtune.training.engine import build_model
+
+TOLERANCE = 1e-4  # fp32 compute: bitsandbytes de-quantizes and runs the same fp32 matmul as the reference
+
+
+def _lora_grads(model: Any, ids: Any) -> dict[str, Any]:
+    model.zero_grad(set_to_none=True)
+    model.train()
+    out = model(input_ids=ids, labels=ids if ids.shape[1] > 1 else None)
+    (out.loss if ids.shape[1] > 1 else out.logits.float().pow(2).mean()).backward()  # one token: no next-token label
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _worst_relative_error(got: dict[str, Any], want: dict[str, Any]) -> float:
+    assert got.keys() == want.keys() and want
+    return max(float((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)) for k in want)
+
+
+@pytest.fixture
+def qlora_and_reference(make_recipe, tiny_model_dir: Path) -> tuple[Any, Any]:
+    """microtune's QLoRA training model (tiny 2-layer Llama, NF4, LoRA r 8 on every linear layer, fp32 compute) and an
+    fp32 twin whose linear weights are the de-quantized 4-bit ones, with the same (non-zero) LoRA weights."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    method = {"kind": "qlora", "r": 8, "alpha": 16, "compute_dtype": "float32"}
+    recipe = load_recipe(make_recipe(tiny_model_dir, method=method, train={"bf16": False}))
+    qlora = build_model(recipe, resolve_base(recipe.model))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA starts with B = 0 (A's gradient would be 0): give every adapter weight a value
+        for name, p in qlora.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    quantized = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
+                 for n, m in qlora.named_modules() if isinstance(m, Linear4bit)}
+    replaced = 0
+    for name, module in reference.named_modules():
+        if name in quantized:
+            q = quantized[name]
+            module.weight.data = dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+            replaced += 1
+    assert replaced == len(quantized) > 0
+    reference = get_peft_model(reference, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    missing = reference.load_state_dict({k: v for k, v in qlora.state_dict().items() if "lora_" in k}, strict=False)
+    assert not [k for k in missing.missing_keys if "lora_" in k]
+    return qlora, reference
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (1, 5), (1, 1)], ids=["4x16", "1x5", "one-token"])
+def test_qlora_lora_gradients_match_fp32_on_the_dequantized_weights(qlora_and_reference, shape: tuple[int, int]) -> None:
+    import torch
+
+    qlora, reference = qlora_and_reference
+    ids = torch.randint(3, 100, shape, generator=torch.Generator().manual_seed(1))
+    assert _worst_relative_error(_lora_grads(qlora, ids), _lora_grads(reference, ids)) < TOLERANCE
+
+
+def test_qlora_gradients_stay_right_after_a_validation_pass(qlora_and_reference) -> None:
+    import torch
+
+    qlora, reference = qlora_and_reference
+    ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(2))
+    qlora.eval()
+    with torch.no_grad():  # what training's validation does between steps
+        qlora(input_ids=ids)
+    packed = [n for n, m in qlora.named_modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                                                             "packing_format_for_cpu", False)]
+    assert packed == []  # the weights keep their differentiable layout
+    for shape in [(4, 16), (1, 1)]:
+        ids = torch.randint(3, 100, shape, generator=torch.Generator().manual_seed(3))
+        assert _worst_relative_error(_lora_grads(qlora, ids), _lora_grads(reference, ids)) < TOLERANCE
+
