@@ -27,3 +27,15 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 def toy_rows(per_label: int, offset: int = 0) -> list[dict[str, str]]:
     return [{"text": TEXTS[label][(i + offset) % len(TEXTS[label])], "label": label}
             for i in range(per_label) for label in LABELS]
+
+
+# One small recipe section per built-in fine-tuning method (tests train each on the tiny model).
+TINY_METHODS = {
+    "lora": {"kind": "lora", "r": 4},
+    "dora": {"kind": "dora", "r": 4},
+    "qlora": {"kind": "qlora", "r": 4},
+    "ia3": {"kind": "ia3"},
+    "prompt_tuning": {"kind": "prompt_tuning", "num_virtual_tokens": 4},
+    "prefix_tuning": {"kind": "prefix_tuning", "num_virtual_tokens": 4},
+    "full": {"kind": "full"},
+}

@@ -9,16 +9,9 @@ from microtune.config import load_recipe
 from microtune.models import resolve_base
 from microtune.training.batching import collate
 from microtune.training.engine import build_model, completion_loss
+from toydata import TINY_METHODS
 
-METHODS = {
-    "lora": {"kind": "lora", "r": 4, "use_rslora": True},
-    "dora": {"kind": "dora", "r": 4},
-    "qlora": {"kind": "qlora", "r": 4},
-    "ia3": {"kind": "ia3"},
-    "prompt_tuning": {"kind": "prompt_tuning", "num_virtual_tokens": 4},
-    "prefix_tuning": {"kind": "prefix_tuning", "num_virtual_tokens": 4},
-    "full": {"kind": "full"},
-}
+METHODS = TINY_METHODS | {"lora": {"kind": "lora", "r": 4, "use_rslora": True}}  # rslora rides along
 SLOW = {"prompt_tuning", "prefix_tuning", "full"}  # over ~5 s each on a 2-core CPU
 
 

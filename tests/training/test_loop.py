@@ -7,6 +7,7 @@ import pytest
 
 from microtune.core.progress import Event
 from microtune.training.state import TrainState
+from toydata import TINY_METHODS
 
 DATA = {"train": "train.jsonl", "test": "test.jsonl", "split": {"valid": 0.3}}
 
@@ -81,15 +82,7 @@ def test_train_state_round_trips_through_a_dict() -> None:
     assert state.valid == [{"step": 7, "valid_loss": 0.7}, {"step": 7, "valid_loss": 0.4}]
 
 
-METHODS = {
-    "lora": {"kind": "lora", "r": 4},
-    "dora": {"kind": "dora", "r": 4},
-    "qlora": {"kind": "qlora", "r": 4},
-    "ia3": {"kind": "ia3"},
-    "prompt_tuning": {"kind": "prompt_tuning", "num_virtual_tokens": 4},
-    "prefix_tuning": {"kind": "prefix_tuning", "num_virtual_tokens": 4},
-    "full": {"kind": "full"},
-}
+METHODS = TINY_METHODS
 
 
 @pytest.fixture

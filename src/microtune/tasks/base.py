@@ -193,6 +193,18 @@ class Task(Protocol):
         ...
 
 
+class TaskBase(Task):
+    """What the built-in task types share: each is built from its recipe section and the dataset's labels."""
+
+    name: ClassVar[str]
+    config: ClassVar[type[TaskSection]]
+    has_labels: ClassVar[bool]
+
+    def __init__(self, cfg: Any, labels: Sequence[str] = ()):
+        self.cfg = cfg
+        self.labels = list(labels)
+
+
 def check_text(row: dict[str, Any], field: str) -> tuple[str, RowProblems]:
     """The row's input text (stripped) and the problems with it, as ``(reason, got)`` pairs."""
     if field not in row:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import combinations
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -28,7 +28,7 @@ from microtune.tasks.base import (
     RowProblems,
     SynthAsk,
     SynthHooks,
-    Task,
+    TaskBase,
     TaskSection,
     check_text,
     example_rate,
@@ -71,14 +71,12 @@ class ClassifyConfig(TaskSection):
         return self.labels
 
 
-class ClassifyTask(Task):
-    name: ClassVar[str] = "classify"
-    config: ClassVar[type[TaskSection]] = ClassifyConfig
-    has_labels: ClassVar[bool] = True
+class ClassifyTask(TaskBase):
+    name = "classify"
+    config = ClassifyConfig
+    has_labels = True
 
-    def __init__(self, cfg: ClassifyConfig, labels: Sequence[str] = ()):
-        self.cfg: ClassifyConfig = cfg
-        self.labels = list(labels)
+    cfg: ClassifyConfig
 
     # -- rows -------------------------------------------------------------------------------------
     @staticmethod

@@ -18,7 +18,7 @@ import difflib
 import json
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -27,8 +27,7 @@ from microtune.tasks.base import (
     GeneratedSection,
     Row,
     RowProblems,
-    Task,
-    TaskSection,
+    TaskBase,
     check_text,
     example_rate,
     shot_turns,
@@ -54,14 +53,14 @@ class ExtractConfig(GeneratedSection):
         return self
 
 
-class ExtractTask(Task):
-    name: ClassVar[str] = "extract"
-    config: ClassVar[type[TaskSection]] = ExtractConfig
-    has_labels: ClassVar[bool] = False
+class ExtractTask(TaskBase):
+    name = "extract"
+    config = ExtractConfig
+    has_labels = False
 
     def __init__(self, cfg: ExtractConfig, labels: Sequence[str] = ()):
+        super().__init__(cfg, labels)
         self.cfg: ExtractConfig = cfg
-        self.labels = list(labels)
         self.fields = list(cfg.fields or {})
 
     # -- rows -------------------------------------------------------------------------------------

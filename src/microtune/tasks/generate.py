@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from microtune.tasks.base import (
     DecoderSpec,
     GeneratedSection,
     Row,
     RowProblems,
-    Task,
-    TaskSection,
+    TaskBase,
     check_text,
     example_rate,
     shot_turns,
@@ -33,14 +32,12 @@ class GenerateConfig(GeneratedSection):
     type: Literal["generate"] = type_field("generate")
 
 
-class GenerateTask(Task):
-    name: ClassVar[str] = "generate"
-    config: ClassVar[type[TaskSection]] = GenerateConfig
-    has_labels: ClassVar[bool] = False
+class GenerateTask(TaskBase):
+    name = "generate"
+    config = GenerateConfig
+    has_labels = False
 
-    def __init__(self, cfg: GenerateConfig, labels: Sequence[str] = ()):
-        self.cfg: GenerateConfig = cfg
-        self.labels = list(labels)
+    cfg: GenerateConfig
 
     # -- rows -------------------------------------------------------------------------------------
     @staticmethod
