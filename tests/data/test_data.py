@@ -147,3 +147,27 @@ def test_check_report_and_artifact(tmp_path: Path, make_recipe, tiny_model_dir: 
     assert manifest["stats"]["train_tokens"]["p50"] > 10
     again = _check(make_recipe(tiny_model_dir), tmp_path / "ws")  # unchanged data: the same artifact
     assert again.exit_code == 0 and list((tmp_path / "ws" / "toy" / "datasets").iterdir()) == folders
+
+
+def test_files_that_start_with_a_byte_order_mark_read_like_plain_utf8(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    """Excel and Notepad save UTF-8 with a BOM; it used to turn the CSV header into '\\ufefftext' (every row: missing
+    field 'text') and line 1 of a JSONL file into an error."""
+    bom = "\ufeff"
+    rows = toy_rows(4)
+    csv_lines = ["text,label", *[f"\"{r['text']}\",{r['label']}" for r in rows]]
+    (tmp_path / "train.csv").write_text(bom + "\n".join(csv_lines) + "\n", encoding="utf-8")
+    chat = [{"messages": [{"role": "user", "content": r["text"] + " now"}, {"role": "assistant", "content": r["label"]}]}
+            for r in toy_rows(2, offset=5)]
+    (tmp_path / "test.jsonl").write_text(bom + "".join(json.dumps(c) + "\n" for c in chat), encoding="utf-8")
+    (tmp_path / "valid.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in toy_rows(2, offset=9)), encoding="utf-8")
+    recipe = load_recipe(make_recipe(tiny_model_dir, data={"train": "train.csv", "valid": "valid.jsonl", "test": "test.jsonl"}))
+    result = build_dataset(recipe)
+    assert result.sources["test"]["format"] == "openai_chat"  # detected through the BOM
+    assert [e["text"] for e in result.splits["train"]] == [r["text"] for r in rows]
+    assert len(result.splits["valid"]) == len(toy_rows(2, offset=9)) and len(result.splits["test"]) == len(chat)
+
+
+def test_a_folder_given_as_a_data_file_is_named_as_a_folder(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    (tmp_path / "data").mkdir()
+    recipe = make_recipe(tiny_model_dir, data={"train": "data"})
+    assert f"{tmp_path / 'data'}: is a folder, not a data file: name a .jsonl or .csv file inside it" in _problems(recipe)

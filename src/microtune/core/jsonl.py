@@ -18,6 +18,7 @@ from typing import Any
 from microtune.core.atomic import atomic_file
 from microtune.core.errors import DataError
 
+BOM = b"\xef\xbb\xbf"
 OnError = Callable[[int, str, Any], None]
 """Called with ``(line number, what is wrong, what the line held or None)`` for every unreadable line."""
 
@@ -26,6 +27,8 @@ def numbered_lines(path: str | Path, on_error: OnError) -> Iterator[tuple[int, s
     """Every line of the file as text (line ending kept) with its 1-based number; a line that is not UTF-8 goes to ``on_error``."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(BOM)  # editors (Excel, Notepad) start UTF-8 files with a byte-order mark
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as exc:

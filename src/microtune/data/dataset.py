@@ -75,6 +75,9 @@ def load_rows(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, Any
 
 
 def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, Any]]:
+    if path.is_dir():
+        log.error(str(path), "is a folder, not a data file: name a .jsonl or .csv file inside it", None)
+        return []
     if not path.is_file():
         log.error(str(path), "data file not found", None)
         return []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from microtune.core.errors import ProblemLog
-from microtune.core.jsonl import OnError, iter_jsonl, numbered_lines
+from microtune.core.jsonl import BOM, OnError, iter_jsonl, numbered_lines
 
 FORMATS = ("jsonl", "csv", "openai_chat")
 
@@ -26,6 +26,7 @@ def detect_format(path: Path, fmt: str) -> str:
         return "csv"
     with open(path, "rb") as f:
         for raw in f:
+            raw = raw.removeprefix(BOM)
             if raw.strip():
                 try:
                     first = json.loads(raw)
