@@ -171,3 +171,28 @@ def test_a_folder_given_as_a_data_file_is_named_as_a_folder(tmp_path: Path, make
     (tmp_path / "data").mkdir()
     recipe = make_recipe(tiny_model_dir, data={"train": "data"})
     assert f"{tmp_path / 'data'}: is a folder, not a data file: name a .jsonl or .csv file inside it" in _problems(recipe)
+
+
+def test_inferred_labels_that_look_like_typos_of_frequent_ones_are_warned(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    rows = [*toy_rows(4), {"text": "my parcel never came", "label": "Shipping"}, {"text": "send my money back", "label": "refnd"}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = make_recipe(tiny_model_dir, task={"labels": None}, data={"train": "train.jsonl", "split": {"valid": 0.0, "test": 0.0}})
+    warnings = [str(w) for w in build_dataset(load_recipe(recipe)).log.warnings]
+    assert any("label 'Shipping' (1 row(s)) looks like a typo of 'shipping' (4 rows)" in w for w in warnings), warnings
+    assert any("label 'refnd' (1 row(s)) looks like a typo of 'refund' (4 rows)" in w for w in warnings), warnings
+    assert not any("'billing'" in w and "typo" in w for w in warnings)
+
+
+def test_the_nearest_label_hint_is_the_same_in_every_process(tmp_path: Path) -> None:
+    """A bad label equally near two declared labels: the hint used to follow set order, which differs per process."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from microtune.core.errors import ProblemLog\nfrom microtune.data.dataset import _check_labels\nlog = ProblemLog()\n"
+            "_check_labels({'train': [{'label': 'ab', 'source': 'f:1'}], 'valid': [], 'test': []}, ['aa', 'bb', 'ax', 'xb'], True,"
+            " lambda e: [e['label']], log)\nprint(log.errors[0])")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    hints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": src, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(hints) == 1 and "nearest: 'aa'" in hints.pop()

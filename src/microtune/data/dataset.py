@@ -42,6 +42,10 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+LOOKALIKE_MAX_ROWS = 2  # a label this rare beside a near-identical frequent one is flagged as a likely typo
+LOOKALIKE_DISTANCE = 0.15  # 1 - difflib ratio, case-insensitive: 0 for case variants, ~0.08 for one wrong letter
+
+
 def build_dataset(recipe: Recipe) -> DatasetResult:
     log = ProblemLog()
     files = {s: getattr(recipe.data, s) for s in SPLITS if getattr(recipe.data, s) is not None}
@@ -136,12 +140,27 @@ def _check_labels(splits: dict[str, list[dict[str, Any]]], labels: list[str], de
         for ex in splits[name]:
             for label in atoms(ex):
                 if declared and label not in allowed:
-                    near = sorted(allowed, key=lambda a: _distance(a, label))[:1]
+                    near = sorted(allowed, key=lambda a: (_distance(a, label), a))[:1]  # ties by name: the same hint every run
                     log.error(ex["source"], f"label not in task.labels (nearest: {near[0]!r})" if near else "label not in task.labels", label)
+    if not declared:
+        _warn_label_lookalikes(splits, atoms, log)
     for name in ("valid", "test"):
         unseen = sorted({a for e in splits[name] for a in atoms(e)} - train_labels)
         if unseen:
             log.warn(name, f"{len(unseen)} label(s) in {name} never appear in train; the model cannot learn them", unseen[:10])
+
+
+def _warn_label_lookalikes(splits: dict[str, list[dict[str, Any]]], atoms: Callable[[dict[str, Any]], list[str]],
+                           log: ProblemLog) -> None:
+    """Labels inferred from the data: a rare label that is a case variant or a near-spelling of a more frequent one
+    (`Freeze_Account`, `card_declind`) is most likely a typo that would become a class of its own."""
+    counts = Counter(a for name in SPLITS for e in splits[name] for a in atoms(e))
+    for label, n in sorted(counts.items()):
+        bigger = [other for other, m in counts.items() if m > n and other != label]
+        near = sorted(bigger, key=lambda other: (_distance(other, label), other))[:1]
+        if near and n <= LOOKALIKE_MAX_ROWS and _distance(near[0], label) <= LOOKALIKE_DISTANCE:
+            log.warn("labels", f"label {label!r} ({n} row(s)) looks like a typo of {near[0]!r} ({counts[near[0]]} rows); fix those "
+                     "rows, or declare task.labels so unknown labels are errors", label)
 
 
 def _distance(a: str, b: str) -> float:
