@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from microtune.config import Recipe
+from microtune.core.errors import ArtifactError
 from microtune.core.workspace import Workspace
 
 # The user's choice, read once: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ,
@@ -67,16 +68,35 @@ def _experiment_id(mlflow: Any, name: str, ws: Workspace, uri: str) -> str:
 
 @contextlib.contextmanager
 def mlflow_run(recipe: Recipe, ws: Workspace, run_id: str | None = None, run_name: str | None = None) -> Iterator[Any]:
-    """Start (or resume, with ``run_id``) an MLflow run; it is marked FAILED if the body raises."""
+    """Start (or resume, with ``run_id``) an MLflow run; it is marked FAILED if the body raises — except a run that had
+    already finished (an adapter's training run that `eval` logs into): a failed eval leaves it FINISHED."""
     uri = tracking_uri(recipe, ws)
     mlflow = _mlflow(uri)
     if run_id is None:
         exp = _experiment_id(mlflow, recipe.tracking.experiment or recipe.name, ws, uri)
-        ctx = mlflow.start_run(experiment_id=exp, run_name=run_name)
-    else:
-        ctx = mlflow.start_run(run_id=run_id)
-    with ctx as run:
+        with mlflow.start_run(experiment_id=exp, run_name=run_name) as run:
+            yield run
+        return
+    before = _status(mlflow, run_id, uri)
+    run = mlflow.start_run(run_id=run_id)
+    try:
         yield run
+    except BaseException:
+        mlflow.end_run(status="FINISHED" if before == "FINISHED" else "FAILED")
+        raise
+    mlflow.end_run()
+
+
+def _status(mlflow: Any, run_id: str, uri: str) -> str:
+    """The status of an existing run, or an ArtifactError when this store does not hold it (another workspace's)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient(uri).get_run(run_id).info.status
+    except MlflowException:
+        raise ArtifactError(f"MLflow run {run_id} is not in the tracking store {uri}: the artifact was made with another store",
+                            hint="pass the workspace it was trained in (-w DIR), or point tracking.uri / $MLFLOW_TRACKING_URI "
+                                 "at its store") from None
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
