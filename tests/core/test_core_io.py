@@ -140,3 +140,22 @@ def test_serve_options_take_their_defaults_and_bounds_from_serve_settings() -> N
     for args, bound in ((["--port", "70000"], "65535"), (["--timeout", "0"], "0.001"), (["--max-body-bytes", "10"], "1024")):
         result = runner.invoke(app, ["serve", *args])
         assert result.exit_code == 2 and bound in result.output, args  # a usage error naming the bound, not a traceback
+
+
+def test_atomic_dir_sweeps_what_a_dead_writer_left_and_keeps_a_live_one(tmp_path: Path) -> None:
+    """kill -9 during a write leaves `.NAME.tmp-<pid>-…`; the next write of NAME removes it (no live process owns it)."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    stale = [tmp_path / f".run1.tmp-{dead_pid}-abc", tmp_path / f".run1.old-{dead_pid}-0a1b2c3d"]
+    live = tmp_path / f".run1.tmp-{os.getpid()}-xyz"  # a writer that is still running (this test)
+    other = tmp_path / f".run2.tmp-{dead_pid}-abc"  # another artifact's leftover: not this write's business
+    for folder in [*stale, live, other]:
+        folder.mkdir()
+    with atomic_dir(tmp_path / "run1") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert (tmp_path / "run1" / "manifest.json").is_file()
+    assert not any(p.exists() for p in stale) and live.exists() and other.exists()

@@ -111,6 +111,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path: Path, make_r
     manifest = json.loads(a.with_name("manifest.json").read_text())
     assert manifest["final"]["resumed"] and manifest["final"]["steps"] == 160
     assert not list(ckpts.glob("*/step-*"))  # spent checkpoints are removed
+    assert not [p for p in ws.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]  # the killed writer's temp folders too
 
 
 def test_resume_with_nothing_to_resume(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:

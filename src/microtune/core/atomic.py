@@ -76,7 +76,8 @@ def atomic_dir(dest: str | Path, *, replace: bool = True) -> Iterator[Path]:
     elsewhere; the caller decides whether that copy will do). On any error the temp folder is removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    _sweep_dead_writers(dest)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-{os.getpid()}-"))
     try:
         yield tmp
         if replace and dest.exists():
@@ -90,6 +91,27 @@ def atomic_dir(dest: str | Path, *, replace: bool = True) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(dest.parent)
+
+
+def _sweep_dead_writers(dest: Path) -> None:
+    """Remove temp and swapped-out folders of ``dest`` left by a writer that died (kill -9, power loss): their names
+    carry the writer's pid, and a folder whose process is gone will never be renamed into place. Live writers'
+    folders are left alone, so two processes may still race to write the same artifact."""
+    for kind in ("tmp", "old"):
+        for leftover in dest.parent.glob(f".{dest.name}.{kind}-*"):
+            pid = leftover.name.removeprefix(f".{dest.name}.{kind}-").split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours, or the platform cannot tell: keep its folder
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
