@@ -196,3 +196,20 @@ def test_the_nearest_label_hint_is_the_same_in_every_process(tmp_path: Path) -> 
     hints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": src, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
     assert len(hints) == 1 and "nearest: 'aa'" in hints.pop()
+
+
+def test_rows_longer_than_max_seq_len_are_warned_and_measured_uncut(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    """A row training will cut used to pass silently, and the token report was measured after the cut (it hid the row)."""
+    from microtune import pipeline
+
+    long_text = "the invoice shows a charge I do not recognise " * 60  # ~600 tokens
+    write_jsonl(tmp_path / "train.jsonl", [*toy_rows(4), {"text": long_text, "label": "billing"}])
+    recipe = make_recipe(tiny_model_dir, train={"max_seq_len": 64}, data={"train": "train.jsonl", "split": {"valid": 0.0, "test": 0.0}})
+    checked = pipeline.check(recipe, workspace=tmp_path / "ws")
+    stats = checked.manifest["stats"]
+    assert stats["train_tokens"]["max"] > 500 and stats["over_max_seq_len"]["rows"] == 1
+    (warning,) = [w for w in checked.warnings if "longer than train.max_seq_len" in w]
+    assert warning.startswith("train: 1 row(s) longer than train.max_seq_len=64 tokens (longest ")
+    assert f"{tmp_path / 'train.jsonl'}:13" in warning  # which row
+    result = _check(recipe, tmp_path / "ws2")
+    assert result.exit_code == 0 and "longer than train.max_seq_len=64" in result.output

@@ -9,16 +9,21 @@ import numpy as np
 from microtune.data.dataset import SPLITS, normalize_text
 
 
-def compute_stats(splits: dict[str, list[dict[str, Any]]], labels: list[str], encode) -> dict[str, Any]:
-    """``encode(example) -> (prompt_ids, completion_ids)`` is the training-time encoding."""
+def compute_stats(splits: dict[str, list[dict[str, Any]]], labels: list[str], encode, max_len: int | None = None) -> dict[str, Any]:
+    """``encode(example) -> (prompt_ids, completion_ids)`` is the encoding before any cut, so the lengths are the rows'
+    own; with ``max_len`` (train.max_seq_len), ``over_max_seq_len`` counts the train rows training will cut."""
     stats: dict[str, Any] = {"rows": {s: len(splits[s]) for s in SPLITS}, "labels": labels, "per_label": {}}
     for name in SPLITS:
         stats["per_label"][name] = dict(Counter(a for e in splits[name] for a in e.get("labels", [e.get("label")]) if a).most_common())
-    lengths, completion = [], []
+    lengths, completion, long = [], [], []
     for ex in splits["train"]:
         prompt, comp = encode(ex)
         lengths.append(len(prompt) + len(comp))
         completion.append(len(comp))
+        if max_len is not None and lengths[-1] > max_len:
+            long.append(ex.get("source"))
+    if max_len is not None:
+        stats["over_max_seq_len"] = {"rows": len(long), "max_seq_len": max_len, "first": long[:5]}
     if lengths:
         arr = np.array(lengths)
         stats["train_tokens"] = {f"p{q}": int(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max()), "total": int(arr.sum())}

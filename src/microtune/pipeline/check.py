@@ -13,12 +13,15 @@ from typing import Any
 
 from microtune.config import Recipe
 from microtune.core.artifacts import read_manifest, write_artifact
+from microtune.core.errors import Problem
 from microtune.core.workspace import Workspace
 from microtune.data import build_dataset, compute_stats, write_dataset
 from microtune.models import load_tokenizer, resolve_base
 from microtune.pipeline.recipes import RecipeLike, resolve_recipe
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
+
+UNCUT = 1 << 30  # no cut: check measures each row's real length
 
 
 @dataclass
@@ -36,11 +39,24 @@ def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     ref = resolve_base(recipe.model)
     renderer, task = Renderer(load_tokenizer(ref)), get_task(recipe.task, result.labels)
     max_len = recipe.train.max_seq_len
-    stats = compute_stats(result.splits, result.labels, lambda ex: renderer.encode(task.messages(ex), task.target(ex), max_len))
+    stats = compute_stats(result.splits, result.labels, lambda ex: renderer.encode(task.messages(ex), task.target(ex), UNCUT),
+                          max_len)
     dest = ws.stage_dir(recipe.name, "datasets") / result.key[:12]
+    warnings = [str(p) for p in result.log.warnings] + _long_rows(stats)
     manifest = {"recipe": recipe.name, "dataset_hash": result.key, "labels": result.labels, "sources": result.sources,
-                "stats": stats, "warnings": [str(p) for p in result.log.warnings], "task": recipe.task.model_dump(mode="json")}
+                "stats": stats, "warnings": warnings, "task": recipe.task.model_dump(mode="json")}
     if not (dest / "manifest.json").is_file():
         with write_artifact(dest, "dataset", manifest) as (tmp, _):
             write_dataset(result, tmp)
     return CheckResult(recipe, dest, read_manifest(dest, "dataset"), manifest["warnings"])
+
+
+def _long_rows(stats: dict[str, Any]) -> list[str]:
+    """A warning when train rows are longer than train.max_seq_len: training cuts them (the stats show their real length)."""
+    over = stats.get("over_max_seq_len") or {}
+    if not over.get("rows"):
+        return []
+    longest = stats["train_tokens"]["max"]
+    return [str(Problem("train", f"{over['rows']} row(s) longer than train.max_seq_len={over['max_seq_len']} tokens (longest "
+                                 f"{longest:,}); training cuts them at the end of the text — raise train.max_seq_len or shorten "
+                                 "those rows", ", ".join(map(str, over["first"])), severity="warning"))]
