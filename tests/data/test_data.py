@@ -213,3 +213,14 @@ def test_rows_longer_than_max_seq_len_are_warned_and_measured_uncut(tmp_path: Pa
     assert f"{tmp_path / 'train.jsonl'}:13" in warning  # which row
     result = _check(recipe, tmp_path / "ws2")
     assert result.exit_code == 0 and "longer than train.max_seq_len=64" in result.output
+
+
+def test_a_nul_character_is_refused_whether_raw_or_escaped(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [*toy_rows(3), {"text": "hello\u0000world", "label": "billing"}])
+    assert "\\u0000" in path.read_text()  # json.dumps writes the escape
+    with path.open("ab") as f:
+        f.write(b'{"text": "raw\x00nul", "label": "billing"}\n')
+    recipe = make_recipe(tiny_model_dir, data={"train": "train.jsonl", "split": {"valid": 0.0, "test": 0.3}})
+    text = _problems(recipe)
+    assert f"{tmp_path / 'train.jsonl'}:10: field 'text' contains a NUL character (\\u0000): remove it" in text
+    assert f"{tmp_path / 'train.jsonl'}:11:" in text  # the raw byte: not valid JSON text

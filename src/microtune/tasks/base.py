@@ -214,6 +214,8 @@ def check_text(row: dict[str, Any], field: str) -> tuple[str, RowProblems]:
         return "", [(f"field {field!r} is not a string", value)]
     if not value.strip():
         return "", [(f"field {field!r} is empty", value)]
+    if "\x00" in value:  # a raw NUL byte already fails the readers; its JSON escape \u0000 must fail the same way
+        return "", [(f"field {field!r} contains a NUL character (\\u0000): remove it", value[:60])]
     return value.strip(), []
 
 
