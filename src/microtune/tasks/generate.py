@@ -13,23 +13,14 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from microtune.tasks.base import (
-    DecoderSpec,
-    GeneratedSection,
-    Row,
-    RowProblems,
-    TaskBase,
-    check_text,
-    example_rate,
-    shot_turns,
-    type_field,
-)
+import microtune.tasks.base as base
+from microtune.tasks.base import DecoderSpec, GeneratedSection, Row, RowProblems, TaskBase
 
 
 class GenerateConfig(GeneratedSection):
     """Task `generate`: text → free text (a summary, a rewrite, an answer)."""
 
-    type: Literal["generate"] = type_field("generate")
+    type: Literal["generate"] = base.type_field("generate")
 
 
 class GenerateTask(TaskBase):
@@ -42,7 +33,7 @@ class GenerateTask(TaskBase):
     # -- rows -------------------------------------------------------------------------------------
     @staticmethod
     def normalize(row: dict[str, Any], cfg: GenerateConfig) -> tuple[Row | None, RowProblems]:
-        text, problems = check_text(row, cfg.text_field)
+        text, problems = base.check_text(row, cfg.text_field)
         refs = _references(row, cfg.target_field, problems)
         return (None, problems) if problems else ({"text": text, "target": refs[0], "references": refs}, [])
 
@@ -53,7 +44,7 @@ class GenerateTask(TaskBase):
     # -- prompts ----------------------------------------------------------------------------------
     def messages(self, example: dict[str, Any], *, label_list: bool = False,
                  shots: Sequence[dict[str, Any]] = ()) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.cfg.instruction}, *shot_turns(shots, self.target),
+        return [{"role": "system", "content": self.cfg.instruction}, *base.shot_turns(shots, self.target),
                 {"role": "user", "content": example["text"]}]
 
     def target(self, example: dict[str, Any]) -> str:
@@ -84,7 +75,7 @@ class GenerateTask(TaskBase):
         mean_pred, mean_ref = _mean(pred_words), _mean(ref_words)
         return {"rouge_l": _mean(scores), "pred_words_mean": mean_pred, "ref_words_mean": mean_ref,
                 "length_ratio": mean_pred / mean_ref if mean_ref else 0.0,
-                "valid_rate": example_rate(p is not None for p in preds)}
+                "valid_rate": base.example_rate(p is not None for p in preds)}
 
     # -- synthetic data ---------------------------------------------------------------------------
     def synth(self) -> None:
