@@ -83,3 +83,22 @@ def test_the_check_catches_an_option_the_cli_does_not_have() -> None:
         _parse(["check", "RECIPE", "EXTRA"])
     with pytest.raises(AssertionError, match="no command"):
         _parse(["modles", "list"])
+
+
+CHEAP = {("check", "recipes/banking-intents.yaml"), ("recipe-schema",), ("models", "list")}  # seconds each, no training
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", sorted({tuple(a[1:]) for _, a in CASES} & CHEAP))
+def test_the_cheap_shown_commands_run(args: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(ROOT)  # the pages' paths are relative to the repository
+    workspace = ["-w", str(tmp_path / "ws")] if args[0] in ("check", "models") else []
+    result = CliRunner().invoke(app, [*args, *workspace])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_cheap_commands_are_still_shown() -> None:
+    assert CHEAP <= {tuple(a[1:]) for _, a in CASES}
