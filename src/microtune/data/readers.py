@@ -60,9 +60,17 @@ def _csv_rows(path: Path, log: ProblemLog) -> Iterator[tuple[int, dict[str, Any]
     lines = [text for _, text in numbered_lines(path, _at(path, log))]
     if len(log.errors):
         return
-    reader = csv.DictReader(io.StringIO("".join(lines)), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    reader = csv.DictReader(io.StringIO("".join(lines), newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     start = 2  # first data row follows the header line
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a bare carriage return inside an unquoted cell, a NUL byte
+            log.error(f"{path}:{reader.line_num or 1}", f"not a readable CSV row ({exc}); quote the cell or remove the character", None)
+            return
         if None in row:
             log.error(f"{path}:{start}", "more cells than header columns", row[None])
         elif any(v is None for v in row.values()):
