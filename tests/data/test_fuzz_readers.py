@@ -32,8 +32,10 @@ def _build(folder: Path, name: str, content: bytes, fmt: str = "auto") -> None:
     (folder / name).write_bytes(content)
     try:
         build_dataset(load_recipe(_recipe(folder, name, fmt)))
-    except InputError as exc:  # microtune's own errors carry where and what
+    except InputError as exc:  # microtune's own errors carry where and what: every problem names the file (and line)
         assert str(exc)
+        for problem in exc.problems:
+            assert problem.where.startswith(str(folder / name)) or problem.where in ("labels", "train", "valid", "test"), problem
 
 
 @FUZZ
