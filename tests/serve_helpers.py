@@ -19,19 +19,76 @@ from toydata import LABELS, TEXTS, write_jsonl
 COARSE = {"billing": "money", "refund": "money", "shipping": "parcel"}
 
 
-def write_recipe(folder: Path, name: str, base: Path, coarse: bool) -> Path:
+# Out-of-scope texts for a none_label recipe, and a second label for some texts of a multi-label one.
+OUT_OF_SCOPE = ["what is the weather today", "tell me a joke", "who won the match", "play some music", "what time is it",
+                "book a table for two", "translate hello to french", "how tall is everest"]
+ALSO = {"billing": "refund", "shipping": "refund", "refund": "billing"}
+
+
+def toy_label(label: str, i: int, variant: str, coarse: bool) -> Any:
+    """The label a toy row gets in a recipe variant: coarse (two labels), multi (a second label on every third row)."""
+    if variant == "multi":
+        return sorted({label, ALSO[label]}) if i % 3 == 0 else [label]
+    return COARSE[label] if coarse else label
+
+
+def write_recipe(folder: Path, name: str, base: Path, coarse: bool, method: dict[str, Any] | None = None, variant: str = "",
+                 train: dict[str, Any] | None = None) -> Path:
+    """A toy recipe (and its data) for the serving tests: ``method`` a recipe method section; ``variant`` "" (one label),
+    "multi" (multi_label, up to 2 labels) or "oos" (none_label `oos`, with out-of-scope rows)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"text": TEXTS[l][i], "label": COARSE[l] if coarse else l} for i in range(6) for l in LABELS]
-    test = [{"text": TEXTS[l][i], "label": COARSE[l] if coarse else l} for i in (6, 7) for l in LABELS]
+    rows = [{"text": TEXTS[l][i], "label": toy_label(l, i, variant, coarse)} for i in range(6) for l in LABELS]
+    test = [{"text": TEXTS[l][i], "label": toy_label(l, i, variant, coarse)} for i in (6, 7) for l in LABELS]
+    task: dict[str, Any] = {"type": "classify", "instruction": "Route the message." if coarse else "Name the support topic."}
+    if variant == "multi":
+        task |= {"multi_label": True, "max_labels": 2}
+    elif variant == "oos":
+        task |= {"none_label": "oos"}
+        rows += [{"text": t, "label": "oos"} for t in OUT_OF_SCOPE[:6]]
+        test += [{"text": t, "label": "oos"} for t in OUT_OF_SCOPE[6:]]
     write_jsonl(folder / "train.jsonl", rows)
     write_jsonl(folder / "test.jsonl", test)
-    recipe = {"name": name, "task": {"type": "classify", "instruction": "Route the message." if coarse else "Name the support topic."},
+    recipe = {"name": name, "task": task,
               "data": {"train": "train.jsonl", "test": "test.jsonl", "split": {"valid": 0.0}}, "model": {"base": str(base)},
-              "train": {"epochs": 2, "batch_size": 4, "max_seq_len": 96, "lr": 2e-2, "seed": 1 if coarse else 2, "bf16": False},
+              "train": {"epochs": 2, "batch_size": 4, "max_seq_len": 96, "lr": 2e-2, "seed": 1 if coarse else 2, "bf16": False} | (train or {}),
               "eval": {"shots": 2, "batch_size": 4}}
+    if method is not None:
+        recipe["method"] = method
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def eval_answers(adapter: Path, base: Path, texts: list[str], model: Any = None) -> list[tuple[str, float]]:
+    """What `eval`'s micro predictor answers for these texts: the artifact loaded as eval loads it (``load_trained``, or
+    ``model`` when given), the prompt eval builds, the candidates of ``task.decoder()``."""
+    from microtune.config import artifact_recipe
+    from microtune.core.artifacts import read_manifest
+    from microtune.models import BaseModelRef, LabelPredictor, load_tokenizer, load_trained
+    from microtune.tasks import get_task
+    from microtune.tasks.render import Renderer
+
+    recipe = artifact_recipe(adapter / "recipe.json")
+    ref = BaseModelRef(str(base), str(base), str(base), "x")
+    renderer = Renderer(load_tokenizer(ref))
+    task = get_task(recipe.task, read_manifest(adapter, "adapter")["labels"])
+    candidates = task.decoder().candidates
+    prompts = [renderer.encode(task.messages({"text": t}), candidates[0], recipe.train.max_seq_len)[0] for t in texts]
+    return LabelPredictor(model if model is not None else load_trained(ref, adapter), renderer, candidates).predict(prompts)
+
+
+def agreement_with_eval(url: str, model: str, eval_dir: Path) -> float:
+    """Share of an eval's test rows (``predictions.jsonl``) on which the server's answer equals eval's micro prediction;
+    printed, so a test or a benchmark run shows it (qlora served on the full-precision base vs its 4-bit evaluation)."""
+    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    same = 0
+    for row in rows:
+        status, body = call("POST", url + "/v1/completions", {"model": model, "prompt": row["text"]})
+        assert status == 200, body
+        same += body["choices"][0]["text"] == row["micro"]["pred"]
+    share = same / len(rows)
+    print(f"{model}: served answers agree with eval's micro predictions on {same}/{len(rows)} test rows ({share:.0%})")
+    return share
 
 
 class HeldEngine(Engine):

@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -144,6 +145,13 @@ def export(
 _SERVE = ServeSettings.model_fields  # the `serve` options' defaults and bounds: defined once, there (the Python API shares them)
 
 
+class QloraBase(str, Enum):
+    """`serve --qlora-base`: the values of ServeSettings.qlora_base."""
+
+    full = "full"
+    four_bit = "4bit"
+
+
 def _bounds(field: str) -> dict[str, Any]:
     """``min``/``max`` of a `serve` option from the ge/le of its ServeSettings field: out of range is a usage error (exit 2)."""
     meta = _SERVE[field].metadata
@@ -163,7 +171,11 @@ def serve(
     registry: Annotated[bool, typer.Option("--registry/--no-registry",
                                            help="Resolve other model names in the MLflow registry.")] = _SERVE["registry"].default,
     api_key_file: Annotated[Path | None, typer.Option(help="Accepted API keys, one per line (plus $MICROTUNE_API_KEYS).")] = None,
-    max_loaded: Annotated[int, typer.Option(help="LoRA adapters in memory at once (LRU).", **_bounds("max_loaded"))] = _SERVE["max_loaded"].default,
+    max_loaded: Annotated[int, typer.Option(help="Micro-models in memory at once (LRU).", **_bounds("max_loaded"))] = _SERVE["max_loaded"].default,
+    max_memory_mb: Annotated[int, typer.Option(help="Memory budget of the loaded micro-models beyond the base, MB (LRU).",
+                                               **_bounds("max_memory_mb"))] = _SERVE["max_memory_mb"].default,
+    qlora_base: Annotated[QloraBase, typer.Option(help="qlora adapters on the shared full-precision base (full: mixed batches) or "
+                                                       "on their own 4-bit base (4bit).")] = QloraBase.full,  # ServeSettings.qlora_base default
     max_batch: Annotated[int, typer.Option(help="Requests per forward batch.", **_bounds("max_batch"))] = _SERVE["max_batch"].default,
     batch_window_ms: Annotated[float, typer.Option(help="Wait for more requests after the first (ms).",
                                                    **_bounds("batch_window_ms"))] = _SERVE["batch_window_ms"].default,
@@ -184,7 +196,8 @@ def serve(
     def run_server() -> None:
         pipeline.serve(parse_adapter_options(adapter or []), api_key_file=api_key_file, reporter=_reporter(), base=base,
                        registry=registry, tracking_uri=tracking_uri, workspace=workspace, host=host, port=port,
-                       max_loaded=max_loaded, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                       max_loaded=max_loaded, max_memory_mb=max_memory_mb, qlora_base=qlora_base.value, max_batch=max_batch,
+                       batch_window_ms=batch_window_ms, max_queue=max_queue,
                        max_tokens=max_tokens, max_body_bytes=max_body_bytes, timeout_s=timeout, poll_s=poll)
 
     _guard(run_server)

@@ -76,10 +76,17 @@ def test_builtin_flags_agree_with_peft_and_the_exporters() -> None:
     assert methods.kinds_with("packing") == ["lora", "dora", "qlora", "ia3", "full"]
 
 
-def test_server_serves_what_the_mixed_batch_flag_says() -> None:
-    from microtune.serving.catalog import SERVABLE_METHODS
+def test_server_serves_what_the_mixed_batch_flag_says(tmp_path) -> None:
+    """The flag decides which adapters join mixed batches (qlora too: a LoRA adapter on the full-precision base);
+    every other method is served too, on the shared base alone (DoRA) or as a model instance of its own."""
+    from microtune.serving.catalog import ALONE, MIXED, OWN, placement
 
-    assert SERVABLE_METHODS == set(methods.kinds_with("mixed_batch")) == {"lora"}  # unchanged: plain LoRA only
+    assert methods.kinds_with("mixed_batch") == ["lora", "qlora"]
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert {k: placement(k, tmp_path) for k in methods.kinds()} == {
+        "lora": MIXED, "qlora": MIXED, "dora": ALONE, "ia3": ALONE, "prompt_tuning": ALONE, "prefix_tuning": ALONE, "full": OWN}
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    assert placement("ia3", tmp_path) == OWN and placement("qlora", tmp_path, qlora_base="4bit") == OWN
 
 
 def test_a_spec_whose_flags_contradict_its_hooks_is_refused() -> None:

@@ -211,8 +211,8 @@ def test_error_statuses_have_openai_bodies(server: Running, tiny_model_dir: Path
     chat = "/v1/chat/completions"
     msgs = [{"role": "user", "content": "hi"}]
     assert _error(server, chat, raw=b"{not json")[0] == 400
-    status, err = _error(server, chat, {"model": "topic", "messages": msgs, "tools": []})
-    assert (status, err["param"]) == (422, "tools") and "Extra inputs" in err["message"]
+    status, err = _error(server, chat, {"model": "topic", "messages": msgs, "functionz": []})
+    assert (status, err["param"]) == (422, "functionz") and "Extra inputs" in err["message"]
     assert _error(server, chat, {"model": "topic", "messages": msgs, "n": 2})[0] == 422
     assert _error(server, chat, {"model": "topic", "messages": []})[0] == 422
     status, err = _error(server, chat, {"model": "nope", "messages": msgs})

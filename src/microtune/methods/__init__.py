@@ -2,7 +2,7 @@
 
     from microtune import methods
     methods.spec("qlora").capabilities.fsdp        # False
-    methods.kinds_with("mixed_batch")              # ["lora"]
+    methods.kinds_with("mixed_batch")              # ["lora", "qlora"]
 
 Each module holds a method's recipe section (``method: {kind: ...}``), its builder (section → PEFT
 config) and its capability flags (``base.Capabilities``). Adding a method is one module and one

@@ -22,7 +22,7 @@ class Capabilities:
     inherit a claim nobody checked."""
 
     prompt_learning: bool  # trains virtual tokens in front of the prompt (prompt/prefix tuning), not weights
-    mixed_batch: bool  # its adapter can join a PEFT mixed-adapter batch on the server's shared, unquantised base
+    mixed_batch: bool  # its adapter can join a PEFT mixed-adapter batch (rows name their adapter) on the server's shared, unquantised base
     mergeable: bool  # its adapter folds into the base weights (`microtune export --merge`)
     vllm_servable: bool  # its adapter is a plain LoRA that vLLM serves (`microtune export --vllm`)
     fsdp: bool  # trains under train.distributed.strategy: fsdp

@@ -25,6 +25,7 @@ SPEC = MethodSpec(
     kind="dora", config=DoraConfig, build=build,
     capabilities=Capabilities(prompt_learning=False, mixed_batch=False, mergeable=True, vllm_servable=False, fsdp=True,
                               packing=True, quantized_base=False, full_model=False),
-    reasons={"mixed_batch": "PEFT refuses `adapter_names` (mixed-adapter batches) for DoRA adapters",
+    reasons={"mixed_batch": "PEFT refuses `adapter_names` rows naming a DoRA adapter (the server runs each DoRA adapter in a batch of "
+                             "its own on the shared base, with `set_adapter`)",
              "vllm_servable": "vLLM serves plain LoRA adapters, not DoRA's magnitude vectors"},
 )

@@ -42,9 +42,9 @@ def quantize(method: QloraConfig) -> Any:
 
 SPEC = MethodSpec(
     kind="qlora", config=QloraConfig, build=build, quantize=quantize,
-    # the adapter itself is a plain LoRA: it merges into (and vLLM serves it on) the unquantised base
-    capabilities=Capabilities(prompt_learning=False, mixed_batch=False, mergeable=True, vllm_servable=True, fsdp=False,
+    # the adapter itself is a plain LoRA: it merges into (and vLLM serves it on) the unquantised base, and `microtune serve`
+    # runs it in mixed batches on its full-precision shared base by default (`--qlora-base 4bit`: on its own 4-bit base)
+    capabilities=Capabilities(prompt_learning=False, mixed_batch=True, mergeable=True, vllm_servable=True, fsdp=False,
                               packing=True, quantized_base=True, full_model=False),
-    reasons={"mixed_batch": "it was trained on a 4-bit base, and the server's shared base is not quantised",
-             "fsdp": "FSDP cannot shard qlora's 4-bit (bitsandbytes) base weights"},
+    reasons={"fsdp": "FSDP cannot shard qlora's 4-bit (bitsandbytes) base weights"},
 )

@@ -218,6 +218,58 @@ class LabelPredictor:
                     s.append(tok)
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
 
+    def answer_logprobs(self, prompt: list[int], trie: dict[int, Any] | None = None,
+                        adapter_name: str | None = None) -> list[tuple[str, float]]:
+        """Every answer of the trie with its log-probability for one prompt, most probable first.
+
+        The probability of an answer is the one ``predict`` reports for the answer it picks: the product over
+        the answer's tokens of the next-token probability renormalised over the tokens the trie allows there (a
+        forced token counts 1). So the picked answer's entry equals its reported probability and all entries sum
+        to 1 — a distribution over the valid answers, unlike the top-k tokens at one decision step, which mixes
+        answers that share a first token. Scored by teacher forcing (prompt + each answer's tokens, right-padded,
+        no cache, so prompt-learning models work too): one forward per ``batch_size`` answers, asked for only when
+        a request wants ``top_logprobs``."""
+        import torch
+
+        paths = _paths(trie if trie is not None else self.trie)
+        out: list[tuple[str, float]] = []
+        self.model.eval()
+        with torch.no_grad(), autocast(self.bf16):
+            for start in range(0, len(paths), self.batch_size):
+                chunk = paths[start:start + self.batch_size]
+                ids, mask = padded([prompt + tokens[:-1] for _, tokens in chunk], self.pad, left=False)
+                names = None if adapter_name is None else [adapter_name] * len(chunk)
+                logits = self.model(input_ids=ids.to(device()), attention_mask=mask.to(device()), **_adapters(names)).logits.float()
+                offset = logits.shape[1] - ids.shape[1]  # prompt tuning prepends its virtual tokens to the output
+                for row, (answer, tokens) in enumerate(chunk):
+                    out.append((answer, _path_logprob(logits[row], offset + len(prompt) - 1, tokens, trie or self.trie)))
+        return sorted(out, key=lambda item: -item[1])
+
+
+def _paths(trie: dict[int, Any], head: tuple[int, ...] = ()) -> list[tuple[str, list[int]]]:
+    """``(answer, its tokens)`` of every answer in a trie."""
+    out: list[tuple[str, list[int]]] = []
+    for tok, child in trie.items():
+        if tok == END:
+            out.append((child, list(head)))
+        else:
+            out.extend(_paths(child, (*head, tok)))
+    return out
+
+
+def _path_logprob(logits: Any, first: int, tokens: list[int], trie: dict[int, Any]) -> float:
+    """Sum of the renormalised log-probabilities of ``tokens`` along the trie; ``logits[first + j]`` predicts token j."""
+    import torch
+
+    node, total = trie, 0.0
+    for j, tok in enumerate(tokens):
+        allowed = [t for t in node if t != END]
+        if len(allowed) > 1:
+            lp = torch.log_softmax(logits[first + j][torch.tensor(allowed)], dim=-1)
+            total += float(lp[allowed.index(tok)])
+        node = node[tok]
+    return total
+
 
 class TextGenerator:
     """Batched greedy generation for free-text answers (``extract``, ``generate``): deterministic, KV-cached.

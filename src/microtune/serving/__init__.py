@@ -1,4 +1,4 @@
-"""`microtune serve`: many micro-models on one base model behind one OpenAI-compatible API.
+"""`microtune serve`: micro-models of every method on one base model behind one OpenAI-compatible API.
 
     microtune serve --adapter intents=.microtune/intents/adapters/RUN --port 8000
     microtune serve                      # every model in the workspace's MLflow registry, by name
@@ -41,7 +41,7 @@ def build_app(settings: ServeSettings, api_keys: list[str] | None = None, engine
     base = settings.base or _adapter_base(settings) or DEFAULT_BASE
     ref = resolve_base(ModelConfig(base=base))
     tokenizer = load_tokenizer(ref)
-    catalog = Catalog(base, ref.path, settings.adapters, _registry(settings))
+    catalog = Catalog(base, ref.path, settings.adapters, _registry(settings), settings.qlora_base)
     metrics = Metrics()
     engine = (engine_class or Engine)(settings, catalog, tokenizer, ref, metrics)
     keys = list(api_keys) if api_keys is not None else [*read_api_keys(None), *settings.api_keys]

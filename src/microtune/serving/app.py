@@ -5,9 +5,14 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), GET /v1/models,
 POST /admin/reload, GET /health (never needs a key), GET /metrics (Prometheus text).
-A `classify` micro-model answers the most probable valid label of the last user message (the
-prompt built exactly as in training and evaluation), with its probability; the base model
-generates freely.
+A `classify` micro-model answers the most probable valid answer of the last user message (the
+prompt built exactly as in training and evaluation; the answers its evaluation decodes: a label, or a
+label set with multi_label), with its probability; the base model generates freely.
+
+Hardening: the body is read as it streams in and refused (413) as soon as it passes the limit, chunked
+or not; a classify prompt longer than the model was trained on (``train.max_seq_len``, prompt + longest
+answer) is refused (400 ``context_length_exceeded``) rather than cut; error messages quote at most a
+short prefix of any value a client sent (``catalog.quote``).
 """
 from __future__ import annotations
 
@@ -28,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from microtune.core.errors import MicrotuneError
 from microtune.serving import schemas as S
-from microtune.serving.catalog import BASE, AdapterSpec, Catalog, UnknownModel
-from microtune.serving.engine import Engine, Job, QueueFull
+from microtune.serving.catalog import BASE, AdapterSpec, Catalog, UnknownModel, quote
+from microtune.serving.engine import Engine, Job, Overloaded, QueueFull
 from microtune.serving.metrics import Metrics
 from microtune.serving.settings import ServeSettings
 from microtune.tasks import get_task
@@ -64,9 +69,7 @@ class Service:
 
     # -- request plumbing -------------------------------------------------------------------------
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:
-        body = await request.body()
-        if len(body) > self.settings.max_body_bytes:
-            raise S.ApiError(413, f"request body is {len(body)} bytes; the limit is {self.settings.max_body_bytes}", code="request_too_large")
+        body = await self.read_body(request)
         try:
             data = json.loads(body)
         except ValueError as exc:
@@ -75,8 +78,19 @@ class Service:
             return model.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+            where = _short_text(".".join(str(p) for p in first["loc"]))  # a field name is client input too
             raise S.ApiError(422, f"{where}: {first['msg']} (got {_short(first.get('input'))})", where or None, "invalid_value") from None
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, counted as it streams in: a chunked body (no Content-Length) over the limit answers 413 as soon as
+        it passes the limit, without being read whole (a declared one is refused before the route: ``_refuse``)."""
+        limit, size, chunks = self.settings.max_body_bytes, 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise S.ApiError(413, f"request body is over {limit} bytes (the limit; stopped reading at {size})", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def lookup(self, model: str) -> AdapterSpec | str:
         if not self.engine.ready.is_set():
@@ -96,6 +110,10 @@ class Service:
             self.engine.submit(job)
         except QueueFull as exc:
             raise S.ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full") from None
+        except Overloaded as exc:
+            self.metrics.shed.inc()
+            raise S.ApiError(429, f"the server is overloaded: {exc}; retry in {exc.retry_after}s", code="overloaded",
+                             headers={"Retry-After": str(exc.retry_after)}) from None
         return job
 
     async def wait(self, job: Job) -> Any:
@@ -107,17 +125,28 @@ class Service:
 
     # -- prompts ----------------------------------------------------------------------------------
     def _task(self, spec: AdapterSpec) -> tuple[Any, str, int]:
-        """``(task, longest label, its completion length)`` of a micro-model, computed once per adapter version."""
+        """``(task, longest answer, its completion length)`` of a micro-model, computed once per adapter version."""
         if spec.key not in self._tasks:
-            sizes = {label: len(self.engine.renderer.completion_ids(label)) for label in spec.labels}
+            sizes = {answer: len(self.engine.renderer.completion_ids(answer)) for answer in spec.answers}
             longest = max(sizes, key=sizes.__getitem__)
             self._tasks[spec.key] = (get_task(spec.recipe.task, spec.labels), longest, sizes[longest])
         return self._tasks[spec.key]
 
-    def classify_prompt(self, spec: AdapterSpec, text: str) -> list[int]:
-        """The micro prompt of evaluation: the trained instruction + the text, cut to the trained length."""
-        task, longest, _ = self._task(spec)
-        return self.engine.renderer.encode(task.messages({"text": text}), longest, spec.recipe.train.max_seq_len)[0]
+    def classify_prompt(self, spec: AdapterSpec, text: str, chat: bool) -> list[int]:
+        """The micro prompt of evaluation: the trained instruction + the text.
+
+        A prompt that does not fit the trained length with the longest answer (``train.max_seq_len``: the model never
+        saw a longer sequence, and evaluation measured it on texts cut to fit) is refused, not cut: a 200 for a text the
+        model never read whole would hide the cut. The base model's own context (max_position_embeddings) is at least
+        as long in every recipe check accepts, so the trained length is the limit that binds."""
+        task, _, need = self._task(spec)
+        prompt = self.engine.renderer.prompt_ids(task.messages({"text": text}))
+        limit = spec.recipe.train.max_seq_len
+        if len(prompt) + need > limit:
+            raise S.ApiError(400, f"the prompt is {len(prompt)} tokens and the longest answer {need}; model {spec.name!r} was trained on "
+                                  f"at most {limit} tokens (train.max_seq_len): shorten the text", "messages" if chat else "prompt",
+                             "context_length_exceeded")
+        return prompt
 
     def check_classify(self, req: S.Sampling, spec: AdapterSpec, max_tokens: int | None) -> None:
         for name, neutral in (("temperature", 0), ("top_p", 1)):
@@ -127,6 +156,11 @@ class Service:
                                       f"(got {value}); leave {name} out", name, "unsupported_parameter")
         if req.stop:
             raise S.ApiError(400, f"stop: classify model {spec.name!r} answers one label; leave stop out", "stop", "unsupported_parameter")
+        fmt = req.response_format.type if req.response_format else "text"
+        if fmt != "text":
+            raise S.ApiError(400, f"response_format: classify model {spec.name!r} answers a label (the content is the label text, the "
+                                  f"`microtune` field lists the labels), not JSON; got {fmt!r}: leave response_format out or use text",
+                             "response_format", "unsupported_parameter")
         need = self._task(spec)[2]
         if max_tokens is not None and max_tokens < need:
             raise S.ApiError(400, f"max_tokens: the longest label of {spec.name!r} needs {need} tokens, got {max_tokens}",
@@ -148,9 +182,28 @@ class Service:
                 "seed": req.seed, "stop": stops, "eos": sorted(e for e in eos if e is not None)}
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+def _short(value: Any) -> str:
+    return quote(value)
+
+
+def _short_text(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unsupported(req: S.Sampling) -> None:
+    """400 for OpenAI fields whose value this server does not implement (accepted at their neutral value)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value:
+            raise S.ApiError(400, f"{name}: penalties are not implemented (got {value}); leave it out or send 0", name, "unsupported_parameter")
+    if req.logit_bias:
+        raise S.ApiError(400, f"logit_bias: token biases are not implemented (got {len(req.logit_bias)} entries); leave it out or send {{}}",
+                         "logit_bias", "unsupported_parameter")
+    if req.tools:
+        raise S.ApiError(400, f"tools: micro-models do not call tools (got {len(req.tools)}); leave tools out", "tools", "unsupported_parameter")
+    if isinstance(req.tool_choice, dict):
+        raise S.ApiError(400, "tool_choice: micro-models do not call tools; use none or auto (or leave it out)", "tool_choice",
+                         "unsupported_parameter")
 
 
 def _sse(data: Any) -> str:
@@ -172,42 +225,76 @@ def _trim_stop(text: str, stops: list[str]) -> str:
 
 
 # -- responses ------------------------------------------------------------------------------------
-async def classify_response(svc: Service, req: S.Sampling, spec: AdapterSpec, text: str, chat: bool) -> Response:
+async def classify_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, text: str, chat: bool) -> Response:
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     svc.check_classify(req, spec, max_tokens)
-    prompt = svc.classify_prompt(spec, text)
-    job = svc.job("classify", spec, prompt)
+    prompt = svc.classify_prompt(spec, text, chat)
+    job = svc.job("classify", spec, prompt, top_logprobs=req.top_k())
     kind = "chat.completion" if chat else "text_completion"
     if req.stream:
         return StreamingResponse(_classify_stream(svc, req, spec, job, kind, len(prompt)), media_type="text/event-stream")
-    label, prob = await svc.wait(job)
+    answer = await svc.wait(job)
+    label = answer["label"]
     used = S.usage(len(prompt), len(svc.engine.renderer.completion_ids(label)))
-    body = S.envelope(kind, req.model, spec.fingerprint) | {"usage": used, "microtune": {
-        "task": "classify", "label": label, "probability": prob, "model_version": spec.fingerprint}}
-    choice = {"index": 0, "finish_reason": "stop", "logprobs": S.label_logprobs(label, prob)}
+    body = S.envelope(kind, req.model, spec.fingerprint) | {"usage": used, "microtune": _extension(spec, answer)}
+    choice = {"index": 0, "finish_reason": "stop", "logprobs": _logprobs(req, answer, chat)}
     body["choices"] = [choice | ({"message": {"role": "assistant", "content": label}} if chat else {"text": label})]
     return JSONResponse(body)
+
+
+def _extension(spec: AdapterSpec, answer: dict[str, Any]) -> dict[str, Any]:
+    """The `microtune` field: the answer, its labels (a multi-label answer is a label set), its probability, the version."""
+    from microtune.tasks.classify import JOIN
+
+    cfg, label = spec.recipe.task, answer["label"]
+    labels = label.split(JOIN) if getattr(cfg, "multi_label", False) else [label]
+    out = {"task": "classify", "label": label, "labels": labels, "probability": answer["prob"], "model_version": spec.fingerprint}
+    if getattr(cfg, "none_label", None):
+        out["out_of_scope"] = label == cfg.none_label
+    return out
+
+
+def _logprobs(req: S.ChatRequest | S.CompletionRequest, answer: dict[str, Any], chat: bool) -> dict[str, Any] | None:
+    """Chat: the answer's log-probability unless ``logprobs: false`` (+ ``top_logprobs`` answers); completions: the legacy shape."""
+    if chat and req.logprobs is False:
+        return None
+    shape = S.label_logprobs if chat else S.completion_logprobs
+    return shape(answer["label"], answer["prob"], answer["top"])
 
 
 async def _classify_stream(svc: Service, req: S.Sampling, spec: AdapterSpec, job: Job, kind: str, n_prompt: int) -> AsyncIterator[str]:
     head = S.envelope(kind + ".chunk" if kind.startswith("chat") else kind, req.model, spec.fingerprint)
     try:
-        label, prob = await svc.wait(job)
+        answer = await svc.wait(job)
     except S.ApiError as exc:
         yield _sse(exc.body())
         return
-    chat = kind.startswith("chat")
+    chat, label = kind.startswith("chat"), answer["label"]
     pieces = [{"role": "assistant", "content": ""}, {"content": label}] if chat else [{"text": label}]
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
-        choice = {"index": 0, "finish_reason": "stop" if last else None, "logprobs": S.label_logprobs(label, prob) if last else None}
+        choice = {"index": 0, "finish_reason": "stop" if last else None, "logprobs": _logprobs(req, answer, chat) if last else None}
         yield _sse(head | {"choices": [choice | ({"delta": piece} if chat else piece)]})
     if req.stream_options and req.stream_options.include_usage:
         yield _sse(head | {"choices": [], "usage": S.usage(n_prompt, len(svc.engine.renderer.completion_ids(label)))})
     yield _sse("[DONE]")
 
 
-async def generate_response(svc: Service, req: S.Sampling, prompt: list[int], chat: bool) -> Response:
+def check_generation(req: S.ChatRequest | S.CompletionRequest) -> None:
+    """What the base model's free generation does not do yet: log-probabilities and JSON answers (400, not ignored)."""
+    wants = req.top_k() or (isinstance(req, S.ChatRequest) and req.logprobs) or (isinstance(req, S.CompletionRequest) and req.logprobs is not None)
+    if wants:
+        raise S.ApiError(400, "logprobs: the base model's free generation does not return log-probabilities yet (classify micro-models "
+                              "do); leave logprobs out", "logprobs", "unsupported_parameter")
+    fmt = req.response_format.type if req.response_format else "text"
+    if fmt != "text":
+        # TODO(models/constrain.py): the generation developer plugs the JSON-constrained decoder in here
+        raise S.ApiError(400, f"response_format: {fmt} answers from the base model are not served yet (constrained JSON decoding is "
+                              "coming); leave response_format out or use text", "response_format", "not_implemented")
+
+
+async def generate_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, prompt: list[int], chat: bool) -> Response:
+    check_generation(req)
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     params = svc.generation_params(req, prompt, max_tokens, 512 if chat else 16, chat)
     kind = "chat.completion" if chat else "text_completion"
@@ -271,7 +358,7 @@ def create_app(svc: Service) -> FastAPI:
 def _middleware(app: FastAPI, svc: Service) -> None:
     @app.exception_handler(S.ApiError)
     async def api_error(_: Request, exc: S.ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -305,6 +392,7 @@ def _routes(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         req = await svc.parse(request, S.ChatRequest)
+        unsupported(req)
         target = await svc.lookup(req.model)
         if isinstance(target, AdapterSpec):
             return await classify_response(svc, req, target, _last_user(req.messages), chat=True)
@@ -315,6 +403,7 @@ def _routes(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await svc.parse(request, S.CompletionRequest)
+        unsupported(req)
         target = await svc.lookup(req.model)
         if isinstance(target, AdapterSpec):
             return await classify_response(svc, req, target, req.text(), chat=False)
@@ -337,8 +426,10 @@ def _routes(app: FastAPI, svc: Service) -> None:
     async def health() -> JSONResponse:
         ready = svc.engine.ready.is_set()
         status = "ok" if ready else ("failed" if svc.engine.load_error else "loading")
-        body = {"status": status, "base": svc.catalog.base_name, "adapters_loaded": len(svc.engine.loaded),
-                "queue": svc.engine.queue.qsize()}
+        residency = svc.engine.residency
+        body = {"status": status, "base": svc.catalog.base_name, "base_bytes": svc.engine.base_bytes, "adapters_loaded": len(residency),
+                "loaded_bytes": residency.nbytes, "max_memory_bytes": residency.max_bytes, "loaded": residency.report(),
+                "queue": svc.engine.queue.qsize(), "service_time_s": svc.engine.service_time}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")

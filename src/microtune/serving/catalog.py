@@ -7,10 +7,14 @@ A model name is looked up, never used as a path: `name` (its `champion` alias, e
 version), `name@alias` or `name/version`, each part checked against a strict pattern first.
 Registry answers are cached per model string; ``refresh()`` re-resolves them (hot reload when an
 alias moves) and reports what changed.
+
+Every method is served (``placement`` is the one rule, read from the method's capability flags and the
+artifact's PEFT config): where a model runs decides which requests can share a forward pass.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -28,8 +32,35 @@ from microtune.registry.tracking import quiet_mlflow_logs
 
 log = logging.getLogger("microtune.serving")
 BASE = "__base__"  # PEFT's name for "no adapter" rows in a mixed batch
-SERVABLE_METHODS = set(methods.kinds_with("mixed_batch"))  # PEFT mixed-adapter batches: plain LoRA (not DoRA, IA3, prompt tuning, 4-bit bases)
-SERVABLE_TASKS = {"classify"}
+SERVABLE_TASKS = {"classify"}  # extract/generate micro-models wait for the batched generator (models/generation.py)
+MIXED, ALONE, OWN = "mixed", "alone", "own"  # where a model runs: see placement()
+QUOTE = 60  # at most this many characters of a user-given value are quoted back in an error message
+
+
+def quote(value: object, limit: int = QUOTE) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a huge user value whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def placement(method: str, adapter_dir: Path, qlora_base: str = "full") -> str:
+    """Where the server runs an artifact of ``method`` — the one rule (every method is servable, so `check` refuses none):
+
+    - ``mixed``: a LoRA adapter on the shared base, its rows in mixed-adapter batches (PEFT ``adapter_names``): the
+      methods with the ``mixed_batch`` capability (lora, rslora, and qlora — it IS a LoRA adapter — on the
+      full-precision base unless ``qlora_base`` is ``4bit``);
+    - ``alone``: another LoRA-type adapter (DoRA) on the shared base, a batch of its own with ``set_adapter``: PEFT
+      refuses ``adapter_names`` rows naming a DoRA adapter, but a DoRA adapter merely loaded beside others is fine;
+    - ``own``: a model instance of its own (``full``, IA3, prompt/prefix tuning — other PEFT types, which cannot be
+      added to a LoRA ``PeftModel`` — and qlora on its 4-bit base)."""
+    caps = methods.spec(method).capabilities
+    if caps.full_model or (caps.quantized_base and qlora_base == "4bit"):
+        return OWN
+    if caps.mixed_batch:
+        return MIXED
+    config = adapter_dir / "adapter_config.json"
+    peft_type = json.loads(config.read_text()).get("peft_type") if config.is_file() else None
+    return ALONE if peft_type == "LORA" else OWN
 _REF = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[0-9]{1,9}))?$")
 
 
@@ -51,6 +82,9 @@ class AdapterSpec:
     key: str  # the PEFT adapter name: unique per folder content, so a changed folder is a new adapter
     recipe: Recipe = field(repr=False)
     labels: tuple[str, ...]
+    method: str = "lora"
+    place: str = MIXED  # placement(): mixed, alone or own
+    answers: tuple[str, ...] = ()  # what the constrained decoder picks among: task.decoder().candidates (labels, or label sets)
 
     @property
     def task(self) -> str:
@@ -61,28 +95,33 @@ class AdapterSpec:
         return f"{self.name}/{self.version}" if self.version else f"{self.name}@path"
 
 
-def load_spec(name: str, version: str | None, path: Path, base_path: str, base_of: Callable[[Any], str] | None = None) -> AdapterSpec:
+def load_spec(name: str, version: str | None, path: Path, base_path: str, base_of: Callable[[Any], str] | None = None,
+              qlora_base: str = "full") -> AdapterSpec:
     """Read an adapter artifact's metadata and check this server can serve it on its base model.
 
     ``base_of`` maps the recipe's model section to the base's folder (default: ``resolve_base``, which hashes a GGUF:
-    the catalog passes a cached one)."""
+    the catalog passes a cached one). A ``full`` model brings its own weights but must share the base's tokenizer
+    (the server renders every prompt with one), so it too must name this server's base."""
     from microtune.models import resolve_base
+    from microtune.tasks import get_task
 
     base_of = base_of or (lambda model: resolve_base(model).path)
     path = Path(path).resolve()
     manifest = read_manifest(path, "adapter")
     recipe = artifact_recipe(path / "recipe.json")
     method = manifest.get("method", "lora")
-    if method not in SERVABLE_METHODS:
-        raise UnservableModel(f"model {name!r}: method {method!r} cannot share a base model in mixed batches",
-                              hint="serve LoRA adapters, or `microtune export --merge` this one and serve the merged model as --base")
+    if method not in methods.kinds():
+        raise UnservableModel(f"model {quote(name)}: method {quote(method)} is not a method this microtune knows",
+                              hint=f"serve artifacts of one of {methods.kinds()}")
     if recipe.task.type not in SERVABLE_TASKS:
-        raise UnservableModel(f"model {name!r}: task type {recipe.task.type!r} is not served yet", hint="serve classify micro-models")
+        raise UnservableModel(f"model {quote(name)}: task type {recipe.task.type!r} is not served yet", hint="serve classify micro-models")
     trained_on = base_of(recipe.model)
     if trained_on != base_path:
-        raise UnservableModel(f"model {name!r} was trained on {recipe.model.base!r} ({trained_on}); this server's base is {base_path}",
+        raise UnservableModel(f"model {quote(name)} was trained on {recipe.model.base!r} ({trained_on}); this server's base is {base_path}",
                               hint="start a server with --base set to the adapter's base model")
-    return AdapterSpec(name, version, path, _key(path), recipe, tuple(manifest["labels"]))
+    labels = tuple(manifest["labels"])
+    answers = tuple(get_task(recipe.task, list(labels)).decoder().candidates or ())
+    return AdapterSpec(name, version, path, _key(path), recipe, labels, method, placement(method, path, qlora_base), answers)
 
 
 def _key(path: Path) -> str:
@@ -135,8 +174,8 @@ class RegistryReader:
 
 
 class Catalog:
-    def __init__(self, base_name: str, base_path: str, paths: dict[str, Path], registry: RegistryReader | None):
-        self.base_name, self.base_path, self.registry = base_name, base_path, registry
+    def __init__(self, base_name: str, base_path: str, paths: dict[str, Path], registry: RegistryReader | None, qlora_base: str = "full"):
+        self.base_name, self.base_path, self.registry, self.qlora_base = base_name, base_path, registry, qlora_base
         self._lock = threading.Lock()
         self._bases: dict[tuple[str, str | None], str] = {(base_name, None): base_path}
         self._paths = {name: self._load(name, None, path) for name, path in paths.items()}
@@ -152,7 +191,7 @@ class Catalog:
         return self._bases[key]
 
     def _load(self, name: str, version: str | None, path: Path) -> AdapterSpec:
-        return load_spec(name, version, path, self.base_path, self._base_of)
+        return load_spec(name, version, path, self.base_path, self._base_of, self.qlora_base)
 
     def lookup(self, model: str) -> AdapterSpec | str:
         """The spec a model string names, or BASE; UnknownModel / UnservableModel otherwise."""
@@ -171,17 +210,17 @@ class Catalog:
     def _from_registry(self, model: str) -> AdapterSpec:
         m = _REF.match(model)
         if m is None or not is_valid_name(m["name"]):
-            raise UnknownModel(f"model {model!r} is not a valid model name", hint="use NAME, NAME@ALIAS or NAME/VERSION")
+            raise UnknownModel(f"model {quote(model)} is not a valid model name", hint="use NAME, NAME@ALIAS or NAME/VERSION")
         if self.registry is None:
-            raise UnknownModel(f"model {model!r} is not served here", hint=f"use one of {self.names()}")
+            raise UnknownModel(f"model {quote(model)} is not served here", hint=f"use one of {self.names()}")
         found = self.registry.version(m["name"], m["alias"], m["version"])
         if found is None:
-            raise UnknownModel(f"model {model!r} is not in the registry", hint=f"use one of {self.names()}")
+            raise UnknownModel(f"model {quote(model)} is not in the registry", hint=f"use one of {self.names()}")
         version, source = found
         try:
             return self._load(m["name"], version, self.registry.local_path(source))
         except ArtifactError as exc:
-            raise UnservableModel(f"model {model!r} version {version}: {exc.message}", hint=exc.hint) from None
+            raise UnservableModel(f"model {quote(model)} version {version}: {exc.message}", hint=exc.hint) from None
 
     def refresh(self) -> list[str]:
         """Re-resolve registry names and re-read changed adapter folders; return one line per change."""

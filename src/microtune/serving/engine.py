@@ -1,31 +1,42 @@
-"""The serving engine: one base model in memory, many LoRA adapters, requests batched across adapters.
+"""The serving engine: one base model in memory, micro-models of every method on it or beside it, requests batched.
 
     engine = Engine(settings, catalog, tokenizer, base_ref, metrics); engine.start()
-    job = engine.classify(spec, prompt_ids, loop) ; engine.submit(job) ; label, prob = await job.future
+    job = Job("classify", spec, prompt_ids, loop, loop.create_future()); engine.submit(job)
+    answer = await job.future          # {"label", "prob", "top"}
 
-One worker thread owns the model (PEFT adapters are loaded, evicted and run only there, so no lock
-is needed around the weights). It takes the first waiting request, waits up to the batching window
-for more, and answers every `classify` request of the batch in one mixed-adapter forward pass per
-decoding step (each row names its adapter: PEFT's ``adapter_names``). Free generation (the base
-model) runs one request at a time in the same loop, streaming text through a callback. Adapters are
-kept in an LRU of ``max_loaded``; a batch that needs more distinct adapters is split.
+One worker thread owns every model (adapters and instances are loaded, evicted and run only there, so
+no lock is needed around the weights). It takes the first waiting request, waits up to the batching
+window for more, and groups the batch by **model instance** (catalog.placement): the shared base
+answers all its LoRA adapters (lora, rslora, qlora on the full-precision base) in one mixed-adapter
+forward per decoding step (each row names its adapter: PEFT's ``adapter_names``); a DoRA adapter runs
+on the shared base in a group of its own (``set_adapter``); a model with its own instance (full, IA3,
+prompt/prefix tuning, qlora on its 4-bit base) answers its group with its own forwards. Free generation
+(the base model) runs one request at a time, streaming text through a callback; ``_generate`` is the
+place a generation runner per model instance plugs in. Everything loaded beyond the base is one LRU
+(``residency``) under ``max_loaded`` entries and ``max_memory_mb``.
+
+Load shedding: the engine keeps an EWMA of the service time per request (a batch's time over its
+size); ``submit`` refuses a request whose expected wait (queue length × that time) is past its timeout
+(``Overloaded``, HTTP 429 with Retry-After) instead of letting it time out in the queue.
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import math
 import queue
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from microtune.models.decoding import LabelPredictor, build_trie
 from microtune.models.hardware import autocast, device, use_bf16
-from microtune.serving.catalog import BASE, AdapterSpec, Catalog
+from microtune.serving.catalog import ALONE, BASE, MIXED, OWN, AdapterSpec, Catalog
 from microtune.serving.metrics import Metrics
+from microtune.serving.residency import MB, Residency, Resident, adapter_bytes, model_bytes
 from microtune.serving.settings import ServeSettings
 from microtune.tasks.render import Renderer
 
@@ -34,6 +45,17 @@ log = logging.getLogger("microtune.serving")
 
 class QueueFull(Exception):
     """More requests wait than ``max_queue`` (HTTP 429)."""
+
+
+class Overloaded(Exception):
+    """The expected wait of a new request is past its timeout (HTTP 429 with Retry-After: shed at once, not a 504 later)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+EWMA_WEIGHT = 0.2  # weight of the newest batch in the service-time estimate: steady, yet follows a load change in ~10 batches
 
 
 @dataclass
@@ -70,15 +92,17 @@ class Engine:
         self.settings, self.catalog, self.tok, self.base_ref, self.metrics = settings, catalog, tokenizer, base_ref, metrics
         self.renderer = Renderer(tokenizer)
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
-        self.loaded: OrderedDict[str, AdapterSpec] = OrderedDict()
+        self.residency = Residency(settings.max_loaded, settings.max_memory_mb * MB)
         self.tries: dict[str, dict[int, Any]] = {}
-        self.model: Any = None
+        self.model: Any = None  # the shared base (a PeftModel once a LoRA-type adapter is on it)
+        self.base_bytes = 0
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.bf16 = use_bf16(settings.bf16)
+        self._service: float | None = None  # EWMA of seconds per request
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="microtune-engine", daemon=True)
-        metrics.watch(self.queue.qsize, lambda: len(self.loaded))
+        metrics.watch(self.queue.qsize, lambda: len(self.residency), lambda: self.residency.nbytes)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,10 +114,34 @@ class Engine:
         self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it at once: ``QueueFull`` past ``max_queue``, ``Overloaded`` when it would wait past its timeout."""
+        wait = self.expected_wait()
+        if wait > self.settings.timeout_s:
+            retry = max(1, math.ceil(wait - self.settings.timeout_s))
+            raise Overloaded(f"{self.queue.qsize()} requests are waiting, about {wait:.1f}s of work, more than the "
+                             f"{self.settings.timeout_s:g}s timeout", retry)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"{self.queue.qsize()} requests are waiting (max_queue {self.settings.max_queue})") from None
+
+    # -- load shedding ----------------------------------------------------------------------------
+    @property
+    def service_time(self) -> float | None:
+        """Seconds of work per request (EWMA over batches); None until the first batch (or ``prime_service_time``)."""
+        return self._service
+
+    def prime_service_time(self, seconds: float) -> None:
+        """Set the estimate (a warm-up measurement, or a test); later batches move it as usual."""
+        self._service = float(seconds)
+
+    def expected_wait(self) -> float:
+        """Seconds a request queued now would wait before its batch starts: queue length × service time per request."""
+        return self.queue.qsize() * (self._service or 0.0)
+
+    def _measured(self, seconds: float, requests: int) -> None:
+        per = seconds / max(requests, 1)
+        self._service = per if self._service is None else EWMA_WEIGHT * per + (1 - EWMA_WEIGHT) * self._service
 
     def _run(self) -> None:
         try:
@@ -113,6 +161,7 @@ class Engine:
         from microtune.models import load_model
 
         self.model = load_model(self.base_ref).to(device()).eval()
+        self.base_bytes = model_bytes(self.model)
 
     def _next_batch(self) -> list[Job] | None:
         """The first waiting job plus whatever arrives within the batching window (up to max_batch)."""
@@ -139,21 +188,24 @@ class Engine:
         if classify:
             self.metrics.batch_size.labels("classify").observe(len(classify))
         for group in self._groups(classify):
-            self._guarded(group, self._classify)
+            for jobs in self._by_instance(group):
+                self._guarded(jobs, self._classify)
         for job in (j for j in live if j.kind == "generate"):
             self.metrics.batch_size.labels("generate").observe(1)
             self._guarded([job], lambda jobs: self._generate(jobs[0]))
 
     def _guarded(self, jobs: list[Job], fn: Any) -> None:
+        start = time.perf_counter()
         try:
             fn(jobs)
         except Exception as exc:  # one failing batch must not end the worker; its requests answer 500
             log.exception("batch of %d failed", len(jobs))
             for job in jobs:
                 job.resolve(error=exc)
+        self._measured(time.perf_counter() - start, len(jobs))
 
     def _groups(self, jobs: list[Job]) -> list[list[Job]]:
-        """Split a batch so no group needs more distinct adapters than the LRU may hold at once."""
+        """Split a batch so no group needs more distinct models than the LRU may hold at once."""
         groups: list[list[Job]] = []
         adapters: list[set[str]] = []
         for job in jobs:
@@ -167,45 +219,90 @@ class Engine:
                 adapters.append({job.adapter})
         return groups
 
+    @staticmethod
+    def _by_instance(jobs: list[Job]) -> list[list[Job]]:
+        """The jobs of each model instance, in order of arrival: every mixed adapter's rows together (the shared base
+        answers them in one forward per step), each DoRA adapter and each own instance apart."""
+        out: dict[str, list[Job]] = {}
+        for job in jobs:
+            spec: AdapterSpec = job.spec  # type: ignore[assignment]
+            out.setdefault("" if spec.place == MIXED else spec.key, []).append(job)
+        return list(out.values())
+
+    def _instance(self, jobs: list[Job]) -> tuple[Any, list[str] | None]:
+        """``(model, per-row adapter names or None)`` that answers these jobs (all of one instance, all loaded)."""
+        spec: AdapterSpec = jobs[0].spec  # type: ignore[assignment]
+        if spec.place == MIXED:
+            return self.model, [j.adapter for j in jobs]
+        if spec.place == ALONE:
+            self.model.set_adapter(spec.key)  # rows of a DoRA adapter cannot be named per row: make it the active one
+            return self.model, None
+        return self.residency.entries[spec.key].model, None
+
     def _classify(self, jobs: list[Job]) -> None:
         specs = [j.spec for j in jobs]
         self._ensure_loaded(specs)  # type: ignore[arg-type]
-        predictor = LabelPredictor(self.model, self.renderer, [], batch_size=self.settings.max_batch, bf16=self.bf16)
-        preds = predictor.predict([j.prompt for j in jobs], adapter_names=[j.adapter for j in jobs],
-                                  tries=[self._trie(s) for s in specs])  # type: ignore[arg-type]
-        for job, pred in zip(jobs, preds):
-            job.resolve(pred)
+        model, names = self._instance(jobs)
+        predictor = LabelPredictor(model, self.renderer, [], batch_size=self.settings.max_batch, bf16=self.bf16)
+        tries = [self._trie(s) for s in specs]  # type: ignore[arg-type]
+        preds = predictor.predict([j.prompt for j in jobs], adapter_names=names, tries=tries)
+        for i, (job, (label, prob)) in enumerate(zip(jobs, preds)):
+            top = None
+            if job.params.get("top_logprobs"):
+                top = predictor.answer_logprobs(job.prompt, tries[i], names[i] if names else None)[: job.params["top_logprobs"]]
+            job.resolve({"label": label, "prob": prob, "top": top})
 
     def _trie(self, spec: AdapterSpec) -> dict[int, Any]:
+        """The decoder's trie over the model's answers: its labels, or its label sets (multi-label), as eval decodes."""
         if spec.key not in self.tries:
-            self.tries[spec.key] = build_trie({label: self.renderer.completion_ids(label) for label in spec.labels})
+            self.tries[spec.key] = build_trie({answer: self.renderer.completion_ids(answer) for answer in spec.answers})
         return self.tries[spec.key]
 
     def _ensure_loaded(self, specs: list[AdapterSpec]) -> None:
-        """Load missing adapters, then unload the least recently used beyond max_loaded (never one this batch needs)."""
+        """Load what this group needs, then unload least recently used entries (never one it needs) past the limits."""
+        needed = {s.key: s for s in specs}
+        for spec in needed.values():
+            if spec.key in self.residency:
+                self.residency.touch(spec.key)
+            else:
+                self._load(spec)
+        for key in self.residency.victims(needed):
+            self._unload(key)
+        if self.residency.nbytes > self.residency.max_bytes:
+            log.warning("the models of one batch need %.1f MB, over max_memory_mb=%d", self.residency.nbytes / MB,
+                        self.settings.max_memory_mb)
+
+    def _load(self, spec: AdapterSpec) -> None:
         from peft import PeftModel
 
-        needed = {s.key for s in specs}
-        for spec in {s.key: s for s in specs}.values():
-            if spec.key in self.loaded:
-                self.loaded.move_to_end(spec.key)
-                continue
+        if spec.place == OWN:
+            from microtune.models.trained import load_trained
+
+            model = load_trained(self.base_ref, spec.path)  # full weights, or a private base (4-bit for qlora) + the adapter
+            resident = Resident(spec.key, spec.fingerprint, spec.place, model_bytes(model), model)
+        else:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(spec.path), adapter_name=spec.key)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(spec.path), adapter_name=spec.key)
             self.model.eval()
-            self.loaded[spec.key] = spec
-            self.metrics.adapter_events.labels("load").inc()
-            log.info("loaded adapter %s (%s)", spec.fingerprint, spec.path)
-        for key in [k for k in self.loaded if k not in needed][: max(len(self.loaded) - self.settings.max_loaded, 0)]:
-            with warnings.catch_warnings():  # "the active adapter was deleted": rows always name their adapter, none is "active"
+            resident = Resident(spec.key, spec.fingerprint, spec.place, adapter_bytes(self.model, spec.key))
+        self.residency.add(resident)
+        self.metrics.adapter_events.labels("load").inc()
+        log.info("loaded %s (%s, %s, %.1f MB)", spec.fingerprint, spec.method, spec.place, resident.nbytes / MB)
+
+    def _unload(self, key: str) -> None:
+        resident = self.residency.remove(key)
+        if resident.model is None:
+            with warnings.catch_warnings():  # "the active adapter was deleted": mixed rows name their adapter, DoRA sets its own
                 warnings.filterwarnings("ignore", message=".*was active which is now deleted")
                 self.model.delete_adapter(key)
-            self.tries.pop(key, None)
-            evicted = self.loaded.pop(key)
-            self.metrics.adapter_events.labels("evict").inc()
-            log.info("unloaded adapter %s (least recently used)", evicted.fingerprint)
+        else:
+            resident.model = None
+            gc.collect()  # an own instance's weights go now, not at some later collection
+        self.tries.pop(key, None)
+        self.metrics.adapter_events.labels("evict").inc()
+        log.info("unloaded %s (least recently used, %.1f MB)", resident.fingerprint, resident.nbytes / MB)
 
     def _generate(self, job: Job) -> None:
         import torch

@@ -1,7 +1,7 @@
 """Prometheus metrics of one server (its own registry, so several servers can live in one process).
 
 Scraped at ``GET /metrics``: requests by route and status, request latency, batch sizes, queue depth,
-loaded adapters, adapter loads and evictions.
+loaded entries (adapters and own model instances) and their bytes, loads and evictions, requests shed.
 """
 from __future__ import annotations
 
@@ -22,12 +22,17 @@ class Metrics:
         self.batch_size = Histogram("microtune_batch_size", "Requests per forward batch", ["kind"],
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.queue = Gauge("microtune_queue_depth", "Requests waiting for the batcher", registry=self.registry)
-        self.adapters = Gauge("microtune_adapters_loaded", "LoRA adapters in memory", registry=self.registry)
-        self.adapter_events = Counter("microtune_adapter_events", "Adapter loads and evictions", ["event"], registry=self.registry)
+        self.adapters = Gauge("microtune_adapters_loaded", "Micro-models in memory (adapters and own model instances)", registry=self.registry)
+        self.loaded_bytes = Gauge("microtune_loaded_bytes", "Bytes of the loaded micro-models (the max_memory_mb budget)",
+                                  registry=self.registry)
+        self.adapter_events = Counter("microtune_adapter_events", "Micro-model loads and evictions", ["event"], registry=self.registry)
+        self.shed = Counter("microtune_shed", "Requests refused at once (429) because their expected wait was past the timeout",
+                            registry=self.registry)
 
-    def watch(self, queue_depth: Callable[[], int], loaded: Callable[[], int]) -> None:
+    def watch(self, queue_depth: Callable[[], int], loaded: Callable[[], int], loaded_bytes: Callable[[], int] = lambda: 0) -> None:
         self.queue.set_function(queue_depth)
         self.adapters.set_function(loaded)
+        self.loaded_bytes.set_function(loaded_bytes)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -28,7 +28,12 @@ class ServeSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 exposes the server to the network.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; empty and no $MICROTUNE_API_KEYS: no auth.")
-    max_loaded: int = Field(8, ge=1, description="LoRA adapters kept in memory at once; the least recently used is unloaded.")
+    max_loaded: int = Field(8, ge=1, description="Micro-models kept in memory at once (adapters and own model instances); the least "
+                                                 "recently used is unloaded.")
+    max_memory_mb: int = Field(4096, ge=1, description="Memory budget of the loaded micro-models beyond the base (adapter weights, own "
+                                                       "model instances: parameters + buffers); the least recently used go first.")
+    qlora_base: Literal["full", "4bit"] = Field("full", description="qlora adapters: `full` runs them on the shared full-precision base "
+                                                                    "in mixed batches; `4bit` on their own 4-bit base, as trained.")
     max_batch: int = Field(32, ge=1, description="Requests answered in one forward pass at most.")
     batch_window_ms: float = Field(10.0, ge=0, description="How long the batcher waits for more requests after the first one.")
     max_queue: int = Field(256, ge=1, description="Requests waiting at most; more answer 429.")
