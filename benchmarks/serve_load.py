@@ -1,6 +1,12 @@
 """Serving load: microtune serve vs a naive one-at-a-time server that swaps adapters per request.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 32] [--requests 128] [--repeats 3] [--threads 1] [--workspace DIR]
+    .venv/bin/python benchmarks/serve_load.py --contention 2 --timeout 5 [--clients 32] [--requests 96]
+
+Contention mode (``--contention N``): only microtune serve, with N CPU-burner processes beside it and a short
+``--timeout``; one round, reported as answered (200) / shed (429, with or without Retry-After) / timed out
+(504) / other — load shedding answers a request that would wait past its timeout at once instead of a 504
+after the full timeout. Written between the serve-contention markers.
 
 Four classify micro-models on the bundled SmolLM2-135M-Instruct: `banking-a`, `banking-b` (the
 banking-intents recipe, CLINC150 slice, 30 intents) and `faa-a`, `faa-b` (the faa-maintenance recipe),
@@ -145,6 +151,91 @@ def load(port: int, jobs: list[tuple[str, str]], clients: int, labels: dict[str,
     return {"throughput": len(jobs) / wall, "latency": latency, "answers": answers, "failures": failures, "wall": wall}
 
 
+def burn() -> None:
+    """A CPU burner (contention mode): spins until terminated."""
+    x = 0
+    while True:
+        x = (x * 1103515245 + 12345) % 2**31
+
+
+def load_statuses(port: int, jobs: list[tuple[str, str]], clients: int) -> dict[str, Any]:
+    """Send every job once with `clients` concurrent connections; count statuses and 429s without Retry-After."""
+    counts: dict[str, int] = {}
+    missing_retry: list[int] = []
+    latency: list[float] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        for i in range(k, len(jobs), clients):
+            model, text = jobs[i]
+            body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}]})
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                status, retry = str(resp.status), resp.getheader("Retry-After")
+            except (OSError, http.client.HTTPException) as exc:
+                status, retry = type(exc).__name__, None
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+            with lock:
+                counts[status] = counts.get(status, 0) + 1
+                latency.append(time.perf_counter() - t0)
+                if status == "429" and not (retry and retry.isdigit() and int(retry) >= 1):
+                    missing_retry.append(i)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"counts": counts, "missing_retry": missing_retry, "wall": time.perf_counter() - t0, "latency": latency}
+
+
+def contention(args: argparse.Namespace, adapter_args: list[str], work: Path) -> None:
+    """One round against microtune serve with ``args.contention`` CPU burners beside it; writes the serve-contention section."""
+    import multiprocessing
+
+    port = 8733
+    cmd = [sys.executable, "-m", "microtune.cli", "serve", *adapter_args, "--no-registry", "--port", str(port), "--max-batch", "32",
+           "--batch-window-ms", "10", "--max-queue", "1024", "--timeout", str(args.timeout)]
+    proc = start(cmd, port, work / f"{port}.log", args.threads)
+    burners = [multiprocessing.Process(target=burn, daemon=True) for _ in range(args.contention)]
+    try:
+        load_statuses(port, requests_for(8), 4)  # warm-up: every adapter loaded, the service time measured
+        for b in burners:
+            b.start()
+        res = load_statuses(port, requests_for(args.requests), args.clients)
+    finally:
+        for b in burners:
+            b.terminate()
+        proc.terminate()
+        proc.wait(60)
+    c = res["counts"]
+    other = sum(v for k, v in c.items() if k not in {"200", "429", "504"})
+    retry = "yes" if not res["missing_retry"] else f"no ({len(res['missing_retry'])} without)"
+    table = ["| requests | answered (200) | shed (429) | timed out (504) | other | every 429 had Retry-After | p50 latency | max | wall |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+             f"| {args.requests} | {c.get('200', 0)} | {c.get('429', 0)} | {c.get('504', 0)} | {other} | "
+             f"{retry} | "
+             f"{pct(res['latency'], 50):.2f}s | {max(res['latency']):.2f}s | {res['wall']:.0f}s |"]
+    for line in table:
+        print(line)
+    command = (f"`.venv/bin/python benchmarks/serve_load.py --contention {args.contention} --timeout {args.timeout:g} "
+               f"--clients {args.clients} --requests {args.requests} --threads {args.threads}`")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from predict_speed import _write_section
+
+    _write_section("serve-contention", "## Serving under contention: load shedding (classify, CPU)\n\n"
+                   f"{command} — microtune serve alone with the same 4 micro-models, {args.contention} CPU-burner process(es) "
+                   f"beside it, a {args.timeout:g}s request timeout, {args.clients} concurrent clients, one round of {args.requests} "
+                   "chat requests after a warm-up. A request whose expected wait (queue length × the engine's measured service "
+                   "time per request) is past its timeout is answered 429 with Retry-After at once; a request that started and "
+                   "overran answers 504.\n\n" + "\n".join(table))
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(round(q / 100 * (len(ordered) - 1))), len(ordered) - 1)]
@@ -157,12 +248,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="Torch (OpenMP) threads of each server (OMP_NUM_THREADS).")
     ap.add_argument("--workspace", type=Path, default=None, help="Build the adapters here, or reuse the ones an earlier run built here.")
+    ap.add_argument("--contention", type=int, default=0, help="Contention mode: N CPU-burner processes beside microtune serve.")
+    ap.add_argument("--timeout", type=float, default=5.0, help="Contention mode: the server's request timeout (seconds).")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     ws = args.workspace or work / "ws"
     adapters = _trained(ws) or build_adapters(ws)
     labels = {n: set(json.loads((p / "manifest.json").read_text())["labels"]) for n, p in adapters.items()}
     adapter_args = [x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}")]
+    if args.contention:
+        contention(args, adapter_args, work)
+        return
     py = sys.executable
     servers = {
         "microtune serve": ([py, "-m", "microtune.cli", "serve", *adapter_args, "--no-registry", "--port", "8731", "--max-batch", "32",
