@@ -82,11 +82,17 @@ def test_server_serves_what_the_mixed_batch_flag_says(tmp_path) -> None:
     from microtune.serving.catalog import ALONE, MIXED, OWN, placement
 
     assert methods.kinds_with("mixed_batch") == ["lora", "qlora"]
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
-    assert {k: placement(k, tmp_path) for k in methods.kinds()} == {
-        "lora": MIXED, "qlora": MIXED, "dora": ALONE, "ia3": ALONE, "prompt_tuning": ALONE, "prefix_tuning": ALONE, "full": OWN}
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
-    assert placement("ia3", tmp_path) == OWN and placement("qlora", tmp_path, qlora_base="4bit") == OWN
+    peft_types = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING",
+                  "prefix_tuning": "PREFIX_TUNING", "full": None}  # what each method's artifact holds (full: no adapter config)
+    places = {}
+    for kind, peft_type in peft_types.items():
+        folder = tmp_path / kind
+        folder.mkdir()
+        if peft_type:
+            (folder / "adapter_config.json").write_text(f'{{"peft_type": "{peft_type}"}}')
+        places[kind] = placement(kind, folder)
+    assert places == {"lora": MIXED, "qlora": MIXED, "dora": ALONE, "ia3": OWN, "prompt_tuning": OWN, "prefix_tuning": OWN, "full": OWN}
+    assert placement("qlora", tmp_path / "qlora", qlora_base="4bit") == OWN
 
 
 def test_a_spec_whose_flags_contradict_its_hooks_is_refused() -> None:
