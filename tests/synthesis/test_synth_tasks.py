@@ -273,9 +273,9 @@ def scripted_extract(body: dict[str, Any], attempt: int):
 
 def scripted_generate(body: dict[str, Any], attempt: int):
     i = body["seed"] - 13 * 100_000
-    echo = "the fridge i bought in may has stopped cooling and all the food in it went bad over the weekend"
-    if i == 0:
-        return 200, {}, json.dumps({"examples": [{"text": echo, "target": echo}]})
+    if i == 0:  # a real row's target for a new text (an echo of the input fails target_length first)
+        return 200, {}, json.dumps({"examples": [{"text": "i changed my mind about the bookcase and no longer want it delivered to me",
+                                                  "target": "wants bookshelf order cancelled"}]})
     if i == 1:
         return 200, {}, json.dumps({"examples": [{"text": "the oven door does not close properly since the engineer came round",
                                                   "target": " ".join(["the oven door will not close after the visit"] * 4)}]})
