@@ -7,6 +7,10 @@
 An answer function gets the request body and the number of earlier hits with the same messages and
 seed, and returns ``(status, headers, content)``: a string becomes the assistant message, a dict is sent
 as the JSON body as is (e.g. an error object), bytes are sent raw as text/html. The toy paraphrases below were written for these tests.
+
+``good_answer`` answers classify requests (``Label: X``), ``good_extract_answer`` extract ones (``Filled fields: a, b``:
+texts with those fields filled, every value copied from its text), ``good_generate_answer`` generate ones ((text,
+summary) pairs); ``*_recipe_factory`` write the matching toy recipes.
 """
 from __future__ import annotations
 
