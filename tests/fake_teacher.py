@@ -7,6 +7,10 @@
 An answer function gets the request body and the number of earlier hits with the same messages and
 seed, and returns ``(status, headers, content)``: a string becomes the assistant message, a dict is sent
 as the JSON body as is (e.g. an error object), bytes are sent raw as text/html. The toy paraphrases below were written for these tests.
+
+``good_answer`` answers classify requests (``Label: X``), ``good_extract_answer`` extract ones (``Filled fields: a, b``:
+texts with those fields filled, every value copied from its text), ``good_generate_answer`` generate ones ((text,
+summary) pairs); ``*_recipe_factory`` write the matching toy recipes.
 """
 from __future__ import annotations
 
@@ -145,5 +149,107 @@ def synth_recipe_factory(make_recipe: Callable[..., Path], model_dir: Path, tmp_
                    "fidelity": {"folds": 2, "max_auc": 1.0, **synth.pop("fidelity", {})},
                    "filters": {"length_slack": 2.0, **synth.pop("filters", {})}, **synth}
         return make_recipe(model_dir, data={"train": train.name, "test": test.name, "split": {"valid": 0.0}}, synth=section)
+
+    return make
+
+
+# Extract: paraphrased customer messages per filled-field set, every value copied from its text.
+GEN_EXTRACT = {
+    "product + problem": [
+        ("the hair dryer blows only cold air", "hair dryer", "blows only cold air"),
+        ("my rice cooker lid will not close properly", "rice cooker", "lid will not close"),
+        ("the electric kettle switches off before boiling", "electric kettle", "switches off before boiling"),
+        ("the bike pump has a bent valve", "bike pump", "bent valve"),
+        ("my tablet case split along the hinge", "tablet case", "split along the hinge"),
+        ("the steam iron drips water on my shirts", "steam iron", "drips water"),
+        ("the ceiling fan hums loudly at night", "ceiling fan", "hums loudly"),
+        ("the garden hose bursts near the tap", "garden hose", "bursts near the tap"),
+    ],
+    "product": [
+        ("has the microwave shipped yet", "microwave", None),
+        ("could i exchange the duvet for a bigger size", "duvet", None),
+        ("is there a warranty on the sewing machine", "sewing machine", None),
+        ("when does the dishwasher arrive", "dishwasher", None),
+        ("can i order a second pillow cover", "pillow cover", None),
+        ("do you deliver the treadmill upstairs", "treadmill", None),
+    ],
+}
+
+
+def filled_of(body: dict[str, Any]) -> str:
+    names = re.search(r"^Filled fields: (.+)$", body["messages"][-1]["content"], re.MULTILINE).group(1)
+    return " + ".join(n.strip() for n in names.split(","))
+
+
+def extract_examples(items: list[tuple[str, str, str | None]]) -> str:
+    return json.dumps({"examples": [{"text": t, "output": {"product": p, "problem": q}} for t, p, q in items]})
+
+
+def good_extract_answer(body: dict[str, Any], _attempt: int) -> Answer:
+    """New messages of the asked filled-field set, picked by the request's seed."""
+    pool, n, seed = GEN_EXTRACT[filled_of(body)], n_of(body), body.get("seed", 0)
+    return 200, {}, extract_examples([pool[(seed * 3 + i) % len(pool)] for i in range(n)])
+
+
+GEN_GENERATE = [
+    ("hi, the dining table i ordered a month ago is still not here and nobody answers the phone at your depot",
+     "dining table a month late, depot unreachable"),
+    ("the toaster i bought last week only heats on one side and the bread comes out half raw",
+     "new toaster heats one side only"),
+    ("you took the payment for my curtains twice and i need the second charge reversed",
+     "curtains paid twice, wants second charge reversed"),
+    ("will the running shoes in size nine be available again before the marathon in april",
+     "asks if size nine running shoes return before april"),
+    ("the courier left my package at the shop next door but the shop says it is not there",
+     "package left at shop next door, not found"),
+    ("please send the rest of my order to my parents instead, i will be staying with them",
+     "wants rest of order sent to parents"),
+    ("the speaker stopped connecting by bluetooth after two days and resetting it did nothing",
+     "speaker bluetooth failed after two days"),
+    ("i sent the coat back three weeks ago and i have not seen any money come back yet",
+     "coat refund missing three weeks after return"),
+    ("the gift card from my birthday is rejected at checkout with a message about an invalid number",
+     "birthday gift card rejected as invalid"),
+    ("cancel the order for the desk chair please, it is taking far too long",
+     "wants slow desk chair order cancelled"),
+]
+
+
+def good_generate_answer(body: dict[str, Any], _attempt: int) -> Answer:
+    """New (message, summary) pairs, picked by the request's seed."""
+    n, seed = n_of(body), body.get("seed", 0)
+    pairs = [GEN_GENERATE[(seed * 3 + i) % len(GEN_GENERATE)] for i in range(n)]
+    return 200, {}, json.dumps({"examples": [{"text": t, "target": s} for t, s in pairs]})
+
+
+def extract_recipe_factory(make_recipe: Callable[..., Path], model_dir: Path, tmp_path: Path) -> Callable[..., Path]:
+    """``make(url, **synth)``: a toy extract recipe (16 real rows in train, 3 in test) whose synth section asks ``url``."""
+    from toydata import EXTRACT_FIELDS, EXTRACT_ROWS, extract_row
+
+    train = write_jsonl(tmp_path / "train.jsonl", [extract_row(*r) for r in EXTRACT_ROWS])
+    test = write_jsonl(tmp_path / "test.jsonl", [extract_row("the juicer leaks juice everywhere", "juicer", "leaks juice everywhere"),
+                                                 extract_row("where is my electric blanket", "electric blanket", None),
+                                                 extract_row("the scale shows the wrong weight", "scale", "shows the wrong weight")])
+    task = {"type": "extract", "labels": None, "instruction": "Extract the product and the problem.", "fields": EXTRACT_FIELDS}
+    return _factory(make_recipe, model_dir, train, test, task)
+
+
+def generate_recipe_factory(make_recipe: Callable[..., Path], model_dir: Path, tmp_path: Path) -> Callable[..., Path]:
+    """``make(url, **synth)``: a toy generate recipe (the first 12 pairs in train, 2 in test) whose synth section asks ``url``."""
+    from toydata import GENERATE_ROWS
+
+    rows = [{"text": t, "target": s} for t, s in GENERATE_ROWS]
+    train, test = write_jsonl(tmp_path / "train.jsonl", rows[:12]), write_jsonl(tmp_path / "test.jsonl", rows[12:])
+    task = {"type": "generate", "labels": None, "instruction": "Summarise the customer message for the agent."}
+    return _factory(make_recipe, model_dir, train, test, task)
+
+
+def _factory(make_recipe: Callable[..., Path], model_dir: Path, train: Path, test: Path, task: dict[str, Any]) -> Callable[..., Path]:
+    def make(url: str, **synth: Any) -> Path:
+        teacher = {"base_url": url, "model": "fake-teacher", "concurrency": 4, "max_attempts": 3, **synth.pop("teacher", {})}
+        section = {"total": 6, "examples_per_request": 2, "exemplars": 2, "teacher": teacher,
+                   "fidelity": {"folds": 2, "max_auc": 1.0, **synth.pop("fidelity", {})},
+                   "filters": {"length_slack": 1.0, **synth.pop("filters", {})}, **synth}
+        return make_recipe(model_dir, data={"train": train.name, "test": test.name, "split": {"valid": 0.0}}, task=task, synth=section)
 
     return make

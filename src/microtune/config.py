@@ -373,7 +373,10 @@ class SynthFilterConfig(Section):
         0.9, gt=0, le=1, description="Reject a row whose fuzzy similarity (rapidfuzz token-sort ratio / 100) with a kept "
         "synthetic row reaches this.",
     )
-    label_check: bool = Field(True, description="Reject rows whose label a probe classifier trained on the real rows rejects.")
+    label_check: bool | None = Field(
+        None, description="Reject rows whose label a probe classifier trained on the real rows rejects. Default: on for task "
+        "types with labels (classify); `true` on a task type without labels is refused."
+    )
     probe_top_k: int = Field(3, ge=1, description="The probe rejects a row when its label is not among the probe's k likeliest labels.")
     judge: bool = Field(False, description="Ask the teacher endpoint whether each surviving row's label is right; reject on `no`.")
     judge_model: str | None = Field(None, description="Model for the judge; default: the teacher's model.")

@@ -10,15 +10,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from typer.testing import CliRunner
 
 from fake_teacher import GEN, FakeTeacher, examples, good_answer, label_of, synth_recipe_factory
+from microtune import tasks
 from microtune.cli import app
 from microtune.core.errors import RecipeError, TeacherError
 from microtune.pipeline import synth
+from microtune.tasks import GenerateConfig, GenerateTask
+from microtune.tasks.base import type_field
 from toydata import LABELS
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -235,18 +238,37 @@ def test_a_recipe_without_a_synth_section_says_how_to_add_one(make_recipe, tiny_
     assert result.exit_code == 2 and "has no `synth` section" in result.output and "per_label" in result.output
 
 
-@pytest.mark.parametrize("kind", ["extract", "generate"])
+class NoSynthConfig(GenerateConfig):
+    type: Literal["nosynth"] = type_field("nosynth")  # type: ignore[assignment]
+
+
+class NoSynthTask(GenerateTask):
+    """A plugin task type without synth hooks."""
+
+    name, config = "nosynth", NoSynthConfig
+
+    def synth(self) -> None:
+        return None
+
+
+@pytest.fixture
+def nosynth_type():
+    tasks.register(NoSynthTask)
+    yield "nosynth"
+    tasks.unregister("nosynth")
+
+
 def test_synth_on_a_task_type_without_synth_hooks_exits_2_with_the_fix(make_recipe, tiny_model_dir: Path, tmp_path: Path,
-                                                                       kind: str) -> None:
+                                                                       nosynth_type: str) -> None:
     """Refused where the stage starts, by the task's synth hook: before the local teacher, the data check or any request."""
-    task = {"type": kind, "labels": None} | ({"fields": {"drug": "the drug"}} if kind == "extract" else {})
-    recipe, ws = make_recipe(tiny_model_dir, task=task, synth={"per_label": 4}), tmp_path / "ws"  # teacher: the local default
+    recipe = make_recipe(tiny_model_dir, task={"type": nosynth_type, "labels": None}, synth={"total": 4})  # teacher: the local default
+    ws = tmp_path / "ws"
     result = CliRunner().invoke(app, ["synth", str(recipe), "-w", str(ws)])
     assert result.exit_code == 2, result.output
-    assert f"`microtune synth` does not support task.type {kind} yet" in result.output
+    assert f"`microtune synth` does not support task.type {nosynth_type} yet" in result.output
     assert "remove the `synth` section" in result.output
     assert not ws.exists() or not list(ws.rglob("manifest.json"))  # nothing checked, nothing written
-    with pytest.raises(RecipeError, match=f"does not support task.type {kind}"):
+    with pytest.raises(RecipeError, match=f"does not support task.type {nosynth_type}"):
         synth(recipe, workspace=ws)
 
 

@@ -117,12 +117,16 @@ def test_a_decoder_spec_needs_what_its_kind_decodes_with() -> None:
         DecoderSpec(kind="free")
 
 
-def test_only_classify_has_synth_hooks_and_they_name_known_filters() -> None:
+def test_every_built_in_task_has_synth_hooks_and_they_name_known_filters() -> None:
     hooks = get_task(ClassifyConfig(instruction="Route it."), LABELS).synth()
     assert isinstance(hooks, SynthHooks) and set(hooks.filters) <= set(STAGES) and "probe" in hooks.filters
     assert hooks.answer_row({"text": "my bill", "label": "billing", "source": "t:1"}) == {"text": "my bill", "label": "billing"}
-    assert get_task(ExtractConfig(instruction="x", fields=FIELDS)).synth() is None
-    assert get_task(GenerateConfig(instruction="x")).synth() is None
+    assert hooks.stratum is None  # classify plans by label
+    extract = get_task(ExtractConfig(instruction="x", fields=FIELDS)).synth()
+    assert extract is not None and set(extract.filters) <= set(STAGES) and "grounding" in extract.filters and "probe" not in extract.filters
+    assert extract.stratum is not None and extract.stratum({"text": "t", "output": {"drug": "x", "effect": None}}) == "drug"
+    generate = get_task(GenerateConfig(instruction="x")).synth()
+    assert generate is not None and {"target_length", "target_copy"} <= set(generate.filters) <= set(STAGES)
 
 
 def test_each_task_section_has_only_its_own_keys() -> None:

@@ -8,7 +8,8 @@ The server listens on 127.0.0.1 on a free port, without the registry and without
 down when the block ends. A small base model writes weak examples (SmolLM2-135M answers the synth
 prompt with broken JSON); with ``synth.teacher.tune_steps`` it is first fine-tuned on requests built
 from the real train rows, each answered by a real row of its label (label-conditioned generation, as in
-LAMBADA, Anaby-Tavor et al. 2020), merged, and that model is served. The fidelity holdout is never
+LAMBADA, Anaby-Tavor et al. 2020) — or of its stratum for a task without labels (extract: the filled
+fields; generate: any row) — merged, and that model is served. The fidelity holdout is never
 shown to it. The merged teacher is kept under ``<workspace>/<name>/teacher/<hash>/`` and reused while
 its rows, base and steps are the same. For real use, point `synth.teacher.base_url` at a bigger model.
 """
@@ -33,7 +34,7 @@ from microtune.pipeline.check import check
 from microtune.pipeline.train import train
 from microtune.serving import ServeSettings, build_app
 from microtune.synthesis import synth_config
-from microtune.synthesis.plan import split_holdout, tuning_rows
+from microtune.synthesis.plan import split_holdout, strata, tuning_rows, with_strata
 from microtune.synthesis.stage import synth_hooks
 
 LOCAL = "local"
@@ -69,9 +70,11 @@ def tuned_teacher(recipe: Recipe, workspace: str | Path | None, reporter: Report
     cfg, ws = synth_config(recipe), Workspace.at(workspace)
     assert cfg.teacher.tune_steps is not None
     checked = check(recipe, None, workspace)
-    _, pool = split_holdout(read_split(checked.dataset_dir, "train"), cfg.fidelity.holdout, cfg.seed)
     labels = checked.manifest["labels"]
-    system, rows = tuning_rows(cfg, synth_hooks(recipe, labels), labels, pool)
+    hooks = synth_hooks(recipe, labels)
+    # the same holdout as the stage's (rows with their strata, the same seed): the teacher never learns a held-out row
+    _, pool = split_holdout(with_strata(read_split(checked.dataset_dir, "train"), hooks), cfg.fidelity.holdout, cfg.seed)
+    system, rows = tuning_rows(cfg, hooks, strata(hooks, labels, pool), pool)
     spec = {"name": f"{recipe.name}-teacher", "model": recipe.model.model_dump(mode="json"),
             "task": {"type": "generate", "instruction": system, "max_new_tokens": cfg.teacher.max_tokens},
             "method": {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},

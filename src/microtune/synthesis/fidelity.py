@@ -9,8 +9,13 @@ Tests:
   Its out-of-fold P(synthetic) per row lets a recipe drop the rows that look most synthetic;
 - length (word counts, two-sample Kolmogorov-Smirnov) and vocabulary (out-of-vocabulary rate,
   distinct bigrams) against the holdout;
-- label proportions of the accepted rows against the plan;
-- probes on the holdout: train on real (the rows the teacher saw), on synthetic, and on both.
+- label proportions of the accepted rows against the plan (``labels``; for a task without labels the same
+  per stratum, ``strata``);
+- probes on the holdout: train on real (the rows the teacher saw), on synthetic, and on both — only where
+  rows have labels (the probe is a label classifier);
+- for rows with a ``target`` (generate), length and vocabulary of the targets too (``target_distribution``).
+
+The classifier and the length/vocabulary tests read the input texts, so they apply to every task type.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 
 from microtune.config import FidelityConfig
 from microtune.synthesis.filters import probe, text_features
+from microtune.synthesis.plan import stratum_of
 
 Row = dict[str, Any]
 
@@ -81,7 +87,7 @@ def _distinct2(rows: list[list[str]]) -> float | None:
 
 
 def proportions(synthetic: list[Row], planned: dict[str, int]) -> dict[str, Any]:
-    got, total_plan = Counter(r["label"] for r in synthetic), sum(planned.values()) or 1
+    got, total_plan = Counter(stratum_of(r) for r in synthetic), sum(planned.values()) or 1
     total = sum(got.values()) or 1
     rows = {label: {"planned": n, "accepted": got[label], "planned_share": n / total_plan, "accepted_share": got[label] / total}
             for label, n in planned.items()}
@@ -104,8 +110,9 @@ def probes(holdout: list[Row], pool: list[Row], synthetic: list[Row], seed: int)
 
 
 def fidelity(holdout: list[Row], pool: list[Row], synthetic: list[Row], planned: dict[str, int], cfg: FidelityConfig,
-             seed: int) -> tuple[dict[str, Any], np.ndarray]:
-    """The report (``passed`` applies the AUC gate) and the out-of-fold P(synthetic) of each synthetic row."""
+             seed: int, labelled: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+    """The report (``passed`` applies the AUC gate) and the out-of-fold P(synthetic) of each synthetic row.
+    ``labelled``: rows carry task labels (the plan's strata are labels, the probes apply)."""
     real_texts, syn_texts = [r["text"] for r in holdout], [r["text"] for r in synthetic]
     auc, p_synth = two_sample(real_texts, syn_texts, cfg.folds, seed)
     report = {
@@ -113,9 +120,13 @@ def fidelity(holdout: list[Row], pool: list[Row], synthetic: list[Row], planned:
         "two_sample": {"auc": auc, "max_auc": cfg.max_auc, "folds": cfg.folds,
                        "note": None if auc is not None else "too few rows for a cross-validated test"},
         "distribution": distribution(real_texts, syn_texts),
-        "labels": proportions(synthetic, planned),
-        "probes": probes(holdout, pool, synthetic, seed),
     }
+    if labelled:
+        report |= {"labels": proportions(synthetic, planned), "probes": probes(holdout, pool, synthetic, seed)}
+    else:
+        report["strata"] = proportions(synthetic, planned)
+    if holdout and all("target" in r for r in holdout + synthetic):
+        report["target_distribution"] = distribution([r["target"] for r in holdout], [r["target"] for r in synthetic])
     report["passed"] = auc is not None and auc <= cfg.max_auc
     return report, p_synth
 
@@ -132,8 +143,13 @@ def write_html(report: dict[str, Any], path: Path, title: str) -> None:
                         f"on {report['before_drop']['synthetic_rows']} rows.</p>")
     sections.append(_table("Two-sample test", report["two_sample"]))
     sections.append(_table("Length and vocabulary (synthetic vs held-out real)", report["distribution"]))
-    sections.append(_table("Labels: plan vs accepted", report["labels"]["per_label"]))
-    sections.append(_table("Probes on held-out real rows (TF-IDF + logistic regression)", report["probes"]))
+    if "target_distribution" in report:
+        sections.append(_table("Targets: length and vocabulary (synthetic vs held-out real)", report["target_distribution"]))
+    if "labels" in report:
+        sections.append(_table("Labels: plan vs accepted", report["labels"]["per_label"]))
+        sections.append(_table("Probes on held-out real rows (TF-IDF + logistic regression)", report["probes"]))
+    else:
+        sections.append(_table("Strata: plan vs accepted (no labels: no label probes)", report["strata"]["per_label"]))
     if "filters" in report:
         sections.append(_table("Filter cascade: rows entering / rejected per stage", report["filters"]))
     style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}" \

@@ -1,15 +1,27 @@
 """The filter cascade: each stage keeps some rows and rejects the others with a reason code.
 
-    cascade = Cascade(recipe.synth.filters, labels, pool_rows, all_real_rows)
+    cascade = Cascade(recipe.synth.filters, strata, pool_rows, all_real_rows, stages=hooks.filters)
     kept = cascade.run(candidates)             # candidates already passed schema/label validity
-    cascade.rejected, cascade.counts           # rows with reason + detail; {stage: {label: n}}
+    cascade.rejected, cascade.counts           # rows with reason + detail; {stage: {stratum: n}}
 
 Order (cheap and certain first): length within the real rows' per-label band → refusal/boilerplate →
 PII (e-mail, phone, card numbers with a valid Luhn digit, IBAN with a valid mod-97 check, SSN-like)
 → copy of a real row (ROUGE-L F1 on words, against train, valid *and* test) → near-duplicate within
-the synthetic set (rapidfuzz token-sort ratio, first one kept) → label verification (a TF-IDF +
-logistic regression probe trained on the real rows). The optional LLM judge runs after these, in the
-stage, because it needs the teacher endpoint. Each kept row carries its scores (``row["scores"]``).
+the synthetic set (rapidfuzz token-sort ratio, first one kept) → the task's own content checks →
+label verification (a TF-IDF + logistic regression probe trained on the real rows). The optional LLM
+judge runs after these, in the stage, because it needs the teacher endpoint. Each kept row carries
+its scores (``row["scores"]``). A task's synth hooks name the stages that apply to it:
+
+- classify: all of the generic stages, then the probe (and the judge);
+- extract: the generic stages on the text, then ``grounding``: every non-null field value (each item
+  of a list) occurs in the text, compared after normalisation (case, punctuation, articles, spacing);
+- generate: the generic stages on the input text, then ``target_length`` (the target's words per input
+  word within the real pairs' band, widened by ``length_slack`` like the length band) and
+  ``target_copy`` (the target is not a near-copy of its input — ROUGE-L ≥ ``copy_threshold`` and closer
+  than any real pair — nor of a real target, ROUGE-L ≥ ``copy_threshold``).
+
+Rows are counted per stratum: the label, or for a task without labels its plan's stratum (``plan.stratum_of``);
+there the length band is that of all real rows, since a stratum may hold only a few.
 """
 from __future__ import annotations
 
@@ -22,10 +34,14 @@ import numpy as np
 
 from microtune.config import SynthFilterConfig
 from microtune.data.dataset import normalize_text
+from microtune.synthesis.plan import stratum_of
 
 Row = dict[str, Any]
-STAGES = ("schema", "label", "length", "refusal", "pii", "copy", "near_duplicate", "probe", "judge")
-CASCADE = ("length", "refusal", "pii", "copy", "near_duplicate", "probe")  # the stages `Cascade.run` runs, in this order
+STAGES = ("schema", "label", "stratum", "length", "refusal", "pii", "copy", "near_duplicate", "grounding", "target_length",
+          "target_copy", "probe", "judge")
+# the stages `Cascade.run` runs, in this order
+CASCADE = ("length", "refusal", "pii", "copy", "near_duplicate", "grounding", "target_length", "target_copy", "probe")
+LABELLED = ("length", "refusal", "pii", "copy", "near_duplicate", "probe")  # the default: the stages of a task with labels
 
 _REFUSAL = [
     r"\bas an ai\b", r"\b(?:ai|large) language model\b", r"\bi(?:'m| am) (?:sorry|unable|not able)\b",
@@ -107,27 +123,35 @@ def rouge_l(candidates: list[list[str]], references: list[list[str]]) -> tuple[n
 
 class Cascade:
     def __init__(self, cfg: SynthFilterConfig, labels: list[str], pool: list[Row], real: list[Row], seed: int = 13,
-                 stages: Sequence[str] = CASCADE):
-        """``stages``: the filters that apply to the task's rows (its synth hooks say); the others are skipped."""
+                 stages: Sequence[str] = LABELLED, pooled_band: bool = False):
+        """``labels``: the strata (the task's labels, where it has them); ``stages``: the filters that apply to the task's
+        rows (its synth hooks say), the others are skipped; ``pooled_band``: one length band from every real row instead of
+        one per stratum (tasks without labels: a stratum may hold a single real row)."""
         self.cfg, self.labels, self.pool, self.real, self.seed = cfg, labels, pool, real, seed
         self.stages = set(stages)
         self.rejected: list[Row] = []
-        self.counts: dict[str, Counter[str]] = defaultdict(Counter)  # reason -> label -> rejected rows
+        self.counts: dict[str, Counter[str]] = defaultdict(Counter)  # reason -> stratum -> rejected rows
         self.entered: dict[str, int] = {}
         words: dict[str, list[int]] = defaultdict(list)
         for row in pool:
-            words[row["label"]].append(len(row["text"].split()))
-        self.bands = {label: length_band(words.get(label, []), cfg.length_slack) for label in labels}
+            words[stratum_of(row)].append(len(row["text"].split()))
+        if pooled_band:
+            band = length_band([n for group in words.values() for n in group], cfg.length_slack)
+            self.bands = dict.fromkeys(labels, band)
+        else:
+            self.bands = {label: length_band(words.get(label, []), cfg.length_slack) for label in labels}
+        self.band_of = "the real rows" if pooled_band else None
         # a boilerplate pattern that real rows use is the domain's own style, not the generator's
         self.refusal = [p for p in (re.compile(x, re.IGNORECASE) for x in _REFUSAL) if not _common(p, pool)]
 
     def reject(self, row: Row, reason: str, detail: str) -> None:
         self.rejected.append({**row, "reason": reason, "detail": detail})
-        self.counts[reason][row["label"]] += 1
+        self.counts[reason][stratum_of(row)] += 1
 
     def run(self, rows: list[Row]) -> list[Row]:
         for name, stage in (("length", self._length), ("refusal", self._refusal), ("pii", self._pii), ("copy", self._copy),
-                            ("near_duplicate", self._near_dup), ("probe", self._probe)):
+                            ("near_duplicate", self._near_dup), ("grounding", self._grounding),
+                            ("target_length", self._target_length), ("target_copy", self._target_copy), ("probe", self._probe)):
             if name not in self.stages:
                 continue
             self.entered[name] = self.entered.get(name, 0) + len(rows)
@@ -146,9 +170,10 @@ class Cascade:
 
     def _length(self, rows: list[Row]) -> list[Row]:
         def check(row: Row) -> tuple[str, str] | None:
-            n, (lo, hi) = len(row["text"].split()), self.bands[row["label"]]
+            n, (lo, hi) = len(row["text"].split()), self.bands[stratum_of(row)]
             row["scores"]["words"] = n
-            return None if lo <= n <= hi else ("length", f"{n} words, outside the real band [{lo}, {hi}] of {row['label']!r}")
+            of = self.band_of or repr(stratum_of(row))
+            return None if lo <= n <= hi else ("length", f"{n} words, outside the real band [{lo}, {hi}] of {of}")
         return self._each(rows, check)
 
     def _refusal(self, rows: list[Row]) -> list[Row]:
@@ -188,9 +213,58 @@ class Cascade:
             return None
         return self._each(rows, check)
 
+    def _grounding(self, rows: list[Row]) -> list[Row]:
+        """extract: a value the text does not contain teaches the model to invent values."""
+        def check(row: Row) -> tuple[str, str] | None:
+            text, n = f" {loose(row['text'])} ", 0
+            for field, value in row["output"].items():
+                for item in [] if value is None else [value] if isinstance(value, str) else value:
+                    n += 1
+                    if not loose(item) or f" {loose(item)} " not in text:
+                        return "grounding", f"field {field!r} value {item!r} does not occur in the text"
+            row["scores"]["grounded_values"] = n
+            return None
+        return self._each(rows, check)
+
+    def _target_length(self, rows: list[Row]) -> list[Row]:
+        """generate: the target's length relative to its input, within the real pairs' spread."""
+        ratios = [_words(r["target"]) / max(_words(r["text"]), 1) for r in self.pool]
+        lo, hi = np.percentile(ratios, [5, 95]) if ratios else (0.0, float("inf"))
+        lo, hi = lo * (1 - self.cfg.length_slack), hi * (1 + self.cfg.length_slack)
+
+        def check(row: Row) -> tuple[str, str] | None:
+            t, x = _words(row["target"]), _words(row["text"])
+            ratio = t / max(x, 1)
+            row["scores"]["target_ratio"] = round(ratio, 4)
+            return None if t and lo <= ratio <= hi else \
+                ("target_length", f"target of {t} words for an input of {x}: ratio {ratio:.2f}, outside the real band [{lo:.2f}, {hi:.2f}]")
+        return self._each(rows, check)
+
+    def _target_copy(self, rows: list[Row]) -> list[Row]:
+        """generate: a target that repeats its input, or a real target, teaches copying rather than the task."""
+        if not rows:
+            return rows
+        own = [_similarity(r["text"], r["target"]) for r in self.pool]
+        bar = max([self.cfg.copy_threshold, *own])  # a rewrite task's real pairs may be close: never stricter than they are
+        real = [r for r in self.real if r.get("target")]
+        best, where = rouge_l([normalize_text(r["target"]).split() for r in rows], [normalize_text(r["target"]).split() for r in real]) \
+            if real else (np.zeros(len(rows)), np.zeros(len(rows), dtype=int))
+
+        def check(row: Row, score: float, idx: int) -> tuple[str, str] | None:
+            to_input = _similarity(row["text"], row["target"])
+            row["scores"]["target_input_rouge_l"], row["scores"]["target_copy_rouge_l"] = round(to_input, 4), round(float(score), 4)
+            if to_input >= bar and (to_input > max(own, default=0.0) or to_input >= 1.0):
+                return "target_copy", f"the target is a near-copy of its input (ROUGE-L {to_input:.2f}, real pairs at most " \
+                                      f"{max(own, default=0.0):.2f})"
+            if real and score >= self.cfg.copy_threshold:
+                return "target_copy", f"the target is a near-copy of real row {real[idx]['source']}'s target (ROUGE-L {score:.2f})"
+            return None
+        checks = {id(row): check(row, float(score), int(idx)) for row, score, idx in zip(rows, best, where)}
+        return self._each(rows, lambda row: checks[id(row)])
+
     def _probe(self, rows: list[Row]) -> list[Row]:
         known = {r["label"] for r in self.pool}
-        if not self.cfg.label_check or not rows or len(known) < 2:
+        if self.cfg.label_check is False or not rows or len(known) < 2:
             return rows
         model = probe(self.pool, self.seed)
         classes = list(model.classes_)
@@ -206,6 +280,22 @@ class Cascade:
         for row in rows:
             row.pop("_probe_ok", None)
         return kept
+
+
+def loose(text: str) -> str:
+    """Case, punctuation, articles and spacing folded: how an extracted value is looked for in its text."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _similarity(a: str, b: str) -> float:
+    """ROUGE-L F1 of two texts over normalised words."""
+    best, _ = rouge_l([normalize_text(a).split()], [normalize_text(b).split()])
+    return float(best[0])
 
 
 def _common(pattern: re.Pattern[str], rows: list[Row], share: float = 0.01) -> bool:

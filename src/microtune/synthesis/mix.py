@@ -4,7 +4,9 @@
 
 The artifact is ``synth.mix.artifact`` or the newest one made from the same dataset. At most
 ``synth.mix.max_ratio`` synthetic rows per real row are taken, a seeded pick that keeps each label's
-share of the accepted rows. A set that failed the fidelity gate is refused unless the recipe allows it.
+(stratum's) share of the accepted rows. The rows are the task's examples as the dataset's splits hold them
+(``{"text", "label"}``, ``{"text", "output"}``, ``{"text", "target", "references"}``) with their ``source``.
+A set that failed the fidelity gate is refused unless the recipe allows it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from microtune.config import Recipe
 from microtune.core.artifacts import read_manifest
 from microtune.core.errors import ArtifactError
 from microtune.core.jsonl import read_jsonl
+from microtune.synthesis.plan import stratum_of
+
+_SYNTH_ONLY = ("provenance", "scores", "stratum")  # what an accepted row carries beyond the task's example and its source
 
 
 def find_artifact(recipe: Recipe, root: Path, dataset_hash: str) -> Path:
@@ -33,7 +38,7 @@ def find_artifact(recipe: Recipe, root: Path, dataset_hash: str) -> Path:
 
 
 def synthetic_for_training(recipe: Recipe, root: Path, dataset_hash: str, n_real: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``(rows, info)``: rows as ``{"text", "label", "source"}``; empty when the recipe does not mix."""
+    """``(rows, info)``: rows as the task's examples with their ``source``; empty when the recipe does not mix."""
     if recipe.synth is None or not recipe.synth.mix.enabled:
         return [], {}
     mix, folder = recipe.synth.mix, find_artifact(recipe, root, dataset_hash)
@@ -54,7 +59,7 @@ def synthetic_for_training(recipe: Recipe, root: Path, dataset_hash: str, n_real
     picked = _stratified(rows, math.floor(n_real * mix.max_ratio), recipe.train.seed)
     info = {"artifact": str(folder), "available": len(rows), "used": len(picked), "real": n_real, "max_ratio": mix.max_ratio,
             "fidelity_auc": fid["auc"]}
-    return [{"text": r["text"], "label": r["label"], "source": r["source"]} for r in picked], info
+    return [{k: v for k, v in r.items() if k not in _SYNTH_ONLY} for r in picked], info
 
 
 def _stratified(rows: list[dict[str, Any]], limit: int, seed: int) -> list[dict[str, Any]]:
@@ -63,7 +68,7 @@ def _stratified(rows: list[dict[str, Any]], limit: int, seed: int) -> list[dict[
     rng = random.Random(seed)
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_label[row["label"]].append(row)
+        by_label[stratum_of(row)].append(row)
     exact = {label: limit * len(group) / len(rows) for label, group in by_label.items()}
     take = {label: math.floor(v) for label, v in exact.items()}
     for label in sorted(exact, key=lambda k: exact[k] - take[k], reverse=True)[: limit - sum(take.values())]:

@@ -1,13 +1,19 @@
-"""The generation plan: hold real rows out, set per-label quotas, then build one request per batch of examples.
+"""The generation plan: hold real rows out, set per-stratum quotas, then build one request per batch of examples.
 
-    holdout, pool = split_holdout(train_rows, share=0.3, seed=13)
-    quota = quotas(recipe.synth, labels, pool)
-    plan = build_plan(recipe.synth, hooks, labels, pool, quota)   # [PlannedRequest]; hooks = task.synth()
+    rows = with_strata(train_rows, hooks)                          # hooks = task.synth()
+    holdout, pool = split_holdout(rows, share=0.3, seed=13)
+    names = strata(hooks, labels, pool)                            # the labels, or the task's own strata
+    quota = quotas(recipe.synth, names, pool, hooks, task_type)
+    plan = build_plan(recipe.synth, hooks, names, pool, quota)    # [PlannedRequest]
     items, problem = parse_answer(answer_text)
 
-The label of each request is fixed first and the example written second (a teacher asked for "an
+A stratum is what the plan draws rows by: the label for a task with labels (classify), else what the
+task's synth hooks say (extract: which fields are filled; generate: one stratum for every row), kept
+in the row's ``stratum`` key. Per-label quotas and label proportions apply only to labels.
+
+The stratum of each request is fixed first and the example written second (a teacher asked for "an
 example" drifts to the labels it finds easy). Each request shows ``exemplars`` real rows of its
-label, rotated through a shuffled pool with an optional per-row cap, and one value of each attribute
+stratum, rotated through a shuffled pool with an optional per-row cap, and one value of each attribute
 axis, cycled so every value is used about equally. Held-out rows are never shown to the teacher.
 The task's synth hooks write each request's prompt and check each item of an answer.
 """
@@ -38,16 +44,33 @@ class PlannedRequest:
     messages: list[dict[str, str]] = field(default_factory=list)
 
 
+def stratum_of(row: Row) -> str:
+    """The row's stratum: its ``stratum`` (task types without labels) or its label."""
+    return row["stratum"] if "stratum" in row else row["label"]
+
+
+def with_strata(rows: list[Row], hooks: SynthHooks) -> list[Row]:
+    """The rows with their ``stratum`` when the task's hooks define one (a task with labels plans by the label itself)."""
+    if hooks.stratum is None:
+        return rows
+    return [{**row, "stratum": hooks.stratum(row)} for row in rows]
+
+
+def strata(hooks: SynthHooks, labels: list[str], pool: list[Row]) -> list[str]:
+    """The strata the plan covers: the task's labels, or those of the real rows the teacher may see."""
+    return list(labels) if hooks.stratum is None else sorted({stratum_of(r) for r in pool})
+
+
 def split_holdout(rows: list[Row], share: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """``(holdout, pool)``, stratified by label; a label keeps at least one row in the pool and, with two
-    or more rows, gives at least one to the holdout."""
+    """``(holdout, pool)``, stratified by stratum (the label); a stratum keeps at least one row in the pool and,
+    with two or more rows, gives at least one to the holdout."""
     rng = random.Random(seed)
-    by_label: dict[str, list[Row]] = defaultdict(list)
+    by_stratum: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
-        by_label[row["label"]].append(row)
+        by_stratum[stratum_of(row)].append(row)
     holdout, pool = [], []
-    for label in sorted(by_label):
-        group = sorted(by_label[label], key=lambda r: r["source"])
+    for name in sorted(by_stratum):
+        group = sorted(by_stratum[name], key=lambda r: r["source"])
         rng.shuffle(group)
         k = 0 if len(group) < 2 else min(len(group) - 1, max(1, round(len(group) * share)))
         holdout += group[:k]
@@ -55,15 +78,33 @@ def split_holdout(rows: list[Row], share: float, seed: int) -> tuple[list[Row], 
     return holdout, pool
 
 
-def quotas(cfg: SynthConfig, labels: list[str], pool: list[Row]) -> dict[str, int]:
-    """Accepted rows wanted per label."""
+def quota_applies(cfg: SynthConfig, hooks: SynthHooks, task_type: str) -> None:
+    """Per-label quotas and label weights need labels: on a task type without them, refuse with the fix."""
+    if hooks.stratum is None:
+        return
+    if cfg.per_label is not None:
+        raise RecipeError(f"synth.per_label asks for rows per label, but task.type {task_type} has no labels "
+                          f"(its rows are planned by {hooks.strata})",
+                          hint=f"set synth.total to the number of rows wanted instead (e.g. --set synth.total={cfg.per_label})")
+    if isinstance(cfg.proportions, dict):
+        raise RecipeError(f"synth.proportions maps labels to weights, but task.type {task_type} has no labels "
+                          f"(its rows are planned by {hooks.strata})",
+                          hint="use synth.proportions: uniform (every stratum the same share) or real (as in the real train "
+                               "rows), or remove it")
+
+
+def quotas(cfg: SynthConfig, labels: list[str], pool: list[Row], hooks: SynthHooks | None = None,
+           task_type: str = "classify") -> dict[str, int]:
+    """Accepted rows wanted per stratum (``labels``: the strata, the task's labels where it has them)."""
+    if hooks is not None:
+        quota_applies(cfg, hooks, task_type)
     if cfg.per_label is not None:
         return dict.fromkeys(labels, cfg.per_label)
     assert cfg.total is not None
     if cfg.proportions == "uniform":
         weights = dict.fromkeys(labels, 1.0)
     elif cfg.proportions == "real":
-        counts = Counter(r["label"] for r in pool)
+        counts = Counter(stratum_of(r) for r in pool)
         weights = {label: float(counts[label]) for label in labels}
     else:
         unknown = sorted(set(cfg.proportions) - set(labels))
@@ -108,7 +149,7 @@ class _ExemplarRotation:
         self.k, self.cap, self.uses = k, cap, Counter[str]()
         self.pools: dict[str, list[Row]] = defaultdict(list)
         for row in pool:
-            self.pools[row["label"]].append(row)
+            self.pools[stratum_of(row)].append(row)
         for group in self.pools.values():
             rng.shuffle(group)
         self.cursor: Counter[str] = Counter()
@@ -139,12 +180,12 @@ class _Cycle:
 
 
 def tuning_rows(cfg: SynthConfig, hooks: SynthHooks, labels: list[str], pool: list[Row]) -> tuple[str, list[Row]]:
-    """``(system, rows)`` that teach a model the request format: per real row, a request for one example of its label
-    (other rows of the label as exemplars, sampled attributes) answered by that row in the JSON shape asked for."""
+    """``(system, rows)`` that teach a model the request format: per real row, a request for one example of its stratum
+    (other rows of the stratum as exemplars, sampled attributes) answered by that row in the JSON shape asked for."""
     rng = random.Random(cfg.seed)
     by_label: dict[str, list[Row]] = defaultdict(list)
     for row in pool:
-        by_label[row["label"]].append(row)
+        by_label[stratum_of(row)].append(row)
     system, rows = "", []
     for label in labels:
         for row in by_label.get(label, []):
@@ -190,7 +231,7 @@ def _loads(text: str) -> Any:
 
 
 def validate_item(item: Any, hooks: SynthHooks) -> tuple[Row | None, str | None]:
-    """``({"text", "label"}, None)`` or ``(None, why)``: one item checked by the task's own row schema."""
+    """``(example, None)`` or ``(None, why)``: one item checked by the task's own row schema."""
     if not isinstance(item, dict):
         return None, f"an example must be a JSON object (got {type(item).__name__})"
     return hooks.parse_row(item)

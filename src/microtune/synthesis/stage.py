@@ -27,7 +27,18 @@ from microtune.data import read_split
 from microtune.synthesis.cache import AnswerCache, request_key
 from microtune.synthesis.fidelity import fidelity, two_sample, write_html
 from microtune.synthesis.filters import STAGES, Cascade, judge_messages, judge_says_no
-from microtune.synthesis.plan import PlannedRequest, build_plan, parse_answer, quotas, split_holdout, validate_item
+from microtune.synthesis.plan import (
+    PlannedRequest,
+    build_plan,
+    parse_answer,
+    quota_applies,
+    quotas,
+    split_holdout,
+    strata,
+    stratum_of,
+    validate_item,
+    with_strata,
+)
 from microtune.synthesis.teacher import Answer, Teacher, TeacherRequest
 from microtune.tasks import SynthHooks, get_task
 
@@ -36,13 +47,15 @@ Row = dict[str, Any]
 
 def synth_config(recipe: Recipe) -> SynthConfig:
     """The recipe's synth section, once the recipe can be synthesised at all: its task type has synth hooks,
-    the section is there, and no filter it turns on is one the task type leaves out. The synth stage's first check."""
+    the section is there, no filter it turns on is one the task type leaves out, and its quota options fit the
+    task type (per-label quotas need labels). The synth stage's first check."""
     hooks = synth_hooks(recipe, [])
     if recipe.synth is None:
         raise RecipeError(f"recipe {recipe.name!r} has no `synth` section",
                           hint="add e.g. `synth: {per_label: 50, teacher: {base_url: http://127.0.0.1:8000/v1, model: NAME}}` "
                                "(`microtune recipe-schema` lists every synth field)")
     _filters_apply(recipe.synth, hooks)
+    quota_applies(recipe.synth, hooks, recipe.task.type)
     return recipe.synth
 
 
@@ -51,10 +64,10 @@ def synth_hooks(recipe: Recipe, labels: list[str]) -> SynthHooks:
     hooks = get_task(recipe.task, labels).synth()
     if hooks is None:
         kind = recipe.task.type
-        raise RecipeError(f"`microtune synth` does not support task.type {kind} yet (the {kind} task has no synth hooks; "
-                          "synthetic rows are written per label)",
-                          hint="remove the `synth` section from this recipe and train on real rows only, or run synth on a "
-                               "classify recipe")
+        raise RecipeError(f"`microtune synth` does not support task.type {kind} yet (the {kind} task has no synth hooks: "
+                          "its `synth()` returns None)",
+                          hint="remove the `synth` section from this recipe and train on real rows only, or give the task type "
+                               "synth hooks (a prompt, a row parser and its filters: see tasks/base.py SynthHooks)")
     return hooks
 
 
@@ -78,30 +91,31 @@ def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path
     cache = AnswerCache(cache_path)
     try:
         teacher = Teacher(cfg.teacher, cache)  # resolves the endpoint and key before any work
-        train = read_split(dataset_dir, "train")
+        hooks = synth_hooks(recipe, labels)
+        train = with_strata(read_split(dataset_dir, "train"), hooks)
         real = train + read_split(dataset_dir, "valid") + read_split(dataset_dir, "test")
         holdout, pool = split_holdout(train, cfg.fidelity.holdout, cfg.seed)
-        quota = quotas(cfg, labels, pool)
-        hooks = synth_hooks(recipe, labels)
-        plan = build_plan(cfg, hooks, labels, pool, quota)
+        names = strata(hooks, labels, pool)  # the labels, or the task's own strata
+        quota = quotas(cfg, names, pool, hooks, recipe.task.type)
+        plan = build_plan(cfg, hooks, names, pool, quota)
         requests = [_request(teacher, cfg, p) for p in plan]
         answers = teacher.ask_all(requests, reporter)
         _refuse_total_failure(answers, teacher)
-        cascade = Cascade(cfg.filters, labels, pool, real, cfg.seed, hooks.filters)
+        cascade = Cascade(cfg.filters, names, pool, real, cfg.seed, hooks.filters, pooled_band=hooks.stratum is not None)
         candidates = _candidates(plan, requests, answers, labels, cascade, teacher, hooks)
         kept = cascade.run(candidates)
         if cfg.filters.judge:
             kept = _judge(kept, recipe, labels, cascade, cache)
         accepted = _cap(kept, quota, cascade)
-        accepted, report = _fidelity(accepted, holdout, pool, quota, cfg, cascade)
+        accepted, report = _fidelity(accepted, holdout, pool, quota, cfg, cascade, hooks)
     finally:
         cache.close()
     report["filters"] = _filter_table(cascade)
     _write(out_dir, accepted, cascade.rejected, report, recipe.name)
-    return {"plan": {"quota": quota, "requests": len(plan), "examples_asked": sum(p.n for p in plan),
+    return {"plan": {"quota": quota, "strata": hooks.strata, "requests": len(plan), "examples_asked": sum(p.n for p in plan),
                      "attributes": cfg.attributes, "exemplars": cfg.exemplars},
             "teacher": _teacher_info(teacher), "usage": _usage(answers, cfg), "filters": report["filters"],
-            "accepted": len(accepted), "accepted_per_label": dict(Counter(r["label"] for r in accepted)),
+            "accepted": len(accepted), "accepted_per_label": dict(Counter(stratum_of(r) for r in accepted)),
             "rejected": len(cascade.rejected), "holdout": sorted(r["source"] for r in holdout),
             "fidelity": {"passed": report["passed"], "auc": report["two_sample"]["auc"], "max_auc": cfg.fidelity.max_auc}}
 
@@ -123,14 +137,16 @@ def _refuse_total_failure(answers: dict[str, Answer], teacher: Teacher) -> None:
 
 def _candidates(plan: list[PlannedRequest], requests: list[TeacherRequest], answers: dict[str, Answer], labels: list[str],
                 cascade: Cascade, teacher: Teacher, hooks: SynthHooks) -> list[Row]:
-    """Schema and label validity: every answer becomes candidate rows or rejects with a reason."""
+    """Schema and label validity: every answer becomes candidate rows or rejects with a reason. A task without labels
+    is checked the same way against its stratum (reason ``stratum``): the row must be of the kind the request asked for."""
     out: list[Row] = []
     units = valid = 0  # rows entering the schema check (items, or whole unparseable answers) and the label check
+    key = "label" if hooks.stratum is None else "stratum"
     for p, req in zip(plan, requests):
         answer = answers[req.key]
         prov = {"request": p.index, "exemplar_ids": [r["source"] for r in p.exemplars], "attributes": p.attributes,
                 "teacher": teacher.model, "prompt_hash": req.key, "cached": answer.cached, "retries": answer.retries}
-        base = {"text": None, "label": p.label, "provenance": prov, "scores": {}}
+        base = {"text": None, key: p.label, "provenance": prov, "scores": {}}
         if answer.error:
             cascade.reject(base, "teacher_error", answer.error)
             continue
@@ -147,13 +163,14 @@ def _candidates(plan: list[PlannedRequest], requests: list[TeacherRequest], answ
             valid += row is not None
             if row is None:
                 cascade.reject({**base, "text": json.dumps(item)[:500]}, "schema", why or "invalid")
-            elif row["label"] != p.label:
+            elif hooks.stratum is None and row["label"] != p.label:
                 detail = f"asked for {p.label!r}, got {row['label']!r}" + ("" if row["label"] in labels else " (not a task label)")
                 cascade.reject({**base, "text": row["text"]}, "label", detail)
+            elif hooks.stratum is not None and (got := hooks.stratum(row)) != p.label:
+                cascade.reject({**base, **row}, "stratum", f"asked for {hooks.strata} {p.label!r}, got {got!r}")
             else:
-                out.append({**base, "text": row["text"], "source": f"synthetic:{p.index}:{pos}",
-                            "provenance": {**prov, "position": pos}, "scores": {}})
-    cascade.entered.update(schema=units, label=valid)
+                out.append({**base, **row, "source": f"synthetic:{p.index}:{pos}", "provenance": {**prov, "position": pos}, "scores": {}})
+    cascade.entered.update({"schema": units, key: valid})
     return out
 
 
@@ -177,21 +194,23 @@ def _judge(rows: list[Row], recipe: Recipe, labels: list[str], cascade: Cascade,
 
 
 def _cap(rows: list[Row], quota: dict[str, int], cascade: Cascade) -> list[Row]:
-    """Keep the first ``quota`` rows of each label (plan order); the rest are recorded as surplus."""
+    """Keep the first ``quota`` rows of each stratum (plan order); the rest are recorded as surplus."""
     taken: Counter[str] = Counter()
     kept = []
     for row in rows:
-        if taken[row["label"]] < quota[row["label"]]:
-            taken[row["label"]] += 1
+        name = stratum_of(row)
+        if taken[name] < quota[name]:
+            taken[name] += 1
             kept.append(row)
         else:
-            cascade.reject(row, "surplus", f"the quota of {quota[row['label']]} rows for {row['label']!r} is full")
+            cascade.reject(row, "surplus", f"the quota of {quota[name]} rows for {name!r} is full")
     return kept
 
 
 def _fidelity(rows: list[Row], holdout: list[Row], pool: list[Row], quota: dict[str, int], cfg: SynthConfig,
-              cascade: Cascade) -> tuple[list[Row], dict[str, Any]]:
-    report, p_synth = fidelity(holdout, pool, rows, quota, cfg.fidelity, cfg.seed)
+              cascade: Cascade, hooks: SynthHooks) -> tuple[list[Row], dict[str, Any]]:
+    labelled = hooks.stratum is None
+    report, p_synth = fidelity(holdout, pool, rows, quota, cfg.fidelity, cfg.seed, labelled=labelled)
     for row, p in zip(rows, p_synth):
         row["scores"]["p_synthetic"] = None if math.isnan(p) else round(float(p), 4)
     n_drop = math.floor(len(rows) * cfg.fidelity.drop_most_synthetic)
@@ -204,7 +223,7 @@ def _fidelity(rows: list[Row], holdout: list[Row], pool: list[Row], quota: dict[
                        f"{cfg.fidelity.drop_most_synthetic:.0%} (synth.fidelity.drop_most_synthetic)")
     kept = [r for i, r in enumerate(rows) if i not in drop]
     before = {"auc": report["two_sample"]["auc"], "synthetic_rows": len(rows)}
-    report, _ = fidelity(holdout, pool, kept, quota, cfg.fidelity, cfg.seed)
+    report, _ = fidelity(holdout, pool, kept, quota, cfg.fidelity, cfg.seed, labelled=labelled)
     # the AUC after dropping is measured on fresh folds, but the drop chose rows with these same texts:
     # report both, gate on the after-drop figure the recipe asked for
     report["before_drop"] = before

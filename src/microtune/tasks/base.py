@@ -86,7 +86,10 @@ class DecoderSpec:
 
 
 class SynthAsk(Protocol):
-    """One planned teacher request as a task's synth prompt sees it (``synthesis.plan.PlannedRequest`` is one)."""
+    """One planned teacher request as a task's synth prompt sees it (``synthesis.plan.PlannedRequest`` is one).
+
+    ``label`` is the request's stratum: the label for a task with labels, else the task's own grouping of
+    rows (``SynthHooks.stratum``, e.g. which extract fields are filled)."""
 
     label: str
     n: int
@@ -99,15 +102,21 @@ class SynthHooks:
     """How `microtune synth` asks a teacher for rows of a task and checks what comes back.
 
     ``request`` writes the prompt for one planned request; ``parse_row`` maps one item of the teacher's
-    answer (a JSON object) to ``{"text", "label"}`` or gives the reason it is not a valid row; ``answer_row``
-    writes a real row the way the teacher should answer (it teaches a local teacher the format); ``filters``
-    names the filter stages that apply (from ``synthesis.filters.STAGES``).
+    answer (a JSON object) to an example of the task (``{"text", "label"}`` for classify) or gives the reason
+    it is not a valid row; ``answer_row`` writes a real row the way the teacher should answer (it teaches a
+    local teacher the format); ``filters`` names the filter stages that apply (from ``synthesis.filters.STAGES``).
+
+    The plan draws rows per stratum: ``stratum`` names an example's stratum, ``None`` meaning its label (the task
+    has labels: per-label quotas and proportions apply). A task without labels gives its own grouping, e.g. which
+    fields are filled, or one stratum for all rows; ``strata`` says in words what its strata are (for messages).
     """
 
     request: Callable[[SynthAsk], list[Message]]
     parse_row: Callable[[dict[str, Any]], tuple[Row | None, str | None]]
     answer_row: Callable[[Row], dict[str, Any]]
     filters: tuple[str, ...]
+    stratum: Callable[[Row], str] | None = None
+    strata: str = "labels"
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ Metrics: accuracy and macro-F1 (+ per-label F1); multi-label: exact match, micro
 with a none_label: in-scope accuracy and out-of-scope precision/recall (the CLINC150 measures). The main
 metric is the first of ``metric_names``: accuracy, or exact match with multi_label.
 
-Synth: the only task type `microtune synth` supports. A request asks for ``n`` examples of one label,
+Synth: a request asks for ``n`` examples of one label (the plan's stratum),
 showing real rows of that label; each item of the answer is checked by this task's own row schema.
 """
 from __future__ import annotations

@@ -10,7 +10,9 @@ Metrics: JSON validity rate; per field precision/recall/F1 over the set of value
 after normalisation (case, punctuation, articles, spacing); micro-F1 (all fields pooled) and macro-F1
 (mean over fields). An example's score for paired tests is its micro-F1, the main metric.
 Decoding: free generation of up to ``max_new_tokens``, parsed afterwards (the decoder spec carries the
-answer's JSON schema). Synth: not supported yet.
+answer's JSON schema). Synth: a request shows real rows (text and object) and asks for ``n`` new texts with
+their objects, all with the same fields filled (the plan's stratum: which fields are non-null); each item is
+``{"text", "output": {field: value}}``, checked by this task's row schema with exactly the recipe's fields.
 """
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ from pydantic import Field, model_validator
 from microtune.tasks.base import (
     DecoderSpec,
     GeneratedSection,
+    Message,
     Row,
     RowProblems,
+    SynthAsk,
+    SynthHooks,
     TaskBase,
     check_text,
     example_rate,
@@ -136,8 +141,66 @@ class ExtractTask(TaskBase):
         }
 
     # -- synthetic data ---------------------------------------------------------------------------
-    def synth(self) -> None:
-        return None  # not supported yet: the synth plan, filters and fidelity tests are per label
+    def synth(self) -> SynthHooks:
+        """Rows are planned per filled-field set, so the synthetic rows keep the real rows' mix of null fields."""
+        return SynthHooks(request=self._synth_request, parse_row=self._synth_row, answer_row=self._synth_answer_row,
+                          filters=("length", "refusal", "pii", "copy", "near_duplicate", "grounding"),
+                          stratum=self.filled, strata="filled fields")
+
+    def filled(self, example: Row) -> str:
+        """The example's stratum: the names of its non-null fields, in recipe order (``(no fields)`` when all are null)."""
+        names = [f for f in self.fields if example["output"].get(f) is not None]
+        return FILLED_SEP.join(names) if names else NO_FIELDS
+
+    def _synth_request(self, ask: SynthAsk) -> list[Message]:
+        """Ask for ``ask.n`` texts whose objects fill exactly the fields of the stratum (fixed first, like classify's label)."""
+        described = "\n".join(f"- {name}: {desc}" for name, desc in (self.cfg.fields or {}).items())
+        system = (
+            "You write realistic, varied examples for training an information extraction model.\n"
+            f"Task: {self.cfg.instruction}\nFields of the JSON object:\n{described}\n"
+            "Rules: write what a real text of this kind looks like; vary wording, length, values and scenario; never copy or "
+            "lightly edit the examples shown; no real names, e-mail addresses, phone numbers or account numbers; every value "
+            "is copied word for word from your text; a field the text does not mention is null; several values go in a list.\n"
+            f"Answer with JSON only, in this shape: {self._synth_shape()}"
+        )
+        filled = [] if ask.label == NO_FIELDS else ask.label.split(FILLED_SEP)
+        parts = [f"Filled fields: {', '.join(filled) or 'none'}",
+                 f"Null fields: {', '.join(f for f in self.fields if f not in filled) or 'none'}"]
+        if ask.attributes:
+            parts.append("Scenario: " + "; ".join(f"{k} = {v}" for k, v in ask.attributes.items()))
+        if ask.exemplars:
+            parts.append("Real examples:\n" + "\n".join(json.dumps(self._synth_answer_row(r), ensure_ascii=False) for r in ask.exemplars))
+        parts.append(f"Write {ask.n} new, different example(s) whose objects fill exactly these fields. JSON only.")
+        return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
+
+    def _synth_shape(self) -> str:
+        return json.dumps({"examples": [{"text": "...", "output": dict.fromkeys(self.fields, "...")}]})
+
+    def _synth_row(self, item: dict[str, Any]) -> tuple[Row | None, str | None]:
+        """``({"text", "output"}, None)`` or ``(None, why)``: the item checked by this task's row schema under the fixed keys
+        of the synth shape, its object with exactly the recipe's fields (a missing key is an error here, not a null)."""
+        output = item.get("output")
+        if isinstance(output, str):  # the object as JSON text: the row schema reads it the same way
+            try:
+                output = json.loads(output)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(output, dict) and set(output) != set(self.fields):
+            missing, extra = [f for f in self.fields if f not in output], sorted(set(output) - set(self.fields))
+            return None, (f"the object's keys must be exactly {', '.join(self.fields)}" + (f"; missing {missing}" if missing else "")
+                          + (f"; unknown {extra}" if extra else ""))
+        example, problems = self.normalize({**item, "output": output}, self.cfg.model_copy(update={"text_field": "text",
+                                                                                                  "target_field": "output"}))
+        if example is None:
+            return None, "; ".join(f"{reason} (got {str(got)[:60]})" for reason, got in problems)
+        return {"text": " ".join(example["text"].split()), "output": example["output"]}, None
+
+    def _synth_answer_row(self, row: Row) -> dict[str, Any]:
+        return {"text": row["text"], "output": {f: row["output"].get(f) for f in self.fields}}
+
+
+FILLED_SEP = " + "  # joins the filled field names of a synth stratum
+NO_FIELDS = "(no fields)"  # the stratum of rows whose every field is null
 
 
 def _output_of(row: dict[str, Any], cfg: ExtractConfig, problems: RowProblems) -> dict[str, Value]:

@@ -5,10 +5,13 @@ may hold one reference or a list of them (SciTLDR's test set has several per abs
 uses the first, scoring takes the best match over all of them. Metrics: ROUGE-L F1 (longest common
 subsequence of lower-cased word tokens, best reference per example, averaged), mean words of the
 predictions and of the references and their ratio, and the share of non-empty answers (valid_rate);
-ROUGE-L is the main metric. Decoding: free generation of up to ``max_new_tokens``. Synth: not supported yet.
+ROUGE-L is the main metric. Decoding: free generation of up to ``max_new_tokens``. Synth: a request shows real
+(text, target) pairs and asks for ``n`` new pairs, each ``{"text", "target"}`` with one target string, checked
+by this task's row schema; all rows form one stratum (there are no labels to plan by).
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -78,8 +81,52 @@ class GenerateTask(TaskBase):
                 "valid_rate": base.example_rate(p is not None for p in preds)}
 
     # -- synthetic data ---------------------------------------------------------------------------
-    def synth(self) -> None:
-        return None  # not supported yet: the synth plan, filters and fidelity tests are per label
+    def synth(self) -> base.SynthHooks:
+        """One stratum for every row: a generate task has no labels, and its inputs have no fields to plan by."""
+        return base.SynthHooks(request=self._synth_request, parse_row=self._synth_row, answer_row=_synth_answer_row,
+                               filters=("length", "refusal", "pii", "copy", "near_duplicate", "target_length", "target_copy"),
+                               stratum=_one_stratum, strata="one stratum (all rows)")
+
+    def _synth_request(self, ask: base.SynthAsk) -> list[base.Message]:
+        """Ask for ``ask.n`` new (text, target) pairs like the real pairs shown."""
+        system = (
+            "You write realistic, varied examples for training a model that turns an input text into an output text.\n"
+            f"Task: {self.cfg.instruction}\n"
+            "Rules: write inputs like the real ones and outputs exactly as the task asks, as long as the real outputs are "
+            "relative to their inputs; vary wording, topic and scenario; never copy or lightly edit the examples shown; never "
+            "copy the input as the output; no real names, e-mail addresses, phone numbers or account numbers.\n"
+            f"Answer with JSON only, in this shape: {SYNTH_SHAPE}"
+        )
+        parts = []
+        if ask.attributes:
+            parts.append("Scenario: " + "; ".join(f"{k} = {v}" for k, v in ask.attributes.items()))
+        if ask.exemplars:
+            parts.append("Real examples:\n" + "\n".join(json.dumps(_synth_answer_row(r), ensure_ascii=False) for r in ask.exemplars))
+        parts.append(f"Write {ask.n} new, different example(s). JSON only.")
+        return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
+
+    def _synth_row(self, item: dict[str, Any]) -> tuple[Row | None, str | None]:
+        """``({"text", "target", "references"}, None)`` or ``(None, why)``: the item checked by this task's row schema
+        under the fixed keys of ``SYNTH_SHAPE``; a synthetic row has one target (no list of references)."""
+        if "target" in item and not isinstance(item["target"], str):
+            return None, f"field 'target' must be one string (got {str(item['target'])[:60]})"
+        example, problems = self.normalize(item, self.cfg.model_copy(update={"text_field": "text", "target_field": "target"}))
+        if example is None:
+            return None, "; ".join(f"{reason} (got {str(got)[:60]})" for reason, got in problems)
+        target = " ".join(example["target"].split())
+        return {"text": " ".join(example["text"].split()), "target": target, "references": [target]}, None
+
+
+SYNTH_SHAPE = '{"examples": [{"text": "...", "target": "..."}]}'
+ONE_STRATUM = "all"
+
+
+def _one_stratum(example: Row) -> str:
+    return ONE_STRATUM
+
+
+def _synth_answer_row(row: Row) -> dict[str, Any]:
+    return {"text": row["text"], "target": row["target"]}
 
 
 def rouge_l(prediction: str, reference: str) -> float:
