@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from microtune.core.crashpoints import reach
 from microtune.core.errors import InputError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -104,6 +105,7 @@ def promote(client: Any, name: str, version: str, reason: str) -> Version:
     if current is not None:
         client.set_model_version_tag(name, target.version, "previous_champion", current.version)
     client.set_model_version_tag(name, target.version, "promoted_reason", reason[:5000])
+    reach("registry.before_alias")
     client.set_registered_model_alias(name, CHAMPION, target.version)
     if CHALLENGER in target.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
