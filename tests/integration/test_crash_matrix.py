@@ -235,3 +235,45 @@ def test_crash_then_rerun_recovers(lab: Lab, cell: Cell) -> None:
         assert orphan[1] == () and orphan[2] == "promote"
         got["versions"] = [(str(int(v[0]) - 1), *v[1:]) for v in got["versions"]]
     assert got == expected
+
+
+# -- the recovery paths, in process (fast) -------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(done.stdout)  # a process that has exited
+
+
+def test_runs_of_dead_owners_are_ended_and_others_are_left_alone(tmp_path: Path) -> None:
+    import socket
+
+    from microtune.registry import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking._mlflow(uri).MlflowClient(uri)
+    exp = client.create_experiment("x")
+    host, dead = socket.gethostname(), str(_dead_pid())
+    owners = {"killed": {tracking.OWNER_HOST: host, tracking.OWNER_PID: dead, tracking.STATUS_BEFORE: "RUNNING"},
+              "reopened": {tracking.OWNER_HOST: host, tracking.OWNER_PID: dead, tracking.STATUS_BEFORE: "FINISHED"},
+              "live": {tracking.OWNER_HOST: host, tracking.OWNER_PID: str(os.getppid()), tracking.OWNER_START: tracking._pid_start(os.getppid())},
+              "recycled": {tracking.OWNER_HOST: host, tracking.OWNER_PID: str(os.getppid()), tracking.OWNER_START: "1"},
+              "elsewhere": {tracking.OWNER_HOST: host + "-other", tracking.OWNER_PID: dead},
+              "untagged": {}}
+    ids = {name: client.create_run(exp, tags=tags, run_name=name).info.run_id for name, tags in owners.items()}
+    ended = tracking.recover_dead_runs(uri)
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"killed": "KILLED", "reopened": "FINISHED", "live": "RUNNING", "recycled": "KILLED", "elsewhere": "RUNNING",
+                      "untagged": "RUNNING"}
+    assert sorted(ended) == sorted(ids[n] for n in ("killed", "reopened", "recycled"))
+    assert f"process {dead} on {host} died" in client.get_run(ids["killed"]).data.tags[tracking.KILLED_TAG]
+    assert tracking.recover_dead_runs(uri) == []  # once per store and process
+
+
+def test_a_version_whose_files_are_gone_is_refused_clearly(tmp_path: Path) -> None:
+    from microtune.registry.models import RegistryError, adapter_path, get_version, registry_client
+
+    client = registry_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    client.create_model_version("m", str(tmp_path / "gone"), tags={"adapter_dir": str(tmp_path / "gone-too")})
+    with pytest.raises(RegistryError, match="version 1 of 'm' points at missing files") as err:
+        adapter_path(client, get_version(client, "m", "1"))
+    assert "gone-too" in str(err.value) and "register a new version" in err.value.hint

@@ -163,6 +163,11 @@ def adapter_path(client: Any, version: Version) -> Path:
     local = version.tags.get("adapter_dir")
     if local and Path(local).is_dir():
         return Path(local)
+    if not artifact_exists(version.source):  # e.g. the workspace or its mlartifacts/ was deleted, or a copy is partial
+        raise RegistryError(f"version {version.version} of {version.name!r} points at missing files: {version.source}"
+                            + (f" (and its adapter_dir {local} is gone)" if local else ""),
+                            hint="restore the workspace it was trained in, or register a new version and promote it "
+                                 f"(`microtune models promote {version.name} VERSION`)")
     from microtune.registry.tracking import _mlflow
 
     mlflow = _mlflow(client._registry_uri if hasattr(client, "_registry_uri") else client.tracking_uri)
