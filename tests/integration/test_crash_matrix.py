@@ -205,13 +205,16 @@ def summary(ws: Path) -> dict[str, Any]:
     def each(name: str) -> list[Path]:
         return sorted(p for p in (stage / name).iterdir() if not p.name.startswith(".")) if (stage / name).is_dir() else []
 
+    def rows(path: Path) -> str:  # the rows and their scores; provenance differs (`cached`: the rerun's answers come from the cache)
+        return json.dumps([{k: v for k, v in json.loads(line).items() if k != "provenance"} for line in path.read_text().splitlines()])
+
     def micro(p: Path) -> str:
         return json.dumps({k: v for k, v in json.loads((p / "metrics.json").read_text())["micro"].items() if k in MAIN_METRICS})
 
     return {"datasets": sorted({p.name for p in each("datasets")}),
             "adapters": sorted({_sha(p / "adapter_model.safetensors") for p in each("adapters")}),
             "evals": sorted({micro(p) for p in each("evals")}),
-            "synthetic": sorted({_sha(p / "accepted.jsonl") for p in each("synthetic")}),
+            "synthetic": sorted({rows(p / "accepted.jsonl") for p in each("synthetic")}),
             "versions": sorted((v.version, tuple(v.aliases), v.tags.get("gate.verdict"), v.tags.get("metric.micro.accuracy"))
                                for v in _versions(ws)) if (ws / "mlflow.db").exists() else []}
 
