@@ -152,10 +152,12 @@ def test_atomic_dir_sweeps_what_a_dead_writer_left_and_keeps_a_live_one(tmp_path
     dead_pid = int(dead.stdout)  # a process that has exited
     stale = [tmp_path / f".run1.tmp-{dead_pid}-abc", tmp_path / f".run1.old-{dead_pid}-0a1b2c3d"]
     live = tmp_path / f".run1.tmp-{os.getpid()}-xyz"  # a writer that is still running (this test)
-    other = tmp_path / f".run2.tmp-{dead_pid}-abc"  # another artifact's leftover: not this write's business
+    other = tmp_path / f".run2.tmp-{dead_pid}-abc"  # another artifact's leftover: a rerun writes a new run's folder, never run2 again
     for folder in [*stale, live, other]:
         folder.mkdir()
+    dead_file = tmp_path / f".metrics.json.tmp-{dead_pid}-0123456789ab"  # atomic_file's temp files carry the pid too
+    dead_file.write_text("{")
     with atomic_dir(tmp_path / "run1") as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert (tmp_path / "run1" / "manifest.json").is_file()
-    assert not any(p.exists() for p in stale) and live.exists() and other.exists()
+    assert not any(p.exists() for p in [*stale, other, dead_file]) and live.exists()

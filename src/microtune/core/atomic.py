@@ -7,7 +7,8 @@
 
 Why: a run killed mid-write (kill -9, a full disk, a power cut) must leave the old content or the new,
 never a torn file that a rerun, `microtune serve` or another process then reads. The temp name starts with
-a dot and sits in the destination's folder, so the rename stays on one filesystem (``os.replace`` is atomic
+a dot, carries the writer's pid (``.NAME.tmp-<pid>-…``: the next writer in the folder removes a dead writer's
+leftovers) and sits in the destination's folder, so the rename stays on one filesystem (``os.replace`` is atomic
 there). The file's data is fsynced before the rename (else a crash can leave the new name on empty data),
 and the folder after it (so the rename itself survives a crash).
 """
@@ -16,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from microtune.core.crashpoints import reach
 
 
 @contextlib.contextmanager
@@ -33,13 +37,15 @@ def atomic_file(path: str | Path, mode: str = "w", *, encoding: str = "utf-8") -
         raise ValueError(f"atomic_file writes whole files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    _sweep_dead_writers(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding, "newline": ""})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        reach("atomic.file_before_rename")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -76,10 +82,11 @@ def atomic_dir(dest: str | Path, *, replace: bool = True) -> Iterator[Path]:
     elsewhere; the caller decides whether that copy will do). On any error the temp folder is removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_dead_writers(dest)
+    _sweep_dead_writers(dest.parent)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-{os.getpid()}-"))
     try:
         yield tmp
+        reach("atomic.before_rename")
         if replace and dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.replace(dest, old)
@@ -93,18 +100,28 @@ def atomic_dir(dest: str | Path, *, replace: bool = True) -> Iterator[Path]:
     _fsync_dir(dest.parent)
 
 
-def _sweep_dead_writers(dest: Path) -> None:
-    """Remove temp and swapped-out folders of ``dest`` left by a writer that died (kill -9, power loss): their names
-    carry the writer's pid, and a folder whose process is gone will never be renamed into place. Live writers'
-    folders are left alone, so two processes may still race to write the same artifact."""
-    for kind in ("tmp", "old"):
-        for leftover in dest.parent.glob(f".{dest.name}.{kind}-*"):
-            pid = leftover.name.removeprefix(f".{dest.name}.{kind}-").split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
+def _sweep_dead_writers(folder: Path) -> None:
+    """Remove the temp files and folders (and swapped-out folders) in ``folder`` left by writers that died (kill -9,
+    power loss): their names carry the writer's pid, and what a dead process was writing will never be renamed into
+    place. Every artifact of the folder, not only the one being written: a rerun writes a new run's folder, and the
+    killed run's leftover would otherwise stay forever. Live writers' temp files are left alone, so two processes may
+    still race to write the same artifact."""
+    for leftover in folder.glob(".*"):
+        found = _LEFTOVER.match(leftover.name)
+        if found is None or alive(int(found.group(1))):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
-def _alive(pid: int) -> bool:
+_LEFTOVER = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-")  # .NAME.tmp-<pid>-…, .NAME.old-<pid>-…
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this host); when the platform cannot tell, it is assumed alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -19,6 +19,7 @@ from typing import Any
 
 from microtune.config import Recipe
 from microtune.core.atomic import write_json
+from microtune.core.crashpoints import reach
 from microtune.core.errors import DataError
 from microtune.core.jsonl import write_jsonl
 from microtune.core.progress import Reporter, emitter
@@ -97,6 +98,7 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
         emit("message", text=f"predicting with {endpoint_cfg.name} …", system=endpoint_cfg.name)
         results[endpoint_cfg.name] = _run_endpoint(EndpointSystem(endpoint_cfg, labels, f"eval.endpoints[{i}]"), task, test)
     _run_local(recipe, ref, adapter_dir, task, test, shots, results, emit)
+    reach("eval.after_predictions")
     order = [*cfg.baselines, *(e.name for e in cfg.endpoints), MICRO]  # tables read baselines → endpoints → micro
     results = {s: results[s] for s in order}
     golds = [task.gold(ex) for ex in test]

@@ -22,6 +22,7 @@ import numpy as np
 
 from microtune.config import Recipe
 from microtune.core.artifacts import read_json, read_manifest, write_json
+from microtune.core.crashpoints import reach
 from microtune.core.jsonl import read_jsonl
 from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace
@@ -50,6 +51,7 @@ def gate(recipe: RecipeLike, version: str, workspace: str | Path | None = None, 
         decision = decide(name, champ.version, new.version, _evidence(recipe, ws, champ, new, reporter), recipe.gate)
     write_json(ws.stage_dir(name, "decisions") / f"v{new.version}.json", dataclasses.asdict(decision))
     registry.record_decision(client, decision)
+    reach("gate.before_promote")
     if decision.verdict == "promote":
         registry.promote(client, name, new.version, decision.reason)
     else:

@@ -11,6 +11,7 @@ from typing import Any
 
 from microtune.config import Recipe
 from microtune.core.artifacts import read_json, read_manifest
+from microtune.core.crashpoints import reach
 from microtune.core.progress import Reporter
 from microtune.pipeline.evaluate import evaluate
 from microtune.pipeline.gate import gate
@@ -37,6 +38,7 @@ def run(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str |
     recipe = resolve_recipe(recipe, overrides)
     adapter_dir = train(recipe, None, workspace, reporter)
     eval_dir = evaluate(recipe, None, workspace, adapter_dir, reporter)
+    reach("run.before_register")
     version = register(recipe, adapter_dir, eval_dir, workspace, tags) if recipe.tracking.register_model else None
     decision = gate(recipe, version, workspace, reporter) if version is not None else None
     dataset_dir = Path(read_manifest(adapter_dir, "adapter")["dataset_dir"])

@@ -16,6 +16,7 @@ import microtune.methods as methods
 from microtune.config import Recipe
 from microtune.core.artifacts import read_json, write_artifact
 from microtune.core.atomic import write_text
+from microtune.core.crashpoints import reach
 from microtune.core.errors import ArtifactError
 from microtune.core.hashing import hash_value
 from microtune.core.progress import Event, Reporter
@@ -69,6 +70,7 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
             write_text(tmp / "recipe.json", recipe_json(recipe))
             manifest.update(labels=labels, dataset_dir=str(checked.dataset_dir), mlflow_run_id=run.info.run_id,
                             lineage=lineage(recipe, ref, checked.manifest, tmp), **out)
+        reach("train.after_artifact")
         log_metrics({f"cost.{k}": v for k, v in out["cost"].items() if isinstance(v, (int, float))})
         log_folder(dest, "adapter")
     shutil.rmtree(ckpt, ignore_errors=True)  # the run finished: its checkpoints are spent

@@ -28,6 +28,7 @@ from typing import Any
 
 from microtune.config import Recipe
 from microtune.core.artifacts import write_json
+from microtune.core.crashpoints import reach
 from microtune.core.errors import ProblemLog, RecipeError
 from microtune.core.hashing import hash_file
 from microtune.core.jsonl import write_jsonl
@@ -105,6 +106,7 @@ def watch_once(recipe: RecipeLike, overrides: list[str] | None = None, workspace
         report: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name}
         report["resumed_round"] = _finish_open_round(recipe, ws, con, folder, say, reporter)
         report["files"] = _ingest(recipe, inbox, con, folder, say)
+        reach("watch.after_ingest")
         report |= _triggers(recipe, ws, con)
         if report["fired"]:
             round_id = _open_round(con, report["fired"])

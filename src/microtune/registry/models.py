@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from microtune.core.crashpoints import reach
 from microtune.core.errors import InputError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -104,6 +105,7 @@ def promote(client: Any, name: str, version: str, reason: str) -> Version:
     if current is not None:
         client.set_model_version_tag(name, target.version, "previous_champion", current.version)
     client.set_model_version_tag(name, target.version, "promoted_reason", reason[:5000])
+    reach("registry.before_alias")
     client.set_registered_model_alias(name, CHAMPION, target.version)
     if CHALLENGER in target.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
@@ -161,6 +163,11 @@ def adapter_path(client: Any, version: Version) -> Path:
     local = version.tags.get("adapter_dir")
     if local and Path(local).is_dir():
         return Path(local)
+    if not artifact_exists(version.source):  # e.g. the workspace or its mlartifacts/ was deleted, or a copy is partial
+        raise RegistryError(f"version {version.version} of {version.name!r} points at missing files: {version.source}"
+                            + (f" (and its adapter_dir {local} is gone)" if local else ""),
+                            hint="restore the workspace it was trained in, or register a new version and promote it "
+                                 f"(`microtune models promote {version.name} VERSION`)")
     from microtune.registry.tracking import _mlflow
 
     mlflow = _mlflow(client._registry_uri if hasattr(client, "_registry_uri") else client.tracking_uri)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from microtune.config import Recipe
+from microtune.core.atomic import alive
+from microtune.core.crashpoints import reach
 from microtune.core.errors import ArtifactError
 from microtune.core.workspace import Workspace
 
@@ -72,19 +76,81 @@ def mlflow_run(recipe: Recipe, ws: Workspace, run_id: str | None = None, run_nam
     already finished (an adapter's training run that `eval` logs into): a failed eval leaves it FINISHED."""
     uri = tracking_uri(recipe, ws)
     mlflow = _mlflow(uri)
+    recover_dead_runs(uri)
     if run_id is None:
         exp = _experiment_id(mlflow, recipe.tracking.experiment or recipe.name, ws, uri)
         with mlflow.start_run(experiment_id=exp, run_name=run_name) as run:
+            mlflow.set_tags(_owner_tags("RUNNING"))
+            reach("tracking.run_started")
             yield run
         return
     before = _status(mlflow, run_id, uri)
     run = mlflow.start_run(run_id=run_id)
+    mlflow.set_tags(_owner_tags(before))
+    reach("tracking.run_started")
     try:
         yield run
     except BaseException:
         mlflow.end_run(status="FINISHED" if before == "FINISHED" else "FAILED")
         raise
     mlflow.end_run()
+
+
+# -- runs whose process died ------------------------------------------------------------------------------
+# A process killed inside `mlflow_run` (kill -9, OOM killer, power cut) never ends its run: MLflow would show it
+# RUNNING forever. Every run therefore carries its owner (host, pid, the pid's start time, so a recycled pid is not
+# mistaken for the owner) and the status it had before this process opened it; the next command that opens the
+# store ends the runs whose owner is gone: KILLED, or back to FINISHED for a finished run that only an `eval`
+# logging into it had reopened (the training it records did finish).
+OWNER_PID, OWNER_HOST, OWNER_START, STATUS_BEFORE = "microtune.pid", "microtune.host", "microtune.pid_start", "microtune.status_before"
+KILLED_TAG = "microtune.killed"
+_recovered: set[str] = set()
+
+
+def _owner_tags(status_before: str) -> dict[str, str]:
+    return {OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname(), OWNER_START: _pid_start(os.getpid()),
+            STATUS_BEFORE: status_before}
+
+
+def _pid_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), '' where /proc cannot tell."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_dead(tags: dict[str, str]) -> bool:
+    """True only when the run's owner certainly ran on this host and is gone (or its pid now belongs to another process)."""
+    pid = tags.get(OWNER_PID, "")
+    if tags.get(OWNER_HOST) != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    if not alive(int(pid)):
+        return True
+    started = tags.get(OWNER_START, "")
+    return bool(started) and _pid_start(int(pid)) not in ("", started)
+
+
+def recover_dead_runs(uri: str) -> list[str]:
+    """End the RUNNING runs of this store whose owner process died (once per store and process); returns their ids."""
+    if uri in _recovered:
+        return []
+    _recovered.add(uri)
+    from mlflow.entities import ViewType
+
+    client = _mlflow(uri).MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    ended = []
+    for run in client.search_runs(exps, "attributes.status = 'RUNNING'", run_view_type=ViewType.ALL) if exps else []:
+        tags = run.data.tags
+        if not _owner_dead(tags):
+            continue
+        status = "FINISHED" if tags.get(STATUS_BEFORE) == "FINISHED" else "KILLED"
+        client.set_tag(run.info.run_id, KILLED_TAG, f"process {tags[OWNER_PID]} on {tags[OWNER_HOST]} died before ending the run; "
+                                                    f"marked {status} by process {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+        client.set_terminated(run.info.run_id, status)
+        ended.append(run.info.run_id)
+    return ended
 
 
 def _status(mlflow: Any, run_id: str, uri: str) -> str:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from microtune.config import Recipe, SynthConfig
 from microtune.core.atomic import write_json
+from microtune.core.crashpoints import reach
 from microtune.core.errors import RecipeError, TeacherError
 from microtune.core.jsonl import write_jsonl
 from microtune.core.progress import Reporter
@@ -100,6 +101,7 @@ def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path
         plan = build_plan(cfg, hooks, names, pool, quota)
         requests = [_request(teacher, cfg, p) for p in plan]
         answers = teacher.ask_all(requests, reporter)
+        reach("synth.after_answers")
         _refuse_total_failure(answers, teacher)
         cascade = Cascade(cfg.filters, names, pool, real, cfg.seed, hooks.filters, pooled_band=hooks.stratum is not None)
         candidates = _candidates(plan, requests, answers, labels, cascade, teacher, hooks)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from microtune.core.atomic import atomic_dir, read_json, write_json
+from microtune.core.crashpoints import reach
 
 KEEP = 2  # older checkpoints are removed once a newer one is complete
 
@@ -64,6 +65,7 @@ def save_checkpoint(folder: Path, state: dict[str, Any], model: Any, optimizer: 
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    tmp / "training_state.pt")
         write_json(tmp / "state.json", state)
+    reach("train.after_checkpoint")
     for old in sorted(folder.glob("step-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
