@@ -129,7 +129,7 @@ def run_value(args: argparse.Namespace) -> None:
         golds, real_preds = systems["real"]["preds"]
         mixed = systems.get("real+synthetic")
         results.append({"seed": seed, "synth_seconds": round(synth_s, 1), "synthetic": {k: syn[k] for k in (
-            "plan", "usage", "filters", "accepted", "accepted_per_label", "fidelity")},
+            "plan", "usage", "filters", "accepted", "accepted_per_stratum", "fidelity")},
             "real": bootstrap(golds, real_preds),
             "real+synthetic": bootstrap(golds, mixed["preds"][1], real_preds) if mixed else None,
             "mix": mixed["train_rows"] if mixed else {}})

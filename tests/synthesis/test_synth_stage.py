@@ -46,7 +46,7 @@ def test_good_teacher_gives_accepted_rows_with_provenance_and_reports(synth_reci
         folder = synth(synth_recipe(teacher.url, attributes={"channel": ["chat", "email"]}), workspace=tmp_path / "ws")
     m, accepted = manifest(folder), rows(folder, "accepted.jsonl")
     assert m["kind"] == "synthetic" and m["plan"]["requests"] == 9 and len(teacher.hits) == 9
-    assert m["accepted_per_label"] == {label: 4 for label in LABELS}
+    assert m["accepted_per_stratum"] == {label: 4 for label in LABELS}
     row = accepted[0]
     assert row["text"] in GEN[row["label"]] and row["source"].startswith("synthetic:")
     prov = row["provenance"]
@@ -100,11 +100,11 @@ def test_a_request_that_keeps_failing_is_a_recorded_reject_and_is_asked_again_ne
     assert failed[0]["detail"].startswith("HTTP 503 after 2 attempt(s)")
     m = manifest(folder)
     assert m["usage"]["failed"] == 3 and m["filters"]["teacher_error"]["per_label"] == {"refund": 3}
-    assert "refund" not in m["accepted_per_label"] and all(r["text"].strip() for r in rows(folder, "accepted.jsonl"))
+    assert "refund" not in m["accepted_per_stratum"] and all(r["text"].strip() for r in rows(folder, "accepted.jsonl"))
     with FakeTeacher() as healed:
         again = synth(synth_recipe(healed.url, teacher={"max_attempts": 2}), workspace=tmp_path / "ws")
     assert len(healed.hits) == 3 and {label_of(h["body"]) for h in healed.hits} == {"refund"}  # only the failed ones
-    assert manifest(again)["usage"]["from_cache"] == 6 and manifest(again)["accepted_per_label"]["refund"] == 4
+    assert manifest(again)["usage"]["from_cache"] == 6 and manifest(again)["accepted_per_stratum"]["refund"] == 4
 
 
 @pytest.mark.slow

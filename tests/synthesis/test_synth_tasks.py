@@ -310,10 +310,10 @@ def test_microtune_synth_writes_rows_train_accepts(kind: str, make_recipe, tiny_
     if kind == "extract":
         assert {"grounding", "schema", "stratum", "copy"} <= got
         assert {r["detail"] for r in rejected if r["reason"] == "stratum"} == {"asked for filled fields 'product + problem', got 'product'"}
-        assert set(m["accepted_per_label"]) <= {"product", "product + problem"} and m["plan"]["strata"] == "filled fields"
+        assert set(m["accepted_per_stratum"]) <= {"product", "product + problem"} and m["plan"]["strata"] == "filled fields"
         assert all(r["scores"]["grounded_values"] >= 1 for r in accepted)
     else:
-        assert {"target_copy", "target_length"} <= got and m["accepted_per_label"] == {"all": len(accepted)}
+        assert {"target_copy", "target_length"} <= got and m["accepted_per_stratum"] == {"all": len(accepted)}
     report = json.loads((folder / "fidelity.json").read_text())
     assert report["two_sample"]["auc"] is not None and report["distribution"]["length_ks"] is not None and "strata" in report
     assert m["filters"]["schema"]["entered"] > 0 and m["filters"]["near_duplicate"]["entered"] > 0

@@ -117,7 +117,7 @@ def generate(recipe: Recipe, dataset_dir: Path, labels: list[str], out_dir: Path
     return {"plan": {"quota": quota, "strata": hooks.strata, "requests": len(plan), "examples_asked": sum(p.n for p in plan),
                      "attributes": cfg.attributes, "exemplars": cfg.exemplars},
             "teacher": _teacher_info(teacher), "usage": _usage(answers, cfg), "filters": report["filters"],
-            "accepted": len(accepted), "accepted_per_label": dict(Counter(stratum_of(r) for r in accepted)),
+            "accepted": len(accepted), "accepted_per_stratum": dict(Counter(stratum_of(r) for r in accepted)),
             "rejected": len(cascade.rejected), "holdout": sorted(r["source"] for r in holdout),
             "fidelity": {"passed": report["passed"], "auc": report["two_sample"]["auc"], "max_auc": cfg.fidelity.max_auc}}
 
