@@ -28,7 +28,9 @@ from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace
 from microtune.evaluation.stats import mcnemar
 from microtune.evaluation.stats import paired_bootstrap_p as p_value
+from microtune.pipeline.check import check
 from microtune.pipeline.evaluate import evaluate
+from microtune.pipeline.lineage import recipe_hash
 from microtune.pipeline.recipes import RecipeLike, resolve_recipe
 from microtune.pipeline.versions import registry_at
 from microtune.registry import models as registry
@@ -57,6 +59,31 @@ def gate(recipe: RecipeLike, version: str, workspace: str | Path | None = None, 
     else:
         registry.clear_challenger(client, name, new.version)
     return decision
+
+
+def interrupted_promotion(recipe: RecipeLike, workspace: str | Path | None = None) -> tuple[Version, Decision] | None:
+    """Finish a promotion a killed process left half done, for a rerun of the same recipe on the same data.
+
+    The gate records its decision on the version before it moves ``champion``; a kill in between leaves a version
+    whose verdict is ``promote`` (and whose promotion began: ``promoted_reason``) while the alias still names the
+    champion it was compared with. When the recipe and its data are unchanged, the rerun would train the same model
+    again and register a duplicate: instead the alias is moved now and that version is returned with its decision.
+    Anything else (another recipe, other data, the champion moved since) returns None and the rerun goes ahead."""
+    recipe, ws = resolve_recipe(recipe), Workspace.at(workspace)
+    client = registry.registry_client(tracking_uri(recipe, ws))
+    try:
+        versions = registry.list_versions(client, recipe.name)
+    except registry.RegistryError:  # nothing registered yet
+        return None
+    champ = next((v for v in versions if CHAMPION in v.aliases), None)
+    cut = [v for v in versions if v.tags.get("gate.verdict") == "promote" and "promoted_reason" in v.tags and CHAMPION not in v.aliases
+           and v.tags.get("gate.champion") == (champ.version if champ else "none") and (champ is None or int(v.version) > int(champ.version))
+           and v.tags.get("recipe_hash") == recipe_hash(recipe)]
+    if not cut or cut[0].tags.get("dataset_hash") != check(recipe, workspace=workspace).manifest["dataset_hash"]:
+        return None
+    version = registry.promote(client, recipe.name, cut[0].version, cut[0].tags["promoted_reason"])
+    decision = Decision(**read_json(ws.stage_dir(recipe.name, "decisions") / f"v{version.version}.json"))
+    return version, decision
 
 
 def promote(name: str, version: str | int, reason: str = "manual promotion", workspace: str | Path | None = None) -> Decision:

@@ -21,7 +21,7 @@ def lineage(recipe: Recipe, ref: Any, dataset: dict[str, Any], adapter_dir: Path
     return {
         **ref.lineage(),
         "dataset_hash": dataset["dataset_hash"],
-        "recipe_hash": hash_value(recipe.resolved()),
+        "recipe_hash": recipe_hash(recipe),
         "chat_template_hash": hash_text(template.read_text()) if template.is_file() else None,
         "microtune_version": __version__,
         "git_commit": git_commit(),
@@ -29,6 +29,11 @@ def lineage(recipe: Recipe, ref: Any, dataset: dict[str, Any], adapter_dir: Path
                      "transformers": transformers.__version__, "peft": peft.__version__},
         "seed": recipe.train.seed,
     }
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """The hash of the resolved recipe: what makes two training runs the same run."""
+    return hash_value(recipe.resolved())
 
 
 def git_commit() -> str | None:

@@ -14,7 +14,7 @@ from microtune.core.artifacts import read_json, read_manifest
 from microtune.core.crashpoints import reach
 from microtune.core.progress import Reporter
 from microtune.pipeline.evaluate import evaluate
-from microtune.pipeline.gate import gate
+from microtune.pipeline.gate import gate, interrupted_promotion
 from microtune.pipeline.recipes import RecipeLike, resolve_recipe
 from microtune.pipeline.register import register
 from microtune.pipeline.train import train
@@ -36,6 +36,11 @@ def run(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str |
         reporter: Reporter | None = None, tags: dict[str, str] | None = None) -> RunResult:
     """check → train → evaluate → register → gate, one call; ``tags`` go on the registered version."""
     recipe = resolve_recipe(recipe, overrides)
+    if recipe.tracking.register_model and (finished := interrupted_promotion(recipe, workspace)) is not None:
+        version, decision = finished  # a killed rerun of this same run: its version is finished, not trained again
+        adapter_dir, eval_dir = Path(version.tags["adapter_dir"]), Path(version.tags["eval_dir"])
+        dataset_dir = Path(read_manifest(adapter_dir, "adapter")["dataset_dir"])
+        return RunResult(recipe, dataset_dir, adapter_dir, eval_dir, read_json(eval_dir / "metrics.json"), version.version, decision)
     adapter_dir = train(recipe, None, workspace, reporter)
     eval_dir = evaluate(recipe, None, workspace, adapter_dir, reporter)
     reach("run.before_register")
