@@ -13,7 +13,7 @@ the constraint reports itself done.
 
 Valid by construction, also at ``max_new_tokens``: each mask call is told how many tokens the row has
 left; when that is no more than what closing the object may take (open strings, arrays, objects, the
-required keys still missing, each at one token a character), the row stops writing and closes: the
+required keys still missing: an upper bound in tokens, plus what one more token could open), the row stops writing and closes: the
 grammar's forced continuation where it has one (a key), else the shortest closer the grammar accepts
 (``"``, ``]``, ``}``, ``null``, ``,``). A row therefore ends with a parseable object whatever the model,
 even a random one; only a budget smaller than the smallest valid object can fail (then the answer is
@@ -58,7 +58,7 @@ class _Tokenizer:
         self.ll = llguidance.hf.from_tokenizer(tok, n_vocab=self.vocab, eos_token=list(stop_ids))
         self.stop_ids = stop_ids
         self.text = functools.lru_cache(maxsize=None)(lambda t: self.ll.decode_bytes([t]).decode("utf-8", "replace"))
-        self.piece = {s: self._single(tok, s) for s in ('"', "]", "}", ",", "null", "{", ":", " ", "n", "0")}
+        self.piece = {s: self._single(tok, s) for s in ('"', "]", "}", ",", "null", "{", ":", "n", " null", ' "', " {")}
         self.lock = threading.Lock()
         self.grammars: dict[str, Any] = {}  # grammar text → a fresh matcher to copy (compiled once)
 
@@ -66,6 +66,11 @@ class _Tokenizer:
     def _single(tok: Any, text: str) -> int | None:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return ids[0] if len(ids) == 1 else None
+
+    def key_cost(self, key: str) -> int:
+        """Tokens a missing key takes to close with (``, "key": null``), plus one spare: the grammar's forced
+        tokenisation may split differently from the tokenizer's."""
+        return len(self.ll.tokenize_str(f'{SEPARATORS[0]}"{key}"{SEPARATORS[1]}null')) + 1
 
     def matcher(self, grammar: str) -> Any:
         import llguidance
@@ -106,9 +111,10 @@ def _grammar(schema_text: str) -> str:
 
 def json_schema(schema: dict[str, Any], tokenizer: Any, stop_ids: Any) -> JsonConstraint:
     """A constraint to one JSON value following ``schema`` (an object schema for extract), then the end of turn."""
-    text = json.dumps(schema, sort_keys=True)
+    text = json.dumps(schema)  # not sorted: the property order is the order keys are written in
     required = list(schema.get("required") or []) if schema.get("type") == "object" else []
-    return JsonConstraint(_tokenizer(tokenizer, stop_ids), _grammar(text), required)
+    tok = _tokenizer(tokenizer, stop_ids)
+    return JsonConstraint(tok, _grammar(text), {k: tok.key_cost(k) for k in required})
 
 
 def json_object(tokenizer: Any, stop_ids: Any) -> JsonConstraint:
@@ -172,25 +178,24 @@ class JsonTail:
     def _value_done(self) -> None:
         self.expect = "comma" if self.stack else "done"
 
-    def closing_cost(self, required: list[str]) -> int:
-        """Characters (so at most tokens) that close the text: escape, string, a value where one is due, closers,
-        the required top-level keys still missing (``, "key": null`` each), the end of turn."""
-        cost = int(self.escape) + int(self.in_string) + (4 if self.expect in ("value", "colon") else 0) + len(self.stack) + 1
+    def closing_cost(self, required: dict[str, int]) -> int:
+        """Tokens that close the text, at most: escape, string, a value where one is due, the closers, the required
+        top-level keys still missing (``required``: key → tokens of ``, "key": null``, with a spare one), the end of turn."""
+        cost = int(self.escape) + int(self.in_string) + (2 if self.expect in ("value", "colon") else 0) + len(self.stack) + 1
         if self.expect == "colon":
             cost += 1
         if self.stack:
-            missing = [k for k in required if k not in self.keys]
-            cost += sum(len(k) + 10 for k in missing)
+            cost += sum(n for k, n in required.items() if k not in self.keys)
         elif self.expect == "value":  # nothing written yet: the whole smallest object
-            cost += 2 + sum(len(k) + 10 for k in required)
+            cost += 2 + sum(required.values())
         return cost
 
     def closers(self) -> list[str]:
         """Closing pieces to try in order (the first the grammar accepts is taken)."""
         if self.in_string:
             return ["n"] if self.escape else ['"']
-        if self.expect == "value":
-            return ["null", '"', "{"] if self.stack else ["{"]
+        if self.expect == "value":  # after a separator the space may still be due: it goes with the value's first token
+            return [" null", "null", ' "', '"', " {", "{"] if self.stack else ["{"]
         if self.expect == "colon":
             return [":"]
         if self.expect == "key":
@@ -202,7 +207,7 @@ class JsonTail:
 class JsonConstraint:
     """One row's JSON matcher (llguidance), closing the object in time when the token budget runs out."""
 
-    def __init__(self, tok: _Tokenizer, grammar: str, required: list[str]):
+    def __init__(self, tok: _Tokenizer, grammar: str, required: dict[str, int]):
         self.tok, self.matcher, self.required = tok, tok.matcher(grammar), required
         self.tail = JsonTail()
 
@@ -216,13 +221,13 @@ class JsonConstraint:
             self.tail.feed(self.tok.text(token))
 
     def allowed(self) -> Any:
-        """The boolean mask of allowed next tokens over the tokenizer's vocabulary."""
+        """The boolean mask of allowed next tokens over the tokenizer's vocabulary (llguidance fills a bitmask)."""
+        import numpy as np
         import torch
 
-        words = torch.full(((self.tok.vocab + 31) // 32,), -1, dtype=torch.int32)
-        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-        bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
-        return bits.flatten()[: self.tok.vocab].bool()
+        words = np.full((self.tok.vocab + 31) // 32, -1, dtype=np.int32)
+        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        return torch.from_numpy(np.unpackbits(words.view(np.uint8), bitorder="little")[: self.tok.vocab].view(np.bool_))
 
     def mask(self, logits: Any, remaining: int | None = None) -> None:
         allowed = self.allowed()
@@ -231,10 +236,9 @@ class JsonConstraint:
             if forced is not None:
                 allowed = allowed.new_zeros(allowed.shape)
                 allowed[forced] = True
-        keep = logits.new_full(logits.shape, float("-inf"))
         n = min(self.tok.vocab, logits.shape[-1])
-        keep[:n] = logits[:n].masked_fill(~allowed[:n].to(logits.device), float("-inf"))
-        logits.copy_(keep)
+        logits[:n].masked_fill_(~allowed[:n].to(logits.device), float("-inf"))
+        logits[n:] = float("-inf")  # embedding rows past the tokenizer's vocabulary are never a token
 
     def _closer(self, allowed: Any) -> int | None:
         """The token that closes fastest from here: the grammar's forced continuation, else the first allowed closer."""
