@@ -8,8 +8,9 @@ seeded and fixed, distinct labels first, or per row the most similar by TF-IDF),
 ``eval.endpoints`` (an OpenAI-compatible model asked for the label), and ``micro`` (base + adapter,
 the plain training prompt). The local systems share the decoders: a label trie for classify (every answer
 a valid label), the batch generator with a per-row JSON-schema constraint for extract (every answer an
-object with the task's fields), the same generator unconstrained for generate. Writes into ``out_dir``: predictions.jsonl, metrics.json (per system, with intervals,
-latency, throughput, cost), stats.json (intervals + paired tests), shots.json, report.html + PNGs.
+object with the task's fields), the same generator unconstrained for generate. Writes into ``out_dir``:
+predictions.jsonl, metrics.json (per system, with intervals, latency, throughput, cost),
+stats.json (intervals + paired tests), shots.json, report.html + PNGs.
 """
 from __future__ import annotations
 
