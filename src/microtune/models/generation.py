@@ -15,8 +15,9 @@ answer is the one ``model.generate`` gives it alone.
 
 Mixed-adapter batches: a request's ``adapter`` names its PEFT adapter (``"__base__"``: none); the forward
 gets PEFT's per-row ``adapter_names``. Prompt/prefix-tuned models get their virtual tokens from PEFT's
-forward and cannot continue an external left-padded KV cache: for them each step recomputes every row
-from its tokens (right-padded, no cache) — slower, same answers.
+forward and cannot continue an external left-padded KV cache, and sliding-window attention keeps only
+its window in the cache (no row-wise padding and merging): for these each step recomputes every row from
+its tokens (right-padded, no cache) — slower, same answers.
 
 Streaming: ``on_text`` receives the text as it grows, decoded incrementally (a multi-byte character is
 sent once complete) and held back while it could still be the start of a stop string.
