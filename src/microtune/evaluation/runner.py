@@ -6,9 +6,11 @@
 Systems: ``zero_shot`` (instruction + label list), ``few_shot`` (plus k train examples as chat turns:
 seeded and fixed, distinct labels first, or per row the most similar by TF-IDF), each of
 ``eval.endpoints`` (an OpenAI-compatible model asked for the label), and ``micro`` (base + adapter,
-the plain training prompt). The local systems share the constrained decoder, so every answer is a
-valid label. Writes into ``out_dir``: predictions.jsonl, metrics.json (per system, with intervals,
-latency, throughput, cost), stats.json (intervals + paired tests), shots.json, report.html + PNGs.
+the plain training prompt). The local systems share the decoders: a label trie for classify (every answer
+a valid label), the batch generator with a per-row JSON-schema constraint for extract (every answer an
+object with the task's fields), the same generator unconstrained for generate. Writes into ``out_dir``:
+predictions.jsonl, metrics.json (per system, with intervals, latency, throughput, cost),
+stats.json (intervals + paired tests), shots.json, report.html + PNGs.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from microtune.data import read_split
 from microtune.evaluation import stats, timing
 from microtune.evaluation.endpoint import EndpointSystem
 from microtune.models import BaseModelRef, load_model, load_tokenizer
-from microtune.models.decoding import LabelPredictor, TextGenerator
+from microtune.models.decoding import LabelPredictor
+from microtune.models.generation import TextGenerator
 from microtune.models.hardware import device, use_bf16
 from microtune.models.trained import load_trained
 from microtune.tasks import ClassifyConfig, Task, get_task
@@ -152,12 +155,12 @@ def score_examples(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, example
 
 
 def _predictor(task: Task, model: Any, renderer: Renderer, batch_size: int, bf16: bool) -> Any:
-    """Constrained decoding over the task's answers when it has a closed set; greedy generation otherwise (a JSON
-    answer too: there is no grammar-constrained decoder yet, the task's parse checks the object)."""
+    """The task's decoder: a label trie over a closed set; else the batch generator, greedy, constrained to the task's
+    JSON schema for ``json`` answers (the micro-model and the prompted baselines alike) and free for ``free`` ones."""
     spec = task.decoder()
     if spec.kind == "labels":
         return LabelPredictor(model, renderer, spec.candidates, batch_size, bf16)
-    return TextGenerator(model, renderer, spec.max_new_tokens, batch_size, bf16)
+    return TextGenerator(model, renderer, spec.max_new_tokens, batch_size, bf16, schema=spec.schema if spec.kind == "json" else None)
 
 
 def _timing(n: int, seconds: float, latency: dict[str, Any], usd_per_hour: float | None, cost: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""Base models (resolve, load, cache), PEFT methods applied to them, trained-artifact loading, constrained decoding."""
-from microtune.models.decoding import LabelPredictor, TextGenerator, build_trie, common_prefix
+"""Base models (resolve, load, cache), PEFT methods applied to them, trained-artifact loading, constrained decoding
+(labels: decoding.py; batched generation with per-row JSON constraints: generation.py, constrain.py)."""
+from microtune.models.decoding import LabelPredictor, build_trie, common_prefix
+from microtune.models.generation import BatchGenerator, Finished, GenRequest, TextGenerator
 from microtune.models.peft_methods import (
     MethodContext,
     apply_method,
@@ -10,6 +12,6 @@ from microtune.models.peft_methods import (
 from microtune.models.resolve import BaseModelRef, load_model, load_tokenizer, resolve_base
 from microtune.models.trained import load_trained
 
-__all__ = ["BaseModelRef", "LabelPredictor", "MethodContext", "apply_method", "build_trie", "common_prefix",
-           "is_prompt_learning", "load_model", "load_tokenizer", "load_trained", "param_counts", "quantization_config",
+__all__ = ["BaseModelRef", "BatchGenerator", "Finished", "GenRequest", "LabelPredictor", "MethodContext", "apply_method", "build_trie",
+           "common_prefix", "is_prompt_learning", "load_model", "load_tokenizer", "load_trained", "param_counts", "quantization_config",
            "resolve_base", "TextGenerator"]

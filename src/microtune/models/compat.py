@@ -32,3 +32,33 @@ def last_logits_only(module: Any) -> dict[str, Any]:
     model supports it: over a prompt the head is ~20 % of a small model's FLOPs, and only the last row is read."""
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     return {"logits_to_keep": 1} if _keeps_logits(type(base)) else {}
+
+
+def kv_layers(cache: Any) -> list[tuple[Any, Any]]:
+    """``(keys, values)`` per layer of a dynamic KV cache, each ``[batch, heads, length, head_dim]``: transformers ≥ 4.56
+    keeps them on ``cache.layers[i].keys/values``, earlier releases in ``cache.key_cache/value_cache``."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def set_kv_layers(cache: Any, layers: list[tuple[Any, Any]]) -> None:
+    """Replace the tensors of every layer (same layer count) in place: the cache object the model holds stays."""
+    if hasattr(cache, "layers"):
+        for layer, (k, v) in zip(cache.layers, layers):
+            layer.keys, layer.values = k, v
+    else:
+        cache.key_cache[:] = [k for k, _ in layers]
+        cache.value_cache[:] = [v for _, v in layers]
+
+
+def uses_sliding_window(module: Any) -> bool:
+    """Sliding-window attention keeps only the last window in its cache layers: such a cache cannot be padded and
+    merged row-wise, so the batch generator recomputes instead of caching for these models."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    config = getattr(base, "config", None)
+    if config is None:
+        return False
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        return True
+    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)

@@ -270,39 +270,3 @@ def _path_logprob(logits: Any, first: int, tokens: list[int], trie: dict[int, An
         node = node[tok]
     return total
 
-
-class TextGenerator:
-    """Batched greedy generation for free-text answers (``extract``, ``generate``): deterministic, KV-cached.
-
-    Prompts are sorted by length and left-padded per batch (less padding); generation stops at the chat
-    template's end-of-turn token or EOS. Returns ``(text, None)`` pairs — the shape of LabelPredictor's.
-    """
-
-    def __init__(self, model: Any, renderer: Renderer, max_new_tokens: int, batch_size: int = 16, bf16: bool = False):
-        self.model, self.renderer = model, renderer
-        self.max_new_tokens, self.batch_size, self.bf16 = max_new_tokens, batch_size, bf16
-        tok = renderer.tok
-        self.stops = sorted({t for t in (renderer.stop_id, tok.eos_token_id) if t is not None})
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.stops[0]
-
-    def predict(self, prompts: Sequence[list[int]]) -> list[tuple[str, None]]:
-        import torch
-
-        self.model.eval()
-        out: list[tuple[str, None] | None] = [None] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        with torch.no_grad(), autocast(self.bf16):
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                for i, text in zip(idx, self._generate([prompts[i] for i in idx])):
-                    out[i] = (text, None)
-        return out  # type: ignore[return-value]
-
-    def _generate(self, batch: list[list[int]]) -> list[str]:
-        from transformers import GenerationConfig
-
-        ids, mask = padded(batch, self.pad, left=True)
-        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.stops,
-                                  pad_token_id=self.pad)
-        gen = self.model.generate(input_ids=ids.to(device()), attention_mask=mask.to(device()), generation_config=config)
-        return [self.renderer.tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen.cpu()]

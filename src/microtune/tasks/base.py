@@ -65,10 +65,9 @@ class GeneratedSection(TaskSection):
 @dataclass(frozen=True)
 class DecoderSpec:
     """How answers are decoded: ``labels`` picks among ``candidates`` (a token trie, every answer valid);
-    ``json`` generates up to ``max_new_tokens`` an object described by ``schema``; ``free`` generates text.
-
-    There is no grammar-constrained JSON decoder yet: ``json`` answers are generated like ``free`` ones and
-    the task's ``parse`` checks them; the schema documents the answer (and is what such a decoder would use).
+    ``json`` generates up to ``max_new_tokens`` an object that follows ``schema`` (grammar-constrained per row:
+    ``models.constrain``, so every answer parses, closed in time at the token budget); ``free`` generates text.
+    The task's ``parse`` still maps the answer (constrained or an endpoint's) to what its metrics compare.
     """
 
     kind: Literal["labels", "json", "free"]

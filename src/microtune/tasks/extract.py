@@ -9,10 +9,12 @@ also get the field list with descriptions. Parsing takes the first JSON object i
 Metrics: JSON validity rate; per field precision/recall/F1 over the set of values, by exact match and
 after normalisation (case, punctuation, articles, spacing); micro-F1 (all fields pooled) and macro-F1
 (mean over fields). An example's score for paired tests is its micro-F1, the main metric.
-Decoding: free generation of up to ``max_new_tokens``, parsed afterwards (the decoder spec carries the
-answer's JSON schema). Synth: a request shows real rows (text and object) and asks for ``n`` new texts with
-their objects, all with the same fields filled (the plan's stratum: which fields are non-null); each item is
-``{"text", "output": {field: value}}``, checked by this task's row schema with exactly the recipe's fields.
+Decoding: generation of up to ``max_new_tokens`` constrained to the answer's JSON schema (every field, in
+order, nothing else; each value a string, a list of strings or null), so local systems always answer a
+valid object; endpoints' answers are parsed as above. Synth: a request shows real rows (text and object) and
+asks for ``n`` new texts with their objects, all with the same fields filled (the plan's stratum: which fields
+are non-null); each item is ``{"text", "output": {field: value}}``, checked by this task's row schema with
+exactly the recipe's fields.
 """
 from __future__ import annotations
 
@@ -94,11 +96,12 @@ class ExtractTask(TaskBase):
         return json.dumps({f: example["output"].get(f) for f in self.fields}, ensure_ascii=False)
 
     def decoder(self) -> DecoderSpec:
-        """Generated, then parsed: no grammar-constrained decoder yet (the schema describes the answer)."""
+        """A JSON object following ``answer_schema``: local decoding is grammar-constrained to it."""
         return DecoderSpec(kind="json", schema=self.answer_schema(), max_new_tokens=self.cfg.max_new_tokens)
 
     def answer_schema(self) -> dict[str, Any]:
-        """JSON schema of the answer: every recipe field, each a string, a list of strings or null."""
+        """JSON schema of the answer: exactly the recipe's fields (all required, no others, in recipe order: the
+        order the constrained decoder writes them), each a string, a list of strings or null."""
         value = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
         return {"type": "object", "additionalProperties": False, "required": self.fields,
                 "properties": {name: {**value, "description": desc} for name, desc in (self.cfg.fields or {}).items()}}
