@@ -83,7 +83,9 @@ def settle(node: dict[int, Any]) -> dict[int, Any]:
 
 def _uses_virtual_tokens(model: Any) -> bool:
     """Prompt/prefix-tuned models get their virtual tokens from PEFT's forward: no external KV cache."""
-    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+    # every loaded config, not the active one: a server that unloaded the active adapter leaves a dangling name
+    configs = getattr(model, "peft_config", None)
+    return isinstance(configs, dict) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
 
 
 def _choose(scores: Any, node: dict[int, Any]) -> tuple[int, float]:

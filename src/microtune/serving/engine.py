@@ -268,9 +268,20 @@ class Engine:
                 self._load(spec)
         for key in self.residency.victims(needed):
             self._unload(key)
+        self._active_loaded()
         if self.residency.nbytes > self.residency.max_bytes:
             log.warning("the models of one batch need %.1f MB, over max_memory_mb=%d", self.residency.nbytes / MB,
                         self.settings.max_memory_mb)
+
+    def _active_loaded(self) -> None:
+        """PEFT keeps a deleted adapter's name as the model's active adapter (also after another is loaded), and every
+        later ``active_peft_config`` read (the decoders, ``get_base_model``) then fails with a KeyError: point it at one
+        that is loaded. Mixed rows name their adapter and DoRA sets its own, so which one is active does not matter."""
+        from peft import PeftModel
+
+        model = self.model
+        if isinstance(model, PeftModel) and model.peft_config and model.active_adapter not in model.peft_config:
+            model.set_adapter(next(iter(model.peft_config)))
 
     def _load(self, spec: AdapterSpec) -> None:
         from peft import PeftModel
