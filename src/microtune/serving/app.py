@@ -7,7 +7,12 @@ Routes: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), 
 POST /admin/reload, GET /health (never needs a key), GET /metrics (Prometheus text).
 A `classify` micro-model answers the most probable valid answer of the last user message (the
 prompt built exactly as in training and evaluation; the answers its evaluation decodes: a label, or a
-label set with multi_label), with its probability; the base model generates freely.
+label set with multi_label), with its probability. An `extract` micro-model answers the JSON object its
+evaluation generates (eval's prompt, constrained to the task's schema; the `microtune` field carries the
+parsed object), a `generate` micro-model its free text; both up to the recipe's ``task.max_new_tokens`` (a
+request may lower it, a higher ``max_tokens`` is a 400). The base model generates freely, or JSON with
+``response_format`` (``json_object``, or ``json_schema`` with the client's schema: grammar-constrained).
+Every generation runs in its model instance's continuous batch (``engine``), streamed as it grows.
 
 Hardening: the body is read as it streams in and refused (413) as soon as it passes the limit, chunked
 or not; a classify prompt longer than the model was trained on (``train.max_seq_len``, prompt + longest

@@ -125,6 +125,7 @@ class Engine:
         self._service: float | None = None  # EWMA of seconds per classify request
         self._round: float | None = None  # EWMA of seconds per generation step round (one step of every generator)
         self._busy: tuple[float, int] | None = None  # (start, size) of the classify batch in progress
+        self.clock = time.perf_counter  # the load-shedding estimate's clock (a test sets its own)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="microtune-engine", daemon=True)
         metrics.watch(self.queue.qsize, lambda: len(self.residency), lambda: self.residency.nbytes)
@@ -169,7 +170,7 @@ class Engine:
         per, running = self._service or 0.0, 0.0
         busy = self._busy
         if busy is not None:
-            elapsed, size = time.perf_counter() - busy[0], busy[1]
+            elapsed, size = self.clock() - busy[0], busy[1]
             per = max(per, elapsed / size)
             running = max(size * per - elapsed, 0.0)
         if self.running:
@@ -253,13 +254,13 @@ class Engine:
 
     def _timed(self, jobs: list[Job], fn: Any) -> None:
         """Run a classify group, its start and size visible to ``expected_wait`` while it runs; measure it after."""
-        start = time.perf_counter()
+        start = self.clock()
         self._busy = (start, len(jobs))
         try:
             self._guarded(jobs, fn)
         finally:
             self._busy = None
-        self._measured(time.perf_counter() - start, len(jobs))
+        self._measured(self.clock() - start, len(jobs))
 
     def _guarded(self, jobs: list[Job], fn: Any) -> None:
         try:
@@ -433,7 +434,7 @@ class Engine:
         for _, job in self.running.values():
             if job.cancelled and job.request is not None:
                 job.request.cancel()
-        start, stepped = time.perf_counter(), False
+        start, stepped = self.clock(), False
         for key in list(self.gens):
             gen = self.gens[key]
             if not gen.has_work:
@@ -442,7 +443,7 @@ class Engine:
             self._step(key, gen)
             stepped = True
         if stepped:
-            self._measured_round(time.perf_counter() - start)
+            self._measured_round(self.clock() - start)
 
     def _step(self, key: str, gen: BatchGenerator) -> None:
         try:
