@@ -171,13 +171,20 @@ def load_statuses(port: int, jobs: list[tuple[str, str]], clients: int, retries:
     lock = threading.Lock()
 
     def send(conn: http.client.HTTPConnection, body: str) -> tuple[str, str | None, http.client.HTTPConnection]:
-        try:
-            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            resp.read()
-            return str(resp.status), resp.getheader("Retry-After"), conn
-        except (OSError, http.client.HTTPException) as exc:
-            return type(exc).__name__, None, http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        """One request; a connection error is retried once on a new connection (as the openai client does: a keep-alive
+        connection left idle through a Retry-After wait may have been closed by the server)."""
+        for attempt in range(2):
+            try:
+                conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                return str(resp.status), resp.getheader("Retry-After"), conn
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                if attempt == 1:
+                    return type(exc).__name__, None, conn
+        raise AssertionError("unreachable")
 
     def client(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
