@@ -92,17 +92,22 @@ def agreement_with_eval(url: str, model: str, eval_dir: Path) -> float:
 
 
 class HeldEngine(Engine):
-    """The real engine with two controls a test sets instead of racing the clock (through ``build_app(engine_class=)``).
+    """The real engine with controls a test sets instead of racing the clock (through ``build_app(engine_class=)``).
 
-    ``gate``: while it is clear the worker takes no batch, so requests pile up in the queue (set by default).
-    ``hold_generations``: a free generation does not start until its request is cancelled (the server timed it out,
-    or the client left), so it can never finish in time; ``holding`` is set once the worker holds one. Either way
-    the real code then runs: a cancelled generation stops at its first token, as it does in production.
+    ``gate``: while it is clear the worker takes no job, so requests pile up in the queue (set by default).
+    ``hold_generations``: a generation is not admitted until its request is cancelled (the server timed it out, or the
+    client left), so it can never finish in time; ``holding`` is set once the worker holds one. Either way the real
+    code then runs: a cancelled generation leaves the running batch at its next step, as it does in production.
+    ``pause_after``: after that many generation step rounds the worker waits for ``resume`` (``paused`` is set), so a
+    test can queue requests that join the running batch at a known step. ``rounds``: per step round, the jobs running
+    in each generator (by generator key) before the round — which rows shared a batch, and when.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.gate, self.holding, self.hold_generations = threading.Event(), threading.Event(), False
+        self.paused, self.resume, self.pause_after = threading.Event(), threading.Event(), None
+        self.rounds: list[dict[str, list[Job]]] = []
         self.gate.set()
 
     def _next_batch(self) -> list[Job] | None:
@@ -111,13 +116,24 @@ class HeldEngine(Engine):
                 return None
         return super()._next_batch()
 
-    def _generate(self, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
         if self.hold_generations:
             self.holding.set()
             deadline = time.monotonic() + 120  # a safety net: a cancel that never comes fails the test instead of hanging it
             while not job.cancelled and time.monotonic() < deadline:
                 time.sleep(0.01)
-        super()._generate(job)
+        super()._admit(job)
+
+    def _step_all(self) -> None:
+        if self.running:
+            by_gen: dict[str, list[Job]] = {}
+            for key, job in self.running.values():
+                by_gen.setdefault(key, []).append(job)
+            self.rounds.append(by_gen)
+        super()._step_all()
+        if self.pause_after is not None and len(self.rounds) == self.pause_after:
+            self.paused.set()
+            assert self.resume.wait(120), "the test never resumed the worker"
 
 
 def held_app(settings: Any, **controls: Any) -> tuple[Any, HeldEngine]:

@@ -7,7 +7,12 @@ Routes: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), 
 POST /admin/reload, GET /health (never needs a key), GET /metrics (Prometheus text).
 A `classify` micro-model answers the most probable valid answer of the last user message (the
 prompt built exactly as in training and evaluation; the answers its evaluation decodes: a label, or a
-label set with multi_label), with its probability; the base model generates freely.
+label set with multi_label), with its probability. An `extract` micro-model answers the JSON object its
+evaluation generates (eval's prompt, constrained to the task's schema; the `microtune` field carries the
+parsed object), a `generate` micro-model its free text; both up to the recipe's ``task.max_new_tokens`` (a
+request may lower it, a higher ``max_tokens`` is a 400). The base model generates freely, or JSON with
+``response_format`` (``json_object``, or ``json_schema`` with the client's schema: grammar-constrained).
+Every generation runs in its model instance's continuous batch (``engine``), streamed as it grows.
 
 Hardening: the body is read as it streams in and refused (413) as soon as it passes the limit, chunked
 or not; a classify prompt longer than the model was trained on (``train.max_seq_len``, prompt + longest
@@ -49,6 +54,7 @@ class Service:
         self.settings, self.catalog, self.engine, self.metrics, self.keys = settings, catalog, engine, metrics, keys
         self._stop_poll = threading.Event()
         self._tasks: dict[str, tuple[Any, str, int]] = {}
+        self._gen_tasks: dict[str, Any] = {}
 
     def start(self) -> None:
         self.engine.start()
@@ -103,9 +109,9 @@ class Service:
         except MicrotuneError as exc:
             raise S.ApiError(400, f"{exc.message}; fix: {exc.hint}" if exc.hint else exc.message, "model", "model_not_servable") from None
 
-    def job(self, kind: str, target: AdapterSpec | str, prompt: list[int], **params: Any) -> Job:
+    def job(self, kind: str, target: AdapterSpec | str, prompt: list[int], on_text: Any = None, **params: Any) -> Job:
         loop = asyncio.get_running_loop()
-        job = Job(kind, target, prompt, loop, loop.create_future(), params)
+        job = Job(kind, target, prompt, loop, loop.create_future(), params, on_text)
         try:
             self.engine.submit(job)
         except QueueFull as exc:
@@ -173,13 +179,57 @@ class Service:
         if len(prompt) > self.settings.max_prompt_tokens:
             raise S.ApiError(400, f"the prompt is {len(prompt)} tokens; the limit is {self.settings.max_prompt_tokens}",
                              "messages" if chat else "prompt", "context_length_exceeded")
-        stops = req.stops()
-        if len(stops) > 4 or (stops and req.stream):
-            raise S.ApiError(400, "stop: up to 4 sequences, and not with stream", "stop", "unsupported_parameter")
+        stops = _check_stops(req)
         tok = self.engine.tok
         eos = {tok.eos_token_id, self.engine.renderer.stop_id} if chat else {tok.eos_token_id}
         return {"max_tokens": max_tokens or min(default, limit), "temperature": req.temperature or 0, "top_p": req.top_p,
                 "seed": req.seed, "stop": stops, "eos": sorted(e for e in eos if e is not None)}
+
+    # -- extract and generate micro-models --------------------------------------------------------
+    def task_of(self, spec: AdapterSpec) -> Any:
+        """The task of an extract/generate micro-model, built once per adapter version."""
+        if spec.key not in self._gen_tasks:
+            self._gen_tasks[spec.key] = get_task(spec.recipe.task, spec.labels)
+        return self._gen_tasks[spec.key]
+
+    def micro_eos(self) -> list[int]:
+        """The ids that end a micro-model's answer: eval's (the template's end of turn and the tokenizer's eos)."""
+        tok = self.engine.tok
+        return sorted(t for t in {self.engine.renderer.stop_id, tok.eos_token_id} if t is not None)
+
+    def micro_prompt(self, spec: AdapterSpec, task: Any, text: str, chat: bool) -> list[int]:
+        """Eval's micro prompt (the trained instruction + the text). A prompt that leaves no room for an answer within
+        the trained length (``train.max_seq_len``) is refused, not cut, as for classify models."""
+        prompt = self.engine.renderer.prompt_ids(task.messages({"text": text}))
+        limit = spec.recipe.train.max_seq_len
+        if len(prompt) >= limit:
+            raise S.ApiError(400, f"the prompt is {len(prompt)} tokens; model {spec.name!r} was trained on at most {limit} tokens "
+                                  "(train.max_seq_len) with its answer: shorten the text", "messages" if chat else "prompt",
+                             "context_length_exceeded")
+        return prompt
+
+    def check_micro_generation(self, req: S.Sampling, spec: AdapterSpec, decoder: Any, max_tokens: int | None) -> None:
+        """What an extract/generate micro-model takes: ``max_tokens`` up to the recipe's ``task.max_new_tokens`` (the
+        length it was evaluated at: a request may lower it, never raise it); ``stop`` on generate only (it would cut
+        extract's JSON object); ``response_format``: extract takes ``json_object`` and its own schema, generate text."""
+        if max_tokens is not None and max_tokens > decoder.max_new_tokens:
+            raise S.ApiError(400, f"max_tokens: model {spec.name!r} answers in at most {decoder.max_new_tokens} tokens (task.max_new_tokens "
+                                  f"of its recipe), got {max_tokens}; send at most {decoder.max_new_tokens} or leave it out",
+                             "max_tokens", "max_tokens_too_large")
+        _check_stops(req)
+        fmt = _format(req)
+        if decoder.kind == "json":
+            if req.stop:
+                raise S.ApiError(400, f"stop: extract model {spec.name!r} answers one JSON object, which a stop sequence would cut; leave "
+                                      "stop out", "stop", "unsupported_parameter")
+            if fmt == "json_schema" and _client_schema(req) != decoder.schema:
+                raise S.ApiError(400, f"response_format: extract model {spec.name!r} answers JSON following its own schema (its "
+                                      "recipe's task.fields, each required, a string, a list of strings or null) and the json_schema "
+                                      "sent differs; send json_object or leave response_format out (the answer follows its schema "
+                                      "either way), or send its schema exactly", "response_format", "schema_mismatch")
+        elif fmt != "text":
+            raise S.ApiError(400, f"response_format: {spec.task} model {spec.name!r} answers free text, not JSON (got {fmt!r}); leave "
+                                  "response_format out or use text", "response_format", "unsupported_parameter")
 
 
 def _short(value: Any) -> str:
@@ -206,6 +256,13 @@ def unsupported(req: S.Sampling) -> None:
                          "unsupported_parameter")
 
 
+def _check_stops(req: S.Sampling) -> list[str]:
+    stops = req.stops()
+    if len(stops) > 4:
+        raise S.ApiError(400, f"stop: up to 4 sequences, got {len(stops)}", "stop", "unsupported_parameter")
+    return stops
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
 
@@ -217,14 +274,14 @@ def _last_user(messages: list[S.Message]) -> str:
     raise S.ApiError(400, "messages: a classify model needs a user message (the text to classify)", "messages", "missing_user_message")
 
 
-def _trim_stop(text: str, stops: list[str]) -> str:
-    for stop in stops:
-        if stop in text:
-            text = text[: text.index(stop)]
-    return text
-
-
 # -- responses ------------------------------------------------------------------------------------
+async def micro_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, text: str, chat: bool) -> Response:
+    """A micro-model's answer to ``text`` by its task type: a label (classify) or generated text (extract, generate)."""
+    if spec.task == "classify":
+        return await classify_response(svc, req, spec, text, chat)
+    return await micro_generate_response(svc, req, spec, text, chat)
+
+
 async def classify_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, text: str, chat: bool) -> Response:
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     svc.check_classify(req, spec, max_tokens)
@@ -281,45 +338,105 @@ async def _classify_stream(svc: Service, req: S.Sampling, spec: AdapterSpec, job
 
 
 def check_generation(req: S.ChatRequest | S.CompletionRequest) -> None:
-    """What the base model's free generation does not do yet: log-probabilities and JSON answers (400, not ignored)."""
+    """What generation does not do yet: log-probabilities (400, not ignored)."""
     wants = req.top_k() or (isinstance(req, S.ChatRequest) and req.logprobs) or (isinstance(req, S.CompletionRequest) and req.logprobs is not None)
     if wants:
-        raise S.ApiError(400, "logprobs: the base model's free generation does not return log-probabilities yet (classify micro-models "
-                              "do); leave logprobs out", "logprobs", "unsupported_parameter")
-    fmt = req.response_format.type if req.response_format else "text"
-    if fmt != "text":
-        # TODO(models/constrain.py): the generation developer plugs the JSON-constrained decoder in here
-        raise S.ApiError(400, f"response_format: {fmt} answers from the base model are not served yet (constrained JSON decoding is "
-                              "coming); leave response_format out or use text", "response_format", "not_implemented")
+        raise S.ApiError(400, "logprobs: generated answers do not return log-probabilities yet (classify micro-models do); leave "
+                              "logprobs out", "logprobs", "unsupported_parameter")
+
+
+def _format(req: S.Sampling) -> str:
+    return req.response_format.type if req.response_format else "text"
+
+
+def _client_schema(req: S.Sampling) -> dict[str, Any]:
+    """The schema of a ``json_schema`` response_format (OpenAI's shape: ``{"name", "schema", "strict"}``)."""
+    body = req.response_format.json_schema or {}
+    schema = body.get("schema")
+    if not isinstance(schema, dict):
+        raise S.ApiError(400, "response_format.json_schema.schema: give the JSON schema of the answer as an object (got "
+                              f"{_short(schema)})", "response_format", "invalid_value")
+    return schema
+
+
+async def base_constraint(svc: Service, req: S.Sampling, eos: list[int]) -> Any:
+    """The base model's ``response_format``: ``json_object`` → any JSON object, ``json_schema`` → the client's schema
+    (grammar-constrained per row, ``models.constrain``); ``text`` → None. A schema the grammar cannot take is a 400."""
+    from microtune.models.constrain import json_object, json_schema
+
+    fmt = _format(req)
+    if fmt == "text":
+        return None
+    schema = _client_schema(req) if fmt == "json_schema" else None
+    try:  # the first constraint of a tokenizer builds its vocabulary table (~0.3 s): not on the event loop
+        if schema is None:
+            return await asyncio.to_thread(json_object, svc.engine.tok, eos)
+        return await asyncio.to_thread(json_schema, schema, svc.engine.tok, eos)
+    except ValueError as exc:
+        raise S.ApiError(400, f"response_format: {exc}", "response_format", "invalid_schema") from None
 
 
 async def generate_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, prompt: list[int], chat: bool) -> Response:
+    """The base model's free generation (or JSON with ``response_format``), in the shared base's running batch."""
     check_generation(req)
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     params = svc.generation_params(req, prompt, max_tokens, 512 if chat else 16, chat)
+    params["constraint"] = await base_constraint(svc, req, params["eos"])
+    return await _generation(svc, req, BASE, prompt, params, chat, None, None)
+
+
+async def micro_generate_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, text: str,
+                                  chat: bool) -> Response:
+    """An extract or generate micro-model: eval's micro prompt and decoder (extract: the task's JSON schema, per row), in
+    its instance's running batch; the `microtune` field carries the answer as eval parses it."""
+    from microtune.models.constrain import json_schema
+
+    check_generation(req)
+    task = svc.task_of(spec)
+    decoder = task.decoder()
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    svc.check_micro_generation(req, spec, decoder, max_tokens)
+    prompt = svc.micro_prompt(spec, task, text, chat)
+    eos = svc.micro_eos()
+    params = {"max_tokens": max_tokens or decoder.max_new_tokens, "temperature": req.temperature or 0, "top_p": req.top_p,
+              "seed": req.seed, "stop": req.stops(), "eos": eos, "constraint": None}
+    if decoder.kind == "json":
+        params["constraint"] = await asyncio.to_thread(json_schema, decoder.schema, svc.engine.tok, eos)
+
+    def extension(answer: str) -> dict[str, Any]:
+        return {"task": spec.task, "output": task.parse(answer), "model_version": spec.fingerprint}
+
+    return await _generation(svc, req, spec, prompt, params, chat, spec.fingerprint, extension)
+
+
+async def _generation(svc: Service, req: S.ChatRequest | S.CompletionRequest, target: AdapterSpec | str, prompt: list[int],
+                      params: dict[str, Any], chat: bool, fingerprint: str | None, extension: Any) -> Response:
+    """Queue one generation; answer it whole, or stream its text as the running batch produces it (``on_text``)."""
     kind = "chat.completion" if chat else "text_completion"
     if not req.stream:
-        job = svc.job("generate", BASE, prompt, **params)
+        job = svc.job("generate", target, prompt, **params)
         out = await svc.wait(job)
-        text = _trim_stop(svc.engine.tok.decode(out["ids"], skip_special_tokens=True), params["stop"])
-        body = S.envelope(kind, req.model, None) | {"usage": S.usage(len(prompt), len(out["ids"]))}
+        body = S.envelope(kind, req.model, fingerprint) | {"usage": S.usage(len(prompt), len(out["ids"]))}
+        if extension is not None:
+            body["microtune"] = extension(out["text"])
         choice = {"index": 0, "finish_reason": out["finish_reason"], "logprobs": None}
-        body["choices"] = [choice | ({"message": {"role": "assistant", "content": text}} if chat else {"text": text})]
+        body["choices"] = [choice | ({"message": {"role": "assistant", "content": out["text"]}} if chat else {"text": out["text"]})]
         return JSONResponse(body)
     pieces: asyncio.Queue[str | None] = asyncio.Queue()
-    job = svc.job("generate", BASE, prompt, **params)
-    job.on_text = pieces.put_nowait
+    job = svc.job("generate", target, prompt, on_text=pieces.put_nowait, **params)
     job.future.add_done_callback(lambda _: pieces.put_nowait(None))
-    return StreamingResponse(_generate_stream(svc, req, job, pieces, kind, len(prompt)), media_type="text/event-stream")
+    stream = _generate_stream(svc, req, job, pieces, kind, len(prompt), fingerprint, extension)
+    return StreamingResponse(stream, media_type="text/event-stream")
 
 
-async def _generate_stream(svc: Service, req: S.Sampling, job: Job, pieces: asyncio.Queue, kind: str, n_prompt: int) -> AsyncIterator[str]:
+async def _generate_stream(svc: Service, req: S.Sampling, job: Job, pieces: asyncio.Queue, kind: str, n_prompt: int,
+                           fingerprint: str | None, extension: Any) -> AsyncIterator[str]:
     chat = kind.startswith("chat")
-    head = S.envelope(kind + ".chunk" if chat else kind, req.model, None)
+    head = S.envelope(kind + ".chunk" if chat else kind, req.model, fingerprint)
 
-    def chunk(piece: dict[str, Any], finish: str | None = None) -> str:
+    def chunk(piece: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> str:
         choice = {"index": 0, "finish_reason": finish, "logprobs": None}
-        return _sse(head | {"choices": [choice | ({"delta": piece} if chat else piece)]})
+        return _sse(head | {"choices": [choice | ({"delta": piece} if chat else piece)]} | (extra or {}))
 
     try:
         if chat:
@@ -328,7 +445,8 @@ async def _generate_stream(svc: Service, req: S.Sampling, job: Job, pieces: asyn
         while (text := await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0))) is not None:
             yield chunk({"content": text} if chat else {"text": text})
         out = job.future.result()
-        yield chunk({} if chat else {"text": ""}, out["finish_reason"])
+        extra = {"microtune": extension(out["text"])} if extension is not None else None
+        yield chunk({} if chat else {"text": ""}, out["finish_reason"], extra)
         if req.stream_options and req.stream_options.include_usage:
             yield _sse(head | {"choices": [], "usage": S.usage(n_prompt, len(out["ids"]))})
         yield _sse("[DONE]")
@@ -337,7 +455,7 @@ async def _generate_stream(svc: Service, req: S.Sampling, job: Job, pieces: asyn
     except Exception as exc:  # the worker failed this request: tell the client in the stream (headers are gone)
         yield _sse(S.ApiError(500, f"generation failed: {exc}", code="server_error").body())
     finally:
-        job.cancelled = True  # a client that left (or finished) stops the generation at the next token
+        job.cancelled = True  # a client that left (or finished) frees its row at the next step
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -395,7 +513,7 @@ def _routes(app: FastAPI, svc: Service) -> None:
         unsupported(req)
         target = await svc.lookup(req.model)
         if isinstance(target, AdapterSpec):
-            return await classify_response(svc, req, target, _last_user(req.messages), chat=True)
+            return await micro_response(svc, req, target, _last_user(req.messages), chat=True)
         prompt = svc.engine.renderer.prompt_ids([{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                                                  for m in req.messages])
         return await generate_response(svc, req, prompt, chat=True)
@@ -406,7 +524,7 @@ def _routes(app: FastAPI, svc: Service) -> None:
         unsupported(req)
         target = await svc.lookup(req.model)
         if isinstance(target, AdapterSpec):
-            return await classify_response(svc, req, target, req.text(), chat=False)
+            return await micro_response(svc, req, target, req.text(), chat=False)
         prompt = svc.engine.tok(req.text(), add_special_tokens=False)["input_ids"]
         if not prompt:
             raise S.ApiError(400, "prompt: empty", "prompt", "empty_prompt")

@@ -8,8 +8,8 @@ version), `name@alias` or `name/version`, each part checked against a strict pat
 Registry answers are cached per model string; ``refresh()`` re-resolves them (hot reload when an
 alias moves) and reports what changed.
 
-Every method is served (``placement`` is the one rule, read from the method's capability flags and the
-artifact's PEFT config): where a model runs decides which requests can share a forward pass.
+Every method and every task type is served (``placement`` is the one rule, read from the method's capability flags
+and the artifact's PEFT config): where a model runs decides which requests can share a forward pass.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from microtune.registry.tracking import quiet_mlflow_logs
 
 log = logging.getLogger("microtune.serving")
 BASE = "__base__"  # PEFT's name for "no adapter" rows in a mixed batch
-SERVABLE_TASKS = {"classify"}  # extract/generate micro-models wait for the batched generator (models/generation.py)
 MIXED, ALONE, OWN = "mixed", "alone", "own"  # where a model runs: see placement()
 QUOTE = 60  # at most this many characters of a user-given value are quoted back in an error message
 
@@ -113,8 +112,6 @@ def load_spec(name: str, version: str | None, path: Path, base_path: str, base_o
     if method not in methods.kinds():
         raise UnservableModel(f"model {quote(name)}: method {quote(method)} is not a method this microtune knows",
                               hint=f"serve artifacts of one of {methods.kinds()}")
-    if recipe.task.type not in SERVABLE_TASKS:
-        raise UnservableModel(f"model {quote(name)}: task type {recipe.task.type!r} is not served yet", hint="serve classify micro-models")
     trained_on = base_of(recipe.model)
     if trained_on != base_path:
         raise UnservableModel(f"model {quote(name)} was trained on {recipe.model.base!r} ({trained_on}); this server's base is {base_path}",

@@ -2,22 +2,36 @@
 
     engine = Engine(settings, catalog, tokenizer, base_ref, metrics); engine.start()
     job = Job("classify", spec, prompt_ids, loop, loop.create_future()); engine.submit(job)
-    answer = await job.future          # {"label", "prob", "top"}
+    answer = await job.future          # classify: {"label", "prob", "top"}; generate: {"ids", "text", "finish_reason"}
 
 One worker thread owns every model (adapters and instances are loaded, evicted and run only there, so
-no lock is needed around the weights). It takes the first waiting request, waits up to the batching
-window for more, and groups the batch by **model instance** (catalog.placement): the shared base
-answers all its LoRA adapters (lora, rslora, qlora on the full-precision base) in one mixed-adapter
-forward per decoding step (each row names its adapter: PEFT's ``adapter_names``); a DoRA adapter runs
-on the shared base in a group of its own (``set_adapter``); a model with its own instance (full, IA3,
-prompt/prefix tuning, qlora on its 4-bit base) answers its group with its own forwards. Free generation
-(the base model) runs one request at a time, streaming text through a callback; ``_generate`` is the
-place a generation runner per model instance plugs in. Everything loaded beyond the base is one LRU
-(``residency``) under ``max_loaded`` entries and ``max_memory_mb``.
+no lock is needed around the weights). Its loop interleaves the two kinds of work:
 
-Load shedding: the engine keeps an EWMA of the service time per request (a batch's time over its
-size); ``submit`` refuses a request whose expected wait (queue length × that time) is past its timeout
-(``Overloaded``, HTTP 429 with Retry-After) instead of letting it time out in the queue.
+1. take the jobs waiting in the queue (when nothing is generating it waits for the first one, then up to the
+   batching window for more; while rows are generating it takes what is there without waiting);
+2. answer the classify jobs, grouped by **model instance** (catalog.placement): the shared base answers all
+   its LoRA adapters (lora, rslora, qlora on the full-precision base) in one mixed-adapter forward per
+   decoding step (each row names its adapter: PEFT's ``adapter_names``); a DoRA adapter runs on the shared
+   base in a group of its own (``set_adapter``); a model with its own instance (full, IA3, prompt/prefix
+   tuning, qlora on its 4-bit base) answers its group with its own forwards;
+3. admit the generation jobs (the base model's free text, extract and generate micro-models) into the running
+   ``BatchGenerator`` of their instance — one per instance with work: the shared base (its LoRA adapters' rows
+   and the base model's own rows in one batch, each row naming its adapter), each DoRA adapter (a generator
+   of its own on the shared base, stepped after ``set_adapter``: PEFT refuses DoRA in ``adapter_names``), and
+   each own instance;
+4. one ``step()`` per generator with work (one token for every row), resolving the rows that ended — each at
+   its own end of turn, stop string, JSON object's end or ``max_tokens`` — and dropping the rows whose request
+   was cancelled (timed out, client left); then repeat.
+
+So rows join and leave a running batch, and a classify request waits at most one generation step, never a
+whole generation. Everything loaded beyond the base is one LRU (``residency``) under ``max_loaded`` entries and
+``max_memory_mb``; an entry whose rows are generating is never evicted.
+
+Load shedding: ``submit`` refuses a request whose expected wait is past its timeout (``Overloaded``, HTTP 429
+with Retry-After) instead of letting it time out in the queue. The expected wait counts the work already
+running, not only the queue: the classify batch in progress (its elapsed time raises the per-request estimate
+at once when the machine slows down, without waiting for the batch to end) and one generation step round
+while rows generate (its time measured at every step), plus the queue × the per-request time (an EWMA).
 """
 from __future__ import annotations
 
@@ -33,7 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from microtune.models.decoding import LabelPredictor, build_trie
-from microtune.models.hardware import autocast, device, use_bf16
+from microtune.models.generation import BASE_ADAPTER, BatchGenerator, GenRequest
+from microtune.models.hardware import device, use_bf16
 from microtune.serving.catalog import ALONE, BASE, MIXED, OWN, AdapterSpec, Catalog
 from microtune.serving.metrics import Metrics
 from microtune.serving.residency import MB, Residency, Resident, adapter_bytes, model_bytes
@@ -41,6 +56,7 @@ from microtune.serving.settings import ServeSettings
 from microtune.tasks.render import Renderer
 
 log = logging.getLogger("microtune.serving")
+SHARED = ""  # the generator key of the shared base (its LoRA adapters and the base model's own rows)
 
 
 class QueueFull(Exception):
@@ -55,11 +71,14 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
-EWMA_WEIGHT = 0.2  # weight of the newest batch in the service-time estimate: steady, yet follows a load change in ~10 batches
+EWMA_WEIGHT = 0.2  # weight of the newest measurement in the service-time estimates: steady, yet follows a load change in ~10 batches
 
 
 @dataclass
 class Job:
+    """One request for the worker. ``params`` of a generation: ``max_tokens``, ``temperature``, ``top_p``, ``seed``,
+    ``stop`` (strings), ``eos`` (token ids that end the answer), ``constraint`` (a ``models.constrain`` constraint or None)."""
+
     kind: str  # "classify" | "generate"
     spec: AdapterSpec | str
     prompt: list[int]
@@ -67,8 +86,9 @@ class Job:
     future: asyncio.Future
     params: dict[str, Any] = field(default_factory=dict)
     on_text: Any = None  # generation: called (in the event loop) with each new piece of text
-    cancelled: bool = False
+    cancelled: bool = False  # set by the server (timeout, client left); the worker cancels the generator row
     enqueued: float = field(default_factory=time.monotonic)
+    request: GenRequest | None = None  # the generator row, once admitted
 
     @property
     def adapter(self) -> str:
@@ -91,15 +111,21 @@ class Engine:
     def __init__(self, settings: ServeSettings, catalog: Catalog, tokenizer: Any, base_ref: Any, metrics: Metrics):
         self.settings, self.catalog, self.tok, self.base_ref, self.metrics = settings, catalog, tokenizer, base_ref, metrics
         self.renderer = Renderer(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
         self.residency = Residency(settings.max_loaded, settings.max_memory_mb * MB)
         self.tries: dict[str, dict[int, Any]] = {}
         self.model: Any = None  # the shared base (a PeftModel once a LoRA-type adapter is on it)
         self.base_bytes = 0
+        self.gens: dict[str, BatchGenerator] = {}  # generator key (SHARED, "alone:<key>", an own instance's key) → its running batch
+        self.running: dict[int, tuple[str, Job]] = {}  # id(GenRequest) → (generator key, job): the admitted generations
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.bf16 = use_bf16(settings.bf16)
-        self._service: float | None = None  # EWMA of seconds per request
+        self._service: float | None = None  # EWMA of seconds per classify request
+        self._round: float | None = None  # EWMA of seconds per generation step round (one step of every generator)
+        self._busy: tuple[float, int] | None = None  # (start, size) of the classify batch in progress
+        self.clock = time.perf_counter  # the load-shedding estimate's clock (a test sets its own)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="microtune-engine", daemon=True)
         metrics.watch(self.queue.qsize, lambda: len(self.residency), lambda: self.residency.nbytes)
@@ -109,7 +135,7 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Finish every queued request, then end the worker."""
+        """Finish every queued request and every running generation, then end the worker."""
         self._stopping.set()
         self._thread.join(timeout)
 
@@ -118,8 +144,8 @@ class Engine:
         wait = self.expected_wait()
         if wait > self.settings.timeout_s:
             retry = max(1, math.ceil(wait - self.settings.timeout_s))
-            raise Overloaded(f"{self.queue.qsize()} requests are waiting, about {wait:.1f}s of work, more than the "
-                             f"{self.settings.timeout_s:g}s timeout", retry)
+            raise Overloaded(f"{self.queue.qsize()} requests are waiting and {len(self.running)} generating, about {wait:.1f}s of work, "
+                             f"more than the {self.settings.timeout_s:g}s timeout", retry)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -128,7 +154,7 @@ class Engine:
     # -- load shedding ----------------------------------------------------------------------------
     @property
     def service_time(self) -> float | None:
-        """Seconds of work per request (EWMA over batches); None until the first batch (or ``prime_service_time``)."""
+        """Seconds of work per request (EWMA over classify batches); None until the first batch (or ``prime_service_time``)."""
         return self._service
 
     def prime_service_time(self, seconds: float) -> None:
@@ -136,13 +162,29 @@ class Engine:
         self._service = float(seconds)
 
     def expected_wait(self) -> float:
-        """Seconds a request queued now would wait before its batch starts: queue length × service time per request."""
-        return self.queue.qsize() * (self._service or 0.0)
+        """Seconds a request queued now would wait before the worker answers or admits it: the queue × the time per
+        request, the rest of the classify batch in progress, and one generation step round while rows generate.
+
+        A batch in progress for longer than its estimate raises the per-request time at once (``elapsed / size``): under
+        a sudden slowdown (other processes on the CPU) the estimate follows the batch as it runs, not only once it ends."""
+        per, running = self._service or 0.0, 0.0
+        busy = self._busy
+        if busy is not None:
+            elapsed, size = self.clock() - busy[0], busy[1]
+            per = max(per, elapsed / size)
+            running = max(size * per - elapsed, 0.0)
+        if self.running:
+            running += self._round or 0.0
+        return self.queue.qsize() * per + running
 
     def _measured(self, seconds: float, requests: int) -> None:
         per = seconds / max(requests, 1)
         self._service = per if self._service is None else EWMA_WEIGHT * per + (1 - EWMA_WEIGHT) * self._service
 
+    def _measured_round(self, seconds: float) -> None:
+        self._round = seconds if self._round is None else EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * self._round
+
+    # -- the worker loop --------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             self._load_base()
@@ -156,6 +198,7 @@ class Engine:
             if batch is None:
                 return
             self._execute(batch)
+            self._step_all()
 
     def _load_base(self) -> None:
         from microtune.models import load_model
@@ -163,8 +206,15 @@ class Engine:
         self.model = load_model(self.base_ref).to(device()).eval()
         self.base_bytes = model_bytes(self.model)
 
+    @property
+    def generating(self) -> bool:
+        return any(g.has_work for g in self.gens.values())
+
     def _next_batch(self) -> list[Job] | None:
-        """The first waiting job plus whatever arrives within the batching window (up to max_batch)."""
+        """The jobs to take now: while rows generate, whatever waits (no waiting: the next step is due); otherwise the
+        first job to arrive plus whatever arrives within the batching window (up to max_batch). None: stop."""
+        if self.generating:
+            return self._drain(self.settings.max_batch)
         while True:
             try:
                 first = self.queue.get(timeout=0.05)
@@ -181,6 +231,15 @@ class Engine:
                 break
         return batch
 
+    def _drain(self, limit: int) -> list[Job]:
+        out: list[Job] = []
+        while len(out) < limit:
+            try:
+                out.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return out
+
     # -- execution --------------------------------------------------------------------------------
     def _execute(self, batch: list[Job]) -> None:
         live = [j for j in batch if not j.cancelled]
@@ -189,20 +248,27 @@ class Engine:
             self.metrics.batch_size.labels("classify").observe(len(classify))
         for group in self._groups(classify):
             for jobs in self._by_instance(group):
-                self._guarded(jobs, self._classify)
+                self._timed(jobs, self._classify)
         for job in (j for j in live if j.kind == "generate"):
-            self.metrics.batch_size.labels("generate").observe(1)
-            self._guarded([job], lambda jobs: self._generate(jobs[0]))
+            self._guarded([job], lambda jobs: self._admit(jobs[0]))
+
+    def _timed(self, jobs: list[Job], fn: Any) -> None:
+        """Run a classify group, its start and size visible to ``expected_wait`` while it runs; measure it after."""
+        start = self.clock()
+        self._busy = (start, len(jobs))
+        try:
+            self._guarded(jobs, fn)
+        finally:
+            self._busy = None
+        self._measured(self.clock() - start, len(jobs))
 
     def _guarded(self, jobs: list[Job], fn: Any) -> None:
-        start = time.perf_counter()
         try:
             fn(jobs)
         except Exception as exc:  # one failing batch must not end the worker; its requests answer 500
             log.exception("batch of %d failed", len(jobs))
             for job in jobs:
                 job.resolve(error=exc)
-        self._measured(time.perf_counter() - start, len(jobs))
 
     def _groups(self, jobs: list[Job]) -> list[list[Job]]:
         """Split a batch so no group needs more distinct models than the LRU may hold at once."""
@@ -259,14 +325,15 @@ class Engine:
         return self.tries[spec.key]
 
     def _ensure_loaded(self, specs: list[AdapterSpec]) -> None:
-        """Load what this group needs, then unload least recently used entries (never one it needs) past the limits."""
+        """Load what this group needs, then unload least recently used entries past the limits — never one it needs, nor
+        one whose rows are generating (its adapter or instance is in a running batch)."""
         needed = {s.key: s for s in specs}
         for spec in needed.values():
             if spec.key in self.residency:
                 self.residency.touch(spec.key)
             else:
                 self._load(spec)
-        for key in self.residency.victims(needed):
+        for key in self.residency.victims({*needed, *self._generating_keys()}):
             self._unload(key)
         self._active_loaded()
         if self.residency.nbytes > self.residency.max_bytes:
@@ -296,6 +363,7 @@ class Engine:
                 self.model.load_adapter(str(spec.path), adapter_name=spec.key)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(spec.path), adapter_name=spec.key)
+                self._rewrapped()
             self.model.eval()
             resident = Resident(spec.key, spec.fingerprint, spec.place, adapter_bytes(self.model, spec.key))
         self.residency.add(resident)
@@ -315,52 +383,92 @@ class Engine:
         self.metrics.adapter_events.labels("evict").inc()
         log.info("unloaded %s (least recently used, %.1f MB)", resident.fingerprint, resident.nbytes / MB)
 
-    def _generate(self, job: Job) -> None:
-        import torch
+    # -- generation -------------------------------------------------------------------------------
+    def _generating_keys(self) -> set[str]:
+        """The residency keys of every admitted generation (their adapters and instances must stay loaded)."""
+        return {job.adapter for _, job in self.running.values() if job.adapter != BASE}
+
+    def _target(self, job: Job) -> tuple[str, Any, str | None]:
+        """``(generator key, model, the row's adapter name)`` of a generation job (its model loaded).
+
+        The base model and mixed LoRA adapters share one batch on the shared base: once it is a PeftModel every row
+        names its adapter (``__base__`` for the base model), before that (no adapter loaded yet) no row does. A DoRA
+        adapter gets a generator of its own on the shared base (``_step`` makes it the active adapter first); an own
+        instance, its own generator."""
+        if job.spec == BASE:
+            return SHARED, self.model, BASE_ADAPTER if self._peft() else None
+        spec: AdapterSpec = job.spec  # type: ignore[assignment]
+        self._ensure_loaded([spec])
+        if spec.place == MIXED:
+            return SHARED, self.model, spec.key
+        if spec.place == ALONE:
+            return "alone:" + spec.key, self.model, None
+        return spec.key, self.residency.entries[spec.key].model, None
+
+    def _peft(self) -> bool:
         from peft import PeftModel
-        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        class Cancelled(StoppingCriteria):  # a timed-out request stops generating at the next token
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), job.cancelled, dtype=torch.bool, device=input_ids.device)
+        return isinstance(self.model, PeftModel)
 
+    def _rewrapped(self) -> None:
+        """The shared base just became a PeftModel (its first adapter loaded, LoRA layers injected in place): a running
+        shared batch now runs through the wrapper, and its rows (all the base model's) name ``__base__`` so the new
+        adapter does not apply to them."""
+        gen = self.gens.get(SHARED)
+        if gen is None:
+            return
+        gen.model = self.model
+        for key, job in self.running.values():
+            if key == SHARED and job.request is not None and job.request.adapter is None:
+                job.request.adapter = BASE_ADAPTER
+
+    def _admit(self, job: Job) -> None:
+        """Add a generation job to its instance's running batch (it joins at the next step)."""
+        key, model, adapter = self._target(job)
+        gen = self.gens.get(key)
+        if gen is None:
+            gen = self.gens[key] = BatchGenerator(model, self.pad_id, self.bf16, self.settings.max_batch, tokenizer=self.tok)
         p = job.params
-        kwargs: dict[str, Any] = {"max_new_tokens": p["max_tokens"], "pad_token_id": self.tok.pad_token_id,
-                                  "eos_token_id": p["eos"], "stopping_criteria": StoppingCriteriaList([Cancelled()])}
-        if p.get("temperature", 0) > 0:
-            kwargs.update(do_sample=True, temperature=p["temperature"], top_p=p.get("top_p") or 1.0)
-            if p.get("seed") is not None:
-                torch.manual_seed(p["seed"])
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if p.get("stop"):
-            kwargs.update(stop_strings=p["stop"], tokenizer=self.tok)
-        if isinstance(self.model, PeftModel):
-            kwargs["adapter_names"] = [job.adapter]
+        emit = None
         if job.on_text is not None:
-            kwargs["streamer"] = _streamer(self.tok, lambda text: job.loop.call_soon_threadsafe(job.on_text, text))
-        ids = torch.tensor([job.prompt], device=device())
-        with torch.no_grad(), autocast(self.bf16):
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        new = out[0, len(job.prompt):].tolist()
-        job.resolve({"ids": new, "finish_reason": self._finish_reason(new, p)})
+            def emit(text: str, job: Job = job) -> None:
+                job.loop.call_soon_threadsafe(job.on_text, text)
+        job.request = GenRequest(list(job.prompt), p["max_tokens"], set(p["eos"]), temperature=p.get("temperature") or 0.0,
+                                 top_p=p.get("top_p") or 1.0, seed=p.get("seed"), stop_strings=list(p.get("stop") or []),
+                                 constraint=p.get("constraint"), adapter=adapter, on_text=emit, cancelled=job.cancelled)
+        gen.add(job.request)
+        self.running[id(job.request)] = (key, job)
+        self.metrics.batch_size.labels("generate").observe(len(gen.rows) + len(gen.waiting))
 
-    def _finish_reason(self, new: list[int], p: dict[str, Any]) -> str:
-        if new and new[-1] in p["eos"]:
-            return "stop"
-        text = self.tok.decode(new, skip_special_tokens=True)
-        if any(text.endswith(s) for s in p.get("stop") or []):
-            return "stop"
-        return "length"
+    def _step_all(self) -> None:
+        """One step of every generator with work (a round): rows of cancelled jobs leave, finished rows answer."""
+        for _, job in self.running.values():
+            if job.cancelled and job.request is not None:
+                job.request.cancel()
+        start, stepped = self.clock(), False
+        for key in list(self.gens):
+            gen = self.gens[key]
+            if not gen.has_work:
+                del self.gens[key]  # an idle generator holds nothing worth keeping (its model stays in the residency)
+                continue
+            self._step(key, gen)
+            stepped = True
+        if stepped:
+            self._measured_round(self.clock() - start)
 
-
-def _streamer(tokenizer: Any, emit: Any) -> Any:
-    """A transformers TextStreamer (its incremental decoding) that hands each finished text piece to ``emit``."""
-    from transformers import TextStreamer
-
-    class Emit(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text:
-                emit(text)
-
-    return Emit(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    def _step(self, key: str, gen: BatchGenerator) -> None:
+        try:
+            if key.startswith("alone:"):
+                self.model.set_adapter(key.split(":", 1)[1])  # DoRA cannot be named per row: the active adapter
+            finished = gen.step()
+        except Exception as exc:  # a failing step fails its batch's requests, not the worker
+            log.exception("generation step of %s failed", key or "the shared base")
+            for rid, (k, job) in list(self.running.items()):
+                if k == key:
+                    del self.running[rid]
+                    job.resolve(error=exc)
+            del self.gens[key]
+            return
+        for f in finished:
+            _, job = self.running.pop(id(f.request))
+            job.resolve({"ids": f.ids, "text": f.text, "finish_reason": f.finish_reason})

@@ -4,7 +4,8 @@ Every field official OpenAI clients send is known; a value the server does not i
 a 400 that says so (the routes check them: ``unsupported``), and a field outside the spec is a 422 naming
 it (``extra="forbid"``), so no option is silently ignored. Accepted and honoured or harmless: ``user``,
 ``metadata``, ``store`` (nothing is stored), ``service_tier``, ``parallel_tool_calls``, ``seed``, ``n`` 1,
-penalties 0, an empty ``logit_bias``, ``tool_choice`` none/auto without tools, ``response_format`` text.
+penalties 0, an empty ``logit_bias``, ``tool_choice`` none/auto without tools, ``response_format`` text (JSON
+formats on the base model and extract models: see the routes).
 Errors follow OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Sampling(Strict):
     n: Literal[1] = Field(1, description="Choices per request: only 1.")
     stream: bool = Field(False, description="Answer as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
-    stop: str | list[str] | None = Field(None, description="Stop sequences (up to 4), not with stream.")
+    stop: str | list[str] | None = Field(None, description="Stop sequences (up to 4).")
     seed: int | None = Field(None, description="Seed for sampling.")
     user: str | None = Field(None, description="End-user id (accepted; not stored).")
     metadata: dict[str, str] | None = Field(None, description="Request tags (accepted; not stored).")
@@ -81,7 +82,7 @@ class Sampling(Strict):
     parallel_tool_calls: bool | None = Field(None, description="Accepted; micro-models call no tools.")
     tools: list[dict[str, Any]] | None = Field(None, description="Only empty: micro-models do not call tools.")
     tool_choice: Literal["none", "auto"] | dict[str, Any] | None = Field(None, description="none/auto (there are no tools).")
-    response_format: ResponseFormat | None = Field(None, description="text; JSON formats are refused (see the routes).")
+    response_format: ResponseFormat | None = Field(None, description="text; JSON: base model, extract models (see the routes).")
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
