@@ -33,7 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import pct, start  # noqa: E402  (benchmarks/ is not a package)
+from serve_load import pct, start, stop  # noqa: E402  (benchmarks/ is not a package)
 
 BATCHED, ALONE = "microtune serve (batched)", "microtune serve --max-batch 1 (one at a time)"
 BASE = "smollm2-135m-instruct"  # the bundled base model's alias: the model name the requests ask for
@@ -116,8 +116,7 @@ def main() -> None:
                       flush=True)
     finally:
         for proc in procs.values():
-            proc.terminate()
-            proc.wait(60)
+            stop(proc)
     body = markdown(args, results)
     print(body)
     if not args.no_write:

@@ -39,6 +39,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,10 @@ def _data_dir(recipe: str) -> str:
 
 
 def start(cmd: list[str], port: int, log: Path, threads: int) -> subprocess.Popen:
+    """Start a server and wait for /health. A SIGTERM to this script (e.g. `timeout`) becomes SystemExit, so the callers'
+    ``finally`` blocks still stop the servers it started."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -118,6 +123,16 @@ def start(cmd: list[str], port: int, log: Path, threads: int) -> subprocess.Pope
         if time.monotonic() > deadline:
             raise SystemExit(f"server did not become ready: {log.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM (the server finishes its queue), then SIGKILL after ``grace`` seconds: a run cut short leaves no server behind."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def load(port: int, jobs: list[tuple[str, str]], clients: int, labels: dict[str, set[str]], checker: Any = None) -> dict[str, Any]:
@@ -245,8 +260,7 @@ def contention(args: argparse.Namespace, adapter_args: list[str], work: Path) ->
     finally:
         for b in burners:
             b.terminate()
-        proc.terminate()
-        proc.wait(60)
+        stop(proc)
     c = res["counts"]
     other = sum(v for k, v in c.items() if k not in {"200", "429", "504"})
     retry = "yes" if not res["missing_retry"] else f"no ({len(res['missing_retry'])} without)"
@@ -314,7 +328,7 @@ def main() -> None:
     }
     checker = serve_mix.Checker(models, labels, args.gen_tokens) if args.mix else None
     jobs = serve_mix.mix_requests(args.requests, models) if args.mix else requests_for(args.requests)
-    warm = serve_mix.mix_requests(2 * len(models), models) if args.mix else requests_for(8)
+    warm = serve_mix.mix_requests(len(models), models) if args.mix else requests_for(8)
     procs = {}
     try:
         for name, (cmd, port) in servers.items():
@@ -328,8 +342,7 @@ def main() -> None:
                 print(f"round {r + 1} {name:30s} {res['throughput']:6.2f} req/s  failures {len(res['failures'])}", flush=True)
     finally:
         for proc in procs.values():
-            proc.terminate()
-            proc.wait(60)
+            stop(proc)
     if args.mix:
         write_mix(args, results, jobs, serve_mix)
         return

@@ -239,7 +239,7 @@ def run_teacher(args: argparse.Namespace) -> None:
     from microtune.synthesis.teacher import Teacher
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import start
+    from serve_load import start, stop
 
     work = Path(args.workdir).resolve()
     recipe, merged, requests = teacher_requests(args, work)
@@ -270,8 +270,7 @@ def run_teacher(args: argparse.Namespace) -> None:
                 print(f"round {r + 1} {name:34s} {wall:7.1f}s  {runs[name][-1]}", flush=True)
     finally:
         for proc in procs:
-            proc.terminate()
-            proc.wait(60)
+            stop(proc)
     load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
     body = teacher_markdown(args, len(requests), runs, load, os.cpu_count())
     print(body)
