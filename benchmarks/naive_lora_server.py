@@ -5,8 +5,11 @@
 The usual way to put several LoRA adapters behind one endpoint without a batching engine: every
 adapter is loaded once into one PEFT model (no disk reads per request, to be fair to it), a lock
 serves one request at a time, and each request activates its adapter (`set_adapter`) and answers
-with the same constrained label decoder and the same micro prompt as microtune serve. Only
-`POST /v1/chat/completions` for classify adapters; no auth, limits or streaming.
+with the same micro prompt and decoder as microtune serve (and eval): classify with the constrained
+label decoder; extract with microtune's `BatchGenerator` on a batch of one, constrained to the task's
+JSON schema (`models.constrain.json_schema`); generate greedy with the same generator, unconstrained.
+Extract/generate stop at the template's end of turn or eos, or at the request's ``max_tokens`` (default:
+the recipe's ``task.max_new_tokens``). Only `POST /v1/chat/completions`; no auth, limits or streaming.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from fastapi import FastAPI
 
 from microtune.config import ModelConfig
 from microtune.models import LabelPredictor, load_model, load_tokenizer, resolve_base
+from microtune.models.constrain import json_schema
+from microtune.models.generation import BatchGenerator, GenRequest
 from microtune.models.hardware import use_bf16
 from microtune.serving import parse_adapter_options
 from microtune.serving.catalog import load_spec
@@ -47,6 +52,8 @@ def build(adapters: dict[str, Any], bf16: bool) -> FastAPI:
         spec = specs[body["model"]]
         text = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
         task = get_task(spec.recipe.task, spec.labels)
+        if spec.recipe.task.type != "classify":
+            return generate(spec, task, text, body.get("max_tokens"))
         longest = max(spec.labels, key=lambda label: len(renderer.completion_ids(label)))
         prompt = renderer.encode(task.messages({"text": text}), longest, spec.recipe.train.max_seq_len)[0]
         with lock:
@@ -54,6 +61,22 @@ def build(adapters: dict[str, Any], bf16: bool) -> FastAPI:
             label, prob = LabelPredictor(model, renderer, spec.labels, bf16=bf16).predict([prompt])[0]
         return {"object": "chat.completion", "model": body["model"], "microtune": {"label": label, "probability": prob},
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": label}, "finish_reason": "stop"}]}
+
+    stops = sorted(t for t in {renderer.stop_id, tokenizer.eos_token_id} if t is not None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+
+    def generate(spec: Any, task: Any, text: str, max_tokens: int | None) -> dict[str, Any]:
+        """Extract (JSON-constrained) or generate (free), greedy, one request alone: eval's micro prompt and stop ids."""
+        decoder = task.decoder()
+        prompt = renderer.prompt_ids(task.messages({"text": text}))
+        constraint = json_schema(decoder.schema, tokenizer, stops) if decoder.kind == "json" else None
+        req = GenRequest(prompt, max_tokens or decoder.max_new_tokens, set(stops), constraint=constraint)
+        with lock:
+            model.set_adapter(spec.name)
+            done = BatchGenerator(model, pad, bf16, max_batch=1, tokenizer=tokenizer).run([req])[0]
+        return {"object": "chat.completion", "model": spec.name, "microtune": {"task": spec.recipe.task.type, "output": task.parse(done.text)},
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(done.ids), "total_tokens": len(prompt) + len(done.ids)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish_reason}]}
 
     @app.get("/health")
     def health() -> dict[str, str]:

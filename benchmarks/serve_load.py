@@ -28,6 +28,10 @@ each client waiting for its answer before sending the next. Rounds alternate the
 reported: throughput (median of `--repeats` rounds), latency p50/p95/p99 over all rounds, failed
 requests (non-200 or an answer outside the model's labels), and how often the two servers gave the
 same label for the same request. Writes its section of BENCHMARKS.md between the serve-load markers.
+
+Mix mode (``--mix``, benchmarks/serve_mix.py): the four classify models plus an extract (phee-ade) and a generate
+(scitldr) micro-model, extract/generate requests with ``--gen-tokens`` new tokens at most; failures and agreement per
+task type. Defaults there: 36 requests per round (6 per model), 24 new tokens, 2 rounds per server. Written between the serve-load-mix markers.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +54,7 @@ MODELS = {"banking-a": ("banking-intents", 1), "banking-b": ("banking-intents", 
           "faa-a": ("faa-maintenance", 3), "faa-b": ("faa-maintenance", 4)}
 
 
-def build_adapters(ws: Path) -> dict[str, Path]:
+def build_adapters(ws: Path, models: dict[str, tuple[str, int]] = MODELS) -> dict[str, Path]:
     """Four LoRA adapters built with PEFT (the recipes' own method sections, microtune's `apply_method`), written as
     adapter artifacts. Their B matrices get seeded random weights instead of training (training four on a shared
     2-core machine takes longer than this whole benchmark), so each adapter really changes the outputs."""
@@ -61,7 +66,7 @@ def build_adapters(ws: Path) -> dict[str, Path]:
     from microtune.models import apply_method, load_model, resolve_base
 
     out = {}
-    for name, (recipe_name, seed) in MODELS.items():
+    for name, (recipe_name, seed) in models.items():
         recipe = load_recipe(ROOT / f"recipes/{recipe_name}.yaml", [f"name={name}"])
         labels = build_dataset(recipe).labels
         model = apply_method(load_model(resolve_base(recipe.model)), recipe.method, seed)
@@ -78,9 +83,9 @@ def build_adapters(ws: Path) -> dict[str, Path]:
     return out
 
 
-def _trained(ws: Path) -> dict[str, Path] | None:
-    """Adapters an earlier run built in this workspace (--workspace), if all four are there."""
-    found = {n: sorted((ws / n / "adapters").glob("*/manifest.json")) for n in MODELS}
+def _trained(ws: Path, models: dict[str, tuple[str, int]] = MODELS) -> dict[str, Path] | None:
+    """Adapters an earlier run built in this workspace (--workspace), if all of them are there."""
+    found = {n: sorted((ws / n / "adapters").glob("*/manifest.json")) for n in models}
     return {n: f[-1].parent for n, f in found.items()} if all(found.values()) else None
 
 
@@ -98,6 +103,10 @@ def _data_dir(recipe: str) -> str:
 
 
 def start(cmd: list[str], port: int, log: Path, threads: int) -> subprocess.Popen:
+    """Start a server and wait for /health. A SIGTERM to this script (e.g. `timeout`) becomes SystemExit, so the callers'
+    ``finally`` blocks still stop the servers it started."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -116,8 +125,19 @@ def start(cmd: list[str], port: int, log: Path, threads: int) -> subprocess.Pope
         time.sleep(0.5)
 
 
-def load(port: int, jobs: list[tuple[str, str]], clients: int, labels: dict[str, set[str]]) -> dict[str, Any]:
-    """Send every job once with `clients` concurrent connections; per-request latency, answers and failures."""
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM (the server finishes its queue), then SIGKILL after ``grace`` seconds: a run cut short leaves no server behind."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def load(port: int, jobs: list[tuple[str, str]], clients: int, labels: dict[str, set[str]], checker: Any = None) -> dict[str, Any]:
+    """Send every job once with `clients` concurrent connections; per-request latency, answers and failures. Without a
+    ``checker`` (serve_mix.Checker: the body and the right answer per task type) every model is a classify one."""
     latency: list[float] = [0.0] * len(jobs)
     answers: list[str | None] = [None] * len(jobs)
     failures: list[str] = []
@@ -126,7 +146,7 @@ def load(port: int, jobs: list[tuple[str, str]], clients: int, labels: dict[str,
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         for i in range(k, len(jobs), clients):
             model, text = jobs[i]
-            body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}]})
+            body = json.dumps(checker.body(model, text) if checker else {"model": model, "messages": [{"role": "user", "content": text}]})
             t0 = time.perf_counter()
             try:
                 conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -137,6 +157,12 @@ def load(port: int, jobs: list[tuple[str, str]], clients: int, labels: dict[str,
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
                 continue
             latency[i] = time.perf_counter() - t0
+            if checker is not None:
+                answer, failure = checker.answer(model, resp.status, data)
+                if failure:
+                    failures.append(failure)
+                answers[i] = answer
+                continue
             answer = data.get("choices", [{}])[0].get("message", {}).get("content") if resp.status == 200 else None
             if answer not in labels[model]:
                 failures.append(f"{model}: HTTP {resp.status} {str(data)[:200]}")
@@ -234,8 +260,7 @@ def contention(args: argparse.Namespace, adapter_args: list[str], work: Path) ->
     finally:
         for b in burners:
             b.terminate()
-        proc.terminate()
-        proc.wait(60)
+        stop(proc)
     c = res["counts"]
     other = sum(v for k, v in c.items() if k not in {"200", "429", "504"})
     retry = "yes" if not res["missing_retry"] else f"no ({len(res['missing_retry'])} without)"
@@ -268,9 +293,11 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mix", action="store_true", help="Classify, extract and generate micro-models (benchmarks/serve_mix.py).")
+    ap.add_argument("--gen-tokens", type=int, default=24, help="Mix mode: max_tokens of the extract and generate requests.")
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=None, help="Requests per round (default 128; 36 with --mix).")
+    ap.add_argument("--repeats", type=int, default=None, help="Rounds per server, alternating (default 3; 2 with --mix).")
     ap.add_argument("--threads", type=int, default=1, help="Torch (OpenMP) threads of each server (OMP_NUM_THREADS).")
     ap.add_argument("--workspace", type=Path, default=None, help="Build the adapters here, or reuse the ones an earlier run built here.")
     ap.add_argument("--contention", type=int, default=0, help="Contention mode: N CPU-burner processes beside microtune serve.")
@@ -279,7 +306,15 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     ws = args.workspace or work / "ws"
-    adapters = _trained(ws) or build_adapters(ws)
+    if args.mix and args.contention:
+        raise SystemExit("--mix and --contention are separate modes: give one")
+    args.requests = args.requests or (36 if args.mix else 128)
+    args.repeats = args.repeats or (2 if args.mix else 3)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_mix
+
+    models = serve_mix.MIX_MODELS if args.mix else MODELS
+    adapters = _trained(ws, models) or build_adapters(ws, models)
     labels = {n: set(json.loads((p / "manifest.json").read_text())["labels"]) for n, p in adapters.items()}
     adapter_args = [x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}")]
     if args.contention:
@@ -291,23 +326,39 @@ def main() -> None:
                              "--batch-window-ms", "10", "--max-queue", "1024", "--timeout", "600"], 8731),
         "naive (swap + one at a time)": ([py, str(ROOT / "benchmarks/naive_lora_server.py"), *adapter_args, "--port", "8732"], 8732),
     }
-    jobs = requests_for(args.requests)
+    checker = serve_mix.Checker(models, labels, args.gen_tokens) if args.mix else None
+    jobs = serve_mix.mix_requests(args.requests, models) if args.mix else requests_for(args.requests)
+    warm = serve_mix.mix_requests(len(models), models) if args.mix else requests_for(8)
     procs = {}
     try:
         for name, (cmd, port) in servers.items():
             procs[name] = start(cmd, port, work / f"{port}.log", args.threads)
-            load(port, requests_for(8), 4, labels)  # warm-up: every adapter loaded, first-call costs paid
+            load(port, warm, 4, labels, checker)  # warm-up: every adapter loaded, first-call costs paid
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         for r in range(args.repeats):
             for name, (_, port) in servers.items():
-                res = load(port, jobs, args.clients, labels)
+                res = load(port, jobs, args.clients, labels, checker)
                 results[name].append(res)
                 print(f"round {r + 1} {name:30s} {res['throughput']:6.2f} req/s  failures {len(res['failures'])}", flush=True)
     finally:
         for proc in procs.values():
-            proc.terminate()
-            proc.wait(60)
+            stop(proc)
+    if args.mix:
+        write_mix(args, results, jobs, serve_mix)
+        return
     write(args, results, jobs)
+
+
+def write_mix(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jobs: list[tuple[str, str]], serve_mix: Any) -> None:
+    """Print the mix tables and write them between the serve-load-mix markers."""
+    from predict_speed import _write_section
+
+    for name, runs in results.items():
+        for f in sorted({f for run in runs for f in run["failures"]})[:5]:
+            print(f"{name} failure: {f}")
+    body = serve_mix.markdown(args, results, jobs, serve_mix.task_types(serve_mix.MIX_MODELS), pct)
+    print(body)
+    _write_section("serve-load-mix", body)
 
 
 def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jobs: list[tuple[str, str]]) -> None:

@@ -8,6 +8,9 @@
     # calibrate: no teacher; the real-vs-synthetic AUC when the "synthetic" rows are real ones (the null the gate must
     # pass) and when they carry a generator's tell (what it must flag), over seeded splits of the bundled real data
     .venv/bin/python benchmarks/synth_value.py calibrate [--splits 10]
+    # teacher: only the local teacher's answers of the synth-value-tuned setting, timed against `microtune serve` on the
+    # tuned teacher with its default batching and with --max-batch 1 (one at a time), alternated
+    PYTHONPATH=src .venv/bin/python benchmarks/synth_value.py teacher [--limit 32] [--repeats 1] [--concurrency 8] [--seed 14]
 
 value: from the recipe's train split take ``--real-per-label`` rows per label (drawn with the first seed); ``microtune synth``
 writes ``--synth-per-label`` accepted rows per label from them; then two micro-models train with the same
@@ -15,6 +18,16 @@ budget (``--steps`` optimizer steps, same batch size, seed, method) — real row
 and both are evaluated on the recipe's full real test split. Accuracy and macro-F1 come with 95 % bootstrap
 intervals (1000 resamples of the test rows) and a paired bootstrap interval of the difference; the filter
 cascade's acceptance rate per stage and the fidelity report are recorded beside them, whatever the outcome.
+
+teacher: the wall time of the teacher's answers alone, in the setting of the synth-value-tuned section (banking-intents,
+5 real rows per label over the 30 labels, 10 wanted per label, the base model tuned ``--tune-steps`` 40 on the real
+rows and asked for one example per request: 450 requests per seed). The slice, recipe and tuned teacher are built as
+`value` builds them (the tuned teacher is cached in the workdir), the requests are the synth stage's own plan
+(``build_plan``; the first ``--limit`` of them, all with ``--limit 0``), sent by microtune's teacher client (concurrency
+``--concurrency``, a fresh answer cache each time, so nothing is answered from cache) to two `microtune serve` processes
+on the tuned teacher with the local teacher's settings: the default batching, and ``--max-batch 1`` (one at a time: the
+"before"). Filters, probe and fidelity are not run (they take ~10 s of the 450-answer stage: seed 13's cached rerun).
+Written between the synth-teacher markers.
 """
 from __future__ import annotations
 
@@ -183,6 +196,109 @@ def value_markdown(args: argparse.Namespace, base: dict[str, Any], results: list
     return "\n".join(lines)
 
 
+# -- teacher -----------------------------------------------------------------------------------------------------
+def teacher_requests(args: argparse.Namespace, work: Path) -> tuple[Any, Path, list[Any]]:
+    """``(recipe, tuned teacher folder, the synth stage's teacher requests)`` of the synth-value-tuned setting."""
+    from microtune.config import load_recipe
+    from microtune.data import read_split
+    from microtune.pipeline.check import check
+    from microtune.pipeline.local_teacher import tuned_teacher
+    from microtune.synthesis import synth_config, synth_hooks
+    from microtune.synthesis.cache import AnswerCache
+    from microtune.synthesis.plan import build_plan, quotas, split_holdout, strata, with_strata
+    from microtune.synthesis.stage import _request
+    from microtune.synthesis.teacher import Teacher
+
+    base = write_slice(ROOT / args.recipe, work, args.real_per_label, args.seed, args.labels)
+    path = value_recipe(args, base, work, args.seed)
+    merged = tuned_teacher(load_recipe(path), work / "ws")  # trained once per slice and seed, then reused from the workdir
+    # what served_teacher hands the stage: the running server as the teacher, one example per request (tuned teacher)
+    recipe = load_recipe(path, ["synth.teacher.base_url=http://127.0.0.1:1/v1", f"synth.teacher.model={merged}",
+                                "synth.examples_per_request=1"])
+    checked = check(recipe, None, work / "ws")
+    labels, cfg = checked.manifest["labels"], synth_config(recipe)
+    hooks = synth_hooks(recipe, labels)
+    _, pool = split_holdout(with_strata(read_split(checked.dataset_dir, "train"), hooks), cfg.fidelity.holdout, cfg.seed)
+    names = strata(hooks, labels, pool)
+    plan = build_plan(cfg, hooks, names, pool, quotas(cfg, names, pool, hooks, recipe.task.type))
+    cache = AnswerCache(work / "plan-cache.sqlite")  # only to build the requests (keys); never read for answers
+    try:
+        requests = [_request(Teacher(cfg.teacher, cache), cfg, p) for p in plan]
+    finally:
+        cache.close()
+    return recipe, merged, requests[: args.limit or None]
+
+
+def run_teacher(args: argparse.Namespace) -> None:
+    import os
+    import tempfile
+
+    from microtune.config import TeacherConfig
+    from microtune.synthesis import synth_config
+    from microtune.synthesis.cache import AnswerCache
+    from microtune.synthesis.teacher import Teacher
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import start, stop
+
+    work = Path(args.workdir).resolve()
+    recipe, merged, requests = teacher_requests(args, work)
+    cfg = synth_config(recipe).teacher
+    tmp = Path(tempfile.mkdtemp(prefix="synth-teacher-"))
+    common = ["--base", str(merged), "--no-registry", "--poll", "0", "--timeout", "600", "--max-tokens", str(max(cfg.max_tokens, 16))]
+    servers = {"batched (default --max-batch 32)": (8751, []), "one at a time (--max-batch 1)": (8752, ["--max-batch", "1"])}
+    procs, runs = [], {name: [] for name in servers}
+    try:
+        for port, extra in servers.values():
+            procs.append(start([sys.executable, "-m", "microtune.cli", "serve", "--port", str(port), *common, *extra], port,
+                               tmp / f"{port}.log", args.threads))
+        for r in range(args.repeats):
+            for name, (port, _) in servers.items():
+                url = f"http://127.0.0.1:{port}/v1"
+                teacher_cfg = TeacherConfig.model_validate(cfg.model_dump() | {"base_url": url, "concurrency": args.concurrency})
+                cache = AnswerCache(tmp / f"answers-{port}-{r}.sqlite")  # fresh: every request goes to the server
+                try:
+                    t0 = time.perf_counter()
+                    answers = Teacher(teacher_cfg, cache).ask_all(requests)
+                    wall = time.perf_counter() - t0
+                finally:
+                    cache.close()
+                done = [a for a in answers.values() if a.error is None]
+                runs[name].append({"wall": wall, "answers": len(done), "errors": len(answers) - len(done),
+                                   "completion_tokens": sum(a.completion_tokens for a in done),
+                                   "prompt_tokens": sum(a.prompt_tokens for a in done)})
+                print(f"round {r + 1} {name:34s} {wall:7.1f}s  {runs[name][-1]}", flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+    body = teacher_markdown(args, len(requests), runs, load, os.cpu_count())
+    print(body)
+    if not args.no_write:
+        write_section("synth-teacher", body, Path(args.bench_file))
+
+
+def teacher_markdown(args: argparse.Namespace, n: int, runs: dict[str, list[dict[str, Any]]], load: str, cpus: int | None) -> str:
+    alone = statistics.median(r["wall"] for r in runs["one at a time (--max-batch 1)"])
+    cmd = " ".join(["benchmarks/synth_value.py", *sys.argv[1:]])
+    lines = ["## Local synth teacher: wall time of its answers, batched vs one at a time (CPU)", "",
+             f"`PYTHONPATH=src .venv/bin/python {cmd}` — the synth-value-tuned setting ({args.real_per_label} real rows per label "
+             f"from `{args.recipe}`, {args.synth_per_label} wanted per label, the base model tuned {args.tune_steps} steps, one "
+             f"example per request, seed {args.seed}): the synth stage's own first {n} teacher requests (of 450 in the full "
+             f"run), sent by microtune's teacher client with concurrency {args.concurrency} and a fresh answer cache to "
+             "`microtune serve` on the tuned teacher (the local teacher's settings), default batching vs `--max-batch 1`, "
+             f"alternated, medians of {args.repeats}; filters and fidelity not run. {args.threads} torch thread(s) per "
+             f"server; 1-minute load average at the end {load} on {cpus} CPUs.", "",
+             f"| teacher server | wall s (median of {args.repeats}) | × one at a time | s per answer | answers | errors | "
+             "completion tokens | completion tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in runs.items():
+        wall = statistics.median(r["wall"] for r in rs)
+        last = rs[-1]
+        lines.append(f"| {name} | {wall:.1f} | {alone / wall:.1f}× | {wall / max(n, 1):.2f} | {last['answers']} | {last['errors']} | "
+                     f"{last['completion_tokens']} | {last['completion_tokens'] / last['wall']:.1f} |")
+    return "\n".join(lines)
+
+
 # -- calibrate ---------------------------------------------------------------------------------------------------
 TELLS = {
     "chatty": lambda t: f"Dear support team, {t}. Thank you kindly for your prompt assistance!",
@@ -254,8 +370,23 @@ def main() -> None:
     v.add_argument("--bench-file", default=str(BENCH), help="Markdown file whose synth-value section is (re)written")
     c = sub.add_parser("calibrate", help="AUC of the fidelity test under the null and with generator tells (no teacher)")
     c.add_argument("--splits", type=int, default=10)
+    t = sub.add_parser("teacher", help="wall time of the local (tuned) teacher's answers: batched server vs one at a time")
+    t.add_argument("--limit", type=int, default=32, help="the first N teacher requests of the plan (0: all 450)")
+    t.add_argument("--repeats", type=int, default=1, help="rounds per server, alternating")
+    t.add_argument("--concurrency", type=int, default=8, help="requests in flight (the recipe default; the 28-minute run used 2)")
+    t.add_argument("--seed", type=int, default=14, help="the synth-value-tuned seed whose plan is sent (14: its 450 answers were not cached)")
+    t.add_argument("--threads", type=int, default=1, help="torch (OpenMP) threads of each server")
+    t.add_argument("--recipe", default="recipes/banking-intents.yaml")
+    t.add_argument("--labels", type=int, default=None)
+    t.add_argument("--real-per-label", type=int, default=5)
+    t.add_argument("--synth-per-label", type=int, default=10)
+    t.add_argument("--tune-steps", type=int, default=40)
+    t.add_argument("--workdir", default=".microtune/bench-synth-teacher")
+    t.add_argument("--bench-file", default=str(BENCH))
+    t.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
+    t.set_defaults(base_url="local", model=None, api_key_env=None, steps=120, max_test=None, max_ratio=10.0)
     args = ap.parse_args()
-    run_value(args) if args.cmd == "value" else run_calibrate(args)
+    {"value": run_value, "calibrate": run_calibrate, "teacher": run_teacher}[args.cmd](args)
 
 
 if __name__ == "__main__":
