@@ -3,18 +3,17 @@
     metrics = evaluate_systems(recipe, ref, dataset_dir, adapter_dir, labels, out_dir)   # as pipeline.evaluate does
     # reporter: a ``message`` event (stage ``eval``) as each system starts predicting
 
-Systems: ``zero_shot`` (instruction + label list), ``few_shot`` (plus k train examples as chat turns:
-seeded and fixed, distinct labels first, or per row the most similar by TF-IDF), the model-free baselines
-the task type allows (``classical``: TF-IDF + logistic regression fitted on the train split, classify;
-``lead``: the input's first sentence, generate; one module each, ``MODEL_FREE``), each of
-``eval.endpoints`` (an OpenAI-compatible model asked for the label), and ``micro`` (base + adapter,
-the plain training prompt). Every system gives ``(answer, probability or None)`` per row and is timed the
-same way, so metrics, intervals, paired tests, the files and the tables treat them all alike. The local language-model
-systems share the decoders: a label trie for classify (every answer
-a valid label), the batch generator with a per-row JSON-schema constraint for extract (every answer an
-object with the task's fields), the same generator unconstrained for generate. Writes into ``out_dir``:
-predictions.jsonl, metrics.json (per system, with intervals, latency, throughput, cost),
-stats.json (intervals + paired tests), shots.json, report.html + PNGs.
+Systems: ``zero_shot`` (instruction + label list), ``few_shot`` (plus k train examples as chat turns: seeded
+and fixed, distinct labels first, or per row the most similar by TF-IDF), the model-free baselines the task
+type allows (``classical``: TF-IDF + logistic regression fitted on the train split, classify; ``lead``: the
+input's first sentence, generate; one module each, ``MODEL_FREE``), each of ``eval.endpoints`` (an OpenAI-
+compatible model asked for the label), and ``micro`` (base + adapter, the plain training prompt). Every system
+gives ``(answer, probability or None)`` per row and is timed the same way, so metrics, intervals, paired
+tests, the files and the tables treat them all alike. The local language-model systems share the decoders: a
+label trie for classify (every answer a valid label), the batch generator with a per-row JSON-schema
+constraint for extract (every answer an object with the task's fields), the same generator unconstrained for
+generate. Writes into ``out_dir``: predictions.jsonl, metrics.json (per system, with intervals, latency,
+throughput, cost), stats.json (intervals + paired tests), shots.json, report.html + PNGs.
 """
 from __future__ import annotations
 
