@@ -109,7 +109,7 @@ class _RegisteredMethods:
 
 
 MethodConfig = Annotated[Section, _RegisteredMethods]
-_RULES = "method_rules"  # the pydantic error type of the method-vs-option rules (one error, split per rule for `check`)
+_RULES = "method_rules"  # pydantic error type of the cross-section rules (method-vs-option, baselines-vs-task), split per rule
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,13 @@ def _method_rules(kind: str | None, train: Any) -> list[tuple[tuple[str, ...], s
                        "train.distributed.strategy=fsdp yet; remove train.save_steps, or use strategy: ddp to checkpoint "
                        "and --resume", train.save_steps))
     return broken
+
+
+def _raise_rules(broken: list[tuple[tuple[str, ...], str, Any]]) -> None:
+    """Raise the cross-section rules that failed (path, message, value) as one pydantic error; ``validate_recipe``
+    splits it back into one problem per path, each at its own YAML line. Nothing broken: returns None."""
+    if broken:
+        raise PydanticCustomError(_RULES, "{summary}", {"summary": " | ".join(m for _, m, _ in broken), "rules": [list(b) for b in broken]})
 
 
 class FsdpConfig(Section):
@@ -246,8 +253,10 @@ class EndpointConfig(Section):
 
 
 class EvalConfig(Section):
-    baselines: list[Literal["zero_shot", "few_shot"]] = Field(
-        ["zero_shot", "few_shot"], description="Prompted baselines of the base model to compare against."
+    baselines: list[str] = Field(
+        ["zero_shot", "few_shot"], description="Baselines to compare against: `zero_shot` and `few_shot` (the base model prompted; "
+        "every task), `classical` (TF-IDF + logistic regression trained on the train split; classify) and `lead` (the input's "
+        "first sentence; generate). Which fit is the task type's own list: any other name is refused."
     )
     shots: int = Field(5, ge=1, le=64, description="Examples in the few-shot prompt (seeded pick from train, distinct labels first).")
     shot_selection: Literal["fixed", "similar"] = Field(
@@ -277,10 +286,10 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _endpoint_names(self) -> EvalConfig:
-        names = [e.name for e in self.endpoints]
-        taken = sorted({n for n in names if n in ("zero_shot", "few_shot", "micro") or names.count(n) > 1})
+        names, reserved = [e.name for e in self.endpoints], [*tasks.all_baselines(), "micro"]
+        taken = sorted({n for n in names if n in reserved or names.count(n) > 1})
         if taken:
-            raise ValueError(f"endpoint names must be unique and differ from zero_shot, few_shot and micro; got {taken}")
+            raise ValueError(f"endpoint names must be unique and differ from {', '.join(reserved)}; got {taken}")
         return self
 
 
@@ -292,6 +301,10 @@ class GateConfig(Section):
         "(the class's lost vs gained rows, one-sided exact binomial p below alpha).")
     valid_rate_drop: float = Field(0.02, ge=0, le=1, description="Most the valid-answer rate may fall.")
     latency_ratio: float = Field(1.5, ge=1, description="Most the p50 latency may grow, as a multiple of the champion's.")
+    beat_classical: bool = Field(
+        False, description="classify: reject a version (the first one too) whose main metric does not beat the classical "
+        "baseline (TF-IDF + logistic regression on the train split) on the gate's frozen set, McNemar p below alpha. Off: the "
+        "margin and its p-value are still in the decision's details.")
 
 
 class WatchConfig(Section):
@@ -479,11 +492,33 @@ class Recipe(Section):
         A validator of `train` (not of the whole recipe): it runs even when other sections have errors, so
         `check` reports these beside them; `method` is validated before `train`, and is absent when invalid."""
         method = info.data.get("method")
-        broken = _method_rules(getattr(method, "kind", None), train)
-        if broken:
-            raise PydanticCustomError(_RULES, "{summary}", {"summary": " | ".join(m for _, m, _ in broken),
-                                                            "rules": [list(b) for b in broken]})
-        return train
+        return _raise_rules(_method_rules(getattr(method, "kind", None), train)) or train
+
+    @field_validator("eval")
+    @classmethod
+    def _baselines_fit_task(cls, cfg: EvalConfig, info: ValidationInfo) -> EvalConfig:
+        """Every `eval.baselines` entry must be one the task type declares (``Task.baselines``), each at its own line.
+        `task` is validated before `eval`; it is absent when invalid (its own errors are reported instead)."""
+        task = info.data.get("task")
+        if task is None:
+            return cfg
+        allowed = tasks.baselines_of(TASKS[task.type])
+        broken = [(("eval", "baselines", str(i)), f"baseline {name!r} does not fit task.type {task.type}; "
+                   f"its baselines are: {', '.join(allowed)}", name) for i, name in enumerate(cfg.baselines) if name not in allowed]
+        broken += [(("eval", "baselines", str(i)), f"baseline {name!r} is listed twice; list each once", name)
+                   for i, name in enumerate(cfg.baselines) if name in cfg.baselines[:i]]
+        return _raise_rules(broken) or cfg
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_fits_task(cls, gate: GateConfig, info: ValidationInfo) -> GateConfig:
+        """`gate.beat_classical` needs a task type with the classical baseline; elsewhere it would be silently ignored."""
+        task = info.data.get("task")
+        if task is None or not gate.beat_classical or "classical" in tasks.baselines_of(TASKS[task.type]):
+            return gate
+        having = [n for n, t in TASKS.items() if "classical" in tasks.baselines_of(t)]
+        return _raise_rules([(("gate", "beat_classical"), f"gate.beat_classical needs a task type with the classical baseline "
+                              f"({', '.join(having)}), not {task.type}; remove it", True)]) or gate
 
     def metric_names(self) -> list[str]:
         """The metrics to report, main metric first (``eval.metrics`` or the task's default)."""

@@ -3,14 +3,17 @@
     metrics = evaluate_systems(recipe, ref, dataset_dir, adapter_dir, labels, out_dir)   # as pipeline.evaluate does
     # reporter: a ``message`` event (stage ``eval``) as each system starts predicting
 
-Systems: ``zero_shot`` (instruction + label list), ``few_shot`` (plus k train examples as chat turns:
-seeded and fixed, distinct labels first, or per row the most similar by TF-IDF), each of
-``eval.endpoints`` (an OpenAI-compatible model asked for the label), and ``micro`` (base + adapter,
-the plain training prompt). The local systems share the decoders: a label trie for classify (every answer
-a valid label), the batch generator with a per-row JSON-schema constraint for extract (every answer an
-object with the task's fields), the same generator unconstrained for generate. Writes into ``out_dir``:
-predictions.jsonl, metrics.json (per system, with intervals, latency, throughput, cost),
-stats.json (intervals + paired tests), shots.json, report.html + PNGs.
+Systems: ``zero_shot`` (instruction + label list), ``few_shot`` (plus k train examples as chat turns: seeded
+and fixed, distinct labels first, or per row the most similar by TF-IDF), the model-free baselines the task
+type allows (``classical``: TF-IDF + logistic regression fitted on the train split, classify; ``lead``: the
+input's first sentence, generate; one module each, ``MODEL_FREE``), each of ``eval.endpoints`` (an OpenAI-
+compatible model asked for the label), and ``micro`` (base + adapter, the plain training prompt). Every system
+gives ``(answer, probability or None)`` per row and is timed the same way, so metrics, intervals, paired
+tests, the files and the tables treat them all alike. The local language-model systems share the decoders: a
+label trie for classify (every answer a valid label), the batch generator with a per-row JSON-schema
+constraint for extract (every answer an object with the task's fields), the same generator unconstrained for
+generate. Writes into ``out_dir``: predictions.jsonl, metrics.json (per system, with intervals, latency,
+throughput, cost), stats.json (intervals + paired tests), shots.json, report.html + PNGs.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from microtune.core.errors import DataError
 from microtune.core.jsonl import write_jsonl
 from microtune.core.progress import Reporter, emitter
 from microtune.data import read_split
-from microtune.evaluation import stats, timing
+from microtune.evaluation import classical, lead, stats, timing
 from microtune.evaluation.endpoint import EndpointSystem
 from microtune.models import BaseModelRef, load_model, load_tokenizer
 from microtune.models.decoding import LabelPredictor
@@ -38,6 +41,8 @@ from microtune.tasks.render import Renderer
 
 MICRO = "micro"
 STAGE = "eval"  # the stage named in this module's events
+# baselines that need no language model: name → fit(task, train rows) → an object whose predict(rows) gives (answer, prob)
+MODEL_FREE = {classical.NAME: classical.fit, lead.NAME: lead.fit}
 
 
 def pick_shots(train: list[dict[str, Any]], k: int, seed: int) -> list[dict[str, Any]]:
@@ -100,6 +105,7 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
     for i, endpoint_cfg in enumerate(cfg.endpoints):
         emit("message", text=f"predicting with {endpoint_cfg.name} …", system=endpoint_cfg.name)
         results[endpoint_cfg.name] = _run_endpoint(EndpointSystem(endpoint_cfg, labels, f"eval.endpoints[{i}]"), task, test)
+    _run_model_free(recipe, dataset_dir, task, test, results, emit)
     _run_local(recipe, ref, adapter_dir, task, test, shots, results, emit)
     reach("eval.after_predictions")
     order = [*cfg.baselines, *(e.name for e in cfg.endpoints), MICRO]  # tables read baselines → endpoints → micro
@@ -111,6 +117,22 @@ def evaluate_systems(recipe: Recipe, ref: BaseModelRef, dataset_dir: Path, adapt
     _write(out_dir, test, golds, results, shots, summary)
     render_report(out_dir)
     return {s: r["metrics"] for s, r in results.items()}
+
+
+def _run_model_free(recipe: Recipe, dataset_dir: Path, task: Task, test: list[dict[str, Any]], results: dict[str, Any], emit: Any) -> None:
+    """The baselines without a language model (``MODEL_FREE``): fitted on the train split, timed like the local systems
+    (the batched pass over the test rows for throughput, rows alone for latency; the fit is not counted, as training is not)."""
+    cfg = recipe.eval
+    wanted = [s for s in cfg.baselines if s in MODEL_FREE]
+    train = read_split(dataset_dir, "train") if wanted else []
+    for system in wanted:
+        emit("message", text=f"predicting with {system} …", system=system)
+        model = MODEL_FREE[system](task, train)
+        start = time.perf_counter()
+        preds = model.predict(test)
+        seconds = time.perf_counter() - start
+        latency = timing.measure_latency(lambda row, m=model: m.predict([row]), test[: cfg.latency_examples])
+        results[system] = {"preds": preds, "timing": _timing(len(test), seconds, latency, cfg.usd_per_hour)}
 
 
 def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Task, test: list[dict[str, Any]],
@@ -125,7 +147,7 @@ def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Task,
     }
     model = load_model(ref, recipe.model.trust_remote_code).to(device())
     bf16 = use_bf16(recipe.train.bf16)
-    for system in [*cfg.baselines, MICRO]:
+    for system in [*(s for s in cfg.baselines if s in prompts), MICRO]:
         if system == MICRO:
             model = load_trained(ref, adapter_dir, model)
         emit("message", text=f"predicting with {system} …", system=system)

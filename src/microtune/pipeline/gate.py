@@ -7,10 +7,11 @@ and the hand-operated verbs, ``promote`` and ``rollback``.
 
 ``gate`` reads top to bottom: the version becomes ``challenger`` → both versions' predictions on the
 challenger's test split (the champion is re-evaluated there when its own eval used another test set)
-→ paired test and guards (registry/gate.py) → the decision is written to
+→ paired test and guards (registry/gate.py), among them the margin over the classical baseline on the same set
+(classify; from the eval's predictions when it ran that baseline, else fitted here on the train split) → the decision is written to
 ``<workspace>/<recipe>/decisions/`` and as tags on the version → ``champion`` moves only on
 ``promote``; ``challenger`` is cleared either way. The first version of a model has nothing to beat
-and becomes champion.
+and becomes champion (unless ``gate.beat_classical`` is on and it does not beat the classical baseline).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from microtune.core.crashpoints import reach
 from microtune.core.jsonl import read_jsonl
 from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace
+from microtune.data import read_split
+from microtune.evaluation import classical as classical_baseline
 from microtune.evaluation.stats import mcnemar
 from microtune.evaluation.stats import paired_bootstrap_p as p_value
 from microtune.pipeline.check import check
@@ -34,10 +37,10 @@ from microtune.pipeline.lineage import recipe_hash
 from microtune.pipeline.recipes import RecipeLike, resolve_recipe
 from microtune.pipeline.versions import registry_at
 from microtune.registry import models as registry
-from microtune.registry.gate import Evidence, decide
+from microtune.registry.gate import ClassicalMargin, Evidence, decide
 from microtune.registry.models import CHAMPION, Decision, Version
 from microtune.registry.tracking import tracking_uri
-from microtune.tasks import get_task
+from microtune.tasks import TASKS, Task, baselines_of, get_task
 
 
 def gate(recipe: RecipeLike, version: str, workspace: str | Path | None = None, reporter: Reporter | None = None) -> Decision:
@@ -46,11 +49,12 @@ def gate(recipe: RecipeLike, version: str, workspace: str | Path | None = None, 
     client = registry.registry_client(tracking_uri(recipe, ws))
     name, new = recipe.name, registry.get_version(client, recipe.name, version)
     champ = registry.by_alias(client, name, CHAMPION)
+    guard = _classical_margin(recipe, new)
     if champ is None or champ.version == new.version:
-        decision = decide(name, None, new.version, None, recipe.gate)
+        decision = decide(name, None, new.version, None, recipe.gate, guard)
     else:
         registry.set_challenger(client, name, new.version)
-        decision = decide(name, champ.version, new.version, _evidence(recipe, ws, champ, new, reporter), recipe.gate)
+        decision = decide(name, champ.version, new.version, _evidence(recipe, ws, champ, new, reporter), recipe.gate, guard)
     write_json(ws.stage_dir(name, "decisions") / f"v{new.version}.json", dataclasses.asdict(decision))
     registry.record_decision(client, decision)
     reach("gate.before_promote")
@@ -124,6 +128,33 @@ def _evidence(recipe: Recipe, ws: Workspace, champ: Version, new: Version, repor
     flips = _flips(golds, a, b) if task.has_labels else {}
     return Evidence(recipe.metric_names()[0], read_json(champ_eval / "metrics.json")["micro"],
                     read_json(new_eval / "metrics.json")["micro"], float(p), test, len(golds), recall, flips)
+
+
+def _classical_margin(recipe: Recipe, new: Version) -> ClassicalMargin | None:
+    """The new version's main metric vs the classical baseline's on its frozen set (its eval's test rows), McNemar on
+    per-row correctness. None when the task type has no classical baseline or the version's eval folder is gone."""
+    eval_dir = Path(new.tags.get("eval_dir", ""))
+    if "classical" not in baselines_of(TASKS[recipe.task.type]) or not (eval_dir / "predictions.jsonl").is_file():
+        return None
+    dataset_dir = Path(read_manifest(eval_dir, "eval")["dataset_dir"])
+    task = get_task(recipe.task, read_manifest(dataset_dir, "dataset")["labels"])
+    rows = _predictions(eval_dir)
+    preds, source = _classical_predictions(task, rows, dataset_dir)
+    golds, micro = [r["gold"] for r in rows], [r["micro"]["pred"] for r in rows]
+    m = recipe.metric_names()[0]
+    right_micro = [x == 1.0 for x in task.example_scores(golds, micro)]
+    right_classical = [x == 1.0 for x in task.example_scores(golds, preds)]
+    return ClassicalMargin(m, float(task.metrics(golds, micro)[m]), float(task.metrics(golds, preds)[m]),
+                           float(mcnemar(right_micro, right_classical)["p_value"]), len(rows), source)
+
+
+def _classical_predictions(task: Task, rows: list[dict[str, Any]], dataset_dir: Path) -> tuple[list[Any], str]:
+    """The classical baseline's answers on the frozen rows: the eval's own when it ran that baseline (the report's numbers),
+    else fitted now on the dataset's train split (deterministic, so the same answers the eval would have given)."""
+    if rows and classical_baseline.NAME in rows[0]:
+        return [r[classical_baseline.NAME]["pred"] for r in rows], "the eval's predictions.jsonl"
+    model = classical_baseline.fit(task, read_split(dataset_dir, "train"))
+    return [pred for pred, _ in model.predict(rows)], "fitted by the gate on the dataset's train split"
 
 
 def _predictions(eval_dir: Path) -> list[dict[str, Any]]:

@@ -10,6 +10,11 @@ recall, the valid-answer rate and latency. Rules, in order: the main metric must
 exact binomial test below ``alpha``: with ten rows a class, 10/10 → 8/10 is noise, 10/10 → 5/10 is not), the
 valid rate may not fall by more than ``valid_rate_drop``, and latency may not grow beyond ``latency_ratio``
 times the champion's. The first failing rule is the reason; every figure is kept.
+
+The classical guard (classify): the caller also measures the version's margin over the classical baseline
+(TF-IDF + logistic regression on the train split) on the same frozen set, with McNemar's p-value; it is
+kept in the decision's details always, and with ``beat_classical`` a version — the first one too — that does not
+beat it (margin > 0, p below ``alpha``) is rejected before any champion rule, naming the classical baseline.
 """
 from __future__ import annotations
 
@@ -32,19 +37,61 @@ class Evidence:
     flips: dict[str, tuple[int, int]] = field(default_factory=dict)    # {label: (rows lost, rows gained) by the challenger}
 
 
-def decide(name: str, champion: str | None, challenger: str, evidence: Evidence | None, cfg: GateConfig) -> Decision:
+@dataclass
+class ClassicalMargin:
+    """The version's main metric vs the classical baseline's on the gate's frozen set, and McNemar's p of the difference."""
+
+    main_metric: str
+    micro: float
+    classical: float
+    p_value: float
+    examples: int
+    source: str                        # where the classical predictions came from (the eval's file, or fitted by the gate)
+    test: str = "McNemar"
+
+    @property
+    def margin(self) -> float:
+        return self.micro - self.classical
+
+    def details(self) -> dict[str, Any]:
+        return {"main_metric": self.main_metric, "micro_value": self.micro, "classical_value": self.classical, "margin": self.margin,
+                "p_value": self.p_value, "test": self.test, "examples": self.examples, "source": self.source}
+
+
+def decide(name: str, champion: str | None, challenger: str, evidence: Evidence | None, cfg: GateConfig,
+           classical: ClassicalMargin | None = None) -> Decision:
+    guard = {"classical": {**classical.details(), "required": cfg.beat_classical}} if classical else {}
+    failed = _classical_failure(classical, cfg)
     if champion is None or evidence is None:
-        return Decision(name, challenger, None, "promote", "first version: no champion to beat")
+        if failed:
+            return Decision(name, challenger, None, "reject", f"first version: {failed}", guard)
+        return Decision(name, challenger, None, "promote", "first version: no champion to beat", guard)
     ev, m = evidence, evidence.main_metric
     gain = ev.challenger[m] - ev.champion[m]
     details = {"main_metric": m, "champion_value": ev.champion[m], "challenger_value": ev.challenger[m], "gain": gain,
                "p_value": ev.p_value, "test": ev.test, "examples": ev.examples, "min_gain": cfg.min_gain, "alpha": cfg.alpha,
-               "recall": ev.recall, "flips": ev.flips}
-    reason = _first_failure(ev, gain, cfg, details)
+               "recall": ev.recall, "flips": ev.flips, **guard}
+    reason = failed or _first_failure(ev, gain, cfg, details)
     if reason:
         return Decision(name, challenger, champion, "reject", reason, details)
     return Decision(name, challenger, champion, "promote",
                     f"{m} {ev.champion[m]:.4f} → {ev.challenger[m]:.4f} (+{gain:.4f}), {ev.test} p={ev.p_value:.4g}", details)
+
+
+def _classical_failure(classical: ClassicalMargin | None, cfg: GateConfig) -> str | None:
+    """With ``beat_classical``: why the version does not significantly beat the classical baseline (None when it does)."""
+    if not cfg.beat_classical:
+        return None
+    if classical is None:
+        return "gate.beat_classical is on but the classical baseline could not be measured (the version's eval folder is missing)"
+    c, m = classical, classical.main_metric
+    if c.margin <= 0:
+        return (f"{m} {c.micro:.4f} does not beat the classical baseline (TF-IDF + logistic regression) {c.classical:.4f} "
+                f"(margin {c.margin:+.4f}; gate.beat_classical)")
+    if c.p_value >= cfg.alpha:
+        return (f"{m} {c.micro:.4f} beats the classical baseline {c.classical:.4f} by {c.margin:+.4f}, not significantly: "
+                f"{c.test} p={c.p_value:.4g} ≥ alpha {cfg.alpha} (gate.beat_classical)")
+    return None
 
 
 def _first_failure(ev: Evidence, gain: float, cfg: GateConfig, details: dict[str, Any]) -> str | None:

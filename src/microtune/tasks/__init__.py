@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from microtune.core.registry import Registry
-from microtune.tasks.base import DecoderSpec, SynthHooks, Task, TaskSection
+from microtune.tasks.base import PROMPTED, DecoderSpec, SynthHooks, Task, TaskSection, baselines_of
 from microtune.tasks.classify import ClassifyConfig, ClassifyTask
 from microtune.tasks.extract import ExtractConfig, ExtractTask
 from microtune.tasks.generate import GenerateConfig, GenerateTask
@@ -48,6 +48,11 @@ def get_task(cfg: TaskSection, labels: Sequence[str] = ()) -> Task:
     return TASKS[cfg.type](cfg, labels)  # every task class is built from (its config, the labels)
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "ClassifyConfig", "ClassifyTask", "DecoderSpec", "ExtractConfig", "ExtractTask", "GenerateConfig",
-           "GenerateTask", "SynthHooks", "Task", "TaskSection", "get_task", "on_change", "register",
+def all_baselines() -> list[str]:
+    """Every baseline name some registered task type declares, in first-seen order (names an endpoint may not take)."""
+    return list(dict.fromkeys(b for task in TASKS.values() for b in baselines_of(task)))
+
+
+__all__ = ["DEFAULT_TASK", "PROMPTED", "TASKS", "ClassifyConfig", "ClassifyTask", "DecoderSpec", "ExtractConfig", "ExtractTask", "GenerateConfig",
+           "GenerateTask", "SynthHooks", "Task", "TaskSection", "all_baselines", "baselines_of", "get_task", "on_change", "register",
            "unregister"]

@@ -21,6 +21,7 @@ from microtune.core.schema import Section
 Row = dict[str, Any]
 Message = dict[str, str]
 RowProblems = list[tuple[str, Any]]  # (reason, got) pairs; the data stage turns them into file:line problems
+PROMPTED = ("zero_shot", "few_shot")  # the prompted baselines of the base model: every task type has them
 
 TYPE_DESCRIPTION = (
     "Task type: `classify` (text → label, or labels with multi_label), `extract` (text → JSON "
@@ -130,6 +131,9 @@ class Task(Protocol):
     name: ClassVar[str]  # the `task.type` tag
     config: ClassVar[type[TaskSection]]  # the recipe section of this type
     has_labels: ClassVar[bool]  # rows carry labels: stratified splits, balancing, label checks, McNemar
+    # the `eval.baselines` this type can be compared with: the prompted ones, plus the model-free ones that fit it
+    # (`classical` for a closed label set, `lead` for free text); the recipe refuses any other name at its line
+    baselines: ClassVar[tuple[str, ...]] = PROMPTED
     cfg: TaskSection
     labels: list[str]
 
@@ -207,10 +211,16 @@ class TaskBase(Task):
     name: ClassVar[str]
     config: ClassVar[type[TaskSection]]
     has_labels: ClassVar[bool]
+    baselines: ClassVar[tuple[str, ...]] = PROMPTED
 
     def __init__(self, cfg: Any, labels: Sequence[str] = ()):
         self.cfg = cfg
         self.labels = list(labels)
+
+
+def baselines_of(task: type[Task]) -> tuple[str, ...]:
+    """The baselines a task type declares; a plugin that satisfies the protocol by shape and says nothing has the prompted ones."""
+    return tuple(getattr(task, "baselines", PROMPTED))
 
 
 def check_text(row: dict[str, Any], field: str) -> tuple[str, RowProblems]:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from microtune.tasks.base import (
+    PROMPTED,
     DecoderSpec,
     Message,
     Row,
@@ -75,6 +76,7 @@ class ClassifyTask(TaskBase):
     name = "classify"
     config = ClassifyConfig
     has_labels = True
+    baselines = (*PROMPTED, "classical")  # TF-IDF + logistic regression on the train split (evaluation/classical.py)
 
     cfg: ClassifyConfig
 

@@ -30,6 +30,7 @@ class GenerateTask(TaskBase):
     name = "generate"
     config = GenerateConfig
     has_labels = False
+    baselines = (*base.PROMPTED, "lead")  # the input's first sentence as the answer (evaluation/lead.py)
 
     cfg: GenerateConfig
 
