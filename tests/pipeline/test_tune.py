@@ -109,7 +109,8 @@ def test_tune_scores_on_valid_never_reads_test_and_resumes_a_dead_processes_stud
     assert again.train.lr == pytest.approx(study.best_params["train.lr"]) and again.method.r == study.best_params["method.r"]
     assert again.data.train == load_recipe(recipe).data.train  # the original's relative paths still resolve
     rows = list(csv.DictReader((result.folder / "trials.csv").open()))
-    assert [r["state"] for r in rows] == states and {"train.lr", "method.r"} <= set(rows[0])
+    assert [r["state"] for r in rows] == states and {"train.lr", "method.r", "valid_loss"} <= set(rows[0])
+    assert all((r["value"] != "") == (r["state"] == "COMPLETE") for r in rows)
     assert (result.folder / "history.png").stat().st_size > 1000
     assert (set(result.importances) == {"train.lr", "method.r"}) == (result.counts.get("complete", 0) >= 2)
     assert any(e.stage == "train" and e.kind == "progress" for e in events)  # each trial's training reached the reporter

@@ -79,7 +79,7 @@ class _Job:
     study: str
     trials: int | None
     deadline: float | None  # time.time() after which no trial starts
-    lock: Path | None  # serialises "count, then start a trial" between processes sharing a local SQLite file
+    lock: Path | None  # serialises "count, then start a trial" between this machine's processes (any storage)
     dataset_dir: Path
     labels: list[str]
     metric: str
@@ -110,7 +110,7 @@ def tune(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str 
     name = study or base.name
     metric = base.tune.metric or base.metric_names()[0]
     job = _Job(base, ws.root, url, name, trials, None if budget_s is None else time.time() + budget_s,
-               folder / f".{name}.lock" if storage is None or _local_sqlite(url) else None, checked.dataset_dir,
+               folder / f".{name}.lock", checked.dataset_dir,
                checked.manifest["labels"], metric, "minimize" if metric == "valid_loss" else "maximize", _extra_train(base, ws, checked))
     optuna_study = _open_study(job)
     _check_same_recipe(optuna_study, base, name)
@@ -475,7 +475,7 @@ def _summarise(job: _Job, study: Any, source: Path | None, user_overrides: list[
     folder.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): n for s in TrialState if (n := sum(t.state == s for t in trials))}
-    _write_csv(folder / "trials.csv", trials)
+    _write_csv(folder / "trials.csv", trials, job.direction)
     importances, why = _importances(study)
     _plot(folder / "history.png", trials, job)
     best = _best(study)
@@ -496,15 +496,21 @@ def _summarise(job: _Job, study: Any, source: Path | None, user_overrides: list[
     return result
 
 
-def _write_csv(path: Path, trials: list[Any]) -> None:
-    params = sorted({p for t in trials for p in t.params})
+def _write_csv(path: Path, trials: list[Any], direction: str) -> None:
+    """One row per trial: ``value`` is the valid score of a completed trial only; ``valid_loss`` the last validation loss
+    reported (a pruned trial's reason), at ``last_step``."""
+    from optuna.trial import TrialState
+
+    params, sign = sorted({p for t in trials for p in t.params}), 1.0 if direction == "minimize" else -1.0
     with open(path, "w", newline="", encoding="utf-8") as handle:
         out = csv.writer(handle)
-        out.writerow(["number", "state", "value", "seconds", "last_step", *params])
+        out.writerow(["number", "state", "value", "valid_loss", "last_step", "seconds", *params])
         for t in trials:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else ""
-            out.writerow([t.number, t.state.name, "" if t.value is None else t.value, seconds, t.last_step if t.last_step is not None else "",
-                          *(t.params.get(p, "") for p in params)])
+            step = t.last_step
+            loss = sign * t.intermediate_values[step] if step is not None else ""
+            out.writerow([t.number, t.state.name, t.value if t.state == TrialState.COMPLETE else "", loss, "" if step is None else step,
+                          seconds, *(t.params.get(p, "") for p in params)])
 
 
 def _importances(study: Any) -> tuple[dict[str, float], str]:
