@@ -233,12 +233,13 @@ def watch(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
     err.print(f"watch: stopped cleanly after {cycles} cycle(s)")
 
 
-def _duration(text: str) -> float:
+def _duration(text: str, option: str = "--every") -> float:
+    """``30s`` / ``10m`` / ``1h`` / ``1d`` in seconds (`watch --every`, `tune --budget`); anything else exits 2."""
     import re
 
     found = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
     if not found:
-        err.print(f"[bold red]error:[/] --every {text!r} is not a duration\n[bold]fix:[/] write e.g. 30s, 10m, 1h or 1d")
+        err.print(f"[bold red]error:[/] {option} {text!r} is not a duration\n[bold]fix:[/] write e.g. 30s, 10m, 1h or 1d")
         raise typer.Exit(2)
     return float(found.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
 
@@ -253,6 +254,57 @@ def _show_watch(report: dict[str, Any]) -> None:
     if report.get("round"):
         r = report["round"]
         out.print(f"round {r['id']}: version {r['version']} {r['verdict']} — {r['reason']}", highlight=False, markup=False)
+
+
+@app.command()
+def tune(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
+         budget: Annotated[str | None, typer.Option(help="Wall time: no trial starts after 30s / 20m / 2h.")] = None,
+         trials: Annotated[int | None, typer.Option(min=1, help="Trials the study should hold in all (a rerun continues to N).")] = None,
+         workers: Annotated[int, typer.Option(min=1, help="Processes running trials of the study on this machine.")] = 1,
+         storage: Annotated[str | None, typer.Option(help="Optuna RDB storage shared by the workers: sqlite:///…, postgresql://… "
+                                                          "\\[default: sqlite:///<workspace>/<recipe>/tune/study.db]")] = None,
+         study: Annotated[str | None, typer.Option(help="Study name (resume it, or share it across machines). \\[default: the recipe name]")] = None,
+         ) -> None:
+    """Search hyper-parameters (recipe `tune:` space; Optuna TPE, pruning) scored on the valid split; writes RECIPE.tuned.yaml."""
+    from microtune import pipeline
+
+    seconds = _duration(budget, "--budget") if budget is not None else None
+    if seconds is None and trials is None:
+        err.print("[bold red]error:[/] give --trials N and/or --budget DURATION\n[bold]fix:[/] e.g. --budget 20m, or --trials 30")
+        raise typer.Exit(2)
+    with _reporter() as report:
+        result = _guard(lambda: pipeline.tune(recipe, set_, workspace, report, trials=trials, budget_s=seconds, workers=workers,
+                                              storage=storage, study=study))
+    _show_tune(result)
+
+
+def _show_tune(result: Any) -> None:
+    import csv
+
+    rows = list(csv.DictReader((result.folder / "trials.csv").open(encoding="utf-8")))
+    params = [c for c in (rows[0] if rows else {}) if c not in ("number", "state", "value", "valid_loss", "last_step", "seconds")]
+    table = Table("trial", "state", f"valid {result.metric}", "valid loss", "step", *params, title=f"study {result.study} ({result.storage})")
+    for row in rows:
+        table.add_row(row["number"], row["state"].lower(), _short(row["value"]), _short(row["valid_loss"]), row["last_step"] or "-",
+                      *(_short(row[p]) for p in params))
+    out.print(table)
+    if result.importances:
+        out.print("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items()), highlight=False)
+    if result.tuned_recipe is None:
+        out.print("no trial completed: nothing to write (see the trials above)", highlight=False)
+        return
+    out.print(f"best: valid {result.metric} {result.best_value:.4f} with {' '.join(result.overrides) or 'the recipe as it is'}",
+              highlight=False, markup=False, soft_wrap=True)
+    out.print(f"tuned recipe: {result.tuned_recipe}\ntrials, importances, history.png: {result.folder}", highlight=False, markup=False,
+              soft_wrap=True)
+
+
+def _short(text: str) -> str:
+    """A drawn value as a table cell: floats to 4 significant digits."""
+    try:
+        return text if float(text).is_integer() and "." not in text else f"{float(text):.4g}"
+    except ValueError:
+        return text or "-"
 
 
 models_app = typer.Typer(help="Registered micro-models: versions, metrics, the champion/challenger aliases.", no_args_is_help=True)

@@ -455,6 +455,90 @@ class SynthConfig(Section):
         return self
 
 
+class ParamRange(Section):
+    """One searched setting of `tune.space`: a range (`low`, `high`; `log` for a log-uniform draw) or a list of `choices`.
+    Both bounds integers: integers are drawn; else floats."""
+
+    low: int | float | None = Field(None, description="Lowest value drawn (with `high`).")
+    high: int | float | None = Field(None, description="Highest value drawn (with `low`).")
+    log: bool = Field(False, description="Draw on a log scale (learning rates); needs low > 0.")
+    choices: list[bool | int | float | str] | None = Field(None, description="The values to pick from (instead of low/high).")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ParamRange:
+        ranged = self.low is not None or self.high is not None
+        if ranged == (self.choices is not None):
+            raise ValueError("give either low and high, or choices")
+        if self.choices is not None:
+            if not self.choices or self.log:
+                raise ValueError("choices must list at least one value (and log applies to low/high only)")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"need low < high, got low={self.low} high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log needs low > 0, got low={self.low}")
+        return self
+
+    def values(self) -> list[Any]:
+        """The values that bound the search: both ends, or every choice (what `Recipe` validates against the field)."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+class TuneConfig(Section):
+    """`microtune tune`: the hyper-parameter search (Optuna TPE, hopeless trials pruned on the validation loss)."""
+
+    space: dict[str, ParamRange | None] = Field(
+        default_factory=dict, description="Searched settings by recipe path (`train.*`, `method.*`), e.g. "
+        "`train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}` or `method.r: {choices: [8, 16]}`; they replace the default of "
+        "that path; `null` drops a default from the search.")
+    defaults: bool = Field(
+        True, description="Start from the method kind's default space (lr, epochs or max_steps, batch_size, LoRA r/alpha/dropout "
+        "or virtual tokens, balance and balance_power for labelled tasks); false: search `space` only.")
+    methods: list[str] | None = Field(
+        None, description="Also search the method kind among these (each with its own default space); omitted: the recipe's method only.")
+    metric: str | None = Field(
+        None, description="What a trial is scored by on the valid split: a task metric (maximised; default: the main metric) "
+        "or `valid_loss` (minimised).")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="`median`: stop a trial whose validation loss is worse than the median of earlier trials at the same step.")
+    startup_trials: int = Field(3, ge=0, description="Trials drawn at random before TPE models the results and before pruning starts.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of a trial before it may be pruned.")
+    seed: int | None = Field(13, description="Seed of the sampler (each worker adds its index and the trials already in the study).")
+
+
+def _tunable(path: str, kinds: list[str]) -> tuple[list[type[BaseModel]], str]:
+    """The sections that hold a `tune.space` path (the train section, or each searched method kind's) and the field name;
+    no sections when the path names no searchable field."""
+    section, _, name = path.partition(".")
+    if section == "train" and name in TrainConfig.model_fields and name != "distributed":
+        return [TrainConfig], name
+    if section == "method" and name and name != "kind":
+        configs = methods.configs()
+        return [configs[k] for k in kinds if k in configs and name in configs[k].model_fields], name
+    return [], name
+
+
+def _tune_rules(tune: TuneConfig, kind: str | None) -> list[tuple[tuple[str, ...], str, Any]]:
+    """Every (path, message, value) of the tune section that cannot be searched: unknown kinds, paths and out-of-range values."""
+    broken: list[tuple[tuple[str, ...], str, Any]] = []
+    unknown = [k for k in tune.methods or [] if k not in methods.kinds()]
+    if unknown:
+        broken.append((("tune", "methods"), f"unknown method kind(s) {unknown} (one of: {', '.join(methods.kinds())})", unknown))
+    kinds = list(dict.fromkeys(k for k in [kind, *(tune.methods or [])] if k is not None and k not in unknown))
+    for path, spec in tune.space.items():
+        sections, name = _tunable(path, kinds)
+        if not sections:
+            broken.append((("tune", "space", path), f"{path!r} is not a searchable setting: give train.<field> or method.<field> of "
+                           f"the method kind(s) {kinds} (method.kind: use tune.methods)", path))
+            continue
+        for section, value in dict.fromkeys((s, v) for s in sections for v in (spec.values() if spec else [])):
+            try:
+                section.model_validate({name: value})
+            except ValidationError as exc:
+                broken.append((("tune", "space", path), f"{value!r} is not a valid {path}: {exc.errors()[0]['msg']}", value))
+    return broken
+
+
 def task_metrics(task: TaskSection, every: bool = False) -> list[str]:
     """The default metric list of a task (main first), or with ``every`` all the scalar metrics it reports: the task class says."""
     return TASKS[task.type].metric_names(task, every)
@@ -474,6 +558,7 @@ class Recipe(Section):
     gate: GateConfig = Field(default_factory=GateConfig, description="When a new version replaces the champion.")
     watch: WatchConfig = Field(default_factory=WatchConfig, description="`microtune watch`: new data and drift trigger a gated retrain.")
     synth: SynthConfig | None = Field(None, description="Synthetic data (`microtune synth`); omitted: none.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="`microtune tune`: the hyper-parameter search space.")
 
     @model_validator(mode="after")
     def _known_metrics(self) -> Recipe:
@@ -519,6 +604,20 @@ class Recipe(Section):
         having = [n for n, t in TASKS.items() if "classical" in tasks.baselines_of(t)]
         return _raise_rules([(("gate", "beat_classical"), f"gate.beat_classical needs a task type with the classical baseline "
                               f"({', '.join(having)}), not {task.type}; remove it", True)]) or gate
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_fits(cls, tune: TuneConfig, info: ValidationInfo) -> TuneConfig:
+        """Searched paths, kinds and ranges checked when the recipe loads, each at its own YAML line (as the method rules)."""
+        broken = _tune_rules(tune, getattr(info.data.get("method"), "kind", None))
+        task = info.data.get("task")
+        if tune.metric is not None and task is not None and tune.metric not in (allowed := [*task_metrics(task, every=True), "valid_loss"]):
+            broken.append((("tune", "metric"), f"tune.metric {tune.metric!r} is not reported for this task (one of: {', '.join(allowed)})",
+                           tune.metric))
+        if broken:
+            raise PydanticCustomError(_RULES, "{summary}", {"summary": " | ".join(m for _, m, _ in broken),
+                                                            "rules": [list(b) for b in broken]})
+        return tune
 
     def metric_names(self) -> list[str]:
         """The metrics to report, main metric first (``eval.metrics`` or the task's default)."""

@@ -1,6 +1,7 @@
 """The pipeline: one module per step, each a plain function; the CLI and ``import microtune`` are shells over them.
 
     check → (synth) → train → evaluate → register → gate;  run chains them;  watch retrains on new data;
+    tune searches the recipe's hyper-parameters (trials scored on the valid split);
     export and serve ship a trained adapter;  list_models / list_versions / show_version / promote / rollback
     read and move the registry's aliases.
 
@@ -19,9 +20,10 @@ from microtune.pipeline.run import RunResult, run
 from microtune.pipeline.serve import serve
 from microtune.pipeline.synth import synth
 from microtune.pipeline.train import train
+from microtune.pipeline.tune import TuneResult, tune
 from microtune.pipeline.versions import RegisteredModel, list_models, list_versions, show_version
 from microtune.pipeline.watch import watch, watch_loop, watch_once
 
 __all__ = ["CheckResult", "RecipeLike", "RegisteredModel", "RunResult", "check", "evaluate", "export", "gate", "list_models",
            "list_versions", "promote", "register", "report", "resolve_recipe", "rollback", "run", "serve", "show_version",
-           "synth", "train", "watch", "watch_loop", "watch_once"]
+           "synth", "train", "tune", "TuneResult", "watch", "watch_loop", "watch_once"]

@@ -1,0 +1,139 @@
+"""`microtune tune`: the search space section, the draw of a trial's settings, and whole studies on the tiny model
+(trials scored on valid while the test split is absent, nested MLflow runs, a dead process's trial failed and redone,
+two worker processes sharing one SQLite study)."""
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from microtune.config import load_recipe
+from microtune.core.errors import RecipeError
+from toydata import LABELS, TEXTS, toy_rows, write_jsonl
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _recipe(tmp_path: Path, base: str | Path, **tune: object) -> Path:
+    """Train, valid and test files of the toy data and a recipe with a tiny `tune` space (two settings, 2-step trials)."""
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(5))
+    write_jsonl(tmp_path / "valid.jsonl", [{"text": TEXTS[l][6], "label": l} for l in LABELS])
+    write_jsonl(tmp_path / "test.jsonl", [{"text": TEXTS[l][7], "label": l} for l in LABELS])
+    recipe = {"name": "toy", "task": {"type": "classify", "instruction": "Route the customer message.", "labels": LABELS},
+              "data": {"train": "train.jsonl", "valid": "valid.jsonl", "test": "test.jsonl"}, "model": {"base": str(base)},
+              "train": {"max_steps": 2, "eval_steps": 1, "batch_size": 4, "max_seq_len": 96, "log_every": 1},
+              "eval": {"batch_size": 8},
+              "tune": {"defaults": False, "startup_trials": 1,
+                       "space": {"train.lr": {"low": 1.0e-4, "high": 5.0e-2, "log": True}, "method.r": {"choices": [2, 4]}}, **tune}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_the_tune_section_is_checked_at_its_yaml_lines(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, "x", methods=["lora", "iaa3"], metric="rouge")
+    raw = yaml.safe_load(path.read_text())
+    raw["tune"]["space"] |= {"train.lrr": {"low": 1, "high": 2}, "train.batch_size": {"low": 0, "high": 8}, "method.kind": {"choices": ["ia3"]}}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    text = "\n".join(map(str, caught.value.problems))
+    lines = path.read_text().splitlines()
+    for key, message in [("train.lrr:", "'train.lrr' is not a searchable setting"), ("train.batch_size:", "0 is not a valid train.batch_size"),
+                         ("method.kind:", "'method.kind' is not a searchable setting"), ("methods:", "unknown method kind(s) ['iaa3']"),
+                         ("metric:", "tune.metric 'rouge' is not reported")]:
+        line = next(i for i, x in enumerate(lines, 1) if x.strip().startswith(key))
+        assert f"recipe.yaml:{line} " in next(p for p in text.splitlines() if message in p), (key, text)
+    raw["tune"] = {"space": {"train.lr": {"low": 0.1}}}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(RecipeError, match="problem"):
+        load_recipe(path)
+
+
+def test_a_trial_draws_each_kinds_own_space_as_valid_overrides(tmp_path: Path) -> None:
+    import optuna
+
+    from microtune.pipeline.tune import default_space, suggest
+
+    recipe = load_recipe(_recipe(tmp_path, "x", defaults=True, methods=["lora", "ia3", "prompt_tuning"],
+                                 space={"train.batch_size": None, "method.r": {"choices": [2, 4]}}))
+    assert set(default_space(recipe, "lora")) >= {"train.lr", "train.max_steps", "method.r", "method.alpha", "train.balance"}
+    highs = [default_space(recipe, kind)["train.lr"].high for kind in ("full", "lora", "prompt_tuning")]
+    assert highs == sorted(highs) and len(set(highs)) == 3  # full fine-tuning lowest, prompt learning highest
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kinds = set()
+    for _ in range(12):
+        trial = study.ask()
+        tuned = recipe.with_overrides(suggest(trial, recipe))  # every draw is a valid recipe
+        kinds.add(tuned.method.kind)
+        assert "train.batch_size" not in trial.params and tuned.train.batch_size == 4  # null dropped the default
+        assert 1 <= tuned.train.max_steps <= 4 and isinstance(trial.params["train.max_steps"], int)
+        assert (tuned.method.r in (2, 4)) if tuned.method.kind == "lora" else "method.r" not in trial.params
+        assert ("train.balance_power" in trial.params) == (tuned.train.balance != "none")
+        study.tell(trial, 0.5)
+    assert kinds == {"lora", "ia3", "prompt_tuning"}
+
+
+@pytest.mark.slow
+def test_tune_scores_on_valid_never_reads_test_and_resumes_a_dead_processes_study(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import mlflow
+    import optuna
+
+    from microtune import pipeline
+
+    recipe, ws = _recipe(tmp_path, tiny_model_dir), tmp_path / "ws"
+    original = recipe.read_text()
+    dataset = pipeline.check(recipe, workspace=ws).dataset_dir
+    (dataset / "test.jsonl").unlink()  # every stage reads the test split from here: tune must never need it
+    storage = f"sqlite:///{ws / 'toy' / 'tune' / 'study.db'}"
+    (ws / "toy" / "tune").mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    orphan = optuna.create_study(storage=storage, study_name="toy", direction="maximize").ask()  # a crashed worker's trial
+    orphan.set_user_attr("microtune.owner", {"host": socket.gethostname(), "pid": int(dead.stdout), "start": ""})
+    events = []
+    result = pipeline.tune(recipe, workspace=ws, trials=3, reporter=events.append)
+    study = optuna.load_study(study_name="toy", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states[0] == "FAIL" and len(states) == 4 and set(states[1:]) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states
+    assert not (dataset / "test.jsonl").exists() and recipe.read_text() == original
+    assert result.metric == "accuracy" and 0.0 <= result.best_value <= 1.0 and result.best_value == study.best_value
+    tuned = result.tuned_recipe
+    assert tuned == tmp_path / "recipe.tuned.yaml" and tuned.read_text().startswith("# Tuned by `microtune tune`: study 'toy'")
+    again = load_recipe(tuned)
+    assert again.train.lr == pytest.approx(study.best_params["train.lr"]) and again.method.r == study.best_params["method.r"]
+    assert again.data.train == load_recipe(recipe).data.train  # the original's relative paths still resolve
+    rows = list(csv.DictReader((result.folder / "trials.csv").open()))
+    assert [r["state"] for r in rows] == states and {"train.lr", "method.r", "valid_loss"} <= set(rows[0])
+    assert all((r["value"] != "") == (r["state"] == "COMPLETE") for r in rows)
+    assert (result.folder / "history.png").stat().st_size > 1000
+    assert (set(result.importances) == {"train.lr", "method.r"}) == (result.counts.get("complete", 0) >= 2)
+    assert any(e.stage == "train" and e.kind == "progress" for e in events)  # each trial's training reached the reporter
+    assert sum(e.stage == "tune" and e.kind == "message" for e in events) == 3
+    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(children) == 3 and {r.data.tags["microtune.tune.trial"] for r in children} == {"1", "2", "3"}
+    assert any("valid.accuracy" in r.data.metrics for r in children)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_sqlite_study(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import optuna
+
+    recipe, ws = _recipe(tmp_path, tiny_model_dir, pruner="none"), tmp_path / "ws"
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    cmd = [sys.executable, "-m", "microtune.cli", "tune", str(recipe), "--trials", "4", "--workers", "2", "--storage", storage,
+           "--study", "shared", "-w", str(ws)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # exactly the trials asked for, by the two processes together
+    assert len({t.user_attrs["microtune.owner"]["pid"] for t in trials}) <= 2
+    assert "best" in done.stdout and (tmp_path / "recipe.tuned.yaml").is_file()
