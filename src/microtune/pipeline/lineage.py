@@ -31,9 +31,13 @@ def lineage(recipe: Recipe, ref: Any, dataset: dict[str, Any], adapter_dir: Path
     }
 
 
+NOT_HASHED = ("tune",)  # sections that never change what one training run produces (the search space of `tune`)
+
+
 def recipe_hash(recipe: Recipe) -> str:
-    """The hash of the resolved recipe: what makes two training runs the same run."""
-    return hash_value(recipe.resolved())
+    """The hash of the resolved recipe without the sections that do not change a run's result: what makes two training
+    runs the same run (``train --resume`` checks it, lineage records it, a rerun finds an interrupted promotion by it)."""
+    return hash_value({k: v for k, v in recipe.resolved().items() if k not in NOT_HASHED})
 
 
 def git_commit() -> str | None:

@@ -14,10 +14,10 @@ from typing import Any
 from microtune.config import Recipe
 from microtune.core.artifacts import read_manifest, write_artifact
 from microtune.core.atomic import write_text
-from microtune.core.hashing import hash_value
 from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace, new_run_id
 from microtune.pipeline.check import check
+from microtune.pipeline.lineage import recipe_hash
 from microtune.pipeline.local_teacher import served_teacher
 from microtune.pipeline.recipes import RecipeLike, recipe_json, resolve_recipe
 from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
@@ -40,7 +40,7 @@ def _generate(recipe: Recipe, workspace: str | Path | None, reporter: Reporter |
     ws, run_id = Workspace.at(workspace), new_run_id()
     dest = ws.stage_dir(recipe.name, "synthetic") / run_id
     meta = {"recipe": recipe.name, "dataset_dir": str(checked.dataset_dir), "dataset_hash": checked.manifest["dataset_hash"],
-            "labels": checked.manifest["labels"], "recipe_hash": hash_value(recipe.resolved())}
+            "labels": checked.manifest["labels"], "recipe_hash": recipe_hash(recipe)}
     with mlflow_run(recipe, ws, run_name=f"synth-{run_id}") as run:
         log_params(recipe)  # the recipe names the key's environment variable, never the key
         with write_artifact(dest, "synthetic", {**meta, "mlflow_run_id": run.info.run_id}) as (tmp, manifest):

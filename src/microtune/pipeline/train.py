@@ -18,12 +18,11 @@ from microtune.core.artifacts import read_json, write_artifact
 from microtune.core.atomic import write_text
 from microtune.core.crashpoints import reach
 from microtune.core.errors import ArtifactError
-from microtune.core.hashing import hash_value
 from microtune.core.progress import Event, Reporter
 from microtune.core.workspace import Workspace, new_run_id
 from microtune.models import resolve_base
 from microtune.pipeline.check import CheckResult, check
-from microtune.pipeline.lineage import lineage
+from microtune.pipeline.lineage import lineage, recipe_hash
 from microtune.pipeline.recipes import RecipeLike, recipe_json
 from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
 from microtune.synthesis import synthetic_for_training
@@ -47,8 +46,8 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
         dist.barrier()
     recipe, ws = checked.recipe, Workspace.at(workspace)
     ref = resolve_base(recipe.model)
-    recipe_hash = hash_value(recipe.resolved())
-    run_id, mlflow_id = _pending_run(ws, recipe, recipe_hash) if resume else (new_run_id(), None)
+    run_hash = recipe_hash(recipe)
+    run_id, mlflow_id = _pending_run(ws, recipe, run_hash) if resume else (new_run_id(), None)
     dest, ckpt = ws.stage_dir(recipe.name, "adapters") / run_id, ws.stage_dir(recipe.name, "checkpoints") / run_id
     extra, synthetic = _synthetic_rows(recipe, ws, checked)
     labels = checked.manifest["labels"]
@@ -62,7 +61,7 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
             log_params(recipe)
         with write_artifact(dest, "adapter", {"recipe": recipe.name}) as (tmp, manifest):
             out = train_adapter(recipe, ref, checked.dataset_dir, labels, tmp, reporter=_to_mlflow(reporter), checkpoint_dir=ckpt,
-                                resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": recipe_hash},
+                                resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": run_hash},
                                 extra_train=extra)
             if synthetic:
                 manifest["synthetic"] = synthetic
