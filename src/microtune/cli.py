@@ -452,8 +452,8 @@ def _show_synth(folder: Path) -> None:
     out.print(f"accepted {m['accepted']} rows {m['accepted_per_stratum']}; rejected {m['rejected']} (reasons in rejected.jsonl)")
     short = {k: f"{m['accepted_per_stratum'].get(k, 0)}/{n}" for k, n in m["plan"]["quota"].items() if m["accepted_per_stratum"].get(k, 0) < n}
     if short:
-        groups = m["plan"].get("strata") or "label"
-        err.print(f"[yellow]warning:[/] {len(short)} {groups} group(s) below quota (accepted/wanted): {escape(str(short))}; see rejected.jsonl, "
+        strata = m["plan"].get("strata") or "labels"  # classify: labels; extract: filled fields; generate: one group
+        err.print(f"[yellow]warning:[/] {len(short)} of the {strata} below quota (accepted/wanted): {escape(str(short))}; see rejected.jsonl, "
                   "then raise synth.oversample or fix the cause (a rerun asks only for what is not cached)", highlight=False, soft_wrap=True)
     out.print(f"teacher {m['teacher']['model']}: {usage['requests']} requests, {usage['sent']} sent, {usage['from_cache']} from cache, "
               f"{usage['failed']} failed, {usage['retries']} retries; {usage['prompt_tokens']:,} prompt + "

@@ -283,7 +283,7 @@ def test_the_cli_shows_the_cascade_and_warns_about_labels_short_of_their_quota(s
         result = CliRunner().invoke(app, ["synth", str(synth_recipe(teacher.url)), "-w", str(tmp_path / "ws")])
     assert result.exit_code == 0, result.output
     assert "near_duplicate" in result.output and "fidelity" in result.output
-    assert "1 label(s) below their quota" in result.output and "'refund': '0/4'" in result.output
+    assert "1 of the labels below quota" in result.output and "'refund': '0/4'" in result.output
 
 
 def test_an_endpoint_that_is_not_an_openai_api_is_named_as_such(synth_recipe, tmp_path: Path) -> None:
