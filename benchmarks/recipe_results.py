@@ -54,10 +54,22 @@ def _cell(values: dict[str, Any], metric: str) -> str:
     return f"{values[metric]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+MODEL_FREE = ("classical", "lead")  # the baselines without a language model: one column, whichever the task has
+PROMPTED = ("zero_shot", "few_shot")
+
+
+def _p_text(metrics: dict[str, Any], system: str | None) -> str:
+    p = metrics[system].get("p_value_vs_micro") if system else None
+    return "—" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}") + f" ({system})"
+
+
 def table(workspace: Path) -> str:
+    """One row per recipe from its latest eval: the prompted baselines, the model-free one, the micro-model, and the
+    micro-model's paired test against the best prompted baseline and against the model-free one."""
     times = _read_times(workspace)
-    lines = ["| recipe | task | main metric | zero-shot | few-shot | micro-model | p (micro vs best baseline) | run time |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | task | main metric | zero-shot | few-shot | classical / lead | micro-model "
+             "| p vs best prompted | p vs classical / lead | run time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in RECIPES:
         eval_dir = _latest_eval(workspace, name)
         if eval_dir is None:
@@ -65,14 +77,14 @@ def table(workspace: Path) -> str:
         manifest = json.loads((eval_dir / "manifest.json").read_text())
         metrics, main = manifest["metrics"], manifest["main_metric"]
         task = json.loads((Path(manifest["adapter_dir"]) / "recipe.json").read_text())["task"]["type"]
-        baselines = [s for s in metrics if s != "micro"]
-        best = max(baselines, key=lambda s: metrics[s][main]) if baselines else None
-        p = metrics[best].get("p_value_vs_micro") if best else None
-        p_text = "—" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}") + f" ({best})"
+        prompted = [s for s in PROMPTED if s in metrics]
+        best = max(prompted, key=lambda s: metrics[s][main]) if prompted else None
+        free = next((s for s in MODEL_FREE if s in metrics), None)
         seconds = times.get(name)
-        lines.append(f"| `{name}` | {task} | {main} | " + " | ".join(
-            _cell(metrics[s], main) if s in metrics else "—" for s in ("zero_shot", "few_shot", "micro")) +
-            f" | {p_text} | {'—' if seconds is None else f'{seconds / 60:.1f} min'} |")
+        cells = [_cell(metrics[s], main) if s in metrics else "—" for s in PROMPTED]
+        cells += [f"{_cell(metrics[free], main)} ({free})" if free else "—", _cell(metrics["micro"], main)]
+        lines.append(f"| `{name}` | {task} | {main} | " + " | ".join(cells) +
+                     f" | {_p_text(metrics, best)} | {_p_text(metrics, free)} | {'—' if seconds is None else f'{seconds / 60:.1f} min'} |")
     return "\n".join(lines)
 
 
@@ -95,17 +107,19 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=RECIPES, help="run only these recipes (the table keeps the others' last results)")
     ap.add_argument("--table-only", action="store_true", help="do not run; rebuild the table from the workspace")
     ap.add_argument("--conditions", default="", help="how the runs were made (threads, machine load), printed with the table")
+    ap.add_argument("--no-write", action="store_true", help="print the table only; leave README.md and BENCHMARKS.md as they are")
     args = ap.parse_args()
     if not args.table_only:
         for name in args.only or RECIPES:
             print(f"== {name}", flush=True)
             print(f"   {run_recipe(name, args.workspace) / 60:.1f} min", flush=True)
     body = ("Produced by `.venv/bin/python benchmarks/recipe_results.py` (bundled defaults of each recipe, "
-            "SmolLM2-135M-Instruct, 2 CPU cores; main metric with its 95 % bootstrap interval over the test rows; "
+            "SmolLM2-135M-Instruct, 2 CPU cores; every baseline the recipe lists, classical (TF-IDF + logistic regression) "
+            "for classify and lead (first sentence) for generate included; main metric with its 95 % bootstrap interval over the test rows; "
             "p: McNemar mid-p on per-row correctness for classification, paired bootstrap otherwise). "
             + (args.conditions + " " if args.conditions else "") + "Recipes not listed have not been run into this workspace yet."
             + "\n\n" + table(args.workspace))
-    for path in (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
+    for path in () if args.no_write else (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
         write_block(path, body)
     print(body)
 
