@@ -55,7 +55,7 @@ def _parse(args: list[str]) -> str:
         try:
             ctx = command.make_context(command.name or "microtune", rest, parent=parent)
         except Exception as exc:
-            if type(exc).__name__ == "MissingParameter":
+            if type(exc).__name__ in ("MissingParameter", "Exit"):  # a map line, or `--help` (click exits after printing it)
                 return command.name
             raise
         if not hasattr(command, "get_command"):
