@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from microtune.core.templating import environment, num, pvalue, render
+from microtune.core.templating import environment, num, pvalue, render, share
 from microtune.evaluation.report import SECTIONS, render_report, report_context
 
 EVIL = "<script>alert('x')</script>"
@@ -54,6 +54,12 @@ def test_the_report_body_embeds_in_another_page_without_the_shell(tmp_path: Path
     assert "<html" not in body and "<h1>" not in body and all(f">{s}</h2>" in body for s in SECTIONS)
     studio = environment().from_string('<main>{% include "eval/report_body.html" %}</main>').render(report=context)
     assert studio.startswith("<main>") and ">Worst errors</h2>" in studio and "<script>" not in studio
+    # a studio's own Environment, with its own templates, shares ours: its page includes the body
+    from jinja2 import DictLoader, Environment
+
+    own = share(Environment(loader=DictLoader({"run.html": '<section>{% include "eval/report_body.html" %}</section>'}), autoescape=True))
+    embedded = own.get_template("run.html").render(report=context)
+    assert embedded.startswith("<section>") and ">Paired tests</h2>" in embedded and "&lt;script&gt;" in embedded and "<script>" not in embedded
 
 
 def test_the_shared_filters_format_like_the_tables_did() -> None:

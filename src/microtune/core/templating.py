@@ -3,6 +3,7 @@
     from microtune.core.templating import render
     html = render("eval/report.html", report=context)        # a whole page
     html = render("eval/report_body.html", report=context)   # the same report's body only, to embed in another page
+    share(studio_env)                                         # another Environment may then include these templates
 
 The templates live in ``core/templates/`` (package data: the wheel carries them). Why here, on floor 0: two
 stages (evaluation, synthesis) render pages and must not import each other, and a page renderer on a higher
@@ -44,14 +45,34 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+FILTERS = {"num": num, "pvalue": pvalue, "b64": b64}
+
+
+def _package_loader() -> Any:
+    import jinja2  # imported on first render: `import microtune` stays fast
+
+    return jinja2.PackageLoader("microtune.core", "templates")
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> Any:
     """The shared ``jinja2.Environment``: package templates, autoescape on, strict undefined, the filters above."""
-    import jinja2  # imported on first render: `import microtune` stays fast
+    import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("microtune.core", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
-    env.filters.update(num=num, pvalue=pvalue, b64=b64)
+    env = jinja2.Environment(loader=_package_loader(), autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(FILTERS)
+    return env
+
+
+def share(env: Any) -> Any:
+    """Let another page renderer's ``jinja2.Environment`` (a web studio's) include these templates, e.g.
+    ``{% include "eval/report_body.html" %}``: its own loader is asked first, then the package's; the filters are added.
+    Returns ``env``. Its autoescape setting stays its own: keep it on for these templates."""
+    import jinja2
+
+    env.loader = jinja2.ChoiceLoader([env.loader, _package_loader()]) if env.loader else _package_loader()
+    env.filters.update(FILTERS)
     return env
 
 
