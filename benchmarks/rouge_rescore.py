@@ -1,6 +1,6 @@
 """ROUGE before and after the switch to rouge-score, on the same stored predictions (no model, no re-generation).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/rouge_rescore.py EVAL_DIR [--section rouge-rescore]
+    PYTHONPATH=src .venv/bin/python benchmarks/rouge_rescore.py EVAL_DIR [--systems zero_shot lead] [--section rouge-rescore]
 
 EVAL_DIR is a generate eval artifact (``.microtune/<recipe>/evals/<run>``): its ``predictions.jsonl`` holds every
 system's answer and the references (``gold``). For each system the script prints, over the same rows:
@@ -54,9 +54,9 @@ def rescore(rows: list[dict], system: str, boot: Bootstrap) -> dict[str, float]:
     return {"old_l": old.mean(), "l": new[:, 2].mean(), "l_low": low, "l_high": high, "r1": new[:, 0].mean(), "r2": new[:, 1].mean()}
 
 
-def table(eval_dir: Path) -> str:
+def table(eval_dir: Path, only: list[str] | None = None) -> str:
     rows = read_jsonl(eval_dir / "predictions.jsonl")
-    systems = [k for k in rows[0] if isinstance(rows[0][k], dict) and "pred" in rows[0][k]]
+    systems = [k for k in rows[0] if isinstance(rows[0][k], dict) and "pred" in rows[0][k] and (not only or k in only)]
     boot = Bootstrap(n_examples=len(rows), n_resamples=1000, seed=13)
     lines = ["| system | rows | ROUGE-L before (hand-written, unstemmed) | ROUGE-L now (rouge-score, stemmed) | ROUGE-1 now | ROUGE-2 now |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -77,11 +77,13 @@ def write_section(key: str, body: str, path: Path = ROOT / "BENCHMARKS.md") -> N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("eval_dir", type=Path, help="a generate eval folder (holds predictions.jsonl)")
+    ap.add_argument("--systems", nargs="*", help="only these systems (default: every system in the predictions)")
     ap.add_argument("--section", help="also write the table into BENCHMARKS.md between this marker's start/end comments")
     args = ap.parse_args()
     if not (args.eval_dir / "predictions.jsonl").is_file():
         raise SystemExit(f"{args.eval_dir} has no predictions.jsonl: pass a generate eval folder (.microtune/<recipe>/evals/<run>)")
-    body = table(args.eval_dir)
+    shown = " ".join(["benchmarks/rouge_rescore.py", str(args.eval_dir)] + (["--systems", *args.systems] if args.systems else []))
+    body = f"`PYTHONPATH=src .venv/bin/python {shown}`\n\n{table(args.eval_dir, args.systems)}"
     print(body)
     if args.section:
         write_section(args.section, body)
