@@ -95,7 +95,10 @@ def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 @app.command("eval")
 def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
           adapter: Annotated[Path | None, typer.Option(help="Adapter folder. [default: the newest for the recipe]")] = None) -> None:
-    """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html."""
+    """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html.
+
+    Metrics by task: classify accuracy, macro-F1; extract micro-F1; generate ROUGE-L, -1, -2 (rouge-score, Porter-stemmed).
+    """
     from microtune import pipeline
 
     with _reporter() as report:
@@ -105,7 +108,10 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
 @app.command()
 def report(eval_dir: Annotated[Path, typer.Argument(help="Eval folder, e.g. .microtune/<recipe>/evals/<run>.", show_default=False)]) -> None:
-    """Re-render report.html (+ PNG plots) from an eval artifact alone and print its summary table."""
+    """Re-render report.html (+ PNG plots) from an eval artifact alone and print its summary table.
+
+    The page comes from microtune's Jinja2 templates (autoescaped: markup in a label or input is shown as text).
+    """
     from microtune import pipeline
 
     path = _guard(lambda: pipeline.report(eval_dir))

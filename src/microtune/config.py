@@ -278,7 +278,8 @@ class EvalConfig(Section):
     metrics: list[str] | None = Field(
         None, description="Metrics for tables and the registry; the first is the main metric (the gate compares it). "
         "Default by task: classify accuracy, macro_f1 (multi_label: exact_match, micro_f1, macro_f1; with none_label "
-        "also in_scope_accuracy, oos_recall); extract micro_f1, micro_f1_normalized, valid_rate; generate rouge_l, length_ratio."
+        "also in_scope_accuracy, oos_recall); extract micro_f1, micro_f1_normalized, valid_rate; generate rouge_l, length_ratio "
+        "(rouge_1, rouge_2 also reported; all by rouge-score, stemmed)."
     )
     batch_size: int = Field(16, ge=1, description="Examples per prediction batch.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate on the first N test rows only (quick looks).")

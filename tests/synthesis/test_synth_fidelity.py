@@ -70,3 +70,13 @@ def test_too_few_rows_give_no_verdict_but_a_failed_gate() -> None:
     report, p_synth = fidelity([{"text": "a", "label": "x", "source": "r"}], [], [{"text": "b", "label": "x"}], {"x": 1},
                                FidelityConfig(), seed=1)
     assert report["two_sample"]["auc"] is None and not report["passed"] and "too few" in report["two_sample"]["note"]
+
+
+def test_a_script_label_and_title_are_escaped_in_the_fidelity_report(clinc: list[dict[str, Any]], tmp_path: Path) -> None:
+    evil = "<script>alert('x')</script>"
+    synthetic = [{**r, "label": evil} for r in clinc[300:310]]
+    report, _ = fidelity(clinc[:20], clinc[20:40], synthetic, {evil: 10}, FidelityConfig(folds=2), seed=1)
+    write_html(report | {"filters": {evil: {"entered": 3, "rejected": 1}}}, tmp_path / "fidelity.html", f"fidelity of {evil}")
+    page = (tmp_path / "fidelity.html").read_text()
+    assert "<script>" not in page and page.count("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;") == 4  # title, h1, label, filter
+    assert "Labels: plan vs accepted</h2>" in page and "planned: 10; accepted: 10" in page

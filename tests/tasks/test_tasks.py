@@ -9,7 +9,7 @@ import pytest
 from microtune.config import validate_recipe
 from microtune.core.errors import DataError, RecipeError
 from microtune.tasks import ClassifyConfig, ExtractConfig, GenerateConfig, TaskSection, get_task
-from microtune.tasks.generate import rouge_l
+from microtune.tasks.generate import best_rouge, rouge, rouge_l
 from toydata import write_jsonl
 
 FIELDS = {"drug": "the drug", "effect": "the adverse effect", "dosage": "the dose"}
@@ -109,13 +109,23 @@ def test_rouge_l_by_hand() -> None:
     assert rouge_l("Deep nets, trained.", "deep nets trained") == 1.0  # case and punctuation ignored
 
 
+def test_rouge_is_stemmed_and_reports_one_two_and_l() -> None:
+    # rouge-score with Porter stemming: models/model and trained/training match, "were"/"was" do not (LCS 3 of 4 and 4);
+    # the unstemmed hand-written ROUGE-L matched only "the" (0.25)
+    assert rouge_l("the models were trained", "the model was training") == pytest.approx(3 / 4)
+    r1, r2, rl = rouge("the cat sat on the mat", "the cat is on the mat")
+    assert (r1, r2, rl) == pytest.approx((5 / 6, 3 / 5, 5 / 6))  # bigrams shared: "the cat", "on the", "the mat" of 5 each
+    # best per type over references: ROUGE-1 from the first reference, ROUGE-2 and ROUGE-L from the second
+    assert best_rouge("a b c d", ["d c b a", "a b x y"]) == pytest.approx((1.0, 1 / 3, 0.5))
+
+
 def test_generate_scores_the_best_reference() -> None:
     cfg = _cfg(type="generate")
     task = get_task(cfg)
     ex, _ = task.normalize({"text": "abstract", "target": ["we prove a bound", "a new bound is shown"]}, cfg)
     assert task.target(ex) == "we prove a bound" and task.gold(ex) == ["we prove a bound", "a new bound is shown"]
     m = task.metrics([task.gold(ex), ["one two three four"]], ["a new bound is shown", None])
-    assert m["rouge_l"] == pytest.approx((1.0 + 0.0) / 2)
+    assert m["rouge_l"] == pytest.approx((1.0 + 0.0) / 2) and m["rouge_1"] == m["rouge_2"] == pytest.approx(0.5)
     assert m["valid_rate"] == 0.5 and m["pred_words_mean"] == pytest.approx(2.5)
     assert m["length_ratio"] == pytest.approx(2.5 / 4)
 

@@ -2,17 +2,18 @@
 
     render_report(eval_dir)          # reads predictions.jsonl, metrics.json, stats.json; writes report.html, *.png
     microtune report EVAL_DIR        # the same from the command line (re-renders an existing eval artifact)
+    report_context(eval_dir)         # what the templates show: another page embeds eval/report_body.html with it
 
 Sections: summary table (every metric with its bootstrap interval, p-value vs the micro-model,
 latency, throughput, cost), metric intervals plot, paired tests, per-class F1 bars, confusion matrix
 of the micro-model, confidence histogram and calibration curve, the worst errors with their inputs,
 latency. Everything comes from the files of the eval artifact, so a report can be rebuilt anywhere,
 offline. Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot global state, no display.
+The HTML comes from the shared Jinja2 templates (``core/templates/eval/``: ``report.html`` is the page shell around
+``report_body.html``), autoescaped: a label or input text is shown as text, never as markup.
 """
 from __future__ import annotations
 
-import base64
-import html
 import io
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from microtune.core.atomic import read_json, write_bytes, write_text
 from microtune.core.errors import ArtifactError
 from microtune.core.jsonl import read_jsonl
+from microtune.core.templating import pvalue, render
 
 MICRO = "micro"
 SECTIONS = ("Summary", "Metric intervals", "Paired tests", "Per-class F1", "Confusion matrix",
@@ -177,89 +179,34 @@ def plot_latency(metrics: dict[str, Any], systems: list[str]) -> bytes | None:
 
 
 # -- html -----------------------------------------------------------------------------------------
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return "nan" if value != value else f"{value:.{digits}f}"
-    return html.escape(str(value))
+PLOT_SECTIONS = {"Metric intervals": ("intervals.png", "metric intervals"), "Per-class F1": ("per_class_f1.png", "per-class F1"),
+                 "Confusion matrix": ("confusion_matrix.png", "confusion matrix"),
+                 "Confidence and calibration": ("calibration.png", "confidence and calibration")}
 
 
-def _p(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return "&lt;0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _table(header: list[str], body: list[list[str]], cls: str = "") -> str:
-    head = "".join(f"<th>{h}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
-
-
-def _summary(metrics: dict[str, Any], stats: dict[str, Any], systems: list[str]) -> str:
-    names = [k for k in next(iter(metrics.values())).get("ci", {})]
-    header = ["system", *names, "p vs micro", "examples/s", "latency p50 / p95 (ms)", "USD per 1k"]
-    body = []
-    for s in systems:
-        m, cells = metrics[s], [f"<b>{s}</b>" if s == MICRO else s]
-        for n in names:
-            lo, hi = m["ci"][n]
-            cells.append(f"{_fmt(m[n])} <span class=ci>[{lo:.3f}, {hi:.3f}]</span>")
-        cells += [_p(m.get("p_value_vs_micro")), _fmt(m.get("examples_per_s"), 1),
-                  f"{_fmt(m.get('latency_ms_p50'), 1)} / {_fmt(m.get('latency_ms_p95'), 1)}", _fmt(m.get("usd_per_1k"), 5)]
-        body.append(cells)
-    notes = [f"Intervals: {stats['confidence']:.0%} {stats['interval_method']}, {stats['n_resamples']} resamples, seed {stats['seed']}.",
-             f"p vs micro: {stats['paired_test']} (two-sided).", f"Latency (local systems): {stats['latency_method']}.",
-             f"Latency (endpoints): {stats['endpoint_latency_method']}.", "Throughput: the batched run over the whole test split."]
-    notes += [f"Cost of {s}: {html.escape(str(metrics[s].get('cost_basis', '—')))}." for s in systems]
-    return _table(header, body) + "<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
-
-
-def _paired(stats: dict[str, Any]) -> str:
+def _paired(stats: dict[str, Any]) -> list[list[str]]:
+    """The paired-tests table's rows (plain text: the template escapes them)."""
     body = []
     for s, comp in stats["comparisons"].items():
         if "mcnemar" in comp:
             mc = comp["mcnemar"]
             body.append([f"micro vs {s}", "McNemar (correctness)", f"only micro right {mc['b']}, only {s} right {mc['c']}",
-                         f"exact {_p(mc['p_value'])}, mid-p {_p(mc['mid_p'])}"])
+                         f"exact {pvalue(mc['p_value'])}, mid-p {pvalue(mc['mid_p'])}"])
         for metric, res in comp["metrics"].items():
-            body.append([f"micro vs {s}", f"paired bootstrap ({metric})", f"Δ = {res['delta']:+.3f}", _p(res["p_value"])])
-    if not body:
-        return "<p>Only one system was evaluated: nothing to compare.</p>"
-    return _table(["comparison", "test", "difference", "p-value"], body)
+            body.append([f"micro vs {s}", f"paired bootstrap ({metric})", f"Δ = {res['delta']:+.3f}", pvalue(res["p_value"])])
+    return body
 
 
-def _worst(rows: list[dict[str, Any]], systems: list[str], limit: int = 20) -> str:
+def _worst(rows: list[dict[str, Any]], systems: list[str], limit: int = 20) -> dict[str, Any]:
+    """The micro-model's wrong rows, confidently wrong first (the errors that hurt most), at most ``limit`` of them."""
     wrong = [r for r in rows if r[MICRO]["pred"] != r["gold"]]
-    if not wrong:
-        return "<p>The micro-model got every test row right.</p>"
-    wrong.sort(key=lambda r: -(r[MICRO].get("prob") or 0.0))  # confidently wrong first: the errors that hurt most
-    others = [s for s in systems if s != MICRO]
-    body = [[html.escape(r["text"]), html.escape(str(r["gold"])), f"{_answer(r[MICRO]['pred'])} ({_fmt(r[MICRO].get('prob'))})",
-             *(_answer(r[s]["pred"]) for s in others)] for r in wrong[:limit]]
-    caption = f"<p>{len(wrong)} of {len(rows)} test rows wrong; the {min(limit, len(wrong))} the micro-model was most sure of:</p>"
-    return caption + _table(["input", "gold", "micro (probability)", *others], body, "errors")
+    wrong.sort(key=lambda r: -(r[MICRO].get("prob") or 0.0))
+    return {"rows": wrong[:limit], "n_wrong": len(wrong), "n_rows": len(rows), "others": [s for s in systems if s != MICRO]}
 
 
-def _answer(pred: Any) -> str:
-    return "<i>(invalid)</i>" if pred is None else html.escape(str(pred))
-
-
-def _img(name: str, data: bytes | None, alt: str) -> str:
-    if data is None:
-        return f"<p>Not available for this task or evaluation ({html.escape(alt)}).</p>"
-    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{html.escape(alt)}"><p class=file>{name}</p>'
-
-
-STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}.ci{color:#666;font-size:.85em}.notes{font-size:.85em;color:#444}.errors td:first-child{max-width:480px}
-img{max-width:100%}.file{font-size:.75em;color:#888}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}"""
-
-
-def render_report(eval_dir: str | Path) -> Path:
-    """Write ``report.html`` and the PNG plots into ``eval_dir`` from its files; returns the report path."""
+def report_context(eval_dir: str | Path) -> dict[str, Any]:
+    """Everything ``eval/report_body.html`` shows, from an eval folder's files (plots drawn, not written): the one input of
+    the standalone page and of any page that embeds the report's body (``{% include "eval/report_body.html" %}``)."""
     eval_dir = Path(eval_dir)
     rows, metrics, stats = _load(eval_dir)
     systems = list(metrics)
@@ -270,31 +217,20 @@ def render_report(eval_dir: str | Path) -> Path:
         "calibration.png": plot_calibration(rows, systems),
         "latency.png": plot_latency(metrics, systems),
     }
-    for name, data in plots.items():
+    return {"title": _title(eval_dir, len(rows)), "sections": list(SECTIONS), "plot_sections": PLOT_SECTIONS, "micro": MICRO,
+            "systems": systems, "metrics": metrics, "stats": stats, "ci_names": list(next(iter(metrics.values())).get("ci", {})),
+            "plots": plots, "paired": _paired(stats), "worst": _worst(rows, systems) if MICRO in systems else None}
+
+
+def render_report(eval_dir: str | Path) -> Path:
+    """Write ``report.html`` and the PNG plots into ``eval_dir`` from its files; returns the report path."""
+    eval_dir = Path(eval_dir)
+    context = report_context(eval_dir)
+    for name, data in context["plots"].items():
         if data is not None:
             write_bytes(eval_dir / name, data)  # atomic: a re-render never leaves a half-written file
-    title = _title(eval_dir, len(rows))
-    parts = {
-        "Summary": _summary(metrics, stats, systems),
-        "Metric intervals": _img("intervals.png", plots["intervals.png"], "metric intervals"),
-        "Paired tests": _paired(stats),
-        "Per-class F1": _img("per_class_f1.png", plots["per_class_f1.png"], "per-class F1"),
-        "Confusion matrix": _img("confusion_matrix.png", plots["confusion_matrix.png"], "confusion matrix"),
-        "Confidence and calibration": _img("calibration.png", plots["calibration.png"], "confidence and calibration"),
-        "Worst errors": _worst(rows, systems) if MICRO in systems else "<p>No micro-model in this evaluation.</p>",
-        "Latency": _img("latency.png", plots["latency.png"], "latency") + _latency_table(metrics, systems),
-    }
-    body = "".join(f'<h2 id="{k.lower().replace(" ", "-")}">{k}</h2>{parts[k]}' for k in SECTIONS)
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
-    write_text(eval_dir / "report.html", page)
+    write_text(eval_dir / "report.html", render("eval/report.html", title=context["title"], report=context))
     return eval_dir / "report.html"
-
-
-def _latency_table(metrics: dict[str, Any], systems: list[str]) -> str:
-    body = [[s, _fmt(metrics[s].get("latency_ms_p50"), 1), _fmt(metrics[s].get("latency_ms_p95"), 1), str(metrics[s].get("latency_n", 0)),
-             _fmt(metrics[s].get("examples_per_s"), 2), _fmt(metrics[s].get("seconds"), 2)] for s in systems]
-    return _table(["system", "p50 ms", "p95 ms", "rows timed", "examples/s (batched)", "batched run s"], body)
 
 
 def _title(eval_dir: Path, n: int) -> str:

@@ -19,7 +19,6 @@ The classifier and the length/vocabulary tests read the input texts, so they app
 """
 from __future__ import annotations
 
-import html
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from microtune.config import FidelityConfig
+from microtune.core.templating import render
 from microtune.synthesis.filters import probe, text_features
 from microtune.synthesis.plan import stratum_of
 
@@ -132,44 +132,5 @@ def fidelity(holdout: list[Row], pool: list[Row], synthetic: list[Row], planned:
 
 
 def write_html(report: dict[str, Any], path: Path, title: str) -> None:
-    """A one-page report: the verdict, then every test as a table."""
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    color = "#1a7f37" if report["passed"] else "#cf222e"
-    sections = [f"<h1>{html.escape(title)}</h1>",
-                f"<p style='font-size:1.3em;color:{color}'><b>{verdict}</b>: real-vs-synthetic AUC "
-                f"{_fmt(report['two_sample']['auc'])} (gate ≤ {report['two_sample']['max_auc']}; 0.5 = indistinguishable)</p>"]
-    if "before_drop" in report:
-        sections.append(f"<p>Before dropping the most synthetic-looking rows: AUC {_fmt(report['before_drop']['auc'])} "
-                        f"on {report['before_drop']['synthetic_rows']} rows.</p>")
-    sections.append(_table("Two-sample test", report["two_sample"]))
-    sections.append(_table("Length and vocabulary (synthetic vs held-out real)", report["distribution"]))
-    if "target_distribution" in report:
-        sections.append(_table("Targets: length and vocabulary (synthetic vs held-out real)", report["target_distribution"]))
-    if "labels" in report:
-        sections.append(_table("Labels: plan vs accepted", report["labels"]["per_label"]))
-        sections.append(_table("Probes on held-out real rows (TF-IDF + logistic regression)", report["probes"]))
-    else:
-        sections.append(_table("Strata: plan vs accepted (no labels: no label probes)", report["strata"]["per_label"]))
-    if "filters" in report:
-        sections.append(_table("Filter cascade: rows entering / rejected per stage", report["filters"]))
-    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}" \
-            "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
-    path.write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
-                    + "\n".join(sections) + "\n", encoding="utf-8")
-
-
-def _table(caption: str, data: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in data.items())
-    return f"<h2>{html.escape(caption)}</h2><table>{rows}</table>"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, dict):
-        return "; ".join(f"{html.escape(str(k))}: {_fmt(v)}" for k, v in value.items())
-    return _fmt(value)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return html.escape("—" if value is None else str(value))
+    """A one-page report: the verdict, then every test as a table (``core/templates/synth/fidelity.html``, autoescaped)."""
+    path.write_text(render("synth/fidelity.html", title=title, report=report) + "\n", encoding="utf-8")

@@ -2,15 +2,17 @@
 
 Rows are normalised to ``{"text": str, "target": str, "references": [str, ...]}``: the target field
 may hold one reference or a list of them (SciTLDR's test set has several per abstract); training
-uses the first, scoring takes the best match over all of them. Metrics: ROUGE-L F1 (longest common
-subsequence of lower-cased word tokens, best reference per example, averaged), mean words of the
-predictions and of the references and their ratio, and the share of non-empty answers (valid_rate);
-ROUGE-L is the main metric. Decoding: free generation of up to ``max_new_tokens``. Synth: a request shows real
-(text, target) pairs and asks for ``n`` new pairs, each ``{"text", "target"}`` with one target string, checked
-by this task's row schema; all rows form one stratum (there are no labels to plan by).
+uses the first, scoring takes the best match over all of them. Metrics: ROUGE-L F1, and ROUGE-1/-2 F1
+beside it, computed by Google's ``rouge-score`` with Porter stemming (as published SciTLDR results are),
+best reference per example and per ROUGE type, averaged; mean words of the predictions and of the
+references and their ratio, and the share of non-empty answers (valid_rate); ROUGE-L is the main metric.
+Decoding: free generation of up to ``max_new_tokens``. Synth: a request shows real (text, target) pairs and
+asks for ``n`` new pairs, each ``{"text", "target"}`` with one target string, checked by this task's row schema;
+all rows form one stratum (there are no labels to plan by).
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -67,18 +69,19 @@ class GenerateTask(TaskBase):
     # -- metrics ----------------------------------------------------------------------------------
     @classmethod
     def metric_names(cls, cfg: GenerateConfig, every: bool = False) -> list[str]:
-        return ["rouge_l", "length_ratio"] + (["pred_words_mean", "ref_words_mean", "valid_rate"] if every else [])
+        return ["rouge_l", "length_ratio"] + (["rouge_1", "rouge_2", "pred_words_mean", "ref_words_mean", "valid_rate"] if every else [])
 
     def example_scores(self, golds: Sequence[list[str]], preds: Sequence[str | None]) -> list[float]:
-        return [max(rouge_l(p or "", r) for r in refs) for refs, p in zip(golds, preds)]
+        """Per-row ROUGE-L (best reference): what the gate's paired bootstrap and the eval's paired tests compare."""
+        return [best_rouge(p or "", refs)[2] for refs, p in zip(golds, preds)]
 
     def metrics(self, golds: Sequence[list[str]], preds: Sequence[str | None]) -> dict[str, Any]:
-        scores = self.example_scores(golds, preds)
+        best = [best_rouge(p or "", refs) for refs, p in zip(golds, preds)]
         pred_words = [len(_words(p or "")) for p in preds]
         ref_words = [len(_words(refs[0])) for refs in golds]
         mean_pred, mean_ref = _mean(pred_words), _mean(ref_words)
-        return {"rouge_l": _mean(scores), "pred_words_mean": mean_pred, "ref_words_mean": mean_ref,
-                "length_ratio": mean_pred / mean_ref if mean_ref else 0.0,
+        return {"rouge_l": _mean([b[2] for b in best]), "rouge_1": _mean([b[0] for b in best]), "rouge_2": _mean([b[1] for b in best]),
+                "pred_words_mean": mean_pred, "ref_words_mean": mean_ref, "length_ratio": mean_pred / mean_ref if mean_ref else 0.0,
                 "valid_rate": base.example_rate(p is not None for p in preds)}
 
     # -- synthetic data ---------------------------------------------------------------------------
@@ -130,21 +133,35 @@ def _synth_answer_row(row: Row) -> dict[str, Any]:
     return {"text": row["text"], "target": row["target"]}
 
 
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")  # rouge-score's names; the metrics are rouge_1, rouge_2, rouge_l
+
+
+@functools.lru_cache(maxsize=1)
+def _scorer() -> Any:
+    """One shared scorer; rouge-score imports nltk (seconds), so only a generate task that is scored pays for it."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def rouge(prediction: str, reference: str) -> tuple[float, float, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F1 of one prediction against one reference, as ``rouge-score`` computes them:
+    lower-cased ASCII letter/digit tokens, Porter-stemmed (words over 3 letters), the scoring of published SciTLDR
+    results. Cached: the bootstrap rescores the same (prediction, reference) pairs on every resample."""
+    scores = _scorer().score(reference, prediction)
+    return tuple(float(scores[t].fmeasure) for t in ROUGE_TYPES)  # type: ignore[return-value]
+
+
+def best_rouge(prediction: str, references: Sequence[str]) -> tuple[float, float, float]:
+    """The best of each ROUGE type over the references, taken per type (rouge-score's ``score_multi`` does the same)."""
+    per_ref = [rouge(prediction, r) for r in references]
+    return tuple(max(s[i] for s in per_ref) for i in range(len(ROUGE_TYPES))) if per_ref else (0.0, 0.0, 0.0)  # type: ignore[return-value]
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 between two texts over lower-cased word tokens (LCS by dynamic programming)."""
-    a, b = _words(prediction), _words(reference)
-    if not a or not b:
-        return 0.0
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev_diag = 0
-        for j, y in enumerate(b, start=1):
-            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
-    lcs = row[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 between two texts (rouge-score, stemmed): the generate task's main metric for one pair."""
+    return rouge(prediction, reference)[2]
 
 
 def _words(text: str) -> list[str]:
