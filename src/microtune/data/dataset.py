@@ -21,7 +21,7 @@ from microtune.config import HfSource, Recipe
 from microtune.core.errors import DataError, ProblemLog
 from microtune.core.hashing import hash_file, hash_value
 from microtune.core.jsonl import read_jsonl, write_jsonl
-from microtune.data.readers import detect_format, hf_where, is_hf_folder, located_rows
+from microtune.data.readers import detect_format, hf_where, is_hf_folder, located_rows, readable
 from microtune.tasks import TASKS, TaskSection
 
 SPLITS = ("train", "valid", "test")
@@ -85,7 +85,7 @@ def _load_source(recipe: Recipe, source: Path | HfSource, log: ProblemLog) -> tu
 
     A file is hashed byte for byte; a Hugging Face dataset by the rows read (a hub revision or a folder's Arrow files
     may change without its name changing: the rows are what the artifact is made of)."""
-    if not _readable(source, log):
+    if not readable(source, log):
         return [], {}
     fmt, task_cls, chat_cfg = recipe.data.format, TASKS[recipe.task.type], _chat_fields(recipe.task)
     table = isinstance(source, HfSource) or is_hf_folder(source)
@@ -105,23 +105,6 @@ def _load_source(recipe: Recipe, source: Path | HfSource, log: ProblemLog) -> tu
         return rows, {"path": str(source), "sha256": hash_file(source), "format": detect_format(source, fmt)}
     spec = source if isinstance(source, HfSource) else HfSource(hf=str(source))
     return rows, {**spec.model_dump(exclude_none=True), "sha256": hash_value(read), "format": "hf", "rows": len(read)}
-
-
-def _readable(source: Path | HfSource, log: ProblemLog) -> bool:
-    """A file source exists, is a file (or a save_to_disk folder) and is not empty; HF sources are checked as they open."""
-    if isinstance(source, HfSource) or is_hf_folder(source):
-        return True
-    if source.is_dir():
-        log.error(str(source), "is a folder, not a data file: name a .jsonl or .csv file inside it (or a .parquet file, or a "
-                  "folder written by Dataset.save_to_disk)", None)
-        return False
-    if not source.is_file():
-        log.error(str(source), "data file not found", None)
-        return False
-    if source.stat().st_size == 0:
-        log.error(f"{source}:1", "data file is empty", None)
-        return False
-    return True
 
 
 def _chat_fields(task: TaskSection) -> TaskSection:

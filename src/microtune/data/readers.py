@@ -30,6 +30,9 @@ FORMATS = ("jsonl", "csv", "openai_chat", "parquet")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 HF_EXTRA = "pip install 'microtune[hf]'"  # the optional extra that brings Hugging Face `datasets`
 _BATCH = 4096  # Parquet rows converted to Python at a time: memory stays flat on a large file
+CSV_STOPPED = "not a readable CSV row"  # problems after which a reader reads no further rows of the file:
+PARQUET_STOPPED = "Parquet data could not be read from here on"  # they concern the rest of the file, not one row
+STOPPED = (CSV_STOPPED, PARQUET_STOPPED)
 
 
 def detect_format(path: Path, fmt: str) -> str:
@@ -84,7 +87,7 @@ def _csv_rows(path: Path, log: ProblemLog) -> Iterator[tuple[int, dict[str, Any]
         except StopIteration:
             return
         except csv.Error as exc:  # e.g. a bare carriage return inside an unquoted cell, a NUL byte
-            log.error(f"{path}:{reader.line_num or 1}", f"not a readable CSV row ({exc}); quote the cell or remove the character", None)
+            log.error(f"{path}:{reader.line_num or 1}", f"{CSV_STOPPED} ({exc}); quote the cell or remove the character", None)
             return
         if None in row:
             log.error(f"{path}:{start}", "more cells than header columns", row[None])
@@ -121,6 +124,23 @@ def located_rows(source: Path | HfSource, fmt: str, log: ProblemLog) -> Iterator
         yield f"{source}:{line}", row
 
 
+def readable(source: Path | HfSource, log: ProblemLog) -> bool:
+    """A file source exists, is a file (or a save_to_disk folder) and is not empty; HF sources are checked as they open."""
+    if isinstance(source, HfSource) or is_hf_folder(source):
+        return True
+    if source.is_dir():
+        log.error(str(source), "is a folder, not a data file: name a .jsonl or .csv file inside it (or a .parquet file, or a "
+                  "folder written by Dataset.save_to_disk)", None)
+        return False
+    if not source.is_file():
+        log.error(str(source), "data file not found", None)
+        return False
+    if source.stat().st_size == 0:
+        log.error(f"{source}:1", "data file is empty", None)
+        return False
+    return True
+
+
 def is_hf_folder(path: Path) -> bool:
     """A folder written by ``Dataset.save_to_disk`` (``state.json``) or ``DatasetDict.save_to_disk`` (``dataset_dict.json``)."""
     return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
@@ -147,7 +167,7 @@ def read_parquet(path: Path, fmt: str, log: ProblemLog) -> Iterator[tuple[str, d
                 yield from _table_row(row, f"{path}:row {index}", chat, log)
                 index += 1
     except (pa.ArrowException, OSError) as exc:  # a damaged page: the rows before it were read and checked
-        log.error(f"{path}:row {index}", f"Parquet data could not be read from here on ({_first_line(exc)})", None)
+        log.error(f"{path}:row {index}", f"{PARQUET_STOPPED} ({_first_line(exc)})", None)
 
 
 def read_hf(spec: HfSource, fmt: str, log: ProblemLog) -> Iterator[tuple[str, dict[str, Any]]]:
