@@ -17,7 +17,7 @@ from microtune.core.errors import ArtifactError, InputError, RecipeError
 from microtune.core.progress import Event
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-STEPS = ("check", "synth", "train", "evaluate", "register", "run", "report", "export", "serve", "watch")
+STEPS = ("check", "synth", "train", "evaluate", "register", "run", "report", "export", "serve", "watch", "predict")
 VERBS = ("list_models", "list_versions", "show_version", "promote", "rollback")
 
 

@@ -33,6 +33,11 @@ CASES = [
     (["models", "rollback", "nosuch", "-w", "{ws}"], "no registered model named 'nosuch'"),
     (["serve", "--port", "70000"], "--port"),
     (["serve", "--adapter", "no-equals-sign"], "NAME=PATH"),
+    (["predict", "{missing}", "-i", R, "-o", "{out}.jsonl"], "is not an adapter folder (no such folder) nor a registered model name"),
+    (["predict", "nosuch@champion", "-i", R, "-o", "{out}.jsonl", "-w", "{ws}"], "no registered model named 'nosuch'"),
+    (["predict", "nosuch", "-i", R, "-o", "{out}"], "the answers are written as .jsonl, .csv, .parquet"),
+    (["predict", "nosuch", "-i", R], "Missing option '--output'"),
+    (["predict", "nosuch", "-i", R, "-o", "{out}.jsonl", "--format", "xml"], "--format"),
     (["recipe-schema", "EXTRA"], "unexpected extra argument"),
     (["nosuchcommand"], "No such command"),
 ]

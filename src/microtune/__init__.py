@@ -5,7 +5,7 @@
     print(result.metrics["micro"]["accuracy"])
 
 The steps are plain functions (``check``, ``synth``, ``train``, ``evaluate``, ``register``, ``run``,
-``report``, ``export``, ``serve``, ``watch``) and so are the registry verbs (``list_models``,
+``report``, ``export``, ``serve``, ``watch``, ``predict``) and so are the registry verbs (``list_models``,
 ``list_versions``, ``show_version``, ``promote``, ``rollback``); the CLI is a shell over them. Long
 steps take ``reporter=`` (see ``microtune.core.progress``): the library itself never prints.
 """
@@ -18,7 +18,7 @@ from microtune.core.version import __version__
 # The public functions live in microtune.pipeline. They are looked up on first use (PEP 562), so
 # `import microtune` stays fast and never loads torch; no subpackage carries one of these names, so
 # importing a subpackage can never replace a function by a module.
-_PIPELINE = ("check", "synth", "train", "evaluate", "register", "run", "report", "export", "serve", "watch",
+_PIPELINE = ("check", "synth", "train", "evaluate", "register", "run", "report", "export", "serve", "watch", "predict",
              "list_models", "list_versions", "show_version", "promote", "rollback")
 __all__ = ["__version__", *_PIPELINE]
 

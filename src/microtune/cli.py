@@ -148,6 +148,56 @@ def export(
             out.print(f"  serve: {read_json(folder / 'vllm.json')['command']}", highlight=False, markup=False, soft_wrap=True)
 
 
+class InputFormat(str, Enum):
+    """`predict --format`: the values of data.format."""
+
+    auto = "auto"
+    jsonl = "jsonl"
+    csv = "csv"
+    openai_chat = "openai_chat"
+    parquet = "parquet"
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="An adapter folder, or a registered model: NAME@champion, NAME@ALIAS, NAME@v3 (a version) "
+                                              "or NAME (its champion, else its newest version).", show_default=False)],
+    input_: Annotated[Path, typer.Option("--input", "-i", help="Rows to answer: JSONL, CSV or Parquet (or a Dataset.save_to_disk folder); "
+                                                             "each row needs only the task's input field (task.text_field).",
+                                         show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Answers: .jsonl, .csv or .parquet (by extension), written whole or "
+                                                                "not at all; an existing file is replaced.", show_default=False)],
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Answer the good rows and write the bad ones to OUTPUT.rejects.jsonl "
+                                                              "(without it a bad row exits 2 and nothing is written).")] = False,
+    id_field: Annotated[str, typer.Option(help="Input field copied to each answer as `id`, when rows have it.")] = "id",
+    input_format: Annotated[InputFormat, typer.Option("--format", help="Input format; auto decides by extension and a `messages` key.")
+                            ] = InputFormat.auto,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per forward batch. \\[default: the recipe's eval.batch_size]")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Answer every row of a file with a micro-model: the label and its probability (classify), the parsed JSON (extract) or the text."""
+    from microtune import pipeline
+
+    with _reporter() as report:
+        result = _guard(lambda: pipeline.predict(model, input_, output, workspace=workspace, skip_bad=skip_bad, id_field=id_field,
+                                                 input_format=input_format.value, batch_size=batch_size, reporter=report))
+    which = f"{model} (version {result.version})" if result.version else str(result.adapter_dir)
+    out.print(f"answered {result.rows} row(s) with {which}: {result.output}", highlight=False, markup=False, soft_wrap=True)
+    if result.rejects is not None:
+        _show_rejects(result.rejects, result.rejected)
+
+
+def _show_rejects(path: Path, count: int, shown: int = 20) -> None:
+    """The skipped rows on stderr, each at its file:line (the first ``shown``; all of them are in the rejects file)."""
+    from microtune.core.jsonl import read_jsonl
+
+    rejects = read_jsonl(path)
+    for reject in rejects[:shown]:
+        err.print(f"[yellow]skipped:[/] {escape(reject['source'])}: {escape('; '.join(reject['problems']))}", highlight=False, soft_wrap=True)
+    more = f" ({count - shown} more not shown)" if count > shown else ""
+    err.print(f"skipped {count} bad row(s){more}: {escape(str(path))}", highlight=False, soft_wrap=True)
+
+
 _SERVE = ServeSettings.model_fields  # the `serve` options' defaults and bounds: defined once, there (the Python API shares them)
 
 

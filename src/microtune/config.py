@@ -72,12 +72,36 @@ class SplitConfig(Section):
     seed: int = Field(13, description="Seed of the stratified split.")
 
 
+class HfSource(Section):
+    """Rows from Hugging Face `datasets`: a folder written by `save_to_disk`, or a dataset on the hub.
+
+    ``{hf: data/reviews-ds, split: train}`` reads a local folder (relative to the recipe); ``{hf: owner/name, split: train,
+    revision: <commit>}`` loads from the hub (online). Check hashes the rows read, so the dataset artifact changes when
+    the rows do, wherever they came from."""
+
+    hf: str = Field(..., min_length=1, description="A `save_to_disk` folder (relative to the recipe) or a hub dataset id `owner/name`.")
+    split: str | None = Field(None, description="The split to read, e.g. `train`: needed for a DatasetDict folder and for a hub id.")
+    revision: str | None = Field(None, min_length=1, description="Hub only: the commit (or tag) to load; pin a commit hash so a run "
+                                                                 "reads the same rows again (`check` warns without one).")
+    subset: str | None = Field(None, min_length=1, description="Hub only: the dataset's configuration (subset) name, when it has several.")
+
+
+def _source_kind(value: Any) -> str:
+    """A data source written as a mapping is a Hugging Face dataset (`{hf: ...}`); anything else is a file path."""
+    return "hf" if isinstance(value, (dict, HfSource)) else "file"
+
+
+DataSource = Annotated[Union[Annotated[Path, Tag("file")], Annotated[HfSource, Tag("hf")]], Discriminator(_source_kind)]  # noqa: UP007
+_SOURCE_TAGS = ("file", "hf")  # pydantic puts these union tags in an error's path (data.train.hf.split): dropped when reported
+
+
 class DataConfig(Section):
-    train: Path = Field(..., description="Training data file (JSONL, CSV or OpenAI chat JSONL), relative to the recipe.")
-    valid: Path | None = Field(None, description="Validation file; omitted: split from `train`.")
-    test: Path | None = Field(None, description="Test file; omitted: split from `train`.")
-    format: Literal["auto", "jsonl", "csv", "openai_chat"] = Field(
-        "auto", description="File format; `auto` decides by extension and by a `messages` key."
+    train: DataSource = Field(..., description="Training data: a JSONL, CSV or Parquet file (or OpenAI chat JSONL), relative to the "
+                                               "recipe, or a Hugging Face dataset `{hf: folder-or-owner/name, split: train}`.")
+    valid: DataSource | None = Field(None, description="Validation data (a file or `{hf: ..., split: ...}`); omitted: split from `train`.")
+    test: DataSource | None = Field(None, description="Test data (a file or `{hf: ..., split: ...}`); omitted: split from `train`.")
+    format: Literal["auto", "jsonl", "csv", "openai_chat", "parquet"] = Field(
+        "auto", description="File format; `auto` decides by extension (.csv/.tsv, .parquet) and by a `messages` key (OpenAI chat)."
     )
     split: SplitConfig = Field(default_factory=SplitConfig, description="Split of `train` when valid/test files are absent.")
 
@@ -714,6 +738,8 @@ def _problem(err: dict[str, Any], source: str, lines: dict[tuple, int], raw_meth
     loc = tuple(str(x) for x in err["loc"])
     if len(loc) > 1 and loc[0] == "method" and loc[1] in methods.kinds():  # pydantic puts the union tag in the path
         loc = (loc[0], *loc[2:])
+    if len(loc) > 2 and loc[0] == "data" and loc[2] in _SOURCE_TAGS:  # data.train.hf.split → data.train.split
+        loc = (*loc[:2], *loc[3:])
     loc, task_message = _task_loc(err, loc)
     dotted = ".".join(loc) or "<top>"
     line = lines.get(loc) or lines.get(loc[:-1])
@@ -772,6 +798,8 @@ def _fields_at(loc: tuple[str, ...], raw_method: Any = None) -> list[str]:
         ann = getattr(field, "annotation", None)
         if part == "method":
             ann = methods.configs().get(str(_method_kind(raw_method)), LoraConfig)
+        if model is DataConfig and part in ("train", "valid", "test"):
+            ann = HfSource  # a key inside a data source is a key of `{hf: ...}` (a path has none)
         ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # `X | None` → X
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
@@ -805,7 +833,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     data = recipe.data
     for name in ("train", "valid", "test"):
         value = getattr(data, name)
-        if value is not None and not value.is_absolute():
+        if isinstance(value, HfSource):
+            value.hf = _local_hf(value.hf, base)
+        elif value is not None and not value.is_absolute():
             setattr(data, name, (base / value).resolve())
     if recipe.watch.inbox is not None and not recipe.watch.inbox.is_absolute():
         recipe.watch.inbox = (base / recipe.watch.inbox).resolve()
@@ -813,6 +843,18 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     if mix is not None and mix.artifact is not None and not mix.artifact.is_absolute():
         mix.artifact = (base / mix.artifact).resolve()
     return recipe
+
+
+def _local_hf(hf: str, base: Path) -> str:
+    """``hf`` as an absolute folder when it names one: written like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) or an
+    existing folder next to the recipe; otherwise it stays a hub id (``name`` or ``owner/name``)."""
+    path = Path(hf).expanduser()
+    path_like = hf.startswith((".", "/", "~")) or "\\" in hf or hf.count("/") > 1
+    if path.is_absolute():
+        return str(path)
+    if path_like or (base / path).exists():
+        return str((base / path).resolve())
+    return hf
 
 
 def artifact_recipe(path: str | Path) -> Recipe:
@@ -842,6 +884,8 @@ def _without_tags(loc: list[str]) -> list[str]:
     """An error path as a path into the raw recipe: pydantic adds the union tag after `method` and `task`."""
     if len(loc) > 2 and (loc[0], loc[1]) in {("method", k) for k in methods.kinds()} | {("task", t) for t in TASKS}:
         return [loc[0], *loc[2:]]
+    if len(loc) > 2 and loc[0] == "data" and loc[2] in _SOURCE_TAGS:
+        return [*loc[:2], *loc[3:]]
     return loc
 
 

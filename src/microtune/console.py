@@ -44,8 +44,12 @@ def _other(event: Event) -> tuple[str, str]:
     return event.stage, figures
 
 
+def _predict(event: Event) -> tuple[str, str]:
+    return "predicting", "rows"
+
+
 # per stage: what the bar or line is called, and the figures of the moment shown beside the count
-LABELS: dict[str, Callable[[Event], tuple[str, str]]] = {"train": _train, "synth": _synth}
+LABELS: dict[str, Callable[[Event], tuple[str, str]]] = {"train": _train, "synth": _synth, "predict": _predict}
 
 
 def line(event: Event) -> str:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microtune.config import Recipe
+from microtune.config import HfSource, Recipe
 from microtune.core.errors import DataError, ProblemLog
 from microtune.core.hashing import hash_file, hash_value
 from microtune.core.jsonl import read_jsonl, write_jsonl
-from microtune.data.readers import detect_format, read_rows
+from microtune.data.readers import detect_format, hf_where, is_hf_folder, located_rows, readable
 from microtune.tasks import TASKS, TaskSection
 
 SPLITS = ("train", "valid", "test")
@@ -48,8 +48,11 @@ LOOKALIKE_DISTANCE = 0.15  # 1 - difflib ratio, case-insensitive: 0 for case var
 
 def build_dataset(recipe: Recipe) -> DatasetResult:
     log = ProblemLog()
-    files = {s: getattr(recipe.data, s) for s in SPLITS if getattr(recipe.data, s) is not None}
-    raw: dict[str, list[dict[str, Any]]] = {s: _load_split(recipe, path, log) for s, path in files.items()}
+    given = {s: getattr(recipe.data, s) for s in SPLITS if getattr(recipe.data, s) is not None}
+    raw: dict[str, list[dict[str, Any]]] = {}
+    sources: dict[str, dict[str, Any]] = {}
+    for name, source in given.items():
+        raw[name], sources[name] = _load_source(recipe, source, log)
     splits = _split(raw, recipe)
     task_cls = TASKS[recipe.task.type]
     labels: list[str] = []
@@ -61,7 +64,6 @@ def build_dataset(recipe: Recipe) -> DatasetResult:
     _check_overlap(splits, log)
     if log.errors:
         _raise(log)
-    sources = {s: {"path": str(p), "sha256": hash_file(p), "format": detect_format(p, recipe.data.format)} for s, p in files.items()}
     key = hash_value({"sources": {s: v["sha256"] for s, v in sources.items()}, "task": recipe.task.model_dump(mode="json"),
                       "split": recipe.data.split.model_dump(), "format": recipe.data.format})
     return DatasetResult(splits, labels, log, sources, key)
@@ -73,33 +75,36 @@ def _raise(log: ProblemLog) -> None:
                     hint="fix the rows listed above (file:line) and run `microtune check` again")
 
 
-def load_rows(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, Any]]:
-    """Read and normalise one data file with the recipe's field mapping; bad rows go to ``log`` as file:line."""
-    return _load_split(recipe, path, log)
+def load_rows(recipe: Recipe, path: Path | HfSource, log: ProblemLog) -> list[dict[str, Any]]:
+    """Read and normalise one data source with the recipe's field mapping; bad rows go to ``log`` at file:line (or row N)."""
+    return _load_source(recipe, path, log)[0]
 
 
-def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, Any]]:
-    if path.is_dir():
-        log.error(str(path), "is a folder, not a data file: name a .jsonl or .csv file inside it", None)
-        return []
-    if not path.is_file():
-        log.error(str(path), "data file not found", None)
-        return []
-    if path.stat().st_size == 0:
-        log.error(f"{path}:1", "data file is empty", None)
-        return []
-    task_cls = TASKS[recipe.task.type]
-    chat_cfg = _chat_fields(recipe.task)
-    rows = []
-    for line, row in read_rows(path, recipe.data.format, log):
+def _load_source(recipe: Recipe, source: Path | HfSource, log: ProblemLog) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The normalised rows of one source and its manifest record (what it was, its format, the sha256 of its content).
+
+    A file is hashed byte for byte; a Hugging Face dataset by the rows read (a hub revision or a folder's Arrow files
+    may change without its name changing: the rows are what the artifact is made of)."""
+    if not readable(source, log):
+        return [], {}
+    fmt, task_cls, chat_cfg = recipe.data.format, TASKS[recipe.task.type], _chat_fields(recipe.task)
+    table = isinstance(source, HfSource) or is_hf_folder(source)
+    rows, read = [], []
+    for where, row in located_rows(source, fmt, log):
+        if table:
+            read.append(row)
         example, problems = task_cls.normalize(row, chat_cfg if row.get("_chat") else recipe.task)
         for reason, got in problems:
-            log.error(f"{path}:{line}", reason, got)
+            log.error(where, reason, got)
         if example is not None:
-            rows.append({**example, "source": f"{path}:{line}"})
+            rows.append({**example, "source": where})
+    name = hf_where(source) if isinstance(source, HfSource) else str(source)
     if not rows and not log.errors:
-        log.error(str(path), "no rows in file", None)
-    return rows
+        log.error(name, "no rows in file" if not table else "no rows in dataset", None)
+    if not table:
+        return rows, {"path": str(source), "sha256": hash_file(source), "format": detect_format(source, fmt)}
+    spec = source if isinstance(source, HfSource) else HfSource(hf=str(source))
+    return rows, {**spec.model_dump(exclude_none=True), "sha256": hash_value(read), "format": "hf", "rows": len(read)}
 
 
 def _chat_fields(task: TaskSection) -> TaskSection:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from microtune.tasks import ClassifyConfig, Task, get_task
 from microtune.tasks.render import Renderer
 
 MICRO = "micro"
+PREDICT_CHUNK_BATCHES = 8  # predict_examples decodes this many batches between progress events
 STAGE = "eval"  # the stage named in this module's events
 # baselines that need no language model: name → fit(task, train rows) → an object whose predict(rows) gives (answer, prob)
 MODEL_FREE = {classical.NAME: classical.fit, lead.NAME: lead.fit}
@@ -170,10 +172,54 @@ def score_examples(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, example
     renderer = Renderer(load_tokenizer(ref))
     model = load_trained(ref, adapter_dir)
     ids = [renderer.encode(task.messages(e), task.target(e), recipe.train.max_seq_len)[0] for e in examples]
-    preds = _predictor(task, model, renderer, recipe.eval.batch_size, use_bf16(recipe.train.bf16)).predict(ids)
-    if task.decoder().kind != "labels":
-        preds = [(task.parse(raw), None) for raw, _ in preds]
-    return task.metrics([task.gold(e) for e in examples], [p for p, _ in preds])
+    answers = _micro_answers(task, _predictor(task, model, renderer, recipe.eval.batch_size, use_bf16(recipe.train.bf16)), ids)
+    return task.metrics([task.gold(e) for e in examples], [a.answer for a in answers])
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One micro-model answer: what the task's metrics compare (``answer``), the label probability the trie decoder gives
+    (classify; ``None`` for generated answers) and the generated text (extract/generate; ``None`` for a picked label)."""
+
+    answer: Any
+    prob: float | None
+    raw: str | None
+
+
+def predict_examples(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, examples: list[dict[str, Any]],
+                     batch_size: int | None = None, reporter: Reporter | None = None) -> list[tuple[Answer, bool]]:
+    """The micro-model's answers to input-only examples (no gold answer): ``microtune predict``.
+
+    The prompt and decoder are eval's micro system's: the trained instruction + the text, cut to ``train.max_seq_len``
+    as eval cuts it — leaving room for the longest label (classify) or only the end-of-turn marker (generated answers),
+    since no gold answer is there to size the room by. Each answer comes with whether its text was cut. Progress:
+    ``start``, ``progress`` per chunk of rows, ``done`` events of stage ``predict``."""
+    from microtune.core.artifacts import read_manifest
+
+    emit = emitter(reporter, "predict")
+    task = get_task(recipe.task, read_manifest(adapter_dir, "adapter")["labels"])
+    renderer = Renderer(load_tokenizer(ref))
+    room = max(task.candidates() or [""], key=lambda c: len(renderer.completion_ids(c)))
+    prompts = [renderer.encode(task.messages(e), room, recipe.train.max_seq_len)[0] for e in examples]
+    cut = [len(p) < len(renderer.prompt_ids(task.messages(e))) for p, e in zip(prompts, examples)]
+    emit("message", text=f"loading the micro-model {adapter_dir} …")
+    size = batch_size or recipe.eval.batch_size
+    predictor = _predictor(task, load_trained(ref, adapter_dir), renderer, size, use_bf16(recipe.train.bf16))
+    chunk, answers = size * PREDICT_CHUNK_BATCHES, []
+    emit("start", 0, len(prompts))
+    for start in range(0, len(prompts), chunk):
+        answers += _micro_answers(task, predictor, prompts[start:start + chunk])
+        emit("progress", len(answers), len(prompts))
+    emit("done", len(answers), len(prompts))
+    return list(zip(answers, cut))
+
+
+def _micro_answers(task: Task, predictor: Any, prompts: list[list[int]]) -> list[Answer]:
+    """The decoder's output as answers: a picked label with its probability, or generated text parsed by the task."""
+    preds = predictor.predict(prompts)
+    if task.decoder().kind == "labels":
+        return [Answer(label, prob, None) for label, prob in preds]
+    return [Answer(task.parse(raw), None, raw) for raw, _ in preds]
 
 
 def _predictor(task: Task, model: Any, renderer: Renderer, batch_size: int, bf16: bool) -> Any:

@@ -12,6 +12,7 @@ knows where to go. A version whose adapter files are gone is never made champion
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from urllib.parse import unquote, urlparse
 
 from microtune.core.crashpoints import reach
 from microtune.core.errors import InputError
+from microtune.core.names import is_valid_name
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -91,6 +93,39 @@ def get_version(client: Any, name: str, version: str) -> Version:
 
 def by_alias(client: Any, name: str, alias: str) -> Version | None:
     return next((v for v in list_versions(client, name) if alias in v.aliases), None)
+
+
+_REFERENCE = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[0-9]{1,9}))?$")
+_VERSION_ALIAS = re.compile(r"^[vV](?P<version>[0-9]{1,9})$")  # MLflow reserves aliases of this form for version numbers
+
+
+def parse_reference(text: str) -> tuple[str, str | None, str | None] | None:
+    """``(name, alias, version)`` of ``name``, ``name@alias``, ``name@v3`` or ``name/3`` (as `microtune serve` names
+    models); ``None`` when ``text`` is none of them or the name breaks the one naming rule (``core.names``)."""
+    found = _REFERENCE.match(text)
+    if found is None or not is_valid_name(found["name"]):
+        return None
+    alias, version = found["alias"], found["version"]
+    numbered = _VERSION_ALIAS.match(alias or "")
+    return (found["name"], None, numbered["version"]) if numbered else (found["name"], alias, version)
+
+
+def resolve_reference(client: Any, name: str, alias: str | None = None, version: str | None = None) -> Version:
+    """The version a reference names: that version, the alias's version, or (name alone) the champion, else the newest
+    version — the rule `microtune serve` answers a bare name by."""
+    if version is not None:
+        return get_version(client, name, version)
+    versions = list_versions(client, name)  # newest first; an unknown name is an error listing the known ones
+    if not versions:
+        raise RegistryError(f"model {name!r} has no versions", hint="register one: `microtune run RECIPE`")
+    if alias is None:
+        return by_alias(client, name, CHAMPION) or versions[0]
+    found = by_alias(client, name, alias)
+    if found is None:
+        known = sorted({a for v in versions for a in v.aliases})
+        raise RegistryError(f"model {name!r} has no alias {alias!r}",
+                            hint=f"aliases: {', '.join(known) or 'none'}; or name a version, e.g. {name}@v{versions[0].version}")
+    return found
 
 
 def promote(client: Any, name: str, version: str, reason: str) -> Version:

@@ -217,6 +217,18 @@ class TaskBase(Task):
         self.cfg = cfg
         self.labels = list(labels)
 
+    @staticmethod
+    def normalize_input(row: dict[str, Any], cfg: Any) -> tuple[Row | None, RowProblems]:
+        """The input part of a row — what ``messages`` reads — for prediction, where rows carry no answer
+        (`microtune predict`); a type whose prompt reads more than ``text_field`` overrides it."""
+        return normalize_input(row, cfg)
+
+
+def normalize_input(row: dict[str, Any], cfg: Any) -> tuple[Row | None, RowProblems]:
+    """The input text of a row under ``cfg.text_field`` as ``{"text": ...}``, or ``None`` and its problems (``check_text``'s)."""
+    text, problems = check_text(row, cfg.text_field)
+    return (None, problems) if problems else ({"text": text}, [])
+
 
 def baselines_of(task: type[Task]) -> tuple[str, ...]:
     """The baselines a task type declares; a plugin that satisfies the protocol by shape and says nothing has the prompted ones."""
