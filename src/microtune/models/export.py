@@ -130,12 +130,11 @@ def gguf_export(adapter_dir: str | Path, out: str | Path, gguf_type: str = "f16"
     ref, trust_remote_code = _base_ref(adapter_dir, manifest)
     check_architecture(AutoConfig.from_pretrained(str(adapter_dir) if full else ref.path, trust_remote_code=trust_remote_code))
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    vocab = _vocab_gguf(adapter_dir)
-    tokenizer_fields(vocab, tokenizer)  # refuses a vocabulary the GGUF cannot be given, before the merge
+    vocab = tokenizer_fields(_vocab_gguf(adapter_dir), tokenizer)  # refuses a vocabulary the GGUF cannot be given, before the merge
     text = _modelfile_text(adapter_dir, manifest, tokenizer, out.name)
     model = load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), ""), trust_remote_code) if full \
         else _merged_model(adapter_dir, manifest)
-    written = write_gguf(model.eval(), tokenizer, out, gguf_type, tokenizer_gguf=vocab,
+    written = write_gguf(model.eval(), tokenizer, out, gguf_type, tokenizer_metadata=vocab,
                          metadata=_gguf_lineage(adapter_dir, manifest, gguf_type), name=manifest.get("recipe"))
     write_text(out.with_name(MODELFILE), text)
     return written

@@ -1,7 +1,8 @@
 """Write a merged Llama-architecture model as one GGUF file: what llama.cpp, Ollama and LM Studio load.
 
     from microtune.models.gguf_file import write_gguf
-    write_gguf(model, tokenizer, "out/toy.gguf", "q8_0", tokenizer_gguf=base_gguf, metadata={...})
+    fields = tokenizer_fields(base_gguf, tokenizer)    # the base's vocabulary, checked against the tokenizer
+    write_gguf(model, tokenizer, "out/toy.gguf", "q8_0", tokenizer_metadata=fields, metadata={...})
 
 Why these pieces:
 
@@ -12,6 +13,8 @@ Why these pieces:
   from a GGUF of the same vocabulary — the base's own GGUF (the bundled SmolLM2 ships as one). llama.cpp
   picks its pre-tokenizer by a name its converter derives from a hash of the tokenizer's output; copying it
   from a file that llama.cpp already reads is exact, guessing it is not, so another vocabulary is refused.
+  Parsing a 49k-token vocabulary with gguf's reader takes seconds, so it is cached as JSON (``gguf-vocab/``
+  under the microtune cache, keyed by the GGUF's hash).
 - The chat template is the adapter's (what training rendered prompts with), not the base GGUF's.
 - Types: f32, f16, bf16 and q8_0 are what the installed ``gguf`` package can write. It reads Q4_K but has no
   k-quant packer (that is C code in llama.cpp), so ``q4_k`` is refused with the llama-quantize command.
@@ -24,8 +27,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from microtune.core.atomic import atomic_path
+from microtune.core.atomic import atomic_path, read_json, write_json
 from microtune.core.errors import InputError, ModelError
+from microtune.core.hashing import hash_file
+from microtune.core.workspace import cache_dir
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what the gguf package writes; the first is the default
 NOT_WRITABLE = {  # types users ask for that the gguf package can read but not write
@@ -87,12 +92,10 @@ def _rope_theta(config: Any) -> float:
     return float(params.get("rope_theta") or getattr(config, "rope_theta", 10000.0))
 
 
-def tokenizer_fields(source: Path, tokenizer: Any) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` fields of ``source`` — after checking its tokens (and BPE merges) are the tokenizer's."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(source)
-    fields = {key: field for key, field in reader.fields.items() if key.startswith(_TOKENIZER_PREFIX)}
+def tokenizer_fields(source: Path, tokenizer: Any) -> dict[str, tuple[str, str | None, Any]]:
+    """The ``tokenizer.ggml.*`` fields of ``source`` as ``{key: (type, array item type, value)}`` — after checking its
+    tokens (and BPE merges) are the tokenizer's, id for id."""
+    fields = _vocab_fields(source)
     ours = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     _same(source, "tokens", _contents(fields, "tokens"), ours)
     merges = _hf_merges(tokenizer)
@@ -101,9 +104,27 @@ def tokenizer_fields(source: Path, tokenizer: Any) -> dict[str, Any]:
     return fields
 
 
-def _contents(fields: Mapping[str, Any], name: str) -> list[Any]:
-    field = fields.get(_TOKENIZER_PREFIX + name)
-    return list(field.contents()) if field is not None else []
+def _vocab_fields(source: Path) -> dict[str, tuple[str, str | None, Any]]:
+    """Read from the GGUF once, then from a JSON copy in the cache: gguf's reader parses a 49k-token vocabulary
+    string by string (seconds to tens of seconds on a busy CPU), JSON loads it in a fraction of a second."""
+    from gguf import GGUFReader
+
+    cached = cache_dir() / "gguf-vocab" / f"{source.stem}-{hash_file(source)[:12]}.json"
+    if cached.is_file():
+        return {key: (kind, item, value) for key, kind, item, value in read_json(cached)}
+    fields = {}
+    for key, field in GGUFReader(source).fields.items():
+        if key.startswith(_TOKENIZER_PREFIX):
+            item = field.types[-1].name if field.types[0].name == "ARRAY" else None
+            value = field.contents()
+            fields[key] = (field.types[0].name, item, list(value) if item else value)
+    write_json(cached, [[key, *entry] for key, entry in fields.items()], ensure_ascii=False)
+    return fields
+
+
+def _contents(fields: Mapping[str, tuple[str, str | None, Any]], name: str) -> list[Any]:
+    entry = fields.get(_TOKENIZER_PREFIX + name)
+    return list(entry[2]) if entry is not None else []
 
 
 def _hf_merges(tokenizer: Any) -> list[str] | None:
@@ -127,21 +148,26 @@ def _same(source: Path, what: str, theirs: list[Any], ours: list[Any]) -> None:
                           "smollm2-135m-instruct); for another base use --merge OUT and llama.cpp's convert_hf_to_gguf.py")
 
 
-def write_gguf(model: Any, tokenizer: Any, out: str | Path, gguf_type: str, *, tokenizer_gguf: Path,
+def write_gguf(model: Any, tokenizer: Any, out: str | Path, gguf_type: str, *, tokenizer_metadata: Mapping[str, Any],
                metadata: Mapping[str, Any] | None = None, name: str | None = None) -> Path:
-    """Write ``model`` (a merged transformers Llama) as ``out``: whole or absent (built beside it, then renamed)."""
+    """Write ``model`` (a merged transformers Llama) as ``out``: whole or absent (built beside it, then renamed).
+
+    ``tokenizer_metadata``: what ``tokenizer_fields`` returned (read once: the base GGUF's vocabulary takes seconds to parse)."""
     from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
     gguf_type = check_gguf_type(gguf_type)
     config = model.config
     check_architecture(config)
-    fields = tokenizer_fields(tokenizer_gguf, tokenizer)
+    tokens = len(_contents(tokenizer_metadata, "tokens"))
+    if tokens != config.vocab_size:  # llama.cpp sizes the embedding by the token list: a mismatch does not load
+        raise ModelError(f"the model has {config.vocab_size} embedding rows but the vocabulary {tokens} tokens",
+                         hint="use --merge OUT and llama.cpp's convert_hf_to_gguf.py, which pads the vocabulary")
     out = Path(out)
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA])
     if name:
         writer.add_name(name)
     _add_model_keys(writer, config, gguf_type)
-    _add_tokenizer_keys(writer, fields, tokenizer)
+    _add_tokenizer_keys(writer, tokenizer_metadata, tokenizer)
     for key, value in (metadata or {}).items():
         _add_value(writer, key, value)
     for name, data, raw in _tensors(model, gguf_type):
@@ -182,12 +208,10 @@ def _add_model_keys(writer: Any, config: Any, gguf_type: str) -> None:
 
 
 def _add_tokenizer_keys(writer: Any, fields: Mapping[str, Any], tokenizer: Any) -> None:
-    for key, field in fields.items():
-        value = field.contents()
-        if field.types[0].name == "ARRAY":
-            writer.add_key_value(key, value, field.types[0], sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, value, field.types[0])
+    from gguf import GGUFValueType
+
+    for key, (kind, item, value) in fields.items():
+        writer.add_key_value(key, value, GGUFValueType[kind], sub_type=GGUFValueType[item] if item else None)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
