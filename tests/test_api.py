@@ -54,7 +54,7 @@ def test_each_public_function_runs_and_answers_bad_input_with_its_fix(tmp_path: 
         microtune.register(missing, tmp_path, tmp_path)
     with pytest.raises(ArtifactError):
         microtune.report(tmp_path)
-    with pytest.raises(InputError, match="--merge OUT and/or --vllm OUT"):
+    with pytest.raises(InputError, match="--merge OUT, --vllm OUT and/or --gguf OUT.gguf"):
         microtune.export(tmp_path)
     with pytest.raises(InputError, match="bad serve settings") as bad:
         microtune.serve(port=70000, api_keys=["secret-key"])

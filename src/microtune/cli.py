@@ -132,20 +132,34 @@ def export(
         "--merge", metavar="OUT", help="Write the base model with the adapter merged in (plain transformers).")] = None,
     vllm: Annotated[Path | None, typer.Option(
         "--vllm", metavar="OUT", help="Write a vLLM LoRA bundle: the adapter, vllm.json and serve.sh.")] = None,
+    gguf: Annotated[Path | None, typer.Option(
+        "--gguf", metavar="OUT.gguf", help="Write the merged model as one GGUF file (llama.cpp, Ollama, LM Studio) and an Ollama "
+        "Modelfile beside it (chat template, stop tokens, the task instruction as SYSTEM). Llama-architecture bases "
+        "(SmolLM2); lora, qlora, dora, ia3 and full runs (prompt/prefix tuning have no weights to merge).")] = None,
+    gguf_type: Annotated[str | None, typer.Option(
+        "--gguf-type", metavar="TYPE", help="GGUF weights: f16, bf16, q8_0 (about half of f16) or f32. q4_k is not offered: the "
+        "gguf package cannot write k-quants; run llama.cpp's llama-quantize on the f16 file. \\[default: f16]")] = None,
     name: Annotated[str | None, typer.Option(help="vLLM LoRA module name. \\[default: the recipe name]")] = None,
     dtype: Annotated[str | None, typer.Option(help="Merged weights: float32, bfloat16 or float16. \\[default: float32]")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT when it exists and is not empty.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace OUT when it exists and is not empty (for --gguf: the file and its Modelfile).")] = False,
 ) -> None:
-    """Merge an adapter into its base model (--merge) and/or bundle it for vLLM serving (--vllm)."""
+    """Merge an adapter into its base model (--merge), bundle it for vLLM serving (--vllm) and/or write a GGUF with an Ollama Modelfile (--gguf)."""
     from microtune import pipeline
     from microtune.core.artifacts import read_json
 
-    written = _guard(lambda: pipeline.export(adapter, merge, vllm, dtype=dtype, name=name, force=force))
-    for kind, folder in written.items():
-        files = ", ".join(sorted(p.name for p in folder.iterdir()))
-        out.print(f"{'merged model' if kind == 'merge' else 'vLLM bundle'}: {folder}\n  {files}", highlight=False, markup=False)
+    written = _guard(lambda: pipeline.export(adapter, merge, vllm, dtype=dtype, name=name, force=force, gguf=gguf, gguf_type=gguf_type))
+    for kind, path in written.items():
+        if kind == "modelfile":
+            out.print(f"Ollama Modelfile: {path}\n  load: ollama create NAME -f {path}", highlight=False, markup=False, soft_wrap=True)
+            continue
+        if kind == "gguf":
+            out.print(f"GGUF: {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False, markup=False, soft_wrap=True)
+            continue
+        files = ", ".join(sorted(p.name for p in path.iterdir()))
+        out.print(f"{'merged model' if kind == 'merge' else 'vLLM bundle'}: {path}\n  {files}", highlight=False, markup=False)
         if kind == "vllm":
-            out.print(f"  serve: {read_json(folder / 'vllm.json')['command']}", highlight=False, markup=False, soft_wrap=True)
+            out.print(f"  serve: {read_json(path / 'vllm.json')['command']}", highlight=False, markup=False, soft_wrap=True)
 
 
 class InputFormat(str, Enum):

@@ -91,7 +91,7 @@ def test_merge_casts_to_the_dtype_asked_for(tmp_path: Path, adapter: Path) -> No
 def test_cli_needs_merge_or_vllm(tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", str(tmp_path)])
     assert result.exit_code == 2
-    assert "export needs --merge OUT and/or --vllm OUT" in result.output
+    assert "export needs --merge OUT, --vllm OUT and/or --gguf OUT.gguf" in result.output
 
 
 def test_cli_refuses_a_folder_that_is_not_an_adapter(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
     write_json(folder / "metrics.json", metrics)
     write_text(folder / "report.html", page); write_bytes(folder / "plot.png", png)
     with atomic_file(path) as f: ...          # stream a large file (JSONL) through the same mechanism
+    with atomic_path(path) as tmp: ...         # a library that opens the file by name itself (gguf's writer)
     with atomic_dir(dest) as tmp: ...          # a whole folder (artifacts, converted models)
 
 Why: a run killed mid-write (kill -9, a full disk, a power cut) must leave the old content or the new,
@@ -45,6 +46,30 @@ def atomic_file(path: str | Path, mode: str = "w", *, encoding: str = "utf-8") -
             yield f
             f.flush()
             os.fsync(f.fileno())
+        reach("atomic.file_before_rename")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp file name beside ``path`` for a writer that opens the file by name itself (gguf's writer); when the
+    block succeeds the file (closed by then) is fsynced and replaces ``path``, on an error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_dead_writers(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         reach("atomic.file_before_rename")
         os.replace(tmp, path)
     except BaseException:

@@ -1,7 +1,8 @@
-"""Export an adapter artifact: merge it into its base model, or bundle it for vLLM.
+"""Export an adapter artifact: merge it into its base model, bundle it for vLLM, or write a GGUF for llama.cpp/Ollama.
 
     microtune export .microtune/toy/adapters/RUN --merge out/toy-merged   # one plain transformers model
     microtune export .microtune/toy/adapters/RUN --vllm out/toy-vllm      # adapter + `vllm serve` command
+    microtune export .microtune/toy/adapters/RUN --gguf out/toy.gguf      # merged GGUF + Ollama Modelfile beside it
 
     from microtune.models.export import merge_adapter, vllm_bundle
     merge_adapter(adapter_dir, "out/toy-merged", dtype="bfloat16")
@@ -10,7 +11,9 @@
 ``dtype``); the result loads with ``AutoModelForCausalLM.from_pretrained`` and runs anywhere a
 transformers model runs. ``vllm_bundle`` keeps the adapter separate: vLLM loads the base once and
 serves many LoRA adapters on it (``--enable-lora --lora-modules name=path``). Both outputs are
-artifacts (``manifest.json`` carrying the adapter's lineage), written atomically.
+artifacts (``manifest.json`` carrying the adapter's lineage), written atomically. ``gguf_export`` merges the
+same way and writes one GGUF file (``models.gguf_file``; the lineage in ``microtune.*`` keys) and an Ollama
+``Modelfile`` next to it (``models.ollama``), each written whole or not at all.
 """
 from __future__ import annotations
 
@@ -20,11 +23,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from microtune.config import ModelConfig
+import microtune.methods as methods
+from microtune.config import ModelConfig, artifact_recipe
 from microtune.core.artifacts import read_json, read_manifest, write_artifact, write_json
-from microtune.core.errors import ArtifactError, InputError
+from microtune.core.atomic import write_text
+from microtune.core.errors import ArtifactError, InputError, ModelError
 from microtune.core.names import NAME_RULE, is_valid_name
-from microtune.models.resolve import BaseModelRef, load_model, resolve_base
+from microtune.models.gguf_file import GGUF_TYPES, check_architecture, check_gguf_type, tokenizer_fields, write_gguf
+from microtune.models.ollama import modelfile
+from microtune.models.resolve import BaseModelRef, base_gguf, bundled_gguf, load_model, resolve_base
+from microtune.tasks import get_task
 
 DTYPES = ("float32", "bfloat16", "float16")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's `--max-lora-rank` accepts only these
@@ -35,25 +43,35 @@ log = logging.getLogger(__name__)
 
 
 def export_adapter(adapter_dir: str | Path, merge: str | Path | None = None, vllm: str | Path | None = None, *,
-                   dtype: str | None = None, name: str | None = None, force: bool = False) -> dict[str, Path]:
-    """Write the exports asked for; options and output folders are checked before anything is written or merged."""
-    if merge is None and vllm is None:
-        raise InputError("export needs --merge OUT and/or --vllm OUT",
-                         hint="--merge writes one plain model; --vllm writes the adapter with its `vllm serve` command")
+                   dtype: str | None = None, name: str | None = None, force: bool = False,
+                   gguf: str | Path | None = None, gguf_type: str | None = None) -> dict[str, Path]:
+    """Write the exports asked for; options and outputs are checked before anything is written or merged."""
+    if merge is None and vllm is None and gguf is None:
+        raise InputError("export needs --merge OUT, --vllm OUT and/or --gguf OUT.gguf",
+                         hint="--merge writes one plain model; --vllm writes the adapter with its `vllm serve` command; "
+                              "--gguf writes one GGUF file (llama.cpp, Ollama) with an Ollama Modelfile")
     if merge is not None and vllm is not None and Path(merge).resolve() == Path(vllm).resolve():
         raise InputError(f"--merge and --vllm both point at {merge}", hint="give each export its own folder")
     _unused(dtype is not None and merge is None, "--dtype sets the merged model's dtype", "--merge OUT")
     _unused(name is not None and vllm is None, "--name names the vLLM LoRA module", "--vllm OUT")
+    _unused(gguf_type is not None and gguf is None, "--gguf-type sets the GGUF file's weight type", "--gguf OUT.gguf")
     adapter_dir = Path(adapter_dir)
-    read_manifest(adapter_dir, "adapter")
+    manifest = read_manifest(adapter_dir, "adapter")
     if merge is not None:
         _torch_dtype(dtype or "float32")
         check_out(adapter_dir, Path(merge), force, "--merge")
+    if gguf is not None:
+        check_gguf_type(gguf_type or GGUF_TYPES[0])
+        check_gguf_method(adapter_dir, manifest)
+        check_gguf_out(adapter_dir, Path(gguf), force, [Path(p) for p in (merge, vllm) if p is not None])
     written: dict[str, Path] = {}
     if vllm is not None:
         written["vllm"] = vllm_bundle(adapter_dir, vllm, name, force=force)
     if merge is not None:
         written["merge"] = merge_adapter(adapter_dir, merge, dtype or "float32", force=force)
+    if gguf is not None:
+        written["gguf"] = gguf_export(adapter_dir, gguf, gguf_type or GGUF_TYPES[0], force=force)
+        written["modelfile"] = written["gguf"].with_name(MODELFILE)
     return written
 
 
@@ -92,6 +110,106 @@ def vllm_bundle(adapter_dir: str | Path, out_dir: str | Path, name: str | None =
         write_json(tmp / "vllm.json", spec)
         _write_script(tmp / "serve.sh", spec, name)
     return out_dir.resolve()
+
+
+MODELFILE = "Modelfile"  # Ollama's conventional name: `ollama create NAME -f Modelfile`
+
+
+def gguf_export(adapter_dir: str | Path, out: str | Path, gguf_type: str = "f16", force: bool = False) -> Path:
+    """Merge the adapter (or take the whole model of a `full` run) and write ``out`` (a .gguf) plus ``Modelfile`` beside it.
+
+    Everything that can refuse — the method, the architecture, the vocabulary, the Modelfile's text — is checked
+    before the merge, so a refusal costs seconds and leaves nothing behind."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    manifest = read_manifest(adapter_dir, "adapter")
+    gguf_type = check_gguf_type(gguf_type)
+    full = check_gguf_method(adapter_dir, manifest)
+    check_gguf_out(adapter_dir, out, force)
+    ref, trust_remote_code = _base_ref(adapter_dir, manifest)
+    check_architecture(AutoConfig.from_pretrained(str(adapter_dir) if full else ref.path, trust_remote_code=trust_remote_code))
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    vocab = tokenizer_fields(_vocab_gguf(adapter_dir), tokenizer)  # refuses a vocabulary the GGUF cannot be given, before the merge
+    text = _modelfile_text(adapter_dir, manifest, tokenizer, out.name)
+    model = load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), ""), trust_remote_code) if full \
+        else _merged_model(adapter_dir, manifest)
+    written = write_gguf(model.eval(), tokenizer, out, gguf_type, tokenizer_metadata=vocab,
+                         metadata=_gguf_lineage(adapter_dir, manifest, gguf_type), name=manifest.get("recipe"))
+    write_text(out.with_name(MODELFILE), text)
+    return written
+
+
+def check_gguf_method(adapter_dir: Path, manifest: dict[str, Any]) -> bool:
+    """Whether the artifact is a whole model (`full`); a method whose adapter does not fold into the weights is refused."""
+    kind = manifest.get("method", "lora")
+    spec = methods.spec(kind)
+    if spec.capabilities.full_model:
+        return True
+    if not spec.capabilities.mergeable:
+        why = spec.reasons.get("mergeable", "its adapter does not fold into the weights")
+        raise InputError(f"{adapter_dir} was trained with {kind}: {why}, and a GGUF holds only the plain architecture's weights",
+                         hint="serve this adapter with `microtune serve` (it runs the virtual tokens), or train with "
+                              f"{', '.join(k for k in methods.kinds() if methods.has(k, 'mergeable') or methods.has(k, 'full_model'))} "
+                              "and export that")
+    return False
+
+
+def check_gguf_out(adapter_dir: Path, out: Path, force: bool, others: list[Path] | None = None) -> None:
+    """``out`` is a .gguf file path outside the adapter; neither it nor the Modelfile beside it is replaced without force."""
+    if out.suffix != ".gguf":
+        raise InputError(f"--gguf {out}: the file name must end in .gguf", hint=f"e.g. --gguf {out.with_suffix('.gguf')}")
+    target, src = out.resolve(), adapter_dir.resolve()
+    if src == target.parent or src in target.parents:
+        raise InputError(f"--gguf {out} is inside the adapter folder", hint="write it outside the adapter (the artifact stays as trained)")
+    if any(target == o.resolve() or o.resolve() in target.parents for o in others or []):
+        raise InputError(f"--gguf {out} is inside another export's folder", hint="give the GGUF its own path")
+    if target.is_dir():
+        raise InputError(f"--gguf {out} is a folder", hint="give a file path ending in .gguf")
+    for path in (target, target.with_name(MODELFILE)):
+        if path.exists() and not force:
+            raise InputError(f"{path} already exists", hint="choose another path, or pass --force (force=True) to replace it")
+
+
+def _vocab_gguf(adapter_dir: Path) -> Path:
+    """The GGUF whose tokenizer metadata the export copies: the base's own, else the bundled SmolLM2 (checked id for id)."""
+    cfg = ModelConfig(**read_json(adapter_dir / "recipe.json")["model"])
+    found = base_gguf(cfg) or bundled_gguf()
+    if found is None:
+        raise ModelError(f"GGUF export copies the tokenizer metadata from the base model's GGUF, and {cfg.base!r} is not one",
+                         hint="train on a .gguf base (model.base: FILE.gguf or smollm2-135m-instruct), or use --merge OUT and "
+                              "llama.cpp's convert_hf_to_gguf.py")
+    return found
+
+
+def _modelfile_text(adapter_dir: Path, manifest: dict[str, Any], tokenizer: Any, gguf_name: str) -> str:
+    from microtune.tasks.render import Renderer
+
+    recipe = artifact_recipe(adapter_dir / "recipe.json")
+    labels = manifest.get("labels") or []
+    task = get_task(recipe.task, labels)
+    renderer = Renderer(tokenizer)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in (renderer.stop_id, tokenizer.eos_token_id) if i is not None]
+    title = f"microtune micro-model {manifest.get('recipe')!r}: {recipe.task.type}, {manifest.get('method', 'lora')} on {recipe.model.base}"
+    return modelfile(gguf_name, tokenizer, stops=stops, system=_system_message(task, recipe), title=title,
+                     labels=labels if task.has_labels else None)
+
+
+def _system_message(task: Any, recipe: Any) -> str | None:
+    """The system message training put before every example (the task's instruction), read through the task itself."""
+    try:
+        first = task.messages({"text": ""})[0]
+    except (KeyError, TypeError, ValueError, IndexError):  # a task whose rows need more than a text
+        return getattr(recipe.task, "instruction", None) or None
+    return first["content"] if first.get("role") == "system" else None
+
+
+def _gguf_lineage(adapter_dir: Path, manifest: dict[str, Any], gguf_type: str) -> dict[str, Any]:
+    lineage = manifest.get("lineage", {})
+    return {"microtune.recipe": manifest.get("recipe"), "microtune.method": manifest.get("method"),
+            "microtune.labels": manifest.get("labels"), "microtune.source_adapter": str(adapter_dir.resolve()),
+            "microtune.base_model": lineage.get("base_model"), "microtune.base_model_hash": lineage.get("base_model_hash"),
+            "microtune.dataset_hash": lineage.get("dataset_hash"), "microtune.gguf_type": gguf_type}
 
 
 def vllm_spec(base: str, name: str, path: Path, r: int) -> dict[str, Any]:

@@ -71,6 +71,23 @@ def resolve_base(cfg: ModelConfig) -> BaseModelRef:
     )
 
 
+def base_gguf(cfg: ModelConfig) -> Path | None:
+    """The GGUF file ``model.base`` comes from (the bundled alias or a .gguf path), or None for a folder or hub id."""
+    if cfg.base in BUNDLED:
+        return _bundled_gguf(cfg.base)
+    path = Path(cfg.base).expanduser()
+    return path.resolve() if path.suffix == ".gguf" and path.is_file() else None
+
+
+def bundled_gguf() -> Path | None:
+    """The bundled SmolLM2 GGUF when its package is installed (the GGUF exporter copies a matching vocabulary from it)."""
+    try:
+        found = _bundled_gguf(next(iter(BUNDLED)))
+    except ModelError:
+        return None
+    return found if found.is_file() else None
+
+
 def quiet_libraries() -> None:
     """Keep the console for microtune's own report: no per-tensor progress bars or library chatter."""
     import warnings
