@@ -285,8 +285,8 @@ class LabelPredictor:
             logits = self.model(input_ids=cont_ids.to(dev), attention_mask=torch.cat([kv_mask, cont_mask], dim=1).to(dev),
                                 position_ids=cont_pos.to(dev), use_cache=True, **{self.cache_kw: kv},
                                 **_adapters(None if names is None else [names[r] for r in rows])).logits
-            for j, k in enumerate(chunk):
-                totals[k] += _sequence_logprob(logits[j], 0, pairs[k][2][1:])
+            for k, value in zip(chunk, _sequence_logprobs(logits, [0] * len(chunk), [pairs[k][2][1:] for k in chunk])):
+                totals[k] += value
         return _ranked(pairs, totals, len(tries))
 
     def _loglik_uncached(self, seqs: list[list[int]], tries: list[dict[int, Any]],
@@ -301,9 +301,9 @@ class LabelPredictor:
             logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                                 **_adapters(None if names is None else [names[pairs[k][0]] for k in chunk])).logits
             offset = logits.shape[1] - ids.shape[1]  # prompt tuning prepends its virtual tokens to the output
-            for j, k in enumerate(chunk):
-                row, _, tokens = pairs[k]
-                totals[k] = _sequence_logprob(logits[j], offset + len(seqs[row]) - 1, tokens)
+            starts = [offset + len(seqs[pairs[k][0]]) - 1 for k in chunk]
+            for k, value in zip(chunk, _sequence_logprobs(logits, starts, [pairs[k][2] for k in chunk])):
+                totals[k] = value
         return _ranked(pairs, totals, len(tries))
 
     def _chunks(self, lengths: list[int], context: int) -> list[list[int]]:
@@ -393,15 +393,21 @@ def _pairs(tries: Sequence[dict[int, Any]]) -> list[tuple[int, str, list[int]]]:
     return out
 
 
-def _sequence_logprob(logits: Any, first: int, tokens: list[int]) -> float:
-    """Sum of the plain (not renormalised) log-probabilities of ``tokens``; ``logits[first + j]`` predicts token j."""
+def _sequence_logprobs(logits: Any, starts: list[int], tokens: list[list[int]]) -> list[float]:
+    """Per sequence j of a batch, the sum of the plain (not renormalised) log-probabilities of ``tokens[j]``, where
+    ``logits[j, starts[j] + i]`` predicts ``tokens[j][i]``: one gather and one log-sum-exp over the positions read."""
     import torch
 
-    if not tokens:
-        return 0.0
-    rows = logits[first:first + len(tokens)].float()
-    chosen = rows.gather(-1, torch.tensor(tokens, device=rows.device)[:, None]).squeeze(-1)
-    return float((chosen - torch.logsumexp(rows, dim=-1)).sum())
+    width = max((len(t) for t in tokens), default=0)
+    if width == 0:
+        return [0.0] * len(tokens)
+    dev = logits.device
+    valid = torch.tensor([[i < len(t) for i in range(width)] for t in tokens], device=dev)
+    target = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=dev)
+    pos = (torch.tensor(starts, device=dev)[:, None] + torch.arange(width, device=dev)[None, :]).clamp(max=logits.shape[1] - 1)
+    rows = logits[torch.arange(len(tokens), device=dev)[:, None], pos].float()  # [sequences, width, vocab]
+    chosen = rows.gather(-1, target[..., None]).squeeze(-1)
+    return ((chosen - torch.logsumexp(rows, dim=-1)) * valid).sum(-1).tolist()
 
 
 def _ranked(pairs: list[tuple[int, str, list[int]]], totals: list[float], n_rows: int) -> list[list[tuple[str, float]]]:
