@@ -95,7 +95,12 @@ def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 @app.command("eval")
 def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
           adapter: Annotated[Path | None, typer.Option(help="Adapter folder. [default: the newest for the recipe]")] = None) -> None:
-    """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html."""
+    """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html.
+
+    Classify answers are picked by the recipe's task.scoring: `trie` (default: greedy walk of the label token trie) or
+    `loglik` (every label ranked by its full-sequence log-likelihood), e.g. --set task.scoring=loglik; serve uses the one
+    in the adapter's recipe.json, written by train (docs/evaluation.md#label-scoring-the-trie-walk-or-the-full-log-likelihood).
+    """
     from microtune import pipeline
 
     with _reporter() as report:
