@@ -181,3 +181,15 @@ def test_the_scoring_key_leaves_the_recipe_hash_alone(tmp_path: Path) -> None:
     assert trie.resolved()["task"]["scoring"] == "trie" and loglik.resolved()["task"]["scoring"] == "loglik"  # recipe.json spells it out
     assert recipe_hash(trie) == recipe_hash(loglik)
     assert recipe_hash(trie) != recipe_hash(load_recipe(path, ["train.lr=0.01"]))
+
+
+def test_eval_and_watch_decode_with_the_recipes_scorer(tiny_model: Any, tokenizer: Any) -> None:
+    """One decoder path: the predictor eval (and watch's champion check) builds follows the task's scorer."""
+    from microtune.evaluation.runner import _predictor
+
+    renderer = Renderer(tokenizer)
+    for scoring in ("trie", "loglik"):
+        task = get_task(ClassifyConfig(instruction="Name the banking intent.", scoring=scoring), LABELS)
+        predictor = _predictor(task, tiny_model, renderer, 4, False)
+        assert isinstance(predictor, LabelPredictor) and predictor.scoring == scoring
+    assert get_task(ClassifyConfig(instruction="x"), LABELS).decoder().scoring == "trie"  # the default, until measured otherwise

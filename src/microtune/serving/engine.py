@@ -13,7 +13,8 @@ no lock is needed around the weights). Its loop interleaves the two kinds of wor
    its LoRA adapters (lora, rslora, qlora on the full-precision base) in one mixed-adapter forward per
    decoding step (each row names its adapter: PEFT's ``adapter_names``); a DoRA adapter runs on the shared
    base in a group of its own (``set_adapter``); a model with its own instance (full, IA3, prompt/prefix
-   tuning, qlora on its 4-bit base) answers its group with its own forwards;
+   tuning, qlora on its 4-bit base) answers its group with its own forwards; each model is decoded with the scorer
+   its recipe.json records (``task.scoring``: the trie walk or full-sequence log-likelihood), a group split by scorer;
 3. admit the generation jobs (the base model's free text, extract and generate micro-models) into the running
    ``BatchGenerator`` of their instance — one per instance with work: the shared base (its LoRA adapters' rows
    and the base model's own rows in one batch, each row naming its adapter), each DoRA adapter (a generator
