@@ -61,7 +61,7 @@ def write_recipe(folder: Path, name: str, base: Path, coarse: bool, method: dict
 
 def eval_answers(adapter: Path, base: Path, texts: list[str], model: Any = None) -> list[tuple[str, float]]:
     """What `eval`'s micro predictor answers for these texts: the artifact loaded as eval loads it (``load_trained``, or
-    ``model`` when given), the prompt eval builds, the candidates of ``task.decoder()``."""
+    ``model`` when given), the prompt eval builds, the candidates and the scorer of ``task.decoder()``."""
     from microtune.config import artifact_recipe
     from microtune.core.artifacts import read_manifest
     from microtune.models import BaseModelRef, LabelPredictor, load_tokenizer, load_trained
@@ -74,7 +74,8 @@ def eval_answers(adapter: Path, base: Path, texts: list[str], model: Any = None)
     task = get_task(recipe.task, read_manifest(adapter, "adapter")["labels"])
     candidates = task.decoder().candidates
     prompts = [renderer.encode(task.messages({"text": t}), candidates[0], recipe.train.max_seq_len)[0] for t in texts]
-    return LabelPredictor(model if model is not None else load_trained(ref, adapter), renderer, candidates).predict(prompts)
+    model = model if model is not None else load_trained(ref, adapter)
+    return LabelPredictor(model, renderer, candidates, scoring=task.decoder().scoring).predict(prompts)
 
 
 def agreement_with_eval(url: str, model: str, eval_dir: Path) -> float:

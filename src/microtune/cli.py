@@ -98,6 +98,9 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
     """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html.
 
     Metrics by task: classify accuracy, macro-F1; extract micro-F1; generate ROUGE-L, -1, -2 (rouge-score, Porter-stemmed).
+    Classify answers are picked by the recipe's task.scoring: `trie` (default: greedy walk of the label token trie) or
+    `loglik` (every label ranked by its full-sequence log-likelihood), e.g. --set task.scoring=loglik; serve uses the one
+    in the adapter's recipe.json, written by train (docs/evaluation.md#label-scoring-the-trie-walk-or-the-full-log-likelihood).
     """
     from microtune import pipeline
 

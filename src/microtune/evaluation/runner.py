@@ -223,11 +223,12 @@ def _micro_answers(task: Task, predictor: Any, prompts: list[list[int]]) -> list
 
 
 def _predictor(task: Task, model: Any, renderer: Renderer, batch_size: int, bf16: bool) -> Any:
-    """The task's decoder: a label trie over a closed set; else the batch generator, greedy, constrained to the task's
-    JSON schema for ``json`` answers (the micro-model and the prompted baselines alike) and free for ``free`` ones."""
+    """The task's decoder: a label trie over a closed set, scored as the task says (``trie`` or ``loglik``); else the batch
+    generator, greedy, constrained to the task's JSON schema for ``json`` answers (the micro-model and the prompted
+    baselines alike) and free for ``free`` ones."""
     spec = task.decoder()
     if spec.kind == "labels":
-        return LabelPredictor(model, renderer, spec.candidates, batch_size, bf16)
+        return LabelPredictor(model, renderer, spec.candidates, batch_size, bf16, scoring=spec.scoring)
     return TextGenerator(model, renderer, spec.max_new_tokens, batch_size, bf16, schema=spec.schema if spec.kind == "json" else None)
 
 
@@ -265,7 +266,9 @@ def _statistics(recipe: Recipe, task: Task, golds: list[Any], results: dict[str,
         r["metrics"]["ci"] = {k: [v["low"], v["high"]] for k, v in intervals[s].items()}
         if s in comparisons:
             r["metrics"]["p_value_vs_micro"] = _headline_p(comparisons[s], recipe.metric_names()[0])
-    return {"confidence": cfg.confidence, "n_resamples": cfg.n_resamples, "seed": cfg.seed, "main_metric": recipe.metric_names()[0],
+    decoder = task.decoder()
+    scoring = {"label_scoring": decoder.scoring} if decoder.kind == "labels" else {}  # which scorer the local systems used
+    return scoring | {"confidence": cfg.confidence, "n_resamples": cfg.n_resamples, "seed": cfg.seed, "main_metric": recipe.metric_names()[0],
             "interval_method": "percentile bootstrap over test rows (one seeded index matrix shared by all systems)",
             "paired_test": "McNemar mid-p on per-row correctness" if classification else "paired bootstrap on the main metric",
             "latency_method": timing.LATENCY_METHOD.format(n=cfg.latency_examples),

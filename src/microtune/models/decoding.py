@@ -11,6 +11,17 @@ for the whole batch per step, and stops as soon as every row's label is decided 
 are forced); logits outside the trie are masked, so no step can leave the label set. The probability
 is the product of the per-step probabilities renormalised over the allowed tokens.
 
+Two scorers pick the answer (``scoring``, the recipe's ``task.scoring``):
+
+- ``trie`` (above): greedy — a label whose first token is not the best allowed one is never looked at again, and
+  a label that is the only continuation of its first token gets probability 1 for its remaining tokens.
+- ``loglik``: every answer is scored by its full-sequence log-likelihood given the prompt (the sum of the
+  log-probabilities of all its tokens, end-of-turn included, not renormalised), and the probability is the
+  softmax over the answers of those sums: a proper distribution over the label set in which every token of
+  every label counts. The prompt (behind the same shared-prefix cache) is computed once per row; the label
+  continuations are then scored as a batch of (row, answer) sequences on copies of the row's KV, chunked so that
+  neither the copied KV nor the logits exceed a budget (150 labels × 16 rows is 2,400 sequences).
+
 Mixed-adapter batches (serving many micro-models on one base): ``adapter_names`` gives each row its
 PEFT LoRA adapter (PEFT's ``adapter_names`` forward argument) and ``tries`` its own label set, so one
 forward pass answers requests for different micro-models. Each adapter's rows share their own prefix
@@ -20,14 +31,20 @@ forward (the KV differs per adapter), and every row continues from its adapter's
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from microtune.models.compat import cache_kwarg, cache_of, last_logits_only
 from microtune.models.hardware import autocast, device
+from microtune.tasks.base import DEFAULT_SCORING, SCORINGS
 from microtune.tasks.render import Renderer
 
 END = -1  # trie key marking a finished label
+# loglik's chunk budgets: positions of copied KV (rows × (context + label tokens)) and floats of logits (tokens × vocabulary)
+# per forward. ~350 MB of KV for a 135M model at 8,192 positions in float32; 2**27 floats are 512 MB.
+KV_POSITIONS = 8192
+LOGIT_FLOATS = 2**27
 
 
 def padded(seqs: Sequence[list[int]], pad: int, left: bool) -> tuple[Any, Any]:
@@ -118,8 +135,12 @@ def _gather(prefix: tuple[Any, Any] | None, rows: list[int]) -> tuple[Any, Any]:
 
 class LabelPredictor:
     def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
-                 share_prefix: bool = True):
-        self.model, self.renderer = model, renderer
+                 share_prefix: bool = True, scoring: str = DEFAULT_SCORING, kv_positions: int = KV_POSITIONS,
+                 logit_floats: int = LOGIT_FLOATS):
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
+        self.model, self.renderer, self.scoring = model, renderer, scoring
+        self.kv_positions, self.logit_floats = kv_positions, logit_floats
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
         self.cache_kw = cache_kwarg(model)
@@ -131,6 +152,24 @@ class LabelPredictor:
     def predict(self, prompts: Sequence[list[int]], adapter_names: Sequence[str] | None = None,
                 tries: Sequence[dict[int, Any]] | None = None) -> list[tuple[str, float]]:
         """One ``(label, probability)`` per prompt; optionally one PEFT adapter and one label trie per row."""
+        if self.scoring == "loglik":
+            return [(ranked[0][0], math.exp(ranked[0][1])) for ranked in self.rank(prompts, adapter_names, tries)]
+        return self._batched(prompts, adapter_names, tries, self._decode, self._decode_uncached)
+
+    def rank(self, prompts: Sequence[list[int]], adapter_names: Sequence[str] | None = None,
+             tries: Sequence[dict[int, Any]] | None = None) -> list[list[tuple[str, float]]]:
+        """Per prompt, every answer of its trie with its ``loglik`` log-probability, most probable first.
+
+        An answer's log-probability is its full-sequence log-likelihood minus the log-sum-exp over all the row's
+        answers (a log-softmax over the label set), so the entries of a row sum to 1 once exponentiated and the first
+        is the answer ``predict`` gives with ``scoring="loglik"``."""
+        return self._batched(prompts, adapter_names, tries, self._loglik, self._loglik_uncached)
+
+    def _batched(self, prompts: Sequence[list[int]], adapter_names: Sequence[str] | None, tries: Sequence[dict[int, Any]] | None,
+                 cached: Any, uncached: Any) -> list[Any]:
+        """Run a scorer over batches of rows behind the shared prefix cache: ``cached(suffixes, prefix_mask, cache, tries,
+        names)`` continues from each row's group prefix; ``uncached(prompts, tries, names)`` (prompt/prefix-tuned models)
+        reads the whole prompts."""
         import torch
 
         self.model.eval()
@@ -139,7 +178,7 @@ class LabelPredictor:
         distinct = sorted(set(groups))
         plen = {g: common_prefix([p for p, h in zip(prompts, groups) if h == g]) if self.share_prefix else 0 for g in distinct}
         own = [len(p) - plen[g] for p, g in zip(prompts, groups)]  # each row's tokens after its group's prefix
-        out: list[tuple[str, float] | None] = [None] * len(prompts)
+        out: list[Any] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: own[i])
         with torch.no_grad(), autocast(self.bf16):
             prefix = self._prefixes(prompts, groups, distinct, plen, adapter_names is not None) if any(plen.values()) else None
@@ -149,12 +188,12 @@ class LabelPredictor:
                 rows = [row_tries[i] for i in idx]
                 if self.cached:
                     cache, prefix_mask = _gather(prefix, [distinct.index(groups[i]) for i in idx])
-                    preds = self._decode([prompts[i][plen[groups[i]]:] for i in idx], prefix_mask, cache, rows, names)
+                    preds = cached([prompts[i][plen[groups[i]]:] for i in idx], prefix_mask, cache, rows, names)
                 else:
-                    preds = self._decode_uncached([list(prompts[i]) for i in idx], rows, names)
+                    preds = uncached([list(prompts[i]) for i in idx], rows, names)
                 for i, pred in zip(idx, preds):
                     out[i] = pred
-        return out  # type: ignore[return-value]
+        return out
 
     def _prefixes(self, prompts: Sequence[list[int]], groups: list[str], distinct: list[str], plen: dict[str, int],
                   mixed: bool) -> tuple[Any, Any]:
@@ -220,6 +259,72 @@ class LabelPredictor:
                     s.append(tok)
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
 
+    def _loglik(self, suffixes: list[list[int]], prefix_mask: Any, cache: Any, tries: list[dict[int, Any]],
+                names: list[str] | None = None) -> list[list[tuple[str, float]]]:
+        """``loglik`` behind the prefix cache: one forward over the rows' own tokens gives each row's KV and the
+        log-probabilities of every answer's first token; then every (row, answer) continuation — the answer's tokens but
+        its last, right-padded — is read in chunks on a copy of its row's KV, each position scoring the next token."""
+        import torch
+
+        p = prefix_mask.shape[1]
+        ids, suffix_mask = padded(suffixes, self.pad, left=True)  # left-padded: every row ends at the same column
+        mask = torch.cat([prefix_mask, suffix_mask], dim=1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev, extra = device(), _adapters(names)
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos[:, p:].to(dev),
+                         use_cache=True, **{self.cache_kw: cache}, **extra, **self.head_kw)
+        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+        rows_cache, next_pos = cache_of(out), pos[:, -1] + 1
+        pairs = _pairs(tries)
+        totals = [float(first[row, tokens[0]]) for row, _, tokens in pairs]
+        for chunk in self._chunks([len(tokens) - 1 for _, _, tokens in pairs], mask.shape[1]):
+            rows = [pairs[k][0] for k in chunk]
+            cont_ids, cont_mask = padded([pairs[k][2][:-1] for k in chunk], self.pad, left=False)
+            kv, kv_mask = _gather((rows_cache, mask), rows)
+            cont_pos = next_pos[rows][:, None] + torch.arange(cont_ids.shape[1])[None, :]
+            logits = self.model(input_ids=cont_ids.to(dev), attention_mask=torch.cat([kv_mask, cont_mask], dim=1).to(dev),
+                                position_ids=cont_pos.to(dev), use_cache=True, **{self.cache_kw: kv},
+                                **_adapters(None if names is None else [names[r] for r in rows])).logits
+            for k, value in zip(chunk, _sequence_logprobs(logits, [0] * len(chunk), [pairs[k][2][1:] for k in chunk])):
+                totals[k] += value
+        return _ranked(pairs, totals, len(tries))
+
+    def _loglik_uncached(self, seqs: list[list[int]], tries: list[dict[int, Any]],
+                         names: list[str] | None = None) -> list[list[tuple[str, float]]]:
+        """``loglik`` by full forwards (right-padded, no KV cache): for prompt/prefix-tuned adapters. Each (row, answer)
+        sequence is the prompt and the answer's tokens but its last, read in chunks."""
+        pairs, dev = _pairs(tries), device()
+        totals = [0.0] * len(pairs)
+        longest = max((len(s) for s in seqs), default=0)
+        for chunk in self._chunks([longest + len(tokens) - 1 for _, _, tokens in pairs], 0):
+            ids, mask = padded([seqs[pairs[k][0]] + pairs[k][2][:-1] for k in chunk], self.pad, left=False)
+            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                **_adapters(None if names is None else [names[pairs[k][0]] for k in chunk])).logits
+            offset = logits.shape[1] - ids.shape[1]  # prompt tuning prepends its virtual tokens to the output
+            starts = [offset + len(seqs[pairs[k][0]]) - 1 for k in chunk]
+            for k, value in zip(chunk, _sequence_logprobs(logits, starts, [pairs[k][2] for k in chunk])):
+                totals[k] = value
+        return _ranked(pairs, totals, len(tries))
+
+    def _chunks(self, lengths: list[int], context: int) -> list[list[int]]:
+        """Consecutive indices of ``lengths`` (tokens each sequence feeds) in chunks that keep one forward under the budgets:
+        ``kv_positions`` for the KV (``context`` copied positions + the fed tokens, per sequence) and ``logit_floats`` for
+        its logits (every fed position × the vocabulary). Uncached sequences feed their whole prompt: ``context`` is 0."""
+        vocab = max(int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 0), len(self.renderer.tok))
+        out: list[list[int]] = []
+        chunk: list[int] = []
+        width = 0
+        for k, n in enumerate(lengths):
+            if n <= 0:  # a one-token answer has nothing to continue: its first token's log-probability is all of it
+                continue
+            wide = max(width, n)
+            if chunk and ((len(chunk) + 1) * (context + wide) > self.kv_positions or (len(chunk) + 1) * wide * vocab > self.logit_floats):
+                out.append(chunk)
+                chunk, wide = [], n
+            chunk.append(k)
+            width = wide
+        return out + ([chunk] if chunk else [])
+
     def answer_logprobs(self, prompt: list[int], trie: dict[int, Any] | None = None,
                         adapter_name: str | None = None) -> list[tuple[str, float]]:
         """Every answer of the trie with its log-probability for one prompt, most probable first.
@@ -230,9 +335,12 @@ class LabelPredictor:
         to 1 — a distribution over the valid answers, unlike the top-k tokens at one decision step, which mixes
         answers that share a first token. Scored by teacher forcing (prompt + each answer's tokens, right-padded,
         no cache, so prompt-learning models work too): one forward per ``batch_size`` answers, asked for only when
-        a request wants ``top_logprobs``."""
+        a request wants ``top_logprobs``. With ``scoring="loglik"`` they are the entries of ``rank``: the softmax over the
+        answers of their full-sequence log-likelihoods."""
         import torch
 
+        if self.scoring == "loglik":
+            return self.rank([prompt], None if adapter_name is None else [adapter_name], [trie if trie is not None else self.trie])[0]
         paths = _paths(trie if trie is not None else self.trie)
         out: list[tuple[str, float]] = []
         self.model.eval()
@@ -272,3 +380,44 @@ def _path_logprob(logits: Any, first: int, tokens: list[int], trie: dict[int, An
         node = node[tok]
     return total
 
+
+
+def _pairs(tries: Sequence[dict[int, Any]]) -> list[tuple[int, str, list[int]]]:
+    """``(row, answer, its tokens)`` for every answer of every row's trie (the paths of a trie shared by rows listed once)."""
+    paths: dict[int, list[tuple[str, list[int]]]] = {}
+    out: list[tuple[int, str, list[int]]] = []
+    for row, trie in enumerate(tries):
+        if id(trie) not in paths:
+            paths[id(trie)] = _paths(trie)
+        out.extend((row, answer, tokens) for answer, tokens in paths[id(trie)])
+    return out
+
+
+def _sequence_logprobs(logits: Any, starts: list[int], tokens: list[list[int]]) -> list[float]:
+    """Per sequence j of a batch, the sum of the plain (not renormalised) log-probabilities of ``tokens[j]``, where
+    ``logits[j, starts[j] + i]`` predicts ``tokens[j][i]``: one gather and one log-sum-exp over the positions read."""
+    import torch
+
+    width = max((len(t) for t in tokens), default=0)
+    if width == 0:
+        return [0.0] * len(tokens)
+    dev = logits.device
+    valid = torch.tensor([[i < len(t) for i in range(width)] for t in tokens], device=dev)
+    target = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=dev)
+    pos = (torch.tensor(starts, device=dev)[:, None] + torch.arange(width, device=dev)[None, :]).clamp(max=logits.shape[1] - 1)
+    rows = logits[torch.arange(len(tokens), device=dev)[:, None], pos].float()  # [sequences, width, vocab]
+    chosen = rows.gather(-1, target[..., None]).squeeze(-1)
+    return ((chosen - torch.logsumexp(rows, dim=-1)) * valid).sum(-1).tolist()
+
+
+def _ranked(pairs: list[tuple[int, str, list[int]]], totals: list[float], n_rows: int) -> list[list[tuple[str, float]]]:
+    """Per row, ``(answer, log-softmax over the row's answers of the totals)``, most probable first (ties keep trie order)."""
+    per_row: list[list[tuple[str, float]]] = [[] for _ in range(n_rows)]
+    for (row, answer, _), total in zip(pairs, totals):
+        per_row[row].append((answer, total))
+    out = []
+    for answers in per_row:
+        top = max(t for _, t in answers)
+        norm = top + math.log(sum(math.exp(t - top) for _, t in answers))
+        out.append(sorted(((a, t - norm) for a, t in answers), key=lambda item: -item[1]))
+    return out

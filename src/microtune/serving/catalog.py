@@ -84,6 +84,7 @@ class AdapterSpec:
     method: str = "lora"
     place: str = MIXED  # placement(): mixed, alone or own
     answers: tuple[str, ...] = ()  # what the constrained decoder picks among: task.decoder().candidates (labels, or label sets)
+    scoring: str = "trie"  # how it picks among them: task.decoder().scoring, as the artifact's recipe.json says (what eval measured)
 
     @property
     def task(self) -> str:
@@ -117,8 +118,9 @@ def load_spec(name: str, version: str | None, path: Path, base_path: str, base_o
         raise UnservableModel(f"model {quote(name)} was trained on {recipe.model.base!r} ({trained_on}); this server's base is {base_path}",
                               hint="start a server with --base set to the adapter's base model")
     labels = tuple(manifest["labels"])
-    answers = tuple(get_task(recipe.task, list(labels)).decoder().candidates or ())
-    return AdapterSpec(name, version, path, _key(path), recipe, labels, method, placement(method, path, qlora_base), answers)
+    decoder = get_task(recipe.task, list(labels)).decoder()
+    return AdapterSpec(name, version, path, _key(path), recipe, labels, method, placement(method, path, qlora_base),
+                       tuple(decoder.candidates or ()), decoder.scoring)
 
 
 def _key(path: Path) -> str:

@@ -13,7 +13,8 @@ no lock is needed around the weights). Its loop interleaves the two kinds of wor
    its LoRA adapters (lora, rslora, qlora on the full-precision base) in one mixed-adapter forward per
    decoding step (each row names its adapter: PEFT's ``adapter_names``); a DoRA adapter runs on the shared
    base in a group of its own (``set_adapter``); a model with its own instance (full, IA3, prompt/prefix
-   tuning, qlora on its 4-bit base) answers its group with its own forwards;
+   tuning, qlora on its 4-bit base) answers its group with its own forwards; each model is decoded with the scorer
+   its recipe.json records (``task.scoring``: the trie walk or full-sequence log-likelihood), a group split by scorer;
 3. admit the generation jobs (the base model's free text, extract and generate micro-models) into the running
    ``BatchGenerator`` of their instance — one per instance with work: the shared base (its LoRA adapters' rows
    and the base model's own rows in one batch, each row naming its adapter), each DoRA adapter (a generator
@@ -306,12 +307,31 @@ class Engine:
         return self.residency.entries[spec.key].model, None
 
     def _classify(self, jobs: list[Job]) -> None:
+        """Answer classify jobs of one instance: one predictor per scorer among them (``trie``/``loglik``, each model's own
+        ``task.scoring``), so a mixed-adapter batch splits only where its models decode differently."""
         specs = [j.spec for j in jobs]
         self._ensure_loaded(specs)  # type: ignore[arg-type]
         model, names = self._instance(jobs)
-        predictor = LabelPredictor(model, self.renderer, [], batch_size=self.settings.max_batch, bf16=self.bf16)
         tries = [self._trie(s) for s in specs]  # type: ignore[arg-type]
-        preds = predictor.predict([j.prompt for j in jobs], adapter_names=names, tries=tries)
+        by_scoring: dict[str, list[int]] = {}
+        for i, spec in enumerate(specs):
+            by_scoring.setdefault(spec.scoring, []).append(i)  # type: ignore[union-attr]
+        for scoring, idx in by_scoring.items():
+            predictor = LabelPredictor(model, self.renderer, [], batch_size=self.settings.max_batch, bf16=self.bf16, scoring=scoring)
+            self._answer([jobs[i] for i in idx], predictor, [tries[i] for i in idx], None if names is None else [names[i] for i in idx])
+
+    @staticmethod
+    def _answer(jobs: list[Job], predictor: LabelPredictor, tries: list[dict[int, Any]], names: list[str] | None) -> None:
+        """Resolve each job with its label, probability and, when asked, its top answers. ``loglik`` ranks every answer
+        anyway, so its top answers come from the same pass; the trie walk scores them in an extra pass per asking row."""
+        prompts = [j.prompt for j in jobs]
+        if predictor.scoring == "loglik":
+            ranked = predictor.rank(prompts, adapter_names=names, tries=tries)
+            for job, answers in zip(jobs, ranked):
+                k = job.params.get("top_logprobs")
+                job.resolve({"label": answers[0][0], "prob": math.exp(answers[0][1]), "top": answers[:k] if k else None})
+            return
+        preds = predictor.predict(prompts, adapter_names=names, tries=tries)
         for i, (job, (label, prob)) in enumerate(zip(jobs, preds)):
             top = None
             if job.params.get("top_logprobs"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from microtune.core.registry import Registry
-from microtune.tasks.base import PROMPTED, DecoderSpec, SynthHooks, Task, TaskSection, baselines_of
+from microtune.tasks.base import DEFAULT_SCORING, PROMPTED, SCORINGS, DecoderSpec, SynthHooks, Task, TaskSection, baselines_of
 from microtune.tasks.classify import ClassifyConfig, ClassifyTask
 from microtune.tasks.extract import ExtractConfig, ExtractTask
 from microtune.tasks.generate import GenerateConfig, GenerateTask
@@ -53,6 +53,6 @@ def all_baselines() -> list[str]:
     return list(dict.fromkeys(b for task in TASKS.values() for b in baselines_of(task)))
 
 
-__all__ = ["DEFAULT_TASK", "PROMPTED", "TASKS", "ClassifyConfig", "ClassifyTask", "DecoderSpec", "ExtractConfig", "ExtractTask", "GenerateConfig",
-           "GenerateTask", "SynthHooks", "Task", "TaskSection", "all_baselines", "baselines_of", "get_task", "on_change", "register",
-           "unregister"]
+__all__ = ["DEFAULT_SCORING", "DEFAULT_TASK", "PROMPTED", "SCORINGS", "TASKS", "ClassifyConfig", "ClassifyTask", "DecoderSpec",
+           "ExtractConfig", "ExtractTask", "GenerateConfig", "GenerateTask", "SynthHooks", "Task", "TaskSection", "all_baselines",
+           "baselines_of", "get_task", "on_change", "register", "unregister"]

@@ -22,6 +22,11 @@ Row = dict[str, Any]
 Message = dict[str, str]
 RowProblems = list[tuple[str, Any]]  # (reason, got) pairs; the data stage turns them into file:line problems
 PROMPTED = ("zero_shot", "few_shot")  # the prompted baselines of the base model: every task type has them
+Scoring = Literal["trie", "loglik"]  # how a closed-set decoder picks its answer: see DecoderSpec
+SCORINGS: tuple[str, ...] = ("trie", "loglik")
+# The scorer a recipe gets when it names none. `benchmarks/label_scoring.py` measures both on every classify recipe;
+# the better one becomes the default by changing this one line (every artifact's recipe.json records its own choice).
+DEFAULT_SCORING: Scoring = "trie"
 
 TYPE_DESCRIPTION = (
     "Task type: `classify` (text → label, or labels with multi_label), `extract` (text → JSON "
@@ -69,12 +74,19 @@ class DecoderSpec:
     ``json`` generates up to ``max_new_tokens`` an object that follows ``schema`` (grammar-constrained per row:
     ``models.constrain``, so every answer parses, closed in time at the token budget); ``free`` generates text.
     The task's ``parse`` still maps the answer (constrained or an endpoint's) to what its metrics compare.
+
+    ``scoring`` (``labels`` only) is how the answer is picked among the candidates: ``trie`` walks the token trie
+    greedily (per step the most probable allowed token; the probability is the product of the per-step probabilities
+    renormalised over the allowed tokens), ``loglik`` ranks every candidate by its full-sequence log-likelihood (the
+    sum of its tokens' log-probabilities, not renormalised) and reports the softmax over candidates of those sums
+    (``models.decoding.LabelPredictor`` implements both).
     """
 
     kind: Literal["labels", "json", "free"]
     candidates: list[str] | None = None
     schema: dict[str, Any] | None = None
     max_new_tokens: int | None = None
+    scoring: Scoring = DEFAULT_SCORING
 
     def __post_init__(self) -> None:
         if self.kind == "labels" and self.candidates is None:
@@ -83,6 +95,10 @@ class DecoderSpec:
             raise ValueError("DecoderSpec(kind='json') needs the answer's JSON schema")
         if self.kind != "labels" and (self.max_new_tokens is None or self.max_new_tokens < 1):
             raise ValueError(f"DecoderSpec(kind={self.kind!r}) needs max_new_tokens >= 1")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"DecoderSpec scoring must be one of {list(SCORINGS)}, got {self.scoring!r}")
+        if self.kind != "labels" and self.scoring != DEFAULT_SCORING:  # a generated answer has no candidates to rank
+            raise ValueError(f"DecoderSpec(kind={self.kind!r}) picks among no candidates; scoring applies to kind 'labels' only")
 
 
 class SynthAsk(Protocol):

@@ -22,11 +22,13 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from microtune.tasks.base import (
+    DEFAULT_SCORING,
     PROMPTED,
     DecoderSpec,
     Message,
     Row,
     RowProblems,
+    Scoring,
     SynthAsk,
     SynthHooks,
     TaskBase,
@@ -54,6 +56,11 @@ class ClassifyConfig(TaskSection):
     none_label: str | None = Field(
         None, description="classify: the out-of-scope label (e.g. `oos`, 'none of these'); adds in-scope accuracy and "
         "out-of-scope precision/recall to the metrics."
+    )
+    scoring: Scoring = Field(
+        DEFAULT_SCORING, description="classify: how the answer is picked among the labels (label sets with multi_label), in eval "
+        "and serve alike: `trie` walks the label token trie greedily (fast: often one forward pass); `loglik` ranks every "
+        "answer by its full-sequence log-likelihood (all answers scored, probability = softmax over the answers)."
     )
 
     @model_validator(mode="after")
@@ -119,8 +126,10 @@ class ClassifyTask(TaskBase):
         return example["label"]
 
     def decoder(self) -> DecoderSpec:
-        """A trie over every valid answer: the labels, or every label set of up to ``max_labels`` labels."""
-        return DecoderSpec(kind="labels", candidates=self._answers())
+        """Every valid answer — the labels, or every label set of up to ``max_labels`` labels — and how the answer is
+        picked among them (``task.scoring``). With multi_label, ``loglik`` ranks the label-set strings themselves (the
+        sequences the model was trained to write), not each label on its own."""
+        return DecoderSpec(kind="labels", candidates=self._answers(), scoring=self.cfg.scoring)
 
     def _answers(self) -> list[str]:
         """Every valid answer: constrained decoding picks among these."""
