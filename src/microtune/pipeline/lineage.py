@@ -32,12 +32,17 @@ def lineage(recipe: Recipe, ref: Any, dataset: dict[str, Any], adapter_dir: Path
 
 
 NOT_HASHED = ("tune",)  # sections that never change what one training run produces (the search space of `tune`)
+MIRRORS = ("backends", "wandb")  # tracking keys that only say where a run is mirrored (W&B, TensorBoard), never what it produces
 
 
 def recipe_hash(recipe: Recipe) -> str:
     """The hash of the resolved recipe without the sections that do not change a run's result: what makes two training
-    runs the same run (``train --resume`` checks it, lineage records it, a rerun finds an interrupted promotion by it)."""
-    return hash_value({k: v for k, v in recipe.resolved().items() if k not in NOT_HASHED})
+    runs the same run (``train --resume`` checks it, lineage records it, a rerun finds an interrupted promotion by it).
+    The mirror keys are left out too, so adding TensorBoard to a run being resumed is the same run, and a recipe that
+    names no mirror hashes as it did before they existed."""
+    data = {k: v for k, v in recipe.resolved().items() if k not in NOT_HASHED}
+    data["tracking"] = {k: v for k, v in data["tracking"].items() if k not in MIRRORS}
+    return hash_value(data)
 
 
 def git_commit() -> str | None:
