@@ -101,6 +101,17 @@ def _tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
 
 
+def _tensorboard_params(folder: Path) -> dict[str, Any]:
+    """The parameters of a TensorBoard run folder, as its HParams session start holds them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    start = HParamsPluginData.FromString(acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+
+
 def _mlflow_series(client: Any, run: Any) -> dict[str, list[tuple[int, float]]]:
     return {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics}
 
@@ -130,6 +141,9 @@ def test_wandb_and_tensorboard_mirror_what_mlflow_records(tmp_path: Path, make_r
 
     # TensorBoard: the same series, step for step, value for value (double precision), train and eval alike
     assert _tensorboard(ws / "tensorboard" / "toy" / run_id) == series
+    hparams = _tensorboard_params(ws / "tensorboard" / "toy" / run_id)  # numbers as numbers, the rest as MLflow's text
+    assert set(hparams) == set(run.data.params)
+    assert all(v == float(run.data.params[k]) if isinstance(v, float) else str(v)[:500] == run.data.params[k] for k, v in hparams.items())
 
     # W&B offline: one folder for train, one for eval, both under the MLflow run's id; params and final metrics equal MLflow's
     config, summary, exits = _wandb_run(ws, run_id)

@@ -44,7 +44,7 @@ def evaluate(recipe: RecipeLike, overrides: list[str] | None = None, workspace: 
         for system, values in metrics.items():
             run.log_metrics({f"eval.{system}.{k}": v for k, v in values.items() if isinstance(v, (int, float))})
             run.log_metrics({f"eval.{system}.{k}.ci_{end}": bound for k, (low, high) in values.get("ci", {}).items()
-                         for end, bound in (("low", low), ("high", high))})
+                             for end, bound in (("low", low), ("high", high))})
         log_folder(dest, "eval")  # predictions, metrics, stats.json, report.html and its PNGs
     return dest
 

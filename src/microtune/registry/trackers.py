@@ -113,7 +113,7 @@ def wandb_mode(recipe_mode: str | None) -> str:
 
 class TensorboardTracker:
     """Event files in ``<workspace>/tensorboard/<recipe>/<MLflow run id>/``: scalars at their step (step-less ones at 0,
-    as MLflow records them) in double precision, so they read back equal to MLflow's; parameters as the HParams plugin's."""
+    as MLflow records them) in double precision, so they read back equal to MLflow's; parameters as the HParams plugin's (numbers, and text)."""
 
     name = "tensorboard"
 
@@ -145,9 +145,10 @@ def tensorboard_dir(ws: Workspace, recipe: str, run_id: str) -> Path:
     return ws.root / "tensorboard" / recipe / run_id
 
 
-def _hparam(value: Any) -> bool | int | float | str:
-    """The HParams plugin takes numbers, text and booleans only; anything else (None, lists) as its text, as MLflow shows it."""
-    return value if isinstance(value, (bool, int, float, str)) else str(value)
+def _hparam(value: Any) -> int | float | str:
+    """Numbers as numbers (the HParams dashboard sorts and filters them), the rest — None, lists, booleans, which torch's
+    ``hparams`` would store as 0/1 — as their text, as MLflow shows them."""
+    return value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else str(value)
 
 
 @dataclass(frozen=True)
