@@ -36,16 +36,34 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Runs, artifacts and the MLflow store. [default: .microtune]")]
 
 
+class Mirror(str, Enum):
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+TrackerOpt = Annotated[list[Mirror] | None, typer.Option(
+    "--tracker", help="Mirror the run's parameters and metrics to W&B or TensorBoard besides MLflow (repeatable); the same as "
+    "--set 'tracking.backends=\\[mlflow, …]'. Needs pip install 'microtune\\[trackers]'.", show_default=False)]
+
+
+def _tracked(set_: list[str] | None, tracker: list[Mirror] | None) -> list[str] | None:
+    """``--tracker`` as the recipe override it stands for (after the --set ones, so it wins over a --set of the same key)."""
+    if not tracker:
+        return set_
+    return [*(set_ or []), f"tracking.backends=[{', '.join(['mlflow', *dict.fromkeys(t.value for t in tracker)])}]"]
+
+
 def _guard(fn: Callable[[], Any]) -> Any:
     """Run a command; turn MicrotuneError into a readable message and its exit code."""
     try:
         return fn()
     except MicrotuneError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True, soft_wrap=True)
+        # the texts are the library's own, never rich markup: `pip install 'microtune[trackers]'` must print as it is
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
         for problem in exc.problems:
             err.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
         if exc.hint:
-            err.print(f"[bold]fix:[/] {exc.hint}", highlight=False, soft_wrap=True)
+            err.print(f"[bold]fix:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -64,10 +82,11 @@ def check(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
 
 @app.command()
-def synth(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+def synth(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None, tracker: TrackerOpt = None) -> None:
     """A teacher endpoint writes more examples; filters and fidelity tests against held-out real rows keep them honest."""
     from microtune import pipeline
 
+    set_ = _tracked(set_, tracker)
     with _reporter() as report:
         folder = _guard(lambda: pipeline.synth(recipe, set_, workspace, report))
     _show_synth(folder)
@@ -77,11 +96,12 @@ def synth(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run from its last checkpoint.")] = False,
           nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (torchrun; gloo/CPU, NCCL/GPU); ddp or fsdp: train.distributed.")] = 1,
-          ) -> None:
+          tracker: TrackerOpt = None) -> None:
     """Fine-tune the base model (method.kind: lora, dora, qlora, ia3, prompt/prefix tuning, full); writes an adapter artifact."""
     from microtune import pipeline
     from microtune.training import distributed
 
+    set_ = _tracked(set_, tracker)
     if nproc > 1 and distributed.world_size() == 1:
         argv = ["train", str(recipe), *[x for s in set_ or [] for x in ("--set", s)], *(["--resume"] if resume else []),
                 *(["--workspace", str(workspace)] if workspace else [])]
@@ -94,7 +114,8 @@ def train(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
 @app.command("eval")
 def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
-          adapter: Annotated[Path | None, typer.Option(help="Adapter folder. [default: the newest for the recipe]")] = None) -> None:
+          adapter: Annotated[Path | None, typer.Option(help="Adapter folder. [default: the newest for the recipe]")] = None,
+          tracker: TrackerOpt = None) -> None:
     """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html.
 
     Metrics by task: classify accuracy, macro-F1; extract micro-F1; generate ROUGE-L, -1, -2 (rouge-score, Porter-stemmed).
@@ -104,6 +125,7 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
     """
     from microtune import pipeline
 
+    set_ = _tracked(set_, tracker)
     with _reporter() as report:
         folder = _guard(lambda: pipeline.evaluate(recipe, set_, workspace, adapter, report))
     _show_eval(folder)
@@ -123,9 +145,9 @@ def report(eval_dir: Annotated[Path, typer.Argument(help="Eval folder, e.g. .mic
 
 
 @app.command()
-def run(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+def run(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None, tracker: TrackerOpt = None) -> None:
     """check → train → eval → register, one command."""
-    _run(recipe, set_, workspace)
+    _run(recipe, _tracked(set_, tracker), workspace)
 
 
 @app.command()
@@ -337,10 +359,11 @@ def tune(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
          storage: Annotated[str | None, typer.Option(help="Optuna RDB storage shared by the workers: sqlite:///…, postgresql://… "
                                                           "\\[default: sqlite:///<workspace>/<recipe>/tune/study.db]")] = None,
          study: Annotated[str | None, typer.Option(help="Study name (resume it, or share it across machines). \\[default: the recipe name]")] = None,
-         ) -> None:
+         tracker: TrackerOpt = None) -> None:
     """Search hyper-parameters (recipe `tune:` space; Optuna TPE, pruning) scored on the valid split; writes RECIPE.tuned.yaml."""
     from microtune import pipeline
 
+    set_ = _tracked(set_, tracker)
     seconds = _duration(budget, "--budget") if budget is not None else None
     if seconds is None and trials is None:
         err.print("[bold red]error:[/] give --trials N and/or --budget DURATION\n[bold]fix:[/] e.g. --budget 20m, or --trials 30")

@@ -354,10 +354,50 @@ class WatchConfig(Section):
     )
 
 
+TrackerName = Literal["mlflow", "wandb", "tensorboard"]  # registry/trackers.py implements each; mlflow is the system of record
+TRACKERS: tuple[str, ...] = get_args(TrackerName)
+
+
+class WandbConfig(Section):
+    """Where the W&B mirror of a run goes (only with `wandb` in tracking.backends)."""
+
+    project: str | None = Field(None, description="W&B project; default: the recipe name.")
+    entity: str | None = Field(None, description="W&B entity (user or team); default: your W&B default entity.")
+    mode: Literal["online", "offline"] | None = Field(
+        None, description="`online` uploads as the run goes, `offline` writes `<workspace>/wandb/offline-run-*` for `wandb sync`; "
+        "default: `$WANDB_MODE`, else online. `$WANDB_MODE`, when set, wins (a CI or an air-gapped machine forces offline "
+        "without editing recipes; a warning says so when the two differ).")
+
+
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: `$MLFLOW_TRACKING_URI`, else the workspace's SQLite store.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the recipe name.")
     register_model: bool = Field(True, description="`run` registers the adapter as a model version named after the recipe.")
+    backends: list[TrackerName] = Field(
+        ["mlflow"], description="Where runs are tracked: `mlflow` (required: the registry, aliases, gate and lineage live there) "
+        "plus mirrors of the same parameters, per-step training metrics and eval metrics: `wandb` (Weights & Biases, "
+        "`<workspace>/wandb/`), `tensorboard` (`<workspace>/tensorboard/<recipe>/<MLflow run id>/`). The mirrors need "
+        "`pip install 'microtune[trackers]'`; a mirror that fails is a warning, never a failed run.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="W&B project, entity and mode (with `wandb` in backends).")
+
+    @field_validator("backends")
+    @classmethod
+    def _mlflow_first(cls, backends: list[str]) -> list[str]:
+        if "mlflow" not in backends:
+            raise ValueError(f"tracking.backends {backends} lacks mlflow: the model registry, aliases, gate and lineage live in "
+                             f"MLflow, so it is always tracked; write e.g. [mlflow, {', '.join(backends) or 'tensorboard'}]")
+        twice = sorted({b for i, b in enumerate(backends) if b in backends[:i]})
+        if twice:
+            raise ValueError(f"tracking.backends lists {', '.join(twice)} more than once; list each once")
+        return backends
+
+    @model_validator(mode="after")
+    def _wandb_only_with_wandb(self) -> TrackingConfig:
+        # defaults are fine (a resolved recipe.json spells them out); anything else would be silently ignored
+        if "wandb" not in self.backends and self.wandb != WandbConfig():
+            raise ValueError("tracking.wandb settings are given but wandb is not in tracking.backends; add it "
+                             f"(backends: {[*self.backends, 'wandb']}) or remove tracking.wandb")
+        return self
 
 
 class TeacherConfig(Section):

@@ -18,6 +18,7 @@ from microtune.core.workspace import Workspace
 from microtune.data import build_dataset, compute_stats, write_dataset
 from microtune.models import load_tokenizer, resolve_base
 from microtune.pipeline.recipes import RecipeLike, resolve_recipe
+from microtune.registry import require_backends
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
 
@@ -35,6 +36,7 @@ class CheckResult:
 def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None) -> CheckResult:
     """Validate recipe and data; write the content-addressed dataset artifact (reused when unchanged)."""
     recipe, ws = resolve_recipe(recipe, overrides), Workspace.at(workspace)
+    require_backends(recipe)  # a tracker whose package is missing fails here, before any run starts
     result = build_dataset(recipe)
     ref = resolve_base(recipe.model)
     renderer, task = Renderer(load_tokenizer(ref)), get_task(recipe.task, result.labels)

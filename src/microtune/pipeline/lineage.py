@@ -33,13 +33,15 @@ def lineage(recipe: Recipe, ref: Any, dataset: dict[str, Any], adapter_dir: Path
 
 NOT_HASHED = ("tune",)  # sections that never change what one training run produces (the search space of `tune`)
 # keys of other sections that never change it either: how classify answers are picked among the labels (the weights are
-# the same whichever scorer reads them; leaving it out also keeps every recipe's hash what it was before the key existed)
-NOT_HASHED_KEYS = (("task", "scoring"),)
+# the same whichever scorer reads them), and where a run is mirrored (W&B, TensorBoard); leaving them out also keeps every
+# recipe's hash what it was before the keys existed
+NOT_HASHED_KEYS = (("task", "scoring"), ("tracking", "backends"), ("tracking", "wandb"))
 
 
 def recipe_hash(recipe: Recipe) -> str:
     """The hash of the resolved recipe without the sections that do not change a run's result: what makes two training
-    runs the same run (``train --resume`` checks it, lineage records it, a rerun finds an interrupted promotion by it)."""
+    runs the same run (``train --resume`` checks it, lineage records it, a rerun finds an interrupted promotion by it).
+    The mirror keys are left out too, so adding TensorBoard to a run being resumed is the same run."""
     resolved = {k: v for k, v in recipe.resolved().items() if k not in NOT_HASHED}
     for section, key in NOT_HASHED_KEYS:
         if isinstance(resolved.get(section), dict):

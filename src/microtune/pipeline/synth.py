@@ -20,7 +20,7 @@ from microtune.pipeline.check import check
 from microtune.pipeline.lineage import recipe_hash
 from microtune.pipeline.local_teacher import served_teacher
 from microtune.pipeline.recipes import RecipeLike, recipe_json, resolve_recipe
-from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
+from microtune.registry import log_folder, recipe_params, tracked_run
 from microtune.synthesis import generate, synth_config, teacher_endpoint
 
 
@@ -41,13 +41,13 @@ def _generate(recipe: Recipe, workspace: str | Path | None, reporter: Reporter |
     dest = ws.stage_dir(recipe.name, "synthetic") / run_id
     meta = {"recipe": recipe.name, "dataset_dir": str(checked.dataset_dir), "dataset_hash": checked.manifest["dataset_hash"],
             "labels": checked.manifest["labels"], "recipe_hash": recipe_hash(recipe)}
-    with mlflow_run(recipe, ws, run_name=f"synth-{run_id}") as run:
-        log_params(recipe)  # the recipe names the key's environment variable, never the key
-        with write_artifact(dest, "synthetic", {**meta, "mlflow_run_id": run.info.run_id}) as (tmp, manifest):
+    # the recipe names the key's environment variable, never the key
+    with tracked_run(recipe, ws, run_name=f"synth-{run_id}", params=recipe_params(recipe), job_type="synth") as run:
+        with write_artifact(dest, "synthetic", {**meta, "mlflow_run_id": run.run_id}) as (tmp, manifest):
             manifest.update(generate(recipe, checked.dataset_dir, checked.manifest["labels"], tmp, ws.root / "synth-cache.sqlite",
                                      reporter))
             write_text(tmp / "recipe.json", recipe_json(recipe))
-        log_metrics(_synth_metrics(read_manifest(dest, "synthetic")))
+        run.log_metrics(_synth_metrics(read_manifest(dest, "synthetic")))
         log_folder(dest, "synthetic")
     return dest
 

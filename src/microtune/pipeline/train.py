@@ -3,7 +3,8 @@
     adapter_dir = train("recipes/banking-intents.yaml", ["train.epochs=1"], reporter=print)
 
 Events from the training engine (stage ``train``: ``start``, ``progress`` per optimizer step, ``metrics``,
-``done``) are routed here: ``metrics`` go to the MLflow run, everything else to the caller's reporter.
+``done``) are routed here: ``metrics`` go to the MLflow run and its mirrors (``tracking.backends``), everything else
+to the caller's reporter.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ from microtune.core.artifacts import read_json, write_artifact
 from microtune.core.atomic import write_text
 from microtune.core.crashpoints import reach
 from microtune.core.errors import ArtifactError
-from microtune.core.progress import Event, Reporter
+from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace, new_run_id
 from microtune.models import resolve_base
 from microtune.pipeline.check import CheckResult, check
 from microtune.pipeline.lineage import lineage, recipe_hash
 from microtune.pipeline.recipes import RecipeLike, recipe_json
-from microtune.registry import log_folder, log_metrics, log_params, mlflow_run
+from microtune.registry import log_folder, recipe_params, tracked_run
 from microtune.synthesis import synthetic_for_training
 from microtune.training import distributed as dist
 from microtune.training import train_adapter
@@ -33,7 +34,7 @@ from microtune.training.checkpoint import latest_checkpoint
 
 def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
           reporter: Reporter | None = None, resume: bool = False) -> Path:
-    """Check, then fine-tune; returns the adapter artifact folder. Tracked as an MLflow run.
+    """Check, then fine-tune; returns the adapter artifact folder. Tracked as an MLflow run (and its mirrors).
 
     With ``resume`` the newest unfinished run of this recipe continues from its last checkpoint
     (written every ``train.save_steps``) in the same MLflow run; the recipe must not have changed.
@@ -56,34 +57,23 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
             train_adapter(recipe, ref, checked.dataset_dir, labels, Path(scratch), checkpoint_dir=ckpt, resume=resume,
                           extra_train=extra)
         return dest
-    with mlflow_run(recipe, ws, run_id=mlflow_id, run_name=run_id) as run:
-        if mlflow_id is None:
-            log_params(recipe)
+    params = recipe_params(recipe) if mlflow_id is None else None  # a resumed run has its parameters already
+    with tracked_run(recipe, ws, run_id=mlflow_id, run_name=run_id, params=params, job_type="train") as run:
         with write_artifact(dest, "adapter", {"recipe": recipe.name}) as (tmp, manifest):
-            out = train_adapter(recipe, ref, checked.dataset_dir, labels, tmp, reporter=_to_mlflow(reporter), checkpoint_dir=ckpt,
-                                resume=resume, run_meta={"mlflow_run_id": run.info.run_id, "recipe_hash": run_hash},
+            out = train_adapter(recipe, ref, checked.dataset_dir, labels, tmp, reporter=run.reporter(reporter), checkpoint_dir=ckpt,
+                                resume=resume, run_meta={"mlflow_run_id": run.run_id, "recipe_hash": run_hash},
                                 extra_train=extra)
             if synthetic:
                 manifest["synthetic"] = synthetic
             out["cost"]["full_finetune"] = _measured_full(ws, recipe, checked.manifest) or out["cost"]["full_finetune"]
             write_text(tmp / "recipe.json", recipe_json(recipe))
-            manifest.update(labels=labels, dataset_dir=str(checked.dataset_dir), mlflow_run_id=run.info.run_id,
+            manifest.update(labels=labels, dataset_dir=str(checked.dataset_dir), mlflow_run_id=run.run_id,
                             lineage=lineage(recipe, ref, checked.manifest, tmp), **out)
         reach("train.after_artifact")
-        log_metrics({f"cost.{k}": v for k, v in out["cost"].items() if isinstance(v, (int, float))})
+        run.log_metrics({f"cost.{k}": v for k, v in out["cost"].items() if isinstance(v, (int, float))})
         log_folder(dest, "adapter")
     shutil.rmtree(ckpt, ignore_errors=True)  # the run finished: its checkpoints are spent
     return dest
-
-
-def _to_mlflow(reporter: Reporter | None) -> Reporter:
-    """``metrics`` events go to the active MLflow run (at their step); every other event to the caller's reporter."""
-    def route(event: Event) -> None:
-        if event.kind == "metrics":
-            log_metrics(event.data, event.step)
-        elif reporter is not None:
-            reporter(event)
-    return route
 
 
 def _synthetic_rows(recipe: Recipe, ws: Workspace, checked: CheckResult) -> tuple[list[dict[str, Any]], dict[str, Any]]:

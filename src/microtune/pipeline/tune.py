@@ -45,7 +45,7 @@ from microtune.evaluation import score_examples
 from microtune.models import resolve_base
 from microtune.pipeline.check import check
 from microtune.pipeline.recipes import RecipeLike, recipe_json
-from microtune.registry import log_folder, log_metrics, mlflow_run
+from microtune.registry import TrackedRun, log_folder, tracked_run
 from microtune.synthesis import synthetic_for_training
 from microtune.tasks import TASKS
 from microtune.training import train_adapter
@@ -191,11 +191,11 @@ def _parent_run(study: Any, recipe: Recipe, ws: Workspace) -> str:
     """The study's MLflow run, created once; every trial's run is nested under it (``mlflow.parentRunId``)."""
     run_id = study.user_attrs.get(PARENT_RUN)
     if run_id is None:
-        with mlflow_run(recipe, ws, run_name=f"tune-{study.study_name}") as run:
+        with tracked_run(recipe, ws, run_name=f"tune-{study.study_name}", job_type="tune") as run:
             import mlflow
 
             mlflow.set_tags({"microtune.tune.study": study.study_name, "microtune.tune.direction": study.direction.name.lower()})
-            run_id = run.info.run_id
+            run_id = run.run_id
         study.set_user_attr(PARENT_RUN, run_id)
     return run_id
 
@@ -323,34 +323,34 @@ def _objective(job: _Job, study: Any, trial: Any, ref: Any, reporter: Reporter |
     overrides = suggest(trial, job.recipe)
     trial.set_user_attr("overrides", overrides)
     recipe = job.recipe.with_overrides(overrides)
-    with mlflow_run(recipe, Workspace(job.workspace), run_name=f"{job.study}-trial-{trial.number}"):
+    with tracked_run(recipe, Workspace(job.workspace), run_name=f"{job.study}-trial-{trial.number}", params=dict(trial.params),
+                     job_type="tune") as run:
         mlflow.set_tags({"mlflow.parentRunId": study.user_attrs[PARENT_RUN], "microtune.tune.study": job.study,
                          "microtune.tune.trial": str(trial.number)})
-        mlflow.log_params({k: str(v)[:500] for k, v in trial.params.items()})
         try:
-            value = _train_and_score(job, recipe, trial, ref, reporter)
+            value = _train_and_score(job, recipe, trial, ref, reporter, run)
         except optuna.TrialPruned:
             mlflow.set_tag("microtune.tune.state", "PRUNED")
             raise
         mlflow.set_tag("microtune.tune.state", "COMPLETE")
-        log_metrics({f"valid.{job.metric}": value})
+        run.log_metrics({f"valid.{job.metric}": value})
     return value
 
 
-def _train_and_score(job: _Job, recipe: Recipe, trial: Any, ref: Any, reporter: Reporter | None) -> float:
+def _train_and_score(job: _Job, recipe: Recipe, trial: Any, ref: Any, reporter: Reporter | None, run: TrackedRun) -> float:
     root = Path(job.workspace) / recipe.name / "tune" / job.study
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-", dir=root) as scratch:
         adapter = Path(scratch) / "adapter"
         with write_artifact(adapter, "adapter", {"recipe": recipe.name, "labels": job.labels}) as (tmp, manifest):
-            out = train_adapter(recipe, ref, job.dataset_dir, job.labels, tmp, reporter=_pruning(trial, job.direction, reporter),
+            out = train_adapter(recipe, ref, job.dataset_dir, job.labels, tmp, reporter=_pruning(trial, job.direction, reporter, run),
                                 extra_train=job.extra_train)
             write_text(tmp / "recipe.json", recipe_json(recipe))
             manifest.update(method=out["method"], final=out["final"])
         if job.metric == "valid_loss":
             return float(out["final"]["best_valid_loss"])
         scores = score_examples(recipe, ref, adapter, read_split(job.dataset_dir, "valid"))
-    log_metrics({f"valid.{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+    run.log_metrics({f"valid.{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
     value = scores.get(job.metric)
     if not isinstance(value, (int, float)) or math.isnan(value):
         raise RecipeError(f"trial {trial.number}: the valid split gave no {job.metric!r} (got {value!r})",
@@ -358,17 +358,17 @@ def _train_and_score(job: _Job, recipe: Recipe, trial: Any, ref: Any, reporter: 
     return float(value)
 
 
-def _pruning(trial: Any, direction: str, reporter: Reporter | None) -> Reporter:
+def _pruning(trial: Any, direction: str, reporter: Reporter | None, run: TrackedRun) -> Reporter:
     """The training engine's events as the trial's hook: each validation loss is reported to the trial (negated when the
     study maximises a task metric, so lower loss reads as better) and the trial stops when the pruner says so; metrics go
-    to the trial's MLflow run, everything else to the caller's reporter."""
+    to the trial's MLflow run and its mirrors, everything else to the caller's reporter."""
     import optuna
 
     sign = 1.0 if direction == "minimize" else -1.0
 
     def route(event: Event) -> None:
         if event.kind == "metrics":
-            log_metrics(event.data, event.step)
+            run.log_metrics(event.data, event.step)
             if "valid_loss" in event.data and event.step is not None:
                 trial.report(sign * float(event.data["valid_loss"]), event.step)
                 if trial.should_prune():
@@ -489,9 +489,9 @@ def _summarise(job: _Job, study: Any, source: Path | None, user_overrides: list[
                                          "best_value": result.best_value, "best_params": result.best_params,
                                          "overrides": result.overrides, "importances": importances, "importances_note": why,
                                          "counts": counts, "tuned_recipe": str(result.tuned_recipe) if result.tuned_recipe else None})
-    with mlflow_run(job.recipe, Workspace(job.workspace), run_id=study.user_attrs[PARENT_RUN]):
+    with tracked_run(job.recipe, Workspace(job.workspace), run_id=study.user_attrs[PARENT_RUN], job_type="tune") as run:
         if result.best_value is not None:
-            log_metrics({f"best.valid.{job.metric}": result.best_value, "trials.complete": counts.get("complete", 0)})
+            run.log_metrics({f"best.valid.{job.metric}": result.best_value, "trials.complete": counts.get("complete", 0)})
         log_folder(folder, "tune")
     return result
 

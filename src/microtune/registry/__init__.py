@@ -1,4 +1,5 @@
-"""Registry: MLflow tracking (params, metrics, artifacts) and the model registry."""
+"""Registry: MLflow tracking (params, metrics, artifacts) and the model registry; W&B and TensorBoard mirrors (trackers)."""
+from microtune.registry.trackers import TrackedRun, Tracker, require_backends, tracked_run
 from microtune.registry.tracking import (
     flatten,
     log_folder,
@@ -6,9 +7,10 @@ from microtune.registry.tracking import (
     log_params,
     mlflow_run,
     model_versions,
+    recipe_params,
     register_adapter,
     tracking_uri,
 )
 
-__all__ = ["flatten", "log_folder", "log_metrics", "log_params", "mlflow_run", "model_versions",
-           "register_adapter", "tracking_uri"]
+__all__ = ["TrackedRun", "Tracker", "flatten", "log_folder", "log_metrics", "log_params", "mlflow_run", "model_versions",
+           "recipe_params", "register_adapter", "require_backends", "tracked_run", "tracking_uri"]

@@ -176,11 +176,20 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_params(recipe: Recipe) -> None:
+def recipe_params(recipe: Recipe) -> dict[str, Any]:
+    """A run's parameters: the resolved recipe flattened to ``a.b.c`` keys, values as they are (each tracker shapes them)."""
+    return flatten(recipe.resolved())
+
+
+def log_param_values(params: dict[str, Any]) -> None:
+    """Parameters of the active MLflow run, as MLflow keeps them: text, cut at 500 characters."""
     import mlflow
 
-    params = {k: str(v)[:500] for k, v in flatten(recipe.resolved()).items()}
-    mlflow.log_params(params)
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+
+def log_params(recipe: Recipe) -> None:
+    log_param_values(recipe_params(recipe))
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
