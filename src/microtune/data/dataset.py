@@ -91,7 +91,7 @@ def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, A
     task_cls = TASKS[recipe.task.type]
     chat_cfg = _chat_fields(recipe.task)
     rows = []
-    for line, row in read_rows(path, recipe.data.format, log):
+    for line, row in read_rows(path, _row_format(task_cls, path, recipe.data.format), log):
         example, problems = task_cls.normalize(row, chat_cfg if row.get("_chat") else recipe.task)
         for reason, got in problems:
             log.error(f"{path}:{line}", reason, got)
@@ -100,6 +100,14 @@ def _load_split(recipe: Recipe, path: Path, log: ProblemLog) -> list[dict[str, A
     if not rows and not log.errors:
         log.error(str(path), "no rows in file", None)
     return rows
+
+
+def _row_format(task_cls: type, path: Path, fmt: str) -> str:
+    """The reader format for a file: a task that reads OpenAI chat rows whole (``reads_chat_rows``: `chat`) takes them as
+    plain JSONL objects, its own ``normalize`` checking every turn; the others get them cut to ``{text, label}``."""
+    if getattr(task_cls, "reads_chat_rows", False) and detect_format(path, fmt) == "openai_chat":
+        return "jsonl"
+    return fmt
 
 
 def _chat_fields(task: TaskSection) -> TaskSection:
