@@ -90,3 +90,25 @@ def test_serve_passes_the_whole_conversation_and_answers_what_eval_answered(serv
         assert "must end with a user message" in body["error"]["message"]
         status, body = call("POST", srv.url + "/v1/completions", {"model": "helpdesk", "prompt": "where is my parcel"})
         assert status == 200 and isinstance(body["choices"][0]["text"], str)
+
+
+def test_export_merges_a_chat_micro_model_that_answers_what_eval_answered(served: dict[str, Any], tmp_path: Path) -> None:
+    """`export --merge` is task-agnostic: the merged chat model, prompted with the conversation, gives eval's replies."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from microtune import pipeline
+    from microtune.config import artifact_recipe
+    from microtune.models.generation import TextGenerator
+    from microtune.tasks import get_task
+    from microtune.tasks.render import Renderer
+
+    out = pipeline.export(served["adapter"], merge=tmp_path / "merged")["merge"]
+    task = get_task(artifact_recipe(served["adapter"] / "recipe.json").task)
+    renderer = Renderer(AutoTokenizer.from_pretrained(out))
+    lines = served["test"].read_text().splitlines()
+    predictions = [json.loads(line) for line in (served["eval_dir"] / "predictions.jsonl").read_text().splitlines()]
+    prompts = [renderer.prompt_ids(task.messages(task.example_from_messages(json.loads(lines[int(r["source"].rsplit(":", 1)[1]) - 1])
+                                                                            ["messages"][:-1]))) for r in predictions]
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    answers = TextGenerator(merged, renderer, task.decoder().max_new_tokens).predict(prompts)
+    assert [raw for raw, _ in answers] == [r["micro"]["raw"] for r in predictions]
