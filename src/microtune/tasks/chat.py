@@ -164,7 +164,7 @@ def _message(i: int, message: Any, problems: RowProblems) -> dict[str, Any] | No
         problems.append((f"messages[{i}]: unknown role {role!r}; use system, user or assistant{extra}", role))
         return None
     if message.get("tool_calls") or message.get("function_call"):
-        problems.append((f"messages[{i}] (assistant): tool calls are not supported; a chat micro-model answers in text", role))
+        problems.append((f"messages[{i}] ({role}): tool calls are not supported; a chat micro-model answers in text", role))
     if not isinstance(content, str):
         problems.append((f"messages[{i}] ({role}): content must be a string", content))
     elif not content.strip():
