@@ -284,7 +284,9 @@ def serve(
     poll: Annotated[float, typer.Option(help="Seconds between registry alias checks (hot reload); 0: off.",
                                         **_bounds("poll_s"))] = _SERVE["poll_s"].default,
 ) -> None:
-    """Serve micro-models (and the base model) behind one OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
+    """Serve micro-models (and the base model) behind one OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
+
+    Classify, extract and generate micro-models answer the last user message; a chat micro-model the whole conversation."""
     from microtune import pipeline
     from microtune.serving import parse_adapter_options
 

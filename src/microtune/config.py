@@ -670,6 +670,20 @@ class Recipe(Section):
         return _raise_rules([(("gate", "beat_classical"), f"gate.beat_classical needs a task type with the classical baseline "
                               f"({', '.join(having)}), not {task.type}; remove it", True)]) or gate
 
+    @field_validator("synth")
+    @classmethod
+    def _synth_fits_task(cls, synth: SynthConfig | None, info: ValidationInfo) -> SynthConfig | None:
+        """A `synth` section for a task type that synth cannot make rows of is refused when the recipe loads (at `check`),
+        with the task type's reason and alternative, rather than when `microtune synth` runs."""
+        task = info.data.get("task")
+        if synth is None or task is None or TASKS[task.type](task, []).synth() is not None:
+            return synth
+        kind = TASKS[task.type]
+        reason = getattr(kind, "synth_refusal", "its task class has no synth hooks")
+        fix = getattr(kind, "synth_alternative", "remove the `synth` section and train on real rows only")
+        return _raise_rules([(("synth",), f"`microtune synth` does not support task.type {task.type}: {reason}; fix: {fix}",
+                              "synth section")]) or synth
+
     @field_validator("tune")
     @classmethod
     def _tune_fits(cls, tune: TuneConfig, info: ValidationInfo) -> TuneConfig:

@@ -33,6 +33,9 @@ def _rows(task: str, indices: range) -> list[dict[str, Any]]:
                 rows.append({"text": text, "label": label})
             elif task == "multi_label":
                 rows.append({"text": text, "label": [label] if i % 2 else sorted({label, "urgent"})})
+            elif task == "chat":  # a multi-turn conversation: every assistant turn trained (loss_on: all)
+                rows.append({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": f"is it {label}?"},
+                                          {"role": "user", "content": "yes"}, {"role": "assistant", "content": f"{label}: {text.split()[-1]}"}]})
             elif task == "extract":
                 rows.append({"text": text, "target": {"product": PRODUCTS[label] if PRODUCTS[label] in text else None,
                                                       "problem": text.split()[-1]}})
@@ -46,6 +49,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "multi_label": {"type": "classify", "instruction": "Name every topic of the message.", "multi_label": True, "max_labels": 2},
     "extract": {"type": "extract", "instruction": "Extract the product and the problem.", "fields": FIELDS, "max_new_tokens": 24},
     "generate": {"type": "generate", "instruction": "Summarise the message in a few words.", "max_new_tokens": 8},
+    "chat": {"type": "chat", "instruction": "Help the customer in a few words.", "max_new_tokens": 8},
 }
 
 # (task, method) → what `check` says when the combination cannot be served (none today: every cell is served).
@@ -115,7 +119,11 @@ def test_cell_is_served_or_refused_at_check(matrix: dict[str, Any], server: Any,
     assert not isinstance(outcome, Exception), f"{task} × {method} refused at check: {outcome}"
     assert outcome.model_version is not None, "the cell's micro-model was not registered"
     name = f"m-{task}-{method}".replace("_", "-")
-    answer = _client(server).chat.completions.create(model=name, messages=[{"role": "user", "content": TEXTS["refund"][7]}])
+    messages = [{"role": "user", "content": TEXTS["refund"][7]}]
+    if task == "chat":  # a chat micro-model answers the whole conversation
+        messages = [{"role": "system", "content": "Be brief."}, *messages, {"role": "assistant", "content": "is it refund?"},
+                    {"role": "user", "content": "yes"}]
+    answer = _client(server).chat.completions.create(model=name, messages=messages)
     content = answer.choices[0].message.content
     assert answer.choices[0].finish_reason in {"stop", "length"}
     if task == "classify":
@@ -127,3 +135,4 @@ def test_cell_is_served_or_refused_at_check(matrix: dict[str, Any], server: Any,
         assert set(json.loads(content)) == set(FIELDS)  # constrained decoding: valid JSON with exactly the fields
     else:
         assert isinstance(content, str)
+        assert answer.model_extra["microtune"]["task"] == ("chat" if task == "chat" else "generate")

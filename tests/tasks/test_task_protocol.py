@@ -17,6 +17,7 @@ from microtune.core.errors import DataError, RecipeError
 from microtune.synthesis.filters import STAGES
 from microtune.tasks import (
     TASKS,
+    ChatConfig,
     ClassifyConfig,
     DecoderSpec,
     ExtractConfig,
@@ -59,11 +60,13 @@ CASES: list[tuple[TaskSection, str, list[str]]] = [
     (ClassifyConfig(instruction="Route it.", none_label="refund"), "accuracy", ["accuracy", "macro_f1", "in_scope_accuracy", "oos_recall"]),
     (ExtractConfig(instruction="Extract it.", fields=FIELDS), "micro_f1", ["micro_f1", "micro_f1_normalized", "valid_rate"]),
     (GenerateConfig(instruction="Sum it up."), "rouge_l", ["rouge_l", "length_ratio"]),
+    (ChatConfig(instruction="Help the customer."), "rouge_l", ["rouge_l", "length_ratio"]),
 ]
 GOLD_PRED: dict[str, tuple[list[Any], list[Any]]] = {  # two examples per task type, one answer right, one not
     "classify": (["billing", "refund"], ["billing", "shipping"]),
     "extract": ([{"drug": "aspirin", "effect": "rash"}, {"drug": "insulin", "effect": None}], [{"drug": "aspirin", "effect": None}, None]),
     "generate": ([["we prove a bound"], ["a new model"]], ["we prove a bound", None]),
+    "chat": ([["your card is unblocked"], ["which card?"]], ["your card is unblocked", None]),
 }
 
 
@@ -152,7 +155,7 @@ def test_an_unknown_task_key_or_type_names_the_fix(tmp_path: Path) -> None:
     path.write_text("name: x\ntask:\n  instruction: go\n  type: clasify\ndata: {train: t.jsonl}\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
-    assert f"{path}:4 task.type: unknown task type 'clasify'; did you mean 'classify'? (one of: classify, extract, generate)" in str(err.value)
+    assert f"{path}:4 task.type: unknown task type 'clasify'; did you mean 'classify'? (one of: classify, extract, generate, chat)" in str(err.value)
 
 
 def test_an_old_artifact_recipe_with_keys_of_the_flat_task_section_still_loads(tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def _load_source(recipe: Recipe, source: Path | HfSource, log: ProblemLog) -> tu
     fmt, task_cls, chat_cfg = recipe.data.format, TASKS[recipe.task.type], _chat_fields(recipe.task)
     table = isinstance(source, HfSource) or is_hf_folder(source)
     rows, read = [], []
-    for where, row in located_rows(source, fmt, log):
+    for where, row in located_rows(source, fmt if table else _row_format(task_cls, source, fmt), log):
         if table:
             read.append(row)
         example, problems = task_cls.normalize(row, chat_cfg if row.get("_chat") else recipe.task)
@@ -105,6 +105,14 @@ def _load_source(recipe: Recipe, source: Path | HfSource, log: ProblemLog) -> tu
         return rows, {"path": str(source), "sha256": hash_file(source), "format": detect_format(source, fmt)}
     spec = source if isinstance(source, HfSource) else HfSource(hf=str(source))
     return rows, {**spec.model_dump(exclude_none=True), "sha256": hash_value(read), "format": "hf", "rows": len(read)}
+
+
+def _row_format(task_cls: type, path: Path, fmt: str) -> str:
+    """The reader format for a file: a task that reads OpenAI chat rows whole (``reads_chat_rows``: `chat`) takes them as
+    plain JSONL objects, its own ``normalize`` checking every turn; the others get them cut to ``{text, label}``."""
+    if getattr(task_cls, "reads_chat_rows", False) and detect_format(path, fmt) == "openai_chat":
+        return "jsonl"
+    return fmt
 
 
 def _chat_fields(task: TaskSection) -> TaskSection:

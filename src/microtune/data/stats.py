@@ -7,19 +7,21 @@ from typing import Any
 import numpy as np
 
 from microtune.data.dataset import SPLITS, normalize_text
+from microtune.tasks.render import IGNORE, labels_of
 
 
 def compute_stats(splits: dict[str, list[dict[str, Any]]], labels: list[str], encode, max_len: int | None = None) -> dict[str, Any]:
-    """``encode(example) -> (prompt_ids, completion_ids)`` is the encoding before any cut, so the lengths are the rows'
-    own; with ``max_len`` (train.max_seq_len), ``over_max_seq_len`` counts the train rows training will cut."""
+    """``encode(example) -> (prompt_ids, completion_ids[, labels])`` is the encoding before any cut, so the lengths are the
+    rows' own; with ``max_len`` (train.max_seq_len), ``over_max_seq_len`` counts the train rows training will cut. The loss
+    share counts the tokens that get loss (a conversation's trained turns, not only its last reply)."""
     stats: dict[str, Any] = {"rows": {s: len(splits[s]) for s in SPLITS}, "labels": labels, "per_label": {}}
     for name in SPLITS:
         stats["per_label"][name] = dict(Counter(a for e in splits[name] for a in e.get("labels", [e.get("label")]) if a).most_common())
     lengths, completion, long = [], [], []
     for ex in splits["train"]:
-        prompt, comp = encode(ex)
-        lengths.append(len(prompt) + len(comp))
-        completion.append(len(comp))
+        encoded = encode(ex)
+        lengths.append(len(encoded[0]) + len(encoded[1]))
+        completion.append(sum(label != IGNORE for label in labels_of(encoded)))
         if max_len is not None and lengths[-1] > max_len:
             long.append(ex.get("source"))
     if max_len is not None:

@@ -20,7 +20,7 @@ from microtune.models import load_tokenizer, resolve_base
 from microtune.pipeline.recipes import RecipeLike, resolve_recipe
 from microtune.registry import require_backends
 from microtune.tasks import get_task
-from microtune.tasks.render import Renderer
+from microtune.tasks.render import Renderer, encode_example
 
 UNCUT = 1 << 30  # no cut: check measures each row's real length
 
@@ -41,10 +41,9 @@ def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     ref = resolve_base(recipe.model)
     renderer, task = Renderer(load_tokenizer(ref)), get_task(recipe.task, result.labels)
     max_len = recipe.train.max_seq_len
-    stats = compute_stats(result.splits, result.labels, lambda ex: renderer.encode(task.messages(ex), task.target(ex), UNCUT),
-                          max_len)
+    stats = compute_stats(result.splits, result.labels, lambda ex: encode_example(task, ex, renderer, UNCUT), max_len)
     dest = ws.stage_dir(recipe.name, "datasets") / result.key[:12]
-    warnings = [str(p) for p in result.log.warnings] + _long_rows(stats)
+    warnings = [str(p) for p in result.log.warnings] + _long_rows(stats, hasattr(task, "conversation"))
     manifest = {"recipe": recipe.name, "dataset_hash": result.key, "labels": result.labels, "sources": result.sources,
                 "stats": stats, "warnings": warnings, "task": recipe.task.model_dump(mode="json")}
     if not (dest / "manifest.json").is_file():
@@ -53,12 +52,14 @@ def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     return CheckResult(recipe, dest, read_manifest(dest, "dataset"), manifest["warnings"])
 
 
-def _long_rows(stats: dict[str, Any]) -> list[str]:
-    """A warning when train rows are longer than train.max_seq_len: training cuts them (the stats show their real length)."""
+def _long_rows(stats: dict[str, Any], turns: bool = False) -> list[str]:
+    """A warning when train rows are longer than train.max_seq_len: training cuts them (the stats show their real length);
+    ``turns``: rows are conversations, whose earliest exchanges go first."""
     over = stats.get("over_max_seq_len") or {}
     if not over.get("rows"):
         return []
     longest = stats["train_tokens"]["max"]
+    cut = "drops their earliest exchanges, then cuts the end of the last user text" if turns else "cuts them at the end of the text"
     return [str(Problem("train", f"{over['rows']} row(s) longer than train.max_seq_len={over['max_seq_len']} tokens (longest "
-                                 f"{longest:,}); training cuts them at the end of the text — raise train.max_seq_len or shorten "
+                                 f"{longest:,}); training {cut} — raise train.max_seq_len or shorten "
                                  "those rows", ", ".join(map(str, over["first"])), severity="warning"))]

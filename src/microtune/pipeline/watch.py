@@ -165,7 +165,11 @@ def _quarantine(folder: Path, path: Path, checksum: str, log: ProblemLog) -> Non
 
 
 def _raw(example: dict[str, Any]) -> dict[str, Any]:
-    """A normalised example back in the plain field names the round's data files use (text, label, target)."""
+    """A normalised example back in the plain field names the round's data files use (text, label, target; a chat
+    conversation as its OpenAI row, with the transcript as ``text`` for the drift, holdout and leakage checks)."""
+    if "messages" in example:
+        last = {"role": "assistant", "content": example["target"], "weight": example["weight"]}
+        return {"messages": [*example["messages"], last], "text": example["text"]}
     if "output" in example:
         return {"text": example["text"], "target": example["output"]}
     if "references" in example:

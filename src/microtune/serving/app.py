@@ -9,8 +9,10 @@ A `classify` micro-model answers the most probable valid answer of the last user
 prompt built exactly as in training and evaluation; the answers its evaluation decodes: a label, or a
 label set with multi_label), with its probability. An `extract` micro-model answers the JSON object its
 evaluation generates (eval's prompt, constrained to the task's schema; the `microtune` field carries the
-parsed object), a `generate` micro-model its free text; both up to the recipe's ``task.max_new_tokens`` (a
-request may lower it, a higher ``max_tokens`` is a 400). The base model generates freely, or JSON with
+parsed object), a `generate` micro-model its free text, a `chat` micro-model its reply to the whole
+conversation (``messages`` as sent: system message and earlier turns, in the turn order it was trained on;
+`/v1/completions` sends one user turn); each up to the recipe's ``task.max_new_tokens`` (a request may lower
+it, a higher ``max_tokens`` is a 400). The base model generates freely, or JSON with
 ``response_format`` (``json_object``, or ``json_schema`` with the client's schema: grammar-constrained).
 Every generation runs in its model instance's continuous batch (``engine``), streamed as it grows.
 
@@ -185,9 +187,9 @@ class Service:
         return {"max_tokens": max_tokens or min(default, limit), "temperature": req.temperature or 0, "top_p": req.top_p,
                 "seed": req.seed, "stop": stops, "eos": sorted(e for e in eos if e is not None)}
 
-    # -- extract and generate micro-models --------------------------------------------------------
+    # -- extract, generate and chat micro-models -------------------------------------------------
     def task_of(self, spec: AdapterSpec) -> Any:
-        """The task of an extract/generate micro-model, built once per adapter version."""
+        """The task of a micro-model, built once per adapter version."""
         if spec.key not in self._gen_tasks:
             self._gen_tasks[spec.key] = get_task(spec.recipe.task, spec.labels)
         return self._gen_tasks[spec.key]
@@ -197,10 +199,21 @@ class Service:
         tok = self.engine.tok
         return sorted(t for t in {self.engine.renderer.stop_id, tok.eos_token_id} if t is not None)
 
-    def micro_prompt(self, spec: AdapterSpec, task: Any, text: str, chat: bool) -> list[int]:
-        """Eval's micro prompt (the trained instruction + the text). A prompt that leaves no room for an answer within
-        the trained length (``train.max_seq_len``) is refused, not cut, as for classify models."""
-        prompt = self.engine.renderer.prompt_ids(task.messages({"text": text}))
+    def micro_example(self, spec: AdapterSpec, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """What a micro-model answers: a chat micro-model (a task with ``example_from_messages``) the whole conversation,
+        system message and earlier turns included; the others the last user message's text."""
+        from_messages = getattr(self.task_of(spec), "example_from_messages", None)
+        if from_messages is None:
+            return {"text": _last_user(messages)}
+        try:
+            return from_messages(messages)
+        except ValueError as exc:
+            raise S.ApiError(400, f"messages: {exc}", "messages", "invalid_conversation") from None
+
+    def micro_prompt(self, spec: AdapterSpec, task: Any, example: dict[str, Any], chat: bool) -> list[int]:
+        """Eval's micro prompt (the trained instruction + the text, or a chat model's conversation). A prompt that leaves
+        no room for an answer within the trained length (``train.max_seq_len``) is refused, not cut, as for classify models."""
+        prompt = self.engine.renderer.prompt_ids(task.messages(example))
         limit = spec.recipe.train.max_seq_len
         if len(prompt) >= limit:
             raise S.ApiError(400, f"the prompt is {len(prompt)} tokens; model {spec.name!r} was trained on at most {limit} tokens "
@@ -267,19 +280,21 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
 
 
-def _last_user(messages: list[S.Message]) -> str:
+def _last_user(messages: list[dict[str, str]]) -> str:
     for message in reversed(messages):
-        if message.role == "user":
-            return message.text()
+        if message["role"] == "user":
+            return message["content"]
     raise S.ApiError(400, "messages: a classify model needs a user message (the text to classify)", "messages", "missing_user_message")
 
 
 # -- responses ------------------------------------------------------------------------------------
-async def micro_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, text: str, chat: bool) -> Response:
-    """A micro-model's answer to ``text`` by its task type: a label (classify) or generated text (extract, generate)."""
+async def micro_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, messages: list[dict[str, str]],
+                         chat: bool) -> Response:
+    """A micro-model's answer to ``messages`` by its task type: a label (classify) or generated text (extract, generate, chat)."""
+    example = svc.micro_example(spec, messages)
     if spec.task == "classify":
-        return await classify_response(svc, req, spec, text, chat)
-    return await micro_generate_response(svc, req, spec, text, chat)
+        return await classify_response(svc, req, spec, example["text"], chat)
+    return await micro_generate_response(svc, req, spec, example, chat)
 
 
 async def classify_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, text: str, chat: bool) -> Response:
@@ -385,7 +400,7 @@ async def generate_response(svc: Service, req: S.ChatRequest | S.CompletionReque
     return await _generation(svc, req, BASE, prompt, params, chat, None, None)
 
 
-async def micro_generate_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, text: str,
+async def micro_generate_response(svc: Service, req: S.ChatRequest | S.CompletionRequest, spec: AdapterSpec, example: dict[str, Any],
                                   chat: bool) -> Response:
     """An extract or generate micro-model: eval's micro prompt and decoder (extract: the task's JSON schema, per row), in
     its instance's running batch; the `microtune` field carries the answer as eval parses it."""
@@ -396,7 +411,7 @@ async def micro_generate_response(svc: Service, req: S.ChatRequest | S.Completio
     decoder = task.decoder()
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     svc.check_micro_generation(req, spec, decoder, max_tokens)
-    prompt = svc.micro_prompt(spec, task, text, chat)
+    prompt = svc.micro_prompt(spec, task, example, chat)
     eos = svc.micro_eos()
     params = {"max_tokens": max_tokens or decoder.max_new_tokens, "temperature": req.temperature or 0, "top_p": req.top_p,
               "seed": req.seed, "stop": req.stops(), "eos": eos, "constraint": None}
@@ -512,10 +527,10 @@ def _routes(app: FastAPI, svc: Service) -> None:
         req = await svc.parse(request, S.ChatRequest)
         unsupported(req)
         target = await svc.lookup(req.model)
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
         if isinstance(target, AdapterSpec):
-            return await micro_response(svc, req, target, _last_user(req.messages), chat=True)
-        prompt = svc.engine.renderer.prompt_ids([{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                                                 for m in req.messages])
+            return await micro_response(svc, req, target, messages, chat=True)
+        prompt = svc.engine.renderer.prompt_ids(messages)
         return await generate_response(svc, req, prompt, chat=True)
 
     @app.post("/v1/completions")
@@ -524,7 +539,7 @@ def _routes(app: FastAPI, svc: Service) -> None:
         unsupported(req)
         target = await svc.lookup(req.model)
         if isinstance(target, AdapterSpec):
-            return await micro_response(svc, req, target, req.text(), chat=False)
+            return await micro_response(svc, req, target, [{"role": "user", "content": req.text()}], chat=False)
         prompt = svc.engine.tok(req.text(), add_special_tokens=False)["input_ids"]
         if not prompt:
             raise S.ApiError(400, "prompt: empty", "prompt", "empty_prompt")

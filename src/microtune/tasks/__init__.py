@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from microtune.core.registry import Registry
 from microtune.tasks.base import DEFAULT_SCORING, PROMPTED, SCORINGS, DecoderSpec, SynthHooks, Task, TaskSection, baselines_of
+from microtune.tasks.chat import ChatConfig, ChatTask
 from microtune.tasks.classify import ClassifyConfig, ClassifyTask
 from microtune.tasks.extract import ExtractConfig, ExtractTask
 from microtune.tasks.generate import GenerateConfig, GenerateTask
@@ -41,6 +42,7 @@ def unregister(name: str) -> None:
 register(ClassifyTask)
 register(ExtractTask)
 register(GenerateTask)
+register(ChatTask)
 
 
 def get_task(cfg: TaskSection, labels: Sequence[str] = ()) -> Task:
@@ -53,6 +55,6 @@ def all_baselines() -> list[str]:
     return list(dict.fromkeys(b for task in TASKS.values() for b in baselines_of(task)))
 
 
-__all__ = ["DEFAULT_SCORING", "DEFAULT_TASK", "PROMPTED", "SCORINGS", "TASKS", "ClassifyConfig", "ClassifyTask", "DecoderSpec",
-           "ExtractConfig", "ExtractTask", "GenerateConfig", "GenerateTask", "SynthHooks", "Task", "TaskSection", "all_baselines",
-           "baselines_of", "get_task", "on_change", "register", "unregister"]
+__all__ = ["DEFAULT_SCORING", "DEFAULT_TASK", "PROMPTED", "SCORINGS", "TASKS", "ChatConfig", "ChatTask", "ClassifyConfig", "ClassifyTask",
+           "DecoderSpec", "ExtractConfig", "ExtractTask", "GenerateConfig", "GenerateTask", "SynthHooks", "Task", "TaskSection",
+           "all_baselines", "baselines_of", "get_task", "on_change", "register", "unregister"]

@@ -30,7 +30,8 @@ DEFAULT_SCORING: Scoring = "trie"
 
 TYPE_DESCRIPTION = (
     "Task type: `classify` (text → label, or labels with multi_label), `extract` (text → JSON "
-    "object with the `fields`), `generate` (text → free text, e.g. a summary)."
+    "object with the `fields`), `generate` (text → free text, e.g. a summary), `chat` (a multi-turn conversation in "
+    "OpenAI's chat format → the next assistant reply)."
 )
 
 

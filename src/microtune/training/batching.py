@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-IGNORE = -100
+from microtune.tasks.render import IGNORE, Encoded, labels_of
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
@@ -60,18 +60,19 @@ def label_weights(labels: Sequence[str], power: float) -> list[float]:
     return [w / mean for w in raw]
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, weights: Sequence[float] | None = None) -> dict[str, Any]:
-    """``(prompt_ids, completion_ids)`` pairs → padded tensors; loss only on completion tokens."""
+def collate(examples: list[Encoded], pad_id: int, weights: Sequence[float] | None = None) -> dict[str, Any]:
+    """``(prompt_ids, completion_ids)`` pairs → padded tensors; loss only on completion tokens (and on the trained
+    earlier turns of a conversation, whose ``labels`` come as a third element: ``tasks.render.labels_of``)."""
     import torch
 
-    width = max(len(p) + len(c) for p, c in examples)
+    width = max(len(p) + len(c) for p, c, *_ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(examples):
-        seq = prompt + completion
+    for row, example in enumerate(examples):
+        seq = example[0] + example[1]
         ids[row, : len(seq)] = torch.tensor(seq)
-        labels[row, len(prompt): len(seq)] = torch.tensor(completion)
+        labels[row, : len(seq)] = torch.tensor(labels_of(example))
         mask[row, : len(seq)] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if weights is not None:

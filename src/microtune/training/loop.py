@@ -34,7 +34,7 @@ def step_groups(run: Run) -> Iterator[list[list[int]]]:
     """The rest of the run's global batches (from ``state.micro`` on), ``train.grad_accum`` per optimizer step
     (fewer in the last step when the run's micro-batches do not divide evenly)."""
     cfg, data = run.cfg, run.data
-    lengths = [len(p) + len(c) for p, c in data.train]
+    lengths = [len(p) + len(c) for p, c, *_ in data.train]
     sample = data.weights if data.balance == "sample" else None
     batches = (idx for _, idx in iterate_batches(lengths, cfg.batch_size, cfg.seed, run.plan.total_micro, run.state.micro,
                                                  sample, run.plan.window))

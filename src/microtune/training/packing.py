@@ -12,8 +12,9 @@ the shared prefix (its KV cache is computed once and repeated for the rows): no 
 another example (tests/training/test_packing.py checks it with a crafted batch). Only the last row can carry
 padding, so the linear layers — most of the FLOPs for short examples — see almost no wasted tokens.
 
-The first suffix token of every example is a prompt token (the prefix stops at least one token
-before each prompt ends), so a shifted label at an example boundary is always ignored (-100).
+The first suffix token of every example is an untrained one (the prefix stops at least one token
+before each example's first trained token: the end of its prompt, or of a conversation's first untrained
+stretch), so a shifted label at an example boundary is always ignored (-100).
 """
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ from typing import Any
 
 from microtune.models.compat import cache_kwarg, cache_of
 from microtune.models.decoding import common_prefix
-
-IGNORE = -100
+from microtune.tasks.render import IGNORE, Encoded, labels_of
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -40,13 +40,14 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, capacity: int, share_prefix: bool = True,
+def pack(examples: list[Encoded], pad_id: int, capacity: int, share_prefix: bool = True,
          weights: Sequence[float] | None = None) -> dict[str, Any]:
-    """Pack ``(prompt_ids, completion_ids)`` pairs; see the module docstring for the layout."""
+    """Pack ``(prompt_ids, completion_ids)`` pairs (or conversations with their ``labels``); see the module docstring."""
     import torch
 
-    p = common_prefix([prompt for prompt, _ in examples]) if share_prefix and len(examples) > 1 else 0
-    suffixes = [(prompt + completion)[p:] for prompt, completion in examples]
+    targets = [labels_of(example) for example in examples]
+    p = common_prefix([_untrained_head(e, t) for e, t in zip(examples, targets)]) if share_prefix and len(examples) > 1 else 0
+    suffixes = [(example[0] + example[1])[p:] for example in examples]
     rows = first_fit([len(s) for s in suffixes], capacity)
     width = max(sum(len(suffixes[i]) for i in row) for row in rows)
     shape = (len(rows), width)
@@ -56,20 +57,26 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, capacity: int
     for r, row in enumerate(rows):
         col = 0
         for i in row:
-            prompt, completion = examples[i]
-            n, own_prompt = len(suffixes[i]), len(prompt) - p
+            n = len(suffixes[i])
             ids[r, col:col + n] = torch.tensor(suffixes[i])
-            labels[r, col + own_prompt:col + n] = torch.tensor(completion)
+            labels[r, col:col + n] = torch.tensor(targets[i][p:])
             positions[r, col:col + n] = torch.arange(p, p + n)
             seq_ids[r, col:col + n] = i + 1
             token_weights[r, col:col + n] = 1.0 if weights is None else weights[i]
             col += n
     batch = {"prefix_ids": torch.tensor([examples[0][0][:p]], dtype=torch.long), "input_ids": ids, "labels": labels,
              "position_ids": positions, "seq_ids": seq_ids,
-             "n_tokens": torch.tensor(sum(len(a) + len(b) for a, b in examples))}
+             "n_tokens": torch.tensor(sum(len(a) + len(b) for a, b, *_ in examples))}
     if weights is not None:
         batch["token_weights"] = token_weights
     return batch
+
+
+def _untrained_head(example: Encoded, labels: list[int]) -> list[int]:
+    """The ids before the example's first trained token: the most of it a shared prefix may take (a conversation's
+    earlier trained turns lie inside its prompt, and the prefix carries no labels)."""
+    first = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+    return (example[0] + example[1])[:first]
 
 
 def block_mask(seq_ids: Any, prefix: int) -> Any:

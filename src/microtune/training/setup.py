@@ -17,7 +17,8 @@ from microtune.data import imbalance, read_split
 from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config
 from microtune.models.hardware import device, seed_everything, use_bf16
 from microtune.tasks import get_task
-from microtune.tasks.render import Renderer
+from microtune.tasks.render import Encoded as Example
+from microtune.tasks.render import Renderer, encode_example
 from microtune.training import distributed as dist
 from microtune.training.batching import batches_per_epoch, label_weights
 from microtune.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -25,7 +26,7 @@ from microtune.training.state import Clock, TrainState
 from microtune.training.strategy import Single, pick
 
 BUCKET_WINDOW = 50  # batches per length-sorting window when train.length_bucketing is on
-Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids) per example
+Encoded = list[Example]  # (prompt_ids, completion_ids), or a conversation's (prompt_ids, completion_ids, labels), per example
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume
     strategy = pick(cfg)
     model = build_model(recipe, ref, to_device=not strategy.places_model)
     strategy.wrap(model, cfg)
-    plan = make_plan(cfg, [len(p) + len(c) for p, c in data.train])
+    plan = make_plan(cfg, [len(p) + len(c) for p, c, *_ in data.train])
     optimizer, scheduler = _optimizer(model, cfg, plan.steps)
     state, best = _restore(resume, model, optimizer, scheduler)
     model.train()
@@ -131,7 +132,7 @@ def encode(recipe: Recipe, tokenizer: Any, source: DataSource) -> Data:
 
 
 def encode_split(rows: list[dict[str, Any]], task: Any, renderer: Renderer, max_len: int) -> Encoded:
-    return [renderer.encode(task.messages(r), task.target(r), max_len) for r in rows]
+    return [encode_example(task, r, renderer, max_len) for r in rows]
 
 
 def resolve_balance(setting: str, labels: list[str | None]) -> str:
