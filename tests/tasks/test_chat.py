@@ -253,3 +253,21 @@ def test_watch_stores_a_conversation_as_the_row_it_came_from() -> None:
     stored = json.loads(json.dumps(_raw(example)))
     assert stored["text"] == example["text"]  # what watch's drift, holdout and leakage checks read
     assert task.normalize(stored, cfg) == (example, [])
+
+
+def test_predict_reads_a_conversation_to_answer_or_a_whole_row_as_eval_does(tmp_path: Path) -> None:
+    """`microtune predict` on chat rows: a conversation ending with the user turn, or a training row whose last reply is
+    dropped; both give the prompt eval builds, and a broken turn order is a reject at its line."""
+    from microtune.data.inputs import read_inputs
+    from microtune.tasks import TASKS
+
+    cfg = ChatConfig(instruction=INSTRUCTION)
+    task = get_task(cfg)
+    whole = conversation("billing", 1, system=True)
+    open_ = {"messages": whole["messages"][:-1]}
+    broken = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]}
+    write_jsonl(tmp_path / "in.jsonl", [whole, open_, broken])
+    inputs = read_inputs(TASKS["chat"], cfg, tmp_path / "in.jsonl")
+    expected = task.messages(task.normalize(whole, cfg)[0])
+    assert [task.messages(r.example) for r in inputs.rows] == [expected, expected]
+    assert [r["source"] for r in inputs.rejects] == [f"{tmp_path / 'in.jsonl'}:3"] and not inputs.fatal

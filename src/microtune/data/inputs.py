@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from microtune.core.errors import Problem, ProblemLog
-from microtune.data.readers import STOPPED, located_rows, readable
+from microtune.data.readers import STOPPED, detect_format, located_rows, readable
 from microtune.tasks.base import normalize_input
 
 _ROW_PLACE = re.compile(r":(?:row )?\d+$")  # file:17 or file:row 16 — a problem with one row, not with the whole source
@@ -53,6 +53,8 @@ def read_inputs(task_cls: Any, cfg: Any, source: Path, fmt: str = "auto", id_fie
     normalize: Callable[..., Any] = getattr(task_cls, "normalize_input", normalize_input)  # a plugin by shape has the default
     chat_cfg = cfg.model_copy(update={"text_field": "text"})  # OpenAI chat rows: the reader puts the user turn under `text`
     raw: dict[str, Any] = {}
+    if getattr(task_cls, "reads_chat_rows", False) and source.is_file() and detect_format(source, fmt) == "openai_chat":
+        fmt = "jsonl"  # a type that reads OpenAI chat rows whole (`chat`) gets them as they are, not cut to {text, label}
     for where, row in located_rows(source, fmt, log):
         example, problems = normalize(row, chat_cfg if row.get("_chat") else cfg)
         for reason, got in problems:

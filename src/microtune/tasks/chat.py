@@ -99,6 +99,23 @@ class ChatTask(GenerateTask):
         return {"text": transcript(context), "messages": context, "target": last["content"], "references": [last["content"]],
                 "weight": last.get("weight", 1)}, []
 
+    @staticmethod
+    def normalize_input(row: dict[str, Any], cfg: ChatConfig) -> tuple[Row | None, RowProblems]:
+        """For `microtune predict`: the conversation to answer. A row may end with the user turn to answer, or be a whole
+        training row (its last assistant reply is dropped, so a test file is answered as eval scores it)."""
+        problems = _tool_problems(row)
+        raw = row.get(cfg.messages_field)
+        if not isinstance(raw, list) or not raw:
+            return None, [*problems, (f"field {cfg.messages_field!r} must be a non-empty list of {{role, content}} objects", raw)]
+        turns = [_message(i, m, problems) for i, m in enumerate(raw)]
+        if len(turns) > 1 and turns[-1] is not None and turns[-1]["role"] == "assistant":
+            turns = turns[:-1]
+        problems += turn_order_problems([t["role"] if t else None for t in turns], last="user")
+        if problems:
+            return None, problems
+        context = [{"role": t["role"], "content": t["content"]} for t in turns if t is not None]
+        return {"text": transcript(context), "messages": context}, []
+
     # -- prompts ----------------------------------------------------------------------------------
     def messages(self, example: dict[str, Any], *, label_list: bool = False,
                  shots: Sequence[dict[str, Any]] = ()) -> list[dict[str, str]]:
