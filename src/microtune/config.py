@@ -90,7 +90,7 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `base` is a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype the weights load in (training, eval, serving, watch). `auto`: bfloat16 on a CUDA GPU that "
+        "auto", description="Dtype the weights load in (train, eval, and the artifact wherever it is served). `auto`: bfloat16 on a CUDA GPU that "
         "has it, float16 on an older GPU, float32 on a CPU (bf16 autocast, train.bf16, already runs the matmuls there) and "
         "for method full (AdamW needs fp32 master weights). Adapter weights (LoRA, DoRA, …) always train in float32."
     )
