@@ -24,7 +24,7 @@ from microtune.config import ModelConfig
 from microtune.models import LabelPredictor, load_model, load_tokenizer, resolve_base
 from microtune.models.constrain import json_schema
 from microtune.models.generation import BatchGenerator, GenRequest
-from microtune.models.hardware import use_bf16
+from microtune.models.hardware import device, use_bf16
 from microtune.serving import parse_adapter_options
 from microtune.serving.catalog import load_spec
 from microtune.tasks import get_task
@@ -40,7 +40,8 @@ def build(adapters: dict[str, Any], bf16: bool) -> FastAPI:
         ref = resolve_base(ModelConfig(base=_base_of(path)))
         spec = load_spec(name, None, path, ref.path)  # the same metadata checks as microtune serve
         if model is None:
-            tokenizer, model = load_tokenizer(ref), PeftModel.from_pretrained(load_model(ref).eval(), str(path), adapter_name=name)
+            tokenizer, model = load_tokenizer(ref), PeftModel.from_pretrained(load_model(ref).to(device()).eval(), str(path),
+                                                                                adapter_name=name)
         else:
             model.load_adapter(str(path), adapter_name=name)
         specs[name] = spec

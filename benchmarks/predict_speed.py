@@ -33,7 +33,7 @@ import torch
 from microtune.config import load_recipe
 from microtune.data import build_dataset
 from microtune.models import LabelPredictor, load_model, load_tokenizer, load_trained, resolve_base
-from microtune.models.hardware import autocast, use_bf16
+from microtune.models.hardware import autocast, device, use_bf16
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
 
@@ -51,7 +51,7 @@ def generate_free(model, tok, renderer, prompts, task, bf16, batch_size: int) ->
     with torch.no_grad(), autocast(bf16):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = tok.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
+            batch = tok.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt").to(model.device)
             out = model.generate(**batch, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id,
                                  eos_token_id=renderer.stop_id)
             width = batch["input_ids"].shape[1]
@@ -126,7 +126,7 @@ def main() -> None:
             "generate one by one (free)": lambda: generate_free(model, tok, renderer, micro, task, bf16, 1),
         }, golds, args.repeats)
 
-    base = load_model(ref).eval()
+    base = load_model(ref).to(device()).eval()
     zero = [renderer.prompt_ids(task.messages(ex, label_list=True)) for ex in test]
     zero_rows = measure({
         "microtune (prefix cache + trie)": lambda: [p for p, _ in LabelPredictor(base, renderer, data.labels, BATCH, bf16).predict(zero)],

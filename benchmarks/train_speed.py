@@ -87,14 +87,18 @@ def peak_matmul(n: int = 2048, reps: int = 10) -> dict[str, float]:
     import torch
 
     out = {}
+    where = "cuda" if torch.cuda.is_available() else "cpu"  # the device the runs train on (a GPU's peak, not its host's)
+    sync = torch.cuda.synchronize if where == "cuda" else (lambda: None)
     for dtype in (torch.bfloat16, torch.float32):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=where), torch.randn(n, n, dtype=dtype, device=where)
         for _ in range(3):
             torch.matmul(a, b)
         times = []
         for _ in range(reps):
+            sync()
             start = time.perf_counter()
             torch.matmul(a, b)
+            sync()
             times.append(time.perf_counter() - start)
         out[str(dtype).removeprefix("torch.")] = 2 * n**3 / statistics.median(times)
     return out
@@ -154,7 +158,7 @@ def run_microtune(kind: str, args: argparse.Namespace, work: Path) -> dict[str, 
     wall = time.perf_counter() - start
     peak = rss_mb()
     cost = read_json(adapter / "manifest.json")["cost"]
-    precision = {"weights": "nf4" if kind == "qlora" else "float32", "autocast": "bf16" if cost["bf16"] else "no",
+    precision = {"weights": "nf4" if kind == "qlora" else cost.get("weights_dtype", "float32"), "autocast": "bf16" if cost["bf16"] else "no",
                  "grad_ckpt": recipe.train.gradient_checkpointing}
     return {"tokens": cost["tokens_seen"], "loop_s": cost["wall_time_s"], "wall_s": wall, "rss_mb": peak,
             "dense_params": cost["dense_params"], "precision": precision, "adapter": str(adapter)}

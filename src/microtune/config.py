@@ -113,6 +113,16 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `base` is a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the weights load in (train, eval, and the artifact wherever it is served). `auto`: bfloat16 on a CUDA GPU that "
+        "has it, float16 on an older GPU, float32 on a CPU (bf16 autocast, train.bf16, already runs the matmuls there) and "
+        "for method full (AdamW needs fp32 master weights). Adapter weights (LoRA, DoRA, …) always train in float32."
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel. `auto`: flash_attention_2 on a CUDA GPU with the flash_attn package and "
+        "bf16/fp16 weights (not with train.packing), else transformers' default (SDPA for Llama-type models). "
+        "flash_attention_2 where it cannot run is refused with the reason."
+    )
 
 
 def _method_kind(value: Any) -> str:
@@ -163,6 +173,21 @@ def _method_rules(kind: str | None, train: Any) -> list[tuple[tuple[str, ...], s
         broken.append((("train", "save_steps"), "train.save_steps (resumable checkpoints) is not supported with "
                        "train.distributed.strategy=fsdp yet; remove train.save_steps, or use strategy: ddp to checkpoint "
                        "and --resume", train.save_steps))
+    return broken
+
+
+def _precision_rules(model: Any, kind: str, train: Any) -> list[tuple[tuple[str, ...], str, Any]]:
+    """``model.dtype``/``model.attention`` combinations that cannot train, whatever the machine (the machine-dependent
+    refusals, flash attention without CUDA, come when the model loads: models/hardware.py)."""
+    broken: list[tuple[tuple[str, ...], str, Any]] = []
+    if model.attention == "flash_attention_2" and train.packing:
+        broken.append((("train", "packing"), "train.packing cannot be used with model.attention=flash_attention_2: packed rows "
+                       "need a block-diagonal attention mask over a shared prompt prefix held in the KV cache, which the "
+                       "flash-attention kernel does not take; set train.packing=false, or model.attention: auto or sdpa", True))
+    if model.dtype == "float16" and methods.has(kind, "full_model"):
+        broken.append((("model", "dtype"), f"model.dtype=float16 cannot train method {kind}: the trained weights and their "
+                       "gradients would be float16, which overflow without loss scaling and which AdamW cannot update "
+                       "reliably; use model.dtype: auto (float32 master weights) or bfloat16", "float16"))
     return broken
 
 
@@ -643,6 +668,12 @@ class Recipe(Section):
         `check` reports these beside them; `method` is validated before `train`, and is absent when invalid."""
         method = info.data.get("method")
         return _raise_rules(_method_rules(getattr(method, "kind", None), train)) or train
+
+    @model_validator(mode="after")
+    def _precision_fits(self) -> Recipe:
+        """`model.dtype`/`model.attention` against the method and `train` (a whole-recipe rule: `train` and `model` may be
+        left at their defaults, and a field validator never sees a default)."""
+        return _raise_rules(_precision_rules(self.model, self.method.kind, self.train)) or self
 
     @field_validator("eval")
     @classmethod

@@ -147,7 +147,7 @@ def _run_local(recipe: Recipe, ref: BaseModelRef, adapter_dir: Path, task: Task,
         "few_shot": lambda i: renderer.prompt_ids(task.messages(test[i], label_list=True, shots=shots[i])),
         MICRO: lambda i: renderer.encode(task.messages(test[i]), task.target(test[i]), recipe.train.max_seq_len)[0],
     }
-    model = load_model(ref, recipe.model.trust_remote_code).to(device())
+    model = load_model(ref, recipe.model.trust_remote_code, dtype=recipe.model.dtype, attention=recipe.model.attention).to(device())
     bf16 = use_bf16(recipe.train.bf16)
     for system in [*(s for s in cfg.baselines if s in prompts), MICRO]:
         if system == MICRO:

@@ -16,7 +16,9 @@ class QloraConfig(lora.LoraConfig):
     kind: Literal["qlora"] = Field("qlora", description="LoRA on a 4-bit quantised base (bitsandbytes ≥ 0.50; CPU or CUDA).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights.")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Dtype of the de-quantised matmuls.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the de-quantised matmuls. `auto` follows the weights (model.dtype): float16 where they load "
+        "in float16 (a GPU without bf16), else bfloat16.")
 
 
 def build(method: QloraConfig, ctx: MethodContext) -> Any:
@@ -25,8 +27,16 @@ def build(method: QloraConfig, ctx: MethodContext) -> Any:
     return PeftLora(**lora.peft_kwargs(method), use_dora=False)
 
 
-def quantize(method: QloraConfig) -> Any:
-    """The bitsandbytes 4-bit config the base is loaded with (training, evaluation and serving alike)."""
+def compute_dtype(method: QloraConfig, weights: str) -> str:
+    """The matmul dtype: the recipe's, or with ``auto`` the weights' half-precision type (bf16 when they are fp32 or bf16)."""
+    if method.compute_dtype != "auto":
+        return method.compute_dtype
+    return "float16" if weights == "float16" else "bfloat16"
+
+
+def quantize(method: QloraConfig, weights: str = "float32") -> Any:
+    """The bitsandbytes 4-bit config the base is loaded with (training, evaluation and serving alike); ``weights`` is the
+    resolved ``model.dtype`` that ``compute_dtype: auto`` follows."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -37,7 +47,7 @@ def quantize(method: QloraConfig) -> Any:
                           hint="pip install 'bitsandbytes>=0.50' (CPU and CUDA), or use method.kind: lora") from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.quant_type,
                               bnb_4bit_use_double_quant=method.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, method.compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype(method, weights)))
 
 
 SPEC = MethodSpec(

@@ -9,9 +9,9 @@ from microtune.models.peft_methods import (
     param_counts,
     quantization_config,
 )
-from microtune.models.resolve import BaseModelRef, load_model, load_tokenizer, resolve_base
+from microtune.models.resolve import BaseModelRef, load_model, load_tokenizer, loaded_as, resolve_base
 from microtune.models.trained import load_trained
 
 __all__ = ["BaseModelRef", "BatchGenerator", "Finished", "GenRequest", "LabelPredictor", "MethodContext", "apply_method", "build_trie",
-           "common_prefix", "is_prompt_learning", "load_model", "load_tokenizer", "load_trained", "param_counts", "quantization_config",
+           "common_prefix", "is_prompt_learning", "load_model", "load_tokenizer", "loaded_as", "load_trained", "param_counts", "quantization_config",
            "resolve_base", "TextGenerator"]

@@ -274,7 +274,7 @@ def _merged_model(adapter_dir: Path, manifest: dict[str, Any]) -> Any:
     from peft import PeftModel
 
     ref, trust_remote_code = _base_ref(adapter_dir, manifest)
-    model = PeftModel.from_pretrained(load_model(ref, trust_remote_code), str(adapter_dir))
+    model = PeftModel.from_pretrained(load_model(ref, trust_remote_code, dtype="float32"), str(adapter_dir))  # merge in fp32, then cast
     return model.merge_and_unload()
 
 

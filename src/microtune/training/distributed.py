@@ -18,6 +18,8 @@ import subprocess
 import sys
 from typing import Any
 
+from microtune.core.errors import InputError
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -37,10 +39,18 @@ def init() -> None:
     import torch.distributed as dist
 
     if world_size() > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if not torch.cuda.is_available():
+            dist.init_process_group("gloo")
+            return
+        # one GPU per rank: the local rank's device becomes the current one before any model, tensor or collective exists,
+        # so device() ("cuda"), model.to(device()), DDP's device_ids, the 4-bit loader's placement and FSDP's mesh all
+        # mean this rank's GPU; device_id binds the NCCL communicator to it (no barrier on a guessed device)
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if local.index >= torch.cuda.device_count():
+            raise InputError(f"--nproc: process {local.index} has no GPU of its own (this machine has {torch.cuda.device_count()})",
+                             hint=f"run one process per GPU: --nproc {torch.cuda.device_count()} or fewer")
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=local)
 
 
 def shard(batch: list[int]) -> list[int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import microtune.methods as methods
-from microtune.models import param_counts
+from microtune.models import loaded_as, param_counts
 from microtune.models.hardware import autocast, device, peak_memory_mb
 from microtune.training import distributed as dist
 from microtune.training.batching import collate, iterate_batches
@@ -49,8 +49,10 @@ def step(run: Run, group: list[list[int]]) -> dict[str, float]:
     import torch
 
     losses = [_micro_step(run, idx, sync=i == len(group) - 1) for i, idx in enumerate(group)]
+    run.scaler.unscale_(run.optimizer)  # the scaler (float16 weights only; else a pass-through): clip the true gradients
     torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
-    run.optimizer.step(), run.scheduler.step(), run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.step(run.optimizer), run.scaler.update()
+    run.scheduler.step(), run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
     run.state.elapsed = run.clock.seconds()
     return {"loss": sum(losses) / len(losses), "lr": run.scheduler.get_last_lr()[0],
@@ -70,7 +72,7 @@ def _micro_step(run: Run, idx: list[int], sync: bool) -> float:
         norm = 0 if idle else norm
         tokens = 0.0 if idle else float(batch["n_tokens"] if is_packed(batch) else batch["attention_mask"].sum())
         norm_all, tokens_all, loss_all = dist.all_sums([norm, tokens, loss.item() * norm])
-        (loss * (norm / norm_all) / run.cfg.grad_accum).backward()
+        run.scaler.scale(loss * (norm / norm_all) / run.cfg.grad_accum).backward()
     run.state.micro += 1
     run.state.tokens += int(tokens_all)
     return loss_all / norm_all
@@ -144,7 +146,7 @@ def _valid_loss(run: Run) -> float:
 def _checkpoint(run: Run) -> None:
     """Rank 0 writes; the others wait. The clock restarts after the write, so writing is not training time."""
     if dist.is_main():
-        save_checkpoint(run.resume.checkpoint_dir, run.state.to_dict(), run.model, run.optimizer, run.scheduler, run.best)
+        save_checkpoint(run.resume.checkpoint_dir, run.state.to_dict(), run.model, run.optimizer, run.scheduler, run.best, run.scaler)
     dist.barrier()
     run.clock = Clock(run.state.elapsed)
 
@@ -170,4 +172,4 @@ def result(run: Run, wall: float, held: dict[str, float]) -> dict[str, Any]:
     cost = cost_report(kind, dense_params(run.model), counts["total_params"], counts["trainable_params"], st.tokens, wall, peak_memory_mb())
     layout = {"strategy": run.strategy.name, "ranks": dist.world_size(), "state_mb_per_rank": held}
     return {"method": kind, "history": st.history, "valid_history": st.valid, "final": final,
-            "cost": cost | {"device": device(), "bf16": run.bf16, "distributed": layout}}
+            "cost": cost | {"device": device(), "bf16": run.bf16, **loaded_as(run.model), "distributed": layout}}

@@ -6,16 +6,18 @@ The steps themselves are in training/loop.py; ``Run`` is what they share.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import microtune.methods as methods
 from microtune.config import Recipe
 from microtune.core.errors import RecipeError
 from microtune.data import imbalance, read_split
 from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config
-from microtune.models.hardware import device, seed_everything, use_bf16
+from microtune.models.hardware import device, seed_everything, use_bf16, weights_dtype
 from microtune.tasks import get_task
 from microtune.tasks.render import Encoded as Example
 from microtune.tasks.render import Renderer, encode_example
@@ -25,6 +27,7 @@ from microtune.training.checkpoint import latest_checkpoint, load_checkpoint
 from microtune.training.state import Clock, TrainState
 from microtune.training.strategy import Single, pick
 
+log = logging.getLogger(__name__)
 BUCKET_WINDOW = 50  # batches per length-sorting window when train.length_bucketing is on
 Encoded = list[Example]  # (prompt_ids, completion_ids), or a conversation's (prompt_ids, completion_ids, labels), per example
 
@@ -81,6 +84,7 @@ class Run:
     bf16: bool
     resume: Resume
     clock: Clock = field(default_factory=Clock)
+    scaler: Any = None  # torch.amp.GradScaler: enabled only for float16 weights, a no-op pass-through otherwise
 
     @property
     def cfg(self) -> Any:
@@ -103,10 +107,11 @@ def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume
     strategy.wrap(model, cfg)
     plan = make_plan(cfg, [len(p) + len(c) for p, c, *_ in data.train])
     optimizer, scheduler = _optimizer(model, cfg, plan.steps)
-    state, best = _restore(resume, model, optimizer, scheduler)
+    scaler = grad_scaler(model)
+    state, best = _restore(resume, model, optimizer, scheduler, scaler)
     model.train()
     return Run(recipe, tokenizer, data, plan, model, strategy, optimizer, scheduler, state, best, use_bf16(cfg.bf16), resume,
-               Clock(state.elapsed))
+               Clock(state.elapsed), scaler)
 
 
 def _refuse(recipe: Recipe) -> None:
@@ -152,10 +157,16 @@ def resolve_balance(setting: str, labels: list[str | None]) -> str:
 
 def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> Any:
     """The base model with the recipe's method applied; ``to_device=False`` leaves placing it to the layout (FSDP
-    moves each layer's shard to the device as it shards it; a 4-bit base is placed by its loader)."""
-    quant = quantization_config(recipe.method)
-    model = load_model(ref, recipe.model.trust_remote_code, quant)
+    moves each layer's shard to the device as it shards it; a 4-bit base is placed by its loader). The weights load in
+    ``model.dtype`` (``auto``: fp32 on a CPU and for ``full``, bf16/fp16 on a GPU); adapter weights are fp32 either way."""
+    weights = weights_dtype(recipe.model.dtype, trains_base=methods.has(recipe.method.kind, "full_model"))
+    quant = quantization_config(recipe.method, weights)
+    model = load_model(ref, recipe.model.trust_remote_code, quant, dtype=weights, attention=recipe.model.attention,
+                       flash_ok=not recipe.train.packing)
     model.config.use_cache = False
+    if weights == "bfloat16" and recipe.model.dtype == "bfloat16" and methods.has(recipe.method.kind, "full_model"):
+        log.warning("model.dtype=bfloat16 with method %s: the trained weights are bf16 themselves, so AdamW updates smaller "
+                    "than a weight's precision are lost; model.dtype: auto keeps fp32 master weights", recipe.method.kind)
     if quant is None and to_device:
         model = model.to(device())
     model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
@@ -183,10 +194,20 @@ def _optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps)
 
 
-def _restore(resume: Resume, model: Any, optimizer: Any, scheduler: Any) -> tuple[TrainState, dict[str, Any] | None]:
+def grad_scaler(model: Any) -> Any:
+    """Loss scaling for float16 weights (``model.dtype: float16``, or ``auto`` on a GPU without bf16): activations and their
+    gradients flow through the frozen fp16 base, where small gradients underflow to zero unless the loss is scaled up
+    first. Disabled (every call a pass-through: the step is exactly the unscaled one) for fp32 and bf16 weights."""
+    import torch
+
+    half = any(p.dtype == torch.float16 for p in model.parameters())
+    return torch.amp.GradScaler(device(), enabled=half)
+
+
+def _restore(resume: Resume, model: Any, optimizer: Any, scheduler: Any, scaler: Any = None) -> tuple[TrainState, dict[str, Any] | None]:
     """A fresh state, or the newest checkpoint's state and best weights (model, optimizer, scheduler, RNG restored)."""
     meta = dict(resume.run_meta or {})
     if resume.resume and resume.checkpoint_dir and (ckpt := latest_checkpoint(resume.checkpoint_dir)):
-        saved, best = load_checkpoint(ckpt, model, optimizer, scheduler)
+        saved, best = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
         return TrainState.from_dict(meta | saved), best
     return TrainState(meta=meta), None
