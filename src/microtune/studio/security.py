@@ -50,12 +50,16 @@ class Guard:
         return hmac.compare_digest(sent.encode(), self.csrf.encode())
 
 
+MULTI = ("model",)  # checkbox fields that may repeat: their values come joined by commas (a model ref holds none)
+
+
 async def read_form(request: Request, limit: int = 200_000) -> dict[str, str]:
-    """An urlencoded form body (what browsers and htmx send) as name → last value; bodies over ``limit`` are refused."""
+    """An urlencoded form body (what browsers and htmx send) as name → last value (``MULTI`` fields: every value, joined by
+    commas); bodies over ``limit`` are refused."""
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise ValueError(f"the form is over {limit} bytes")
     parsed = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
-    return {k: v[-1] for k, v in parsed.items()}
+    return {k: (",".join(v) if k in MULTI else v[-1]) for k, v in parsed.items()}
