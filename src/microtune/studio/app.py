@@ -88,6 +88,13 @@ def create_app(workspace: str | Path | None = None, api_keys: list[str] | None =
 
 
 def _middleware(app: FastAPI, studio: Studio) -> None:
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return studio.page(request, "error.html", status=exc.status_code, message=f"no page at {request.url.path[:80]}" if
+                           exc.status_code == 404 else str(exc.detail), hint="start from the scoreboard", problems=[])
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Response:
         if not studio.guard.allowed(request):
@@ -342,5 +349,3 @@ def _drift_chart(series: dict[str, Any]) -> dict[str, Any]:
                 "options": {"animation": False}}}
 
 
-def now() -> float:
-    return time.time()

@@ -171,7 +171,7 @@ class Jobs:
                 args += ["--set", item]
             with (folder / "events.jsonl").open("wb") as out, (folder / "log.txt").open("wb") as log:
                 proc = subprocess.Popen(args, stdout=out, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                                        cwd=str(self.ws.root), env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                                        cwd=str(self.ws.root), env=_worker_env())
             job = Job(job_id, command, recipe, overrides, proc.pid, time.time())
             self._procs[job_id] = proc
             self._save(job, folder)
@@ -231,6 +231,13 @@ class Jobs:
         log = (folder / "log.txt").read_text(encoding="utf-8", errors="replace") if (folder / "log.txt").is_file() else ""
         return {"job": job, "stages": list(stages.values()), "messages": messages[-12:], "losses": losses, "events": len(events),
                 "log": log[-4000:]}
+
+
+def _worker_env() -> dict[str, str]:
+    """The job imports the same microtune as the Studio (its package folder first on PYTHONPATH), unbuffered."""
+    here = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    return os.environ | {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 def read_events(folder: Path) -> list[dict[str, Any]]:

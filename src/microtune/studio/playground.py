@@ -3,7 +3,7 @@
 Answers come from `microtune serve`'s own app (``serving.build_app``: catalog, engine, batching, constrained
 decoding), built once per base model inside the Studio process and called in-process over ASGI at
 ``/v1/chat/completions`` — the very route a client of `serve` hits, so the playground cannot drift from what is
-served. A micro-model is named as `serve` names it (``NAME`` for the champion, ``NAME/VERSION``); classify answers
+served. A micro-model is named as `serve` names it (``NAME@champion``, ``NAME/VERSION``); classify answers
 carry their label probabilities (``top_logprobs``), extract answers the parsed JSON (the ``microtune`` field). The
 prompted base model gets the micro-model's own instruction and text (the task's ``messages``), constrained to the
 label set (classify) or the task's JSON schema (extract) through ``response_format``.
@@ -55,9 +55,9 @@ def choices(ws: Workspace) -> list[Choice]:
             if adapter is None or not (adapter / "recipe.json").is_file():
                 continue
             base = _base_of(adapter / "recipe.json")
-            ref = name if reading.CHAMPION in v.aliases else f"{name}/{v.version}"
+            ref = f"{name}@{reading.CHAMPION}" if reading.CHAMPION in v.aliases else f"{name}/{v.version}"
             out.append(Choice(ref, name, v.version, v.tags.get("task", "?"), base, adapter / "recipe.json"))
-    return out
+    return sorted(out, key=lambda c: (not c.ref.endswith("@" + reading.CHAMPION), c.name, -int(c.version)))  # champions first
 
 
 def _base_of(recipe_json: Path) -> str:

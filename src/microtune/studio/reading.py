@@ -262,6 +262,7 @@ def run_view(ws: Workspace, recipe: str, run_id: str) -> RunView:
         loss, valid, source = _manifest_history(manifest.get("history")), _manifest_history(manifest.get("valid_history")), "the adapter manifest"
     evals = [e for e in artifact_ids(ws, recipe, "evals") if _json(artifact_dir(ws, recipe, "evals", e) / "manifest.json").get("adapter_dir")
              == str(folder)]
+    evals.sort(key=lambda e: e != run_id)  # its own eval first; re-scorings on another test set (`…-on-<hash>`) after
     versions = [v.version for v in list_versions(recipe, ws.root) if v.tags.get("adapter_dir") == str(folder)] \
         if recipe in model_names(ws) else []
     return RunView(recipe, run_id, manifest, loss, valid, source, manifest.get("cost", {}), evals, versions)

@@ -13,6 +13,7 @@ from fake_teacher import FakeTeacher
 from toydata import LABELS, TEXTS, write_jsonl
 
 SCRIPT_ROW = "<script>window.PWNED=1</script> my card was charged twice"
+SCRIPT_LINE = "<script>window.PWNED=2</script>"  # an inbox line that is not JSON: watch quarantines it and quotes it
 
 
 def write_recipe(root: Path, model_dir: Path, teacher_url: str | None = None) -> Path:
@@ -50,7 +51,7 @@ def build_workspace(root: Path, model_dir: Path) -> dict[str, Path]:
         pipeline.synth(write_recipe(root, model_dir, teacher.url), workspace=ws)
     recipe = write_recipe(root, model_dir)
     inbox = root / "inbox"
-    (inbox / "bad.jsonl").write_text('{"text": "ok row about my bill", "label": "billing"}\n{"text": "no label"}\nnot json\n')
+    (inbox / "bad.jsonl").write_text('{"text": "ok row about my bill", "label": "billing"}\n{"text": "no label"}\n' + SCRIPT_LINE + "\n")
     write_jsonl(inbox / "new.jsonl", [{"text": f"the warranty on item {i} expired early", "label": "warranty"} for i in range(6)])
     pipeline.watch_once(recipe, workspace=ws)
     return {"root": root, "ws": ws, "recipe": recipe}
