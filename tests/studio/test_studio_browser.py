@@ -56,6 +56,11 @@ def signed_in(browser: Any, studio_url: str) -> Any:
     return browser
 
 
+def _runs(ws: Path) -> list[str]:
+    """Finished training runs, oldest first (a cancelled job may leave a dead writer's `.tmp-*` folder)."""
+    return sorted(p.name for p in (ws / "toy" / "adapters").iterdir() if (p / "manifest.json").is_file() and not p.name.startswith("."))
+
+
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -97,7 +102,7 @@ def test_scoreboard_shows_the_champions_numbers(signed_in: Any, studio_url: str,
 
 def test_run_page_shows_loss_cost_and_the_eval_report(signed_in: Any, studio_url: str, studio_ws: dict[str, Path]) -> None:
     ws = studio_ws["ws"]
-    run_id = sorted((ws / "toy" / "adapters").iterdir())[0].name
+    run_id = _runs(ws)[0]
     manifest = _json(ws / "toy" / "adapters" / run_id / "manifest.json")
     page(signed_in, f"{studio_url}/runs/toy/{run_id}", "run")
     assert signed_in.find_element(By.ID, "tokens-seen").text == str(manifest["cost"]["tokens_seen"])
@@ -120,8 +125,7 @@ def test_model_page_explains_the_gate_and_promote_moves_the_alias(signed_in: Any
     decision = _json(ws / "toy" / "decisions" / "v2.json")
     assert decision["reason"] in v2.text and "failing rule" in v2.find_element(By.CSS_SELECTOR, "tr.rule.failed").text
     assert v2.find_element(By.CSS_SELECTOR, "table.lineage").text.count(decision["details"]["test"]) == 0  # lineage ≠ decision
-    assert _json(ws / "toy" / "adapters" / sorted((ws / "toy" / "adapters").iterdir())[1].name / "manifest.json")["lineage"][
-        "recipe_hash"] in v2.text
+    assert _json(ws / "toy" / "adapters" / _runs(ws)[1] / "manifest.json")["lineage"]["recipe_hash"] in v2.text
     signed_in.find_element(By.ID, "promote-v2").click()
     page(signed_in, signed_in.current_url, "promote-confirm")
     signed_in.find_element(By.ID, "reason").send_keys("hand-checked on the <b>new</b> data")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -129,7 +128,8 @@ def _pages(app: FastAPI, studio: Studio) -> None:
     async def model(request: Request, name: str) -> Response:
         views = reading.model_view(ws, name)
         gate_cfg = {v.version.version: _gate_config(v) for v in views}
-        explained = {v.version.version: gates.explain(v.decision, gate_cfg[v.version.version]) if v.decision else [] for v in views}
+        explained = {v.version.version: gates.explain(v.decision.get("gate_decision") or v.decision, gate_cfg[v.version.version])
+                     if v.decision else [] for v in views}  # after a manual promotion: the gate's own decision, rule by rule
         return studio.page(request, "model.html", name=name, views=views, explained=explained)
 
     @app.get("/models/{name}/versions/{version}/{action}", response_class=HTMLResponse)
