@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean browser
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/microtune demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# The Studio's browser tests drive Debian's headless Chromium: installed here when missing (apt-get, as root or with sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 || { echo "install chromium and chromium-driver (the Studio's browser tests need them)"; exit 1; }; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not integration"

@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "microtune"
 ROOT = "microtune"  # the package's own __init__: `import microtune` / `from microtune import train` reach the pipeline
 FLOOR = {"core": 0, "methods": 1, "tasks": 1, "config": 2, "data": 3, "models": 3, "registry": 3,
-         "synthesis": 4, "training": 4, "evaluation": 4, "serving": 4, "pipeline": 5, "cli": 6, "console": 6, ROOT: 6}
+         "synthesis": 4, "training": 4, "evaluation": 4, "serving": 4, "pipeline": 5, "studio": 6, "cli": 6, "console": 6, ROOT: 6}
 STAGES = {"synthesis", "training", "evaluation", "serving"}
 
 

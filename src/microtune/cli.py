@@ -301,6 +301,32 @@ def serve(
 
 
 @app.command()
+def studio(
+    workspace: WorkspaceOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes the Studio to the network (set API keys first).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8765,
+    api_key_file: Annotated[Path | None, typer.Option(help="Accepted API keys, one per line (plus $MICROTUNE_API_KEYS), as for serve; "
+                                                           "with keys set every page and action needs one.")] = None,
+    max_jobs: Annotated[int, typer.Option(min=1, help="Launched jobs that may run at once in the workspace.")] = 1,
+) -> None:
+    """Open the workspace in a browser: scoreboard, model versions and gate decisions (promote, rollback), runs with loss
+    curves, cost and the eval report, data checks and synth runs, watch drift, a playground over the serving engine,
+    and launching run/train/eval/synth as background jobs with live progress."""
+    from microtune.serving import read_api_keys
+    from microtune.studio import run_studio
+
+    def start() -> None:
+        keys = read_api_keys(api_key_file)
+        if host not in ("127.0.0.1", "localhost", "::1") and not keys:
+            err.print(f"[bold yellow]warning:[/] the Studio listens on {host} without API keys: anyone who reaches the port can "
+                      "promote models and start jobs (set $MICROTUNE_API_KEYS or --api-key-file)")
+        err.print(f"microtune studio on http://{host}:{port} (workspace {Path(workspace or '.microtune').resolve()}); Ctrl-C stops it")
+        run_studio(workspace, host, port, keys, max_jobs)
+
+    _guard(start)
+
+
+@app.command()
 def demo(set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
     """Run the bundled example recipe (banking intents, CLINC150 slice) end to end."""
     recipe = demo_recipe()

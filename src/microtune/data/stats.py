@@ -30,6 +30,8 @@ def compute_stats(splits: dict[str, list[dict[str, Any]]], labels: list[str], en
         arr = np.array(lengths)
         stats["train_tokens"] = {f"p{q}": int(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max()), "total": int(arr.sum())}
         stats["loss_token_share"] = round(sum(completion) / arr.sum(), 4)
+        counts, edges = np.histogram(arr, bins=min(20, max(1, len(set(lengths)))))
+        stats["train_tokens_histogram"] = {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}  # the Studio's data page
     stats["duplicates"] = {s: len(splits[s]) - len({normalize_text(e["text"]) for e in splits[s]}) for s in SPLITS}
     train_keys = {normalize_text(e["text"]) for e in splits["train"]}
     stats["overlap_with_train"] = {s: sum(normalize_text(e["text"]) in train_keys for e in splits[s]) for s in ("valid", "test")}

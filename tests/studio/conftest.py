@@ -1,0 +1,82 @@
+"""The Studio's fixtures: one real workspace (session), a running Studio guarded by a key, a headless Chromium."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from studio_workspace import build_workspace
+
+KEY = "studio-test-key"
+
+
+@pytest.fixture(scope="session")
+def studio_ws(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Built once per session. While working on the Studio, $MICROTUNE_STUDIO_TEST_ROOT keeps one across sessions (built
+    there the first time, reused after; the tests leave the champion as they found it)."""
+    kept = os.environ.get("MICROTUNE_STUDIO_TEST_ROOT")
+    if kept and (Path(kept) / "ws" / "mlflow.db").is_file():
+        return {"root": Path(kept), "ws": Path(kept) / "ws", "recipe": Path(kept) / "recipe.yaml"}
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        model = Path(kept) / "tiny-model"
+        shutil.copytree(tiny_model_dir, model, dirs_exist_ok=True)
+        return build_workspace(Path(kept), model)
+    return build_workspace(tmp_path_factory.mktemp("studio"), tiny_model_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def studio_url(studio_ws: dict[str, Path]) -> Any:
+    import uvicorn
+
+    from microtune.studio import create_app
+
+    port = _free_port()
+    app = create_app(studio_ws["ws"], [KEY], max_jobs=1)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def chromium_paths() -> tuple[str, str]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").is_file() else None)
+    if not browser or not driver:
+        pytest.fail("the browser tests need Debian's chromium and chromium-driver: run `make browser` (apt-get install -y chromium "
+                    "chromium-driver) — `make test` does it when they are missing")
+    return browser, driver
+
+
+@pytest.fixture(scope="session")
+def browser(studio_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = chromium_paths()
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1100", "--disable-gpu"):
+        options.add_argument(arg)
+    options.binary_location = binary
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.shots = tmp_path_factory.mktemp("screenshots")  # every page's screenshot lands here
+    yield driver
+    driver.quit()
