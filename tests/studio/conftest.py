@@ -13,6 +13,7 @@ import pytest
 from studio_workspace import build_workspace
 
 KEY = "studio-test-key"
+DRIVERS: list[Any] = []  # the session's browser, once started: a failing test's screenshot is taken with it
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +57,21 @@ def studio_url(studio_ws: dict[str, Path]) -> Any:
     thread.join(timeout=30)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A browser test that fails (or whose fixture does) leaves a screenshot of where the browser was, named after it."""
+    outcome = yield
+    report = outcome.get_result()
+    driver = DRIVERS[-1] if DRIVERS and item.get_closest_marker("browser") else None
+    if report.failed and report.when in ("setup", "call") and driver is not None:
+        path = driver.shots / f"FAILED-{item.name}.png"
+        try:
+            driver.save_screenshot(str(path))
+            report.sections.append(("screenshot", f"{path} (at {driver.current_url})"))
+        except Exception as exc:  # a browser that died cannot take one: say so, keep the test's own error
+            report.sections.append(("screenshot", f"none: {exc}"))
+
+
 def chromium_paths() -> tuple[str, str]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").is_file() else None)
@@ -78,5 +94,7 @@ def browser(studio_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     options.binary_location = binary
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     driver.shots = tmp_path_factory.mktemp("screenshots")  # every page's screenshot lands here
+    DRIVERS.append(driver)
     yield driver
+    DRIVERS.remove(driver)
     driver.quit()

@@ -26,7 +26,8 @@ def write_recipe(root: Path, model_dir: Path, teacher_url: str | None = None) ->
         "name": "toy", "task": {"type": "classify", "instruction": "Route the customer message.", "labels": LABELS},
         "data": {"train": train.name, "test": test.name, "split": {"valid": 0.0}}, "model": {"base": str(model_dir)},
         "train": {"epochs": 1, "max_steps": 3, "batch_size": 6, "max_seq_len": 96, "lr": 2e-3, "log_every": 1},
-        "eval": {"shots": 1, "batch_size": 8},
+        # the fewest timed rows and resamples that still fill every report section: per-row latency was most of the build
+        "eval": {"shots": 1, "batch_size": 8, "latency_examples": 1, "n_resamples": 200},
         "watch": {"inbox": "inbox", "min_new_rows": 4, "new_label_min_rows": 3, "min_rows_for_tests": 100, "holdout": 0.25,
                   "retrain": ["train.max_steps=2"]},
     }
