@@ -313,3 +313,14 @@ def test_the_run_page_embeds_the_shared_eval_report(studio: Any, tmp_path: Path)
     assert "0.750 <span class=ci>[0.650, 0.850]</span>" in body  # the shared interval macro
     assert "&lt;script&gt;x1&lt;/script&gt;" in body and "<script>x1" not in body  # a worst error, escaped
     assert call(url + "/evals/toy/run-1")[0] == 200
+
+
+def test_every_page_of_a_workspace_with_little_in_it_renders(studio: Any) -> None:
+    """A recipe never watched, never synthesised, not registered (as `make demo` leaves every recipe but one): each page
+    says so instead of failing."""
+    url, _ = studio
+    for path, says in (("/", "No registered micro-model"), ("/recipes/toy", "run-1"), ("/data/toy", "No synth run"),
+                       ("/watch/toy", "Nothing watched yet"), ("/runs/toy/run-1", "not been evaluated"), ("/launch", "No job yet"),
+                       ("/playground", "No servable micro-model")):
+        status, body, _ = call(url + path)
+        assert status == 200 and says in body, path

@@ -328,7 +328,7 @@ def synth_view(ws: Workspace, recipe: str, run_id: str, examples: int = 3) -> di
 # -- watch page --------------------------------------------------------------------------------------
 def watch_view(ws: Workspace, recipe: str) -> dict[str, Any]:
     folder = recipe_dir(ws, recipe) / "watch"
-    out: dict[str, Any] = {"files": [], "rounds": [], "reports": [], "quarantine": {}}
+    out: dict[str, Any] = {"files": [], "rounds": [], "reports": [], "quarantine": {}, "series": []}  # a recipe never watched: empty
     if not folder.is_dir():
         return out
     state = folder / "state.db"
