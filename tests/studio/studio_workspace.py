@@ -1,5 +1,6 @@
-"""One small real workspace for the Studio's tests: a tiny random Llama, two `run`s (v1 champion, v2 gated against it),
-a `synth` run with the fake teacher, a `watch` cycle with a quarantined row and a round. Built once per session.
+"""One small real workspace for the Studio's tests: a tiny random Llama, a `run` (v1, the champion), a `synth` run with
+the fake teacher, and a `watch` cycle with a quarantined row whose retrain round registers v2, which the gate rejects
+against v1 (a decision with a failing rule). The fewest real runs that still fill every page. Built once per session.
 
 A test row holds ``<script>``: every page that shows it must show it as text."""
 from __future__ import annotations
@@ -41,13 +42,13 @@ def write_recipe(root: Path, model_dir: Path, teacher_url: str | None = None) ->
 
 
 def build_workspace(root: Path, model_dir: Path) -> dict[str, Path]:
-    """run ×2, synth, watch: every page of the Studio has something real to show. Returns the paths the tests read."""
+    """run, synth, watch (its round: run + gate): every page of the Studio has something real to show. Returns the paths the
+    tests read."""
     from microtune import pipeline
 
     ws = root / "ws"
     recipe = write_recipe(root, model_dir)
-    pipeline.run(recipe, workspace=ws)
-    pipeline.run(recipe, overrides=["train.lr=1e-3"], workspace=ws)
+    pipeline.run(recipe, workspace=ws)  # v1, the champion; the watch round below trains v2 and the gate rejects it
     with FakeTeacher() as teacher:
         pipeline.synth(write_recipe(root, model_dir, teacher.url), workspace=ws)
     recipe = write_recipe(root, model_dir)

@@ -4,8 +4,6 @@ a launched job's progress updates live and can be cancelled, no key → 401, a `
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,11 +22,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def shot(driver: Any, name: str) -> Path:
-    """A screenshot of the page under the test's temporary folder; with $MICROTUNE_STUDIO_SHOTS, a copy there too (docs/img)."""
+    """A screenshot of the page under the session's temporary folder (the README's come from a real workspace instead:
+    scripts/studio_screenshots.py)."""
     path = driver.shots / f"studio-{name}.png"
-    driver.save_screenshot(str(path))
-    if os.environ.get("MICROTUNE_STUDIO_SHOTS"):
-        shutil.copy(path, Path(os.environ["MICROTUNE_STUDIO_SHOTS"]) / path.name)
+    assert driver.save_screenshot(str(path)), path
     return path
 
 
@@ -159,8 +156,9 @@ def test_model_page_explains_the_gate_and_promote_moves_the_alias(signed_in: Any
 def test_data_page_shows_the_check_report_and_the_synth_funnel(signed_in: Any, studio_url: str, studio_ws: dict[str, Path]) -> None:
     ws = studio_ws["ws"]
     page(signed_in, studio_url + "/data/toy", "data")
-    dataset = sorted((ws / "toy" / "datasets").iterdir(), reverse=True)[0]
-    stats = _json(dataset / "manifest.json")["stats"]
+    newest = max((ws / "toy" / "datasets").iterdir(), key=lambda d: (d / "manifest.json").stat().st_mtime_ns)  # the watch round's
+    assert signed_in.find_element(By.ID, "rows-per-split").get_attribute("data-dataset") == newest.name
+    stats = _json(newest / "manifest.json")["stats"]
     for split, n in stats["rows"].items():
         assert signed_in.find_element(By.CSS_SELECTOR, f"#rows-per-split td[data-split='{split}']").text == str(n)
     for label in LABELS:

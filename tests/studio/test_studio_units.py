@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import http.cookiejar
 import json
+import os
 import re
 import socket
 import stat
@@ -129,6 +130,15 @@ def test_lookups_find_what_exists_and_list_it_when_not(ws: Workspace) -> None:
     with pytest.raises(reading.NotFound) as err:
         reading.require_model(ws, "toy")  # a recipe with no registry yet
     assert "none yet" in err.value.hint
+
+
+def test_the_newest_artifact_comes_first_even_when_its_id_is_a_hash(ws: Workspace) -> None:
+    older = ws.root / "toy" / "datasets" / "abcdef123456" / "manifest.json"
+    newer = ws.root / "toy" / "datasets" / "000000aaaaaa" / "manifest.json"  # sorts first by name, yet was checked later
+    newer.parent.mkdir()
+    newer.write_text("{}")
+    os.utime(older, ns=(1_000_000_000, 1_000_000_000))
+    assert reading.artifact_ids(ws, "toy", "datasets") == ["000000aaaaaa", "abcdef123456"]
 
 
 def test_a_registry_path_outside_the_workspace_is_not_used(ws: Workspace, tmp_path: Path) -> None:

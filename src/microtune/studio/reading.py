@@ -68,11 +68,13 @@ def recipe_dir(ws: Workspace, name: str) -> Path:
 
 
 def artifact_ids(ws: Workspace, recipe: str, stage: str) -> list[str]:
-    """Finished artifacts of a stage (folders with a manifest), newest first."""
+    """Finished artifacts of a stage (folders with a manifest), newest first: by the manifest's time, as a dataset's id is a
+    content hash (run ids, timestamps, break ties)."""
     folder = recipe_dir(ws, recipe) / stage
     if not folder.is_dir():
         return []
-    return sorted((p.name for p in folder.iterdir() if (p / "manifest.json").is_file() and not p.name.startswith(".")), reverse=True)
+    found = [(p / "manifest.json", p.name) for p in folder.iterdir() if (p / "manifest.json").is_file() and not p.name.startswith(".")]
+    return [name for _, name in sorted(found, key=lambda f: (f[0].stat().st_mtime_ns, f[1]), reverse=True)]
 
 
 def artifact_dir(ws: Workspace, recipe: str, stage: str, run_id: str) -> Path:
