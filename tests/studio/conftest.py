@@ -13,6 +13,7 @@ import pytest
 from studio_workspace import build_workspace
 
 KEY = "studio-test-key"
+DRIVERS: list[Any] = []  # the session's browser, once started: a failing test's screenshot is taken with it
 
 
 @pytest.fixture(scope="session")
@@ -47,26 +48,46 @@ def studio_url(studio_ws: dict[str, Path]) -> Any:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(200):
-        if server.started:
-            break
+    deadline = time.monotonic() + 120  # a loaded machine: wait for the condition, not a fixed time
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert server.started, "the Studio's uvicorn server did not start (its error is above)"
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=30)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A browser test that fails (or whose fixture does) leaves a screenshot of where the browser was, named after it."""
+    outcome = yield
+    report = outcome.get_result()
+    driver = DRIVERS[-1] if DRIVERS and item.get_closest_marker("browser") else None
+    if report.failed and report.when in ("setup", "call") and driver is not None:
+        path = driver.shots / f"FAILED-{item.name}.png"
+        try:
+            driver.save_screenshot(str(path))
+            report.sections.append(("screenshot", f"{path} (at {driver.current_url})"))
+        except Exception as exc:  # a browser that died cannot take one: say so, keep the test's own error
+            report.sections.append(("screenshot", f"none: {exc}"))
+
+
 def chromium_paths() -> tuple[str, str]:
+    """Chromium and its driver, or a failure that says which is missing and how to install it: never a skip, so a machine
+    without a browser cannot pass `make test` without these tests."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").is_file() else None)
-    if not browser or not driver:
-        pytest.fail("the browser tests need Debian's chromium and chromium-driver: run `make browser` (apt-get install -y chromium "
-                    "chromium-driver) — `make test` does it when they are missing")
+    missing = [name for name, found in (("chromium", browser), ("chromedriver", driver)) if not found]
+    if missing:
+        pytest.fail(f"the Studio's browser tests need Debian's chromium and chromium-driver; not found: {', '.join(missing)}. Run "
+                    "`make browser` (apt-get install -y chromium chromium-driver, as root or through sudo; `make test` runs it), or "
+                    "without apt-get install Chromium and its matching chromedriver with this system's package manager", pytrace=False)
     return browser, driver
 
 
 @pytest.fixture(scope="session")
-def browser(studio_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Headless Chromium, started before the workspace is built: a machine without one fails at once, with the fix."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -78,5 +99,7 @@ def browser(studio_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     options.binary_location = binary
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     driver.shots = tmp_path_factory.mktemp("screenshots")  # every page's screenshot lands here
+    DRIVERS.append(driver)
     yield driver
+    DRIVERS.remove(driver)
     driver.quit()

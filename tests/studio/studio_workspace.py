@@ -1,5 +1,6 @@
-"""One small real workspace for the Studio's tests: a tiny random Llama, two `run`s (v1 champion, v2 gated against it),
-a `synth` run with the fake teacher, a `watch` cycle with a quarantined row and a round. Built once per session.
+"""One small real workspace for the Studio's tests: a tiny random Llama, a `run` (v1, the champion), a `synth` run with
+the fake teacher, and a `watch` cycle with a quarantined row whose retrain round registers v2, which the gate rejects
+against v1 (a decision with a failing rule). The fewest real runs that still fill every page. Built once per session.
 
 A test row holds ``<script>``: every page that shows it must show it as text."""
 from __future__ import annotations
@@ -26,7 +27,8 @@ def write_recipe(root: Path, model_dir: Path, teacher_url: str | None = None) ->
         "name": "toy", "task": {"type": "classify", "instruction": "Route the customer message.", "labels": LABELS},
         "data": {"train": train.name, "test": test.name, "split": {"valid": 0.0}}, "model": {"base": str(model_dir)},
         "train": {"epochs": 1, "max_steps": 3, "batch_size": 6, "max_seq_len": 96, "lr": 2e-3, "log_every": 1},
-        "eval": {"shots": 1, "batch_size": 8},
+        # the fewest timed rows and resamples that still fill every report section: per-row latency was most of the build
+        "eval": {"shots": 1, "batch_size": 8, "latency_examples": 1, "n_resamples": 200},
         "watch": {"inbox": "inbox", "min_new_rows": 4, "new_label_min_rows": 3, "min_rows_for_tests": 100, "holdout": 0.25,
                   "retrain": ["train.max_steps=2"]},
     }
@@ -40,13 +42,13 @@ def write_recipe(root: Path, model_dir: Path, teacher_url: str | None = None) ->
 
 
 def build_workspace(root: Path, model_dir: Path) -> dict[str, Path]:
-    """run ×2, synth, watch: every page of the Studio has something real to show. Returns the paths the tests read."""
+    """run, synth, watch (its round: run + gate): every page of the Studio has something real to show. Returns the paths the
+    tests read."""
     from microtune import pipeline
 
     ws = root / "ws"
     recipe = write_recipe(root, model_dir)
-    pipeline.run(recipe, workspace=ws)
-    pipeline.run(recipe, overrides=["train.lr=1e-3"], workspace=ws)
+    pipeline.run(recipe, workspace=ws)  # v1, the champion; the watch round below trains v2 and the gate rejects it
     with FakeTeacher() as teacher:
         pipeline.synth(write_recipe(root, model_dir, teacher.url), workspace=ws)
     recipe = write_recipe(root, model_dir)

@@ -4,8 +4,6 @@ a launched job's progress updates live and can be cancelled, no key → 401, a `
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,16 +22,20 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def shot(driver: Any, name: str) -> Path:
-    """A screenshot of the page under the test's temporary folder; with $MICROTUNE_STUDIO_SHOTS, a copy there too (docs/img)."""
+    """A screenshot of the page under the session's temporary folder (the README's come from a real workspace instead:
+    scripts/studio_screenshots.py)."""
     path = driver.shots / f"studio-{name}.png"
-    driver.save_screenshot(str(path))
-    if os.environ.get("MICROTUNE_STUDIO_SHOTS"):
-        shutil.copy(path, Path(os.environ["MICROTUNE_STUDIO_SHOTS"]) / path.name)
+    assert driver.save_screenshot(str(path)), path
     return path
 
 
 def wait(driver: Any, seconds: float = 60) -> WebDriverWait:
     return WebDriverWait(driver, seconds, poll_frequency=0.2)
+
+
+def text_of(driver: Any, css: str) -> str | None:
+    """An element's text read in one step inside the page: htmx may swap the element between a find and a read."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent.trim() : null", css)
 
 
 def page(driver: Any, url: str, name: str) -> None:
@@ -49,7 +51,7 @@ def signed_in(browser: Any, studio_url: str) -> Any:
     assert "sign in" in browser.title  # the guard answers with the sign-in page
     browser.find_element(By.ID, "key").send_keys("wrong")
     browser.find_element(By.ID, "sign-in").click()
-    assert browser.find_element(By.ID, "wrong-key").is_displayed()
+    assert wait(browser, 20).until(EC.visibility_of_element_located((By.ID, "wrong-key")))
     browser.find_element(By.ID, "key").send_keys(KEY)
     browser.find_element(By.ID, "sign-in").click()
     wait(browser, 20).until(EC.presence_of_element_located((By.ID, "scoreboard")))
@@ -111,11 +113,16 @@ def test_run_page_shows_loss_cost_and_the_eval_report(signed_in: Any, studio_url
     assert shown == [m.value for m in sorted(history, key=lambda m: m.step)] and len(shown) >= 2
     assert signed_in.execute_script("return document.querySelectorAll('canvas[data-drawn]').length") >= 1  # the curve is drawn
     metrics = _json(ws / "toy" / "evals" / run_id / "metrics.json")
-    micro = signed_in.find_element(By.CSS_SELECTOR, "tr[data-system='micro'] [data-metric='accuracy']")
-    assert micro.text == f"{metrics['micro']['accuracy']:.3f}"
-    text = signed_in.find_element(By.TAG_NAME, "main").text
-    for section in ("Paired tests", "Per-class F1", "Confusion matrix (micro)", "Worst errors", "full fine-tune"):
-        assert section in text
+    report = signed_in.find_element(By.CSS_SELECTOR, f".eval-report[data-eval='{run_id}']")  # core's eval/report_body.html
+    summary = report.find_element(By.XPATH, ".//h2[@id='summary']/following-sibling::table[1]")
+    micro = summary.find_element(By.XPATH, ".//tr[td/b='micro']/td[2]").text  # accuracy [low, high]
+    lo, hi = metrics["micro"]["ci"]["accuracy"]
+    assert micro == f"{metrics['micro']['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+    headings = [h.text for h in report.find_elements(By.TAG_NAME, "h2")]
+    assert headings == ["Summary", "Metric intervals", "Paired tests", "Per-class F1", "Confusion matrix", "Confidence and calibration",
+                        "Worst errors", "Latency"]  # exactly the sections of the eval's own report.html
+    assert len(report.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")) >= 4  # intervals, F1, confusion, calibration
+    assert "full fine-tune" in signed_in.find_element(By.TAG_NAME, "main").text
 
 
 def test_model_page_explains_the_gate_and_promote_moves_the_alias(signed_in: Any, studio_url: str, studio_ws: dict[str, Path]) -> None:
@@ -127,7 +134,8 @@ def test_model_page_explains_the_gate_and_promote_moves_the_alias(signed_in: Any
     assert v2.find_element(By.CSS_SELECTOR, "table.lineage").text.count(decision["details"]["test"]) == 0  # lineage ≠ decision
     assert _json(ws / "toy" / "adapters" / _runs(ws)[1] / "manifest.json")["lineage"]["recipe_hash"] in v2.text
     signed_in.find_element(By.ID, "promote-v2").click()
-    page(signed_in, signed_in.current_url, "promote-confirm")
+    wait(signed_in, 20).until(EC.presence_of_element_located((By.ID, "do-promote")))
+    shot(signed_in, "promote-confirm")
     signed_in.find_element(By.ID, "reason").send_keys("hand-checked on the <b>new</b> data")
     signed_in.find_element(By.ID, "confirm").click()
     signed_in.find_element(By.ID, "do-promote").click()
@@ -137,6 +145,7 @@ def test_model_page_explains_the_gate_and_promote_moves_the_alias(signed_in: Any
     assert client.get_model_version("toy", "2").tags["gate.reason"] == "manual: hand-checked on the <b>new</b> data"
     assert "manual: hand-checked on the <b>new</b> data" in signed_in.find_element(By.ID, "v2").text  # shown as text
     signed_in.find_element(By.ID, "rollback-v2").click()
+    wait(signed_in, 20).until(EC.presence_of_element_located((By.ID, "do-rollback")))
     signed_in.find_element(By.ID, "reason").send_keys("back to v1")
     signed_in.find_element(By.ID, "confirm").click()
     signed_in.find_element(By.ID, "do-rollback").click()
@@ -147,8 +156,9 @@ def test_model_page_explains_the_gate_and_promote_moves_the_alias(signed_in: Any
 def test_data_page_shows_the_check_report_and_the_synth_funnel(signed_in: Any, studio_url: str, studio_ws: dict[str, Path]) -> None:
     ws = studio_ws["ws"]
     page(signed_in, studio_url + "/data/toy", "data")
-    dataset = sorted((ws / "toy" / "datasets").iterdir(), reverse=True)[0]
-    stats = _json(dataset / "manifest.json")["stats"]
+    newest = max((ws / "toy" / "datasets").iterdir(), key=lambda d: (d / "manifest.json").stat().st_mtime_ns)  # the watch round's
+    assert signed_in.find_element(By.ID, "rows-per-split").get_attribute("data-dataset") == newest.name
+    stats = _json(newest / "manifest.json")["stats"]
     for split, n in stats["rows"].items():
         assert signed_in.find_element(By.CSS_SELECTOR, f"#rows-per-split td[data-split='{split}']").text == str(n)
     for label in LABELS:
@@ -201,9 +211,9 @@ def test_a_launched_job_streams_live_progress_and_can_be_cancelled(signed_in: An
     seen: set[str] = set()
 
     def steps(d: Any) -> bool:  # the page itself polls: the step cell changes without a reload
-        cells = d.find_elements(By.CSS_SELECTOR, "#stages tr[data-stage='train'] .step")
-        if cells:
-            seen.add(cells[0].text)
+        step = text_of(d, "#stages tr[data-stage='train'] .step")
+        if step is not None:
+            seen.add(step)
         return len(seen) >= 3
 
     wait(signed_in, 120).until(steps)
@@ -215,7 +225,7 @@ def test_a_launched_job_streams_live_progress_and_can_be_cancelled(signed_in: An
         urllib.request.urlopen(again, timeout=30)
     assert err.value.code == 400 and "already running" in err.value.read().decode()
     signed_in.find_element(By.ID, "cancel").click()
-    wait(signed_in, 30).until(lambda d: d.find_element(By.ID, "job-state").text == "cancelled")
+    wait(signed_in, 30).until(lambda d: text_of(d, "#job-state") == "cancelled")
     job_id = job_url.rsplit("/", 1)[1]
     events = (studio_ws["ws"] / ".studio" / "jobs" / job_id / "events.jsonl").read_text().splitlines()
     assert any(json.loads(e).get("kind") == "progress" for e in events)  # the log is kept

@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from microtune.core import templating
 from microtune.core.errors import InputError, MicrotuneError
 from microtune.core.workspace import Workspace
 from microtune.studio import gates, reading
@@ -32,27 +33,15 @@ HERE = Path(__file__).parent
 
 
 def templates() -> Environment:
-    """Autoescape on for every template (a ``<script>`` in a data row is shown as text); ``tojson`` for chart data."""
+    """The Studio's templates, then core's shared set (``templating.share``: its macros, filters and the eval report's body).
+    Autoescape on for every template (a ``<script>`` in a data row is shown as text); ``tojson`` for chart data."""
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True, default_for_string=True),
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters["num"] = _num
-    env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f} %"
+    templating.share(env)
+    env.filters["pct"] = lambda v: f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "—"  # missing in an older manifest: —
     env.filters["when"] = reading.when
     env.filters["usd"] = lambda v: "—" if v is None else f"${v:.5f}"
-    env.filters["zip_xy"] = lambda ys, xs: [{"x": x, "y": y} for x, y in zip(xs, ys)]
     return env
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return "nan" if value != value else f"{value:.{digits}f}"
-    return str(value)
 
 
 class Studio:
@@ -151,13 +140,13 @@ def _pages(app: FastAPI, studio: Studio) -> None:
     async def run(request: Request, recipe: str, run_id: str, eval: str | None = None) -> Response:
         view = reading.run_view(ws, recipe, run_id)
         chosen = eval or (view.evals[0] if view.evals else None)
-        report = reading.eval_view(ws, recipe, chosen) if chosen else None
+        report = reading.eval_report(ws, recipe, chosen) if chosen else None
         chart = _loss_chart(view)
-        return studio.page(request, "run.html", run=view, report=report, loss_chart=chart)
+        return studio.page(request, "run.html", run=view, report=report, eval_id=chosen, loss_chart=chart)
 
     @app.get("/evals/{recipe}/{run_id}", response_class=HTMLResponse)
     async def eval_page(request: Request, recipe: str, run_id: str) -> Response:
-        return studio.page(request, "eval_page.html", recipe=recipe, report=reading.eval_view(ws, recipe, run_id))
+        return studio.page(request, "eval_page.html", recipe=recipe, report=reading.eval_report(ws, recipe, run_id), eval_id=run_id)
 
     @app.get("/data/{recipe}", response_class=HTMLResponse)
     async def data(request: Request, recipe: str, dataset: str | None = None, synth: str | None = None) -> Response:

@@ -7,6 +7,7 @@ adapter), falling back to the gate's defaults.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,21 +22,21 @@ class Rule:
     status: str  # "passed" | "failed" | "not reached" | "off"
 
 
-# The reason text of each rule's failure starts like this (registry/gate.py); the first match names the failing rule.
-_FAILS = (("classical", ("does not beat the classical", "beats the classical baseline", "classical baseline could not")),
-          ("gain", ("gain",)), ("significance", ("is not significant",)), ("recall", ("recall of",)),
-          ("valid", ("valid answers fall",)), ("latency", ("p50 latency",)))
+# How the reason of each rule's failure reads (registry/gate.py), tried in this order; the first match names the failing
+# rule. Anchored on each message's own words: a recall failure also says "… rows gained", which is not the gain rule.
+_FAILS = (("classical", re.compile(r"classical baseline")),
+          ("significance", re.compile(r"^\S+ gain \S+ is not significant")),
+          ("gain", re.compile(r"^\S+ gain \S+ is below min_gain")),
+          ("recall", re.compile(r"^recall of ")),
+          ("valid", re.compile(r"^valid answers fall")),
+          ("latency", re.compile(r"^p50 latency")))
 
 
 def failing_rule(reason: str, verdict: str) -> str | None:
+    """The key of the rule a rejection failed on (None for a promotion; "other" for a reason no rule words like this)."""
     if verdict != "reject":
         return None
-    for rule, starts in _FAILS:
-        if rule == "gain" and "is not significant" in reason:
-            continue
-        if any(s in reason for s in starts):
-            return rule
-    return "other"
+    return next((rule for rule, pattern in _FAILS if pattern.search(reason)), "other")
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -71,6 +72,8 @@ def explain(decision: dict[str, Any], gate: dict[str, Any] | None = None) -> lis
                                      f"{cfg['alpha']}", "passed")))
         rules.append(("valid", Rule("the valid-answer rate holds", "—", f"fall ≤ {cfg['valid_rate_drop']}", "passed")))
         rules.append(("latency", Rule("p50 latency holds", "—", f"≤ {cfg['latency_ratio']}× the champion's", "passed")))
+    if failing is not None and failing not in {key for key, _ in rules}:
+        rules.append((failing, Rule("the gate's reason", decision.get("reason", "") or "—", "—", "failed")))
     return _mark(rules, failing)
 
 

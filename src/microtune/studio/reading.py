@@ -8,6 +8,7 @@ request can name an artifact, never build a path.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from microtune.core.errors import InputError
 from microtune.core.names import is_valid_name
 from microtune.core.workspace import Workspace
+from microtune.evaluation.report import report_context
 from microtune.pipeline.versions import list_models, list_versions, registry_at
 from microtune.registry.models import CHAMPION, Version
 
@@ -66,11 +68,13 @@ def recipe_dir(ws: Workspace, name: str) -> Path:
 
 
 def artifact_ids(ws: Workspace, recipe: str, stage: str) -> list[str]:
-    """Finished artifacts of a stage (folders with a manifest), newest first."""
+    """Finished artifacts of a stage (folders with a manifest), newest first: by the manifest's time, as a dataset's id is a
+    content hash (run ids, timestamps, break ties)."""
     folder = recipe_dir(ws, recipe) / stage
     if not folder.is_dir():
         return []
-    return sorted((p.name for p in folder.iterdir() if (p / "manifest.json").is_file() and not p.name.startswith(".")), reverse=True)
+    found = [(p / "manifest.json", p.name) for p in folder.iterdir() if (p / "manifest.json").is_file() and not p.name.startswith(".")]
+    return [name for _, name in sorted(found, key=lambda f: (f[0].stat().st_mtime_ns, f[1]), reverse=True)]
 
 
 def artifact_dir(ws: Workspace, recipe: str, stage: str, run_id: str) -> Path:
@@ -268,49 +272,21 @@ def run_view(ws: Workspace, recipe: str, run_id: str) -> RunView:
     return RunView(recipe, run_id, manifest, loss, valid, source, manifest.get("cost", {}), evals, versions)
 
 
-def eval_view(ws: Workspace, recipe: str, run_id: str, worst: int = 20) -> dict[str, Any]:
-    """The eval artifact's own figures: metrics with intervals, paired tests, confusion matrix, calibration, worst errors."""
+def eval_report(ws: Workspace, recipe: str, run_id: str) -> dict[str, Any]:
+    """The eval report's context (``evaluation.report.report_context``) for an eval the workspace holds: what
+    ``eval/report_body.html`` shows on the run page, exactly the sections of the artifact's own ``report.html``."""
     folder = artifact_dir(ws, recipe, "evals", run_id)
-    metrics, stats = _json(folder / "metrics.json"), _json(folder / "stats.json")
-    rows = _jsonl(folder / "predictions.jsonl")
-    systems = list(metrics)
-    out: dict[str, Any] = {"run_id": run_id, "metrics": metrics, "stats": stats, "systems": systems, "rows": len(rows),
-                           "names": [k for k in (metrics.get(MICRO) or next(iter(metrics.values()), {})).get("ci", {})]}
-    if MICRO in metrics and rows:
-        out["confusion"] = confusion(rows)
-        out["calibration"] = calibration(rows, MICRO)
-        wrong = [r for r in rows if r[MICRO]["pred"] != r["gold"]]
-        wrong.sort(key=lambda r: -(r[MICRO].get("prob") or 0.0))  # confidently wrong first
-        out["wrong"], out["worst"] = len(wrong), wrong[:worst]
-    return out
+    stamp = tuple((folder / n).stat().st_mtime_ns if (folder / n).is_file() else 0 for n in EVAL_FILES)
+    return _report_context(str(folder), stamp)
 
 
-def confusion(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    golds = [r["gold"] for r in rows]
-    if not all(isinstance(g, str) for g in golds):
-        return None
-    preds = [r[MICRO]["pred"] if isinstance(r[MICRO]["pred"], str) else "(invalid)" for r in rows]
-    labels = sorted(set(golds) | set(preds))
-    counts = {(g, p): 0 for g in labels for p in labels}
-    for g, p in zip(golds, preds):
-        counts[(g, p)] += 1
-    top = max(counts.values()) or 1
-    return {"labels": labels, "cells": [[(counts[(g, p)], counts[(g, p)] / top) for p in labels] for g in labels]}
+EVAL_FILES = ("predictions.jsonl", "metrics.json", "stats.json", "manifest.json")
 
 
-def calibration(rows: list[dict[str, Any]], system: str, bins: int = 10) -> dict[str, Any] | None:
-    """Binned accuracy against confidence and the expected calibration error (as the eval report computes it)."""
-    pairs = [(r[system]["prob"], r[system]["pred"] == r["gold"]) for r in rows if r[system].get("prob") is not None]
-    if not pairs:
-        return None
-    table = []
-    for b in range(bins):
-        inside = [(p, c) for p, c in pairs if min(int(p * bins), bins - 1) == b]
-        if inside:
-            table.append({"confidence": sum(p for p, _ in inside) / len(inside), "accuracy": sum(c for _, c in inside) / len(inside),
-                          "n": len(inside)})
-    ece = sum(t["n"] * abs(t["confidence"] - t["accuracy"]) for t in table) / len(pairs)
-    return {"bins": table, "ece": ece}
+@functools.lru_cache(maxsize=8)
+def _report_context(folder: str, stamp: tuple[int, ...]) -> dict[str, Any]:
+    """Drawing the report's plots takes a second or more on a wide label set: kept until the eval's files change (``stamp``)."""
+    return report_context(folder)
 
 
 # -- data pages ---------------------------------------------------------------------------------------
@@ -354,7 +330,7 @@ def synth_view(ws: Workspace, recipe: str, run_id: str, examples: int = 3) -> di
 # -- watch page --------------------------------------------------------------------------------------
 def watch_view(ws: Workspace, recipe: str) -> dict[str, Any]:
     folder = recipe_dir(ws, recipe) / "watch"
-    out: dict[str, Any] = {"files": [], "rounds": [], "reports": [], "quarantine": {}}
+    out: dict[str, Any] = {"files": [], "rounds": [], "reports": [], "quarantine": {}, "series": []}  # a recipe never watched: empty
     if not folder.is_dir():
         return out
     state = folder / "state.db"
