@@ -6,7 +6,7 @@ of its own (it compiles llama.cpp from its sdist) and runs benchmarks/gguf_llama
     python3 -m venv .venv-llama                                        # once: llama.cpp's own venv (gitignored)
     CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-llama/bin/pip install llama-cpp-python
     PYTHONPATH=src .venv/bin/python benchmarks/gguf_agreement.py ADAPTER [--eval-dir DIR] [--gguf-type f16 q8_0]
-        [--llama-python .venv-llama/bin/python] [--threads 2] [--limit N] [--out DIR] [--no-write]
+        [--llama-python .venv-llama/bin/python] [--threads 1] [--limit N] [--out DIR] [--no-write]
 
 ADAPTER is an adapter folder written by `microtune train`; its eval (the folder `<recipe>/evals/<run>/` beside
 `<recipe>/adapters/<run>/`, or --eval-dir; both are only read) holds the rows and eval's micro-model answers
@@ -169,7 +169,8 @@ def main() -> None:
                         help=f"interpreter with llama-cpp-python [default: {DEFAULT_LLAMA_PYTHON.relative_to(ROOT)}]")
     parser.add_argument("--out", type=Path, default=None, help="folder for the GGUFs, jobs and raw results [default: a temp folder]")
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N rows (0: all)")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (prompt and answer) [default: 2]")
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (prompt and answer) [default: 1: on a machine "
+                        "whose cores are busy, llama.cpp's OpenMP threads wait on each other; here 2 threads ran ~40x slower than 1]")
     parser.add_argument("--no-write", action="store_true", help="print the results; leave BENCHMARKS.md as it is")
     args = parser.parse_args()
 

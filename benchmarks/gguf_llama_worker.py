@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,26 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def eval_tokens(llm: Any, ids: list[int]) -> Any:
+def last_logits(llm: Any) -> Any:
+    """The logits after the last evaluated token, read from llama.cpp's context: llama-cpp-python 0.3 keeps no scores
+    unless every position's logits are computed (``logits_all``), which would also run the output head on the prompt."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()
+
+
+def eval_tokens(llm: Any, ids: list[int], logits: Callable[[Any], Any] = last_logits) -> Any:
     """Evaluate ``ids`` after the cached tokens they share with the last call (the system prompt, mostly); the logits of
     the last one. At least one token is always evaluated, so its logits are fresh."""
     keep = min(shared_prefix(list(llm.input_ids[: llm.n_tokens]), ids), len(ids) - 1)
     llm.n_tokens = keep  # Llama.eval drops the KV cache past n_tokens before it evaluates
     llm.eval(ids[keep:])
-    return llm.scores[llm.n_tokens - 1]
+    return logits(llm)
 
 
-def walk_trie(llm: Any, prompt: list[int], trie: dict[int, Any]) -> tuple[str, int]:
+def walk_trie(llm: Any, prompt: list[int], trie: dict[int, Any], logits: Callable[[Any], Any] = last_logits) -> tuple[str, int]:
     """microtune's greedy trie walk on llama.cpp's logits: the label and the number of llama.cpp evaluations."""
-    scores, node, calls = eval_tokens(llm, prompt), settle(trie), 1
+    scores, node, calls = eval_tokens(llm, prompt, logits), settle(trie), 1
     while END not in node:
         allowed = [t for t in node if t != END]
         tok = max(allowed, key=lambda t: scores[t])  # first of equals, like torch's argmax over the allowed list
@@ -76,7 +85,7 @@ def walk_trie(llm: Any, prompt: list[int], trie: dict[int, Any]) -> tuple[str, i
         if END in node:
             break
         llm.eval([tok])
-        scores, calls = llm.scores[llm.n_tokens - 1], calls + 1
+        scores, calls = logits(llm), calls + 1
     return node[END], calls
 
 

@@ -2,7 +2,7 @@
 
 `benchmarks/gguf_llama_worker.py` re-implements microtune's greedy trie walk on llama.cpp's logits (it runs in
 llama-cpp-python's own venv and cannot import microtune). Here a stand-in with llama_cpp.Llama's cache interface
-(``n_tokens``, ``input_ids``, ``eval``, ``scores``) serves a tiny random Llama's logits, and the worker's labels must be
+(``n_tokens``, ``input_ids``, ``eval``; the last logits) serves a tiny random Llama's logits, and the worker's labels must be
 ``LabelPredictor``'s (``scoring: trie``) row for row; the prompt's shared prefix must not be evaluated twice.
 `benchmarks/gguf_agreement.py` must refuse, with the build commands and before any export, when the llama.cpp
 interpreter is missing.
@@ -45,9 +45,8 @@ class FakeLlama:
     def input_ids(self) -> list[int]:
         return self.tokens[: self.n_tokens]
 
-    @property
-    def scores(self) -> Any:
-        return self._scores[: self.n_tokens]
+    def last_logits(self) -> Any:
+        return self._scores[self.n_tokens - 1]
 
     def eval(self, tokens: list[int]) -> None:
         import torch
@@ -74,7 +73,7 @@ def test_worker_trie_walk_is_microtunes(tiny_model: Any, tokenizer: Any) -> None
 
     llm = FakeLlama(tiny_model)
     trie = worker.build_trie({label: renderer.completion_ids(label) for label in LABELS})
-    got = [worker.walk_trie(llm, p, trie)[0] for p in prompts]
+    got = [worker.walk_trie(llm, p, trie, FakeLlama.last_logits)[0] for p in prompts]
 
     assert got == expected
     assert len(set(got)) > 1  # a random model that picks one label for everything would prove little
@@ -85,9 +84,9 @@ def test_worker_trie_walk_is_microtunes(tiny_model: Any, tokenizer: Any) -> None
 def test_worker_eval_tokens_keeps_one_token_to_evaluate(tiny_model: Any) -> None:
     worker = _module("gguf_llama_worker")
     llm = FakeLlama(tiny_model)
-    worker.eval_tokens(llm, [5, 6, 7])
+    worker.eval_tokens(llm, [5, 6, 7], FakeLlama.last_logits)
     before = llm.evaluated
-    scores = worker.eval_tokens(llm, [5, 6, 7])  # the same prompt again: its last token is evaluated afresh for logits
+    scores = worker.eval_tokens(llm, [5, 6, 7], FakeLlama.last_logits)  # the same prompt again: its last token is evaluated afresh for logits
 
     assert llm.evaluated - before == 1
     assert llm.input_ids == [5, 6, 7] and scores.shape[-1] == tiny_model.config.vocab_size
