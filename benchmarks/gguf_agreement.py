@@ -13,12 +13,13 @@ ADAPTER is an adapter folder written by `microtune train`; its eval (the folder 
 (predictions.jsonl). For each --gguf-type the script exports the GGUF with `microtune export --gguf` (into --out or a
 temp folder), and the worker loads it with `llama_cpp.Llama` on the CPU and answers every row in two ways:
 
-- chat (what a llama.cpp or Ollama user gets): `create_chat_completion` with the recipe's system instruction and the
+- chat (what a llama.cpp user gets): `create_chat_completion` with the recipe's system instruction and the
   text, so the chat template stored in the GGUF renders the prompt and llama.cpp's tokenizer encodes it; greedy, under
   a GBNF grammar of the label list (classify), of the JSON schema (extract), or free (generate). The grammar works on
   characters, so llama.cpp may spell a label with other tokens than eval's trie does.
 - trie (classify only): microtune's prompt token ids, and microtune's greedy walk of the label token trie on llama.cpp's
-  logits (the same rule as `task.scoring: trie`, eval's default). It isolates the weights (export, quantisation,
+  logits (the rule of `task.scoring: trie`, eval's default; an adapter trained with `loglik` was ranked by eval, so a
+  few rows may differ for that reason alone). It isolates the weights (export, quantisation,
   llama.cpp's kernels) from prompt rendering and tokenisation.
 
 Printed per GGUF type: the share of answers equal to eval's micro prediction (each way), the accuracy against gold of
@@ -152,6 +153,24 @@ def table(results: dict[str, dict[str, Any]], n: int, sizes: dict[str, float]) -
     return lines
 
 
+def shown(path: Path) -> str:
+    """A path as the command line in BENCHMARKS.md shows it: relative to the repository when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def eval_speed(eval_dir: Path) -> str:
+    """Eval's own micro-model speed, for comparison (its metrics.json; empty when absent)."""
+    metrics = eval_dir / "metrics.json"
+    micro = json.loads(metrics.read_text()).get("micro", {}) if metrics.is_file() else {}
+    if "examples_per_s" not in micro:
+        return ""
+    return (f"; eval itself (torch, batched) answered {micro['examples_per_s']:.1f} rows/s, one row at a time "
+            f"{micro.get('latency_ms_p50', float('nan')):.0f} ms (p50)")
+
+
 def write_section(section: list[str]) -> None:
     path = ROOT / "BENCHMARKS.md"
     text, body = path.read_text(), "\n".join([START, *section, END])
@@ -200,17 +219,19 @@ def main() -> None:
     header = next(iter(headers.values()))
     eval_acc = f"{results[args.gguf_type[0]]['eval_correct'] / n:.3f}" if task.has_labels else "—"
     command = (f"PYTHONPATH=src .venv/bin/python benchmarks/gguf_agreement.py {args.adapter} --eval-dir {eval_dir} "
-               f"--gguf-type {' '.join(args.gguf_type)} --llama-python {args.llama_python} --threads {args.threads}"
+               f"--gguf-type {' '.join(args.gguf_type)} --llama-python {shown(args.llama_python)} --threads {args.threads}"
                f"{f' --limit {args.limit}' if args.limit else ''}")
     section = [f"## The GGUF in llama.cpp: agreement with eval ({recipe.name}, CPU)", "",
                f"Command: `{command}` ({time.perf_counter() - started:.0f} s in all, exports included, {time.strftime('%Y-%m-%d')}, "
-               f"llama-cpp-python {version}, built from its sdist on this machine, {args.threads} threads). "
-               f"{n} test rows; eval's micro accuracy {eval_acc} (`task.scoring: {scoring}`).", "",
+               f"llama-cpp-python {version} built from its sdist on this machine, {args.threads} llama.cpp thread"
+               f"{'s' if args.threads > 1 else ''}). {n} test rows; eval's micro accuracy {eval_acc} (`task.scoring: {scoring}`)"
+               f"{eval_speed(eval_dir)}.", "",
                *table(results, n, sizes), "",
                "Chat: the GGUF's own chat template and tokenizer, with the recipe's system instruction, greedy under a GBNF grammar "
-               "of the labels: what llama.cpp (and Ollama, whose Modelfile carries the same template and system) does with the file. "
-               "Trie: microtune's prompt ids and label trie, walked greedily on llama.cpp's logits. Rows/s count whole calls, one row "
-               "at a time, the shared system prompt's KV cache reused. "
+               "of the labels: what llama.cpp does with the file (Ollama's Modelfile carries the same system instruction and the "
+               "template in Go syntax; Ollama itself was not run). Trie: microtune's prompt ids and label trie, walked greedily on "
+               "llama.cpp's logits. Answer tokens exclude the end-of-turn token, so a one-token label counts 1. Rows/s count whole "
+               "calls, one row at a time, the shared system prompt's KV cache reused. "
                f"GGUF metadata as llama.cpp read it: chat template {'present' if header['chat_template_in_gguf'] else 'absent'}, "
                f"eos id {header['eos_token_id']}, add_bos {header['add_bos_token']}."]
     print("\n".join(section))
