@@ -55,7 +55,8 @@ def llama_version(python: Path) -> str:
         raise SystemExit(f"gguf_agreement: no interpreter at {python} (--llama-python).\n{BUILD_HINT}\n  Nothing was exported.")
     done = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True)
     if done.returncode:
-        print(f"gguf_agreement: {python} cannot import llama_cpp (llama-cpp-python):\n  {done.stderr.strip().splitlines()[-1:]}\n"
+        last = (done.stderr.strip().splitlines() or ["(no error text)"])[-1]
+        print(f"gguf_agreement: {python} cannot import llama_cpp (llama-cpp-python):\n  {last}\n"
               f"{BUILD_HINT}\n  Nothing was exported.", file=sys.stderr)
         raise SystemExit(2)
     return done.stdout.strip()
