@@ -1,4 +1,5 @@
-# microtune — `make demo` runs the bundled example end to end, `make test` runs the tests (`make test-fast`: the quick ones).
+# microtune — `make demo` runs the bundled example end to end, `make test` runs the tests (`make test-fast`: the quick ones;
+# `make test-exhaustive`: every cell of the crash and method × task matrices, which CI runs after `make test`).
 # Both set themselves up first (a .venv with the project, its dev extras and the bundled model).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-fast lint clean browser
+.PHONY: setup demo test test-fast test-exhaustive lint clean browser
 
 setup: $(VENV)/.installed
 
@@ -25,7 +26,10 @@ demo: setup
 # with the same advice (tests/studio/conftest.py), so `make test` fails either way, never skips them.
 test: setup
 	@$(MAKE) --no-print-directory browser || echo "make test: no headless browser: the Studio's browser tests will fail (see above)" >&2
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not exhaustive" --durations=15
+
+test-exhaustive: setup
+	$(PY) -m pytest -q -m exhaustive --durations=10
 
 # The Studio's browser tests drive Debian's headless Chromium (chromium + chromium-driver): installed here when missing, with
 # apt-get as root or through sudo. Without apt-get, or without the rights to use it, this says what to install and fails.

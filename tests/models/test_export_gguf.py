@@ -106,6 +106,7 @@ def test_f16_gguf_reads_back_with_the_merged_models_logits_tokenizer_and_templat
     assert "output.weight" not in {t.name for t in GGUFReader(out).tensors}  # tied embeddings: llama.cpp's way of saying so
 
 
+@pytest.mark.exhaustive
 @pytest.mark.slow
 def test_q8_0_gguf_is_smaller_and_keeps_the_labels_within_the_looser_bound(tmp_path: Path, adapter: Path,
                                                                             tiny_model_dir: Path) -> None:
@@ -186,6 +187,7 @@ def test_prompt_tuning_is_refused_with_the_reason_and_the_alternative(trained: d
     assert not (tmp_path / "pt.gguf").exists() and not (tmp_path / "Modelfile").exists()
 
 
+@pytest.mark.exhaustive
 @pytest.mark.slow
 def test_a_full_fine_tune_exports_its_own_weights(trained: dict[str, Path], tmp_path: Path, make_recipe,
                                                   tiny_model_dir: Path) -> None:
