@@ -156,7 +156,8 @@ def export(
     merge: Annotated[Path | None, typer.Option(
         "--merge", metavar="OUT", help="Write the base model with the adapter merged in (plain transformers).")] = None,
     vllm: Annotated[Path | None, typer.Option(
-        "--vllm", metavar="OUT", help="Write a vLLM LoRA bundle: the adapter, vllm.json and serve.sh.")] = None,
+        "--vllm", metavar="OUT", help="Write a vLLM LoRA bundle: the adapter, serve.sh (the `vllm serve` command), vllm.json, README.md and "
+        "request.json (the chat request that restricts answers to the labels: vLLM's structured_outputs).")] = None,
     gguf: Annotated[Path | None, typer.Option(
         "--gguf", metavar="OUT.gguf", help="Write the merged model as one GGUF file (llama.cpp, Ollama, LM Studio) and an Ollama "
         "Modelfile beside it (chat template, stop tokens, the task instruction as SYSTEM). Llama-architecture bases "
@@ -184,7 +185,13 @@ def export(
         files = ", ".join(sorted(p.name for p in path.iterdir()))
         out.print(f"{'merged model' if kind == 'merge' else 'vLLM bundle'}: {path}\n  {files}", highlight=False, markup=False)
         if kind == "vllm":
-            out.print(f"  serve: {read_json(path / 'vllm.json')['command']}", highlight=False, markup=False, soft_wrap=True)
+            spec = read_json(path / "vllm.json")
+            out.print(f"  serve: {spec['command']}", highlight=False, markup=False, soft_wrap=True)
+            if spec.get("trained_base"):
+                out.print(f"  or, on the exact weights it was trained on (offline): MICROTUNE_BASE_MODEL={spec['trained_base']} "
+                          f"{path / 'serve.sh'}", highlight=False, markup=False, soft_wrap=True)
+            out.print(f"  ask: POST /v1/chat/completions with {path / 'request.json'} (README.md there)", highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 class InputFormat(str, Enum):

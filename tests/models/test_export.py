@@ -116,7 +116,7 @@ def test_cli_keeps_an_existing_out_unless_forced(tmp_path: Path, adapter: Path) 
     result = runner.invoke(app, ["export", str(adapter), "--vllm", str(out), "--force"])
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "vllm.json").is_file()
-    assert "vllm serve" in result.output
+    assert "vllm serve" in result.output and "request.json" in result.output and "MICROTUNE_BASE_MODEL=" in result.output
 
 
 @pytest.mark.slow
@@ -143,8 +143,9 @@ def test_vllm_bundle_serves_the_lora_adapter(tmp_path: Path, adapter: Path) -> N
     base = lineage["base_model_source"]
     assert spec["base_model"] == base and spec["max_lora_rank"] == r == 16
     assert spec["lora_modules"] == [{"name": "toy", "path": str(out), "base_model_name": base}]
-    assert spec["command"] == f"vllm serve {base} --enable-lora --lora-modules toy={out} --max-lora-rank 16"
-    assert "--enable-lora --lora-modules toy=" in spec["command"]
+    assert spec["command"] == (f"vllm serve {base} --enable-lora --lora-modules toy={out} --max-lora-rank 16 "
+                               f"--chat-template {out}/chat_template.jinja")  # vLLM renders prompts with training's template
+    assert spec["chat_template"] == f"{out}/chat_template.jinja"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (adapter / name).read_bytes()
     config = PeftConfig.from_pretrained(str(out))
@@ -153,18 +154,58 @@ def test_vllm_bundle_serves_the_lora_adapter(tmp_path: Path, adapter: Path) -> N
 
 
 @pytest.mark.slow
+def test_vllm_bundle_carries_the_labels_and_the_request_that_constrains_them(tmp_path: Path, adapter: Path) -> None:
+    """Real vLLM (benchmarks/vllm_bundle.py) answers this very request.json; here: it holds what a client needs."""
+    out = vllm_bundle(adapter, tmp_path / "vllm")
+    spec = json.loads((out / "vllm.json").read_text())
+    labels = json.loads((adapter / "manifest.json").read_text())["labels"]
+    request = json.loads((out / "request.json").read_text())
+    assert spec["task"] == "classify" and spec["labels"] == spec["answers"] == labels and request == spec["request"]
+    assert request["structured_outputs"] == {"choice": labels}  # vLLM's guided decoding over the label list
+    assert request["model"] == "toy" and request["temperature"] == 0
+    assert request["messages"] == [{"role": "system", "content": "Route the customer message."},
+                                   {"role": "user", "content": "REPLACE WITH THE INPUT TEXT"}]
+    assert request["max_tokens"] == max(len(x.encode()) for x in labels) + 1  # any spelling fits: the grammar ends the answer
+    trained_on = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert spec["trained_base"] == str(Path(trained_on).resolve())
+    readme = (out / "README.md").read_text()
+    assert "structured_outputs.choice" in readme and "guided_choice" in readme and "request.json" in readme
+    assert f"MICROTUNE_BASE_MODEL={spec['trained_base']} ./serve.sh" in readme
+
+
+@pytest.mark.slow
+def test_vllm_request_of_an_extract_model_constrains_to_its_schema(tmp_path: Path, adapter: Path) -> None:
+    from microtune.models.export import vllm_request
+
+    extract = tmp_path / "extract-adapter"
+    shutil.copytree(adapter, extract)
+    recipe = json.loads((extract / "recipe.json").read_text())
+    recipe["task"] = {"type": "extract", "instruction": "Pull the order id.", "fields": {"order_id": "the order number"}}
+    (extract / "recipe.json").write_text(json.dumps(recipe))
+    made = vllm_request(extract, {"labels": None}, "orders")
+    schema = made["request"]["structured_outputs"]["json"]
+    assert made["task"] == "extract" and made["answers"] is None and schema["required"] == ["order_id"]
+    assert made["request"]["max_tokens"] > 0 and made["request"]["messages"][0]["content"] == "Pull the order id."
+
+
+@pytest.mark.slow
 def test_serve_script_finds_the_adapter_after_the_bundle_moves(tmp_path: Path, adapter: Path) -> None:
     bundle = vllm_bundle(adapter, tmp_path / "vllm", name="support-router")
-    moved = shutil.move(str(bundle), tmp_path / "elsewhere")
+    moved = Path(shutil.move(str(bundle), tmp_path / "elsewhere")).resolve()
     fake_bin = tmp_path / "bin"  # stands in for the vllm executable: prints the arguments it got
     fake_bin.mkdir()
     (fake_bin / "vllm").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
     (fake_bin / "vllm").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
+    env = {k: v for k, v in os.environ.items() if k != "MICROTUNE_BASE_MODEL"} | {"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run([f"{moved}/serve.sh", "--port", "8001"], capture_output=True, text=True, env=env, check=True)
-    base = json.loads((Path(moved) / "vllm.json").read_text())["base_model"]
-    assert done.stdout.splitlines() == ["serve", base, "--enable-lora", "--lora-modules",
-                                        f"support-router={Path(moved).resolve()}", "--max-lora-rank", "16", "--port", "8001"]
+    base = json.loads((moved / "vllm.json").read_text())["base_model"]
+    tail = ["--enable-lora", "--lora-modules", f"support-router={moved}", "--max-lora-rank", "16",
+            "--chat-template", f"{moved}/chat_template.jinja", "--port", "8001"]
+    assert done.stdout.splitlines() == ["serve", base, *tail]
+    # MICROTUNE_BASE_MODEL swaps the base (e.g. the weights the adapter was trained on, offline); the rest stays
+    env["MICROTUNE_BASE_MODEL"] = "/models/trained-on"
+    done = subprocess.run([f"{moved}/serve.sh", "--port", "8001"], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.splitlines() == ["serve", "/models/trained-on", *tail]
 
 
 @pytest.mark.slow

