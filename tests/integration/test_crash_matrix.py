@@ -223,7 +223,11 @@ def summary(ws: Path) -> dict[str, Any]:
 
 
 # -- the cells -----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cell", [pytest.param(c, id=c.id, marks=[m for m, on in ((pytest.mark.slow, c.slow), (pytest.mark.exhaustive, c.exhaustive)) if on]) for c in CELLS])
+def _marks(c: Cell) -> list[Any]:
+    return [m for m, on in ((pytest.mark.slow, c.slow), (pytest.mark.exhaustive, c.exhaustive)) if on]
+
+
+@pytest.mark.parametrize("cell", [pytest.param(c, id=c.id, marks=_marks(c)) for c in CELLS])
 def test_crash_then_rerun_recovers(lab: Lab, cell: Cell) -> None:
     ws = lab.workspace()
     lab.setup(cell.command, ws)
