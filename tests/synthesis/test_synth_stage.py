@@ -260,12 +260,13 @@ def nosynth_type():
 
 def test_synth_on_a_task_type_without_synth_hooks_exits_2_with_the_fix(make_recipe, tiny_model_dir: Path, tmp_path: Path,
                                                                        nosynth_type: str) -> None:
-    """Refused where the stage starts, by the task's synth hook: before the local teacher, the data check or any request."""
+    """Refused when the recipe loads (the chat task type moved the rule into the recipe: every command, `check` first,
+    refuses a `synth` section a task type cannot fill), so before the local teacher, the data check or any request."""
     recipe = make_recipe(tiny_model_dir, task={"type": nosynth_type, "labels": None}, synth={"total": 4})  # teacher: the local default
     ws = tmp_path / "ws"
     result = CliRunner().invoke(app, ["synth", str(recipe), "-w", str(ws)])
     assert result.exit_code == 2, result.output
-    assert f"`microtune synth` does not support task.type {nosynth_type} yet" in result.output
+    assert f"`microtune synth` does not support task.type {nosynth_type}: its task class has no synth hooks" in result.output
     assert "remove the `synth` section" in result.output
     assert not ws.exists() or not list(ws.rglob("manifest.json"))  # nothing checked, nothing written
     with pytest.raises(RecipeError, match=f"does not support task.type {nosynth_type}"):
