@@ -63,8 +63,13 @@ def test_watch_scenario(watched) -> None:
     # batch 1: a few rows like the training data → below min_new_rows, no retrain
     write_jsonl(inbox / "b1.jsonl", [{"text": "where is my parcel now", "label": "shipping"},
                                     {"text": "money back for the lamp", "label": "refund"}])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "the parcel never came", "label": "shipping"}]), inbox / "b1.parquet")
     r1 = watch_once(recipe, workspace=ws)
-    assert r1["files"] == [{"file": str(inbox / "b1.jsonl"), "accepted": 2, "quarantined": 0}]
+    assert r1["files"] == [{"file": str(inbox / "b1.jsonl"), "accepted": 2, "quarantined": 0},
+                           {"file": str(inbox / "b1.parquet"), "accepted": 1, "quarantined": 0}]
     assert r1["fired"] == [] and "round" not in r1 and _versions(ws) == ["1"]
     # batch 3 first: malformed rows are quarantined with file:line, the good row is kept, nothing retrains
     (inbox / "b3.jsonl").write_text('{"text": "ok row about my bill", "label": "billing"}\n{"text": "no label"}\nnot json\n')

@@ -356,6 +356,7 @@ def test_registry_names_resolve_and_a_promotion_is_served_without_restart(adapte
         assert "hot" in [m.id for m in c.models.list()]
         assert ask(c, "hot", "where is my parcel").system_fingerprint == f"hot/{v2}"  # no champion yet: the latest version
         assert ask(c, f"hot/{v1}", "where is my parcel").choices[0].message.content in LABELS
+        assert ask(c, f"hot@v{v1}", "where is my parcel").system_fingerprint == f"hot/{v1}"  # the CLI's NAME@vN, as in predict/export
         with pytest.raises(openai.NotFoundError):
             ask(c, "hot@challenger", "hi")
         for version, labels in ((v1, LABELS), (v2, ["money", "parcel"])):

@@ -46,7 +46,7 @@ from microtune.registry.tracking import tracking_uri
 from microtune.tasks import TASKS, ClassifyConfig
 
 Say = Callable[[str], None]
-PATTERNS = ("*.jsonl", "*.csv", "*.tsv")
+PATTERNS = ("*.jsonl", "*.csv", "*.tsv", "*.parquet", "*.pq")  # what data.format=auto reads (data/readers.py)
 ROW_FIELDS = ("task.text_field=text", "task.label_field=label", "task.target_field=target")  # the plain names of stored rows
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import microtune.methods as methods
 from microtune.config import Recipe, artifact_recipe
 from microtune.core.artifacts import read_manifest
 from microtune.core.errors import ArtifactError, MicrotuneError
-from microtune.core.names import is_valid_name
+from microtune.registry.models import parse_reference
 from microtune.registry.tracking import quiet_mlflow_logs
 
 log = logging.getLogger("microtune.serving")
@@ -60,7 +59,6 @@ def placement(method: str, adapter_dir: Path, qlora_base: str = "full") -> str:
     config = adapter_dir / "adapter_config.json"
     peft_type = json.loads(config.read_text()).get("peft_type") if config.is_file() else None
     return ALONE if peft_type == "LORA" else OWN
-_REF = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[0-9]{1,9}))?$")
 
 
 class UnknownModel(MicrotuneError):
@@ -207,17 +205,17 @@ class Catalog:
             return self._resolved[model]
 
     def _from_registry(self, model: str) -> AdapterSpec:
-        m = _REF.match(model)
-        if m is None or not is_valid_name(m["name"]):
-            raise UnknownModel(f"model {quote(model)} is not a valid model name", hint="use NAME, NAME@ALIAS or NAME/VERSION")
+        ref = parse_reference(model)  # the one reference grammar: NAME, NAME@ALIAS, NAME@vN, NAME/N
+        if ref is None:
+            raise UnknownModel(f"model {quote(model)} is not a valid model name", hint="use NAME, NAME@ALIAS, NAME@vN or NAME/N")
         if self.registry is None:
             raise UnknownModel(f"model {quote(model)} is not served here", hint=f"use one of {self.names()}")
-        found = self.registry.version(m["name"], m["alias"], m["version"])
+        found = self.registry.version(*ref)
         if found is None:
             raise UnknownModel(f"model {quote(model)} is not in the registry", hint=f"use one of {self.names()}")
         version, source = found
         try:
-            return self._load(m["name"], version, self.registry.local_path(source))
+            return self._load(ref[0], version, self.registry.local_path(source))
         except ArtifactError as exc:
             raise UnservableModel(f"model {quote(model)} version {version}: {exc.message}", hint=exc.hint) from None
 
@@ -227,8 +225,8 @@ class Catalog:
         with self._lock:
             resolved, paths = dict(self._resolved), dict(self._paths)
         for model, old in resolved.items():
-            m = _REF.match(model)
-            found = self.registry.version(m["name"], m["alias"], m["version"]) if self.registry and m else None
+            ref = parse_reference(model)
+            found = self.registry.version(*ref) if self.registry and ref else None
             if found is not None and found[0] == old.version:
                 continue  # the alias still points at the version being served: nothing to read
             try:
