@@ -176,6 +176,23 @@ def test_existing_outputs_are_kept_unless_forced(tmp_path: Path, adapter: Path) 
 
 
 @pytest.mark.slow
+def test_merge_and_gguf_together_share_one_float32_merge(tmp_path: Path, adapter: Path, tiny_model_dir: Path) -> None:
+    """--merge at bf16 with an f32 GGUF: the GGUF holds the float32 merge exactly (it is written before --merge casts
+    the shared merged model to its --dtype), and the merged folder is bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out, folder = tmp_path / "toy.gguf", tmp_path / "merged"
+    result = runner.invoke(app, ["export", str(adapter), "--merge", str(folder), "--dtype", "bfloat16",
+                                 "--gguf", str(out), "--gguf-type", "f32"])
+    assert result.exit_code == 0, result.output
+    merged, _, _, prompts = _merged_and_prompts(adapter, tiny_model_dir)
+    for ours, theirs in zip(_logits(_read_back(out), prompts), _logits(merged, prompts), strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-4)
+    assert AutoModelForCausalLM.from_pretrained(folder).dtype == torch.bfloat16
+
+
+@pytest.mark.slow
 def test_prompt_tuning_is_refused_with_the_reason_and_the_alternative(trained: dict[str, Path], tmp_path: Path,
                                                                       make_recipe, tiny_model_dir: Path) -> None:
     prompt = _train(trained, "prompt_tuning", tmp_path, make_recipe, tiny_model_dir,

@@ -63,23 +63,28 @@ def export_adapter(adapter_dir: str | Path, merge: str | Path | None = None, vll
     if merge is not None:
         _torch_dtype(dtype or "float32")
         check_out(adapter_dir, Path(merge), force, "--merge")
+    full = False  # the artifact is a whole model (a `full` run): nothing to merge
     if gguf is not None:
         check_gguf_type(gguf_type or GGUF_TYPES[0])
-        check_gguf_method(adapter_dir, manifest)
+        full = check_gguf_method(adapter_dir, manifest)
         check_gguf_out(adapter_dir, Path(gguf), force, [Path(p) for p in (merge, vllm) if p is not None])
     written: dict[str, Path] = {}
     if vllm is not None:
         written["vllm"] = vllm_bundle(adapter_dir, vllm, name, force=force)
-    if merge is not None:
-        written["merge"] = merge_adapter(adapter_dir, merge, dtype or "float32", force=force)
+    # --merge with --gguf: one merge serves both (the GGUF first, from the float32 merge; --merge then casts to --dtype)
+    merged = _merged_model(adapter_dir, manifest) if merge is not None and gguf is not None and not full else None
     if gguf is not None:
-        written["gguf"] = gguf_export(adapter_dir, gguf, gguf_type or GGUF_TYPES[0], force=force)
+        written["gguf"] = gguf_export(adapter_dir, gguf, gguf_type or GGUF_TYPES[0], force=force, merged=merged)
         written["modelfile"] = written["gguf"].with_name(MODELFILE)
-    return written
+    if merge is not None:
+        written["merge"] = merge_adapter(adapter_dir, merge, dtype or "float32", force=force, merged=merged)
+    return dict(sorted(written.items(), key=lambda kv: ("vllm", "merge", "gguf", "modelfile").index(kv[0])))
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", force: bool = False) -> Path:
-    """Fold the adapter into its base model; ``out_dir`` gets a plain transformers model (safetensors) + tokenizer."""
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", force: bool = False, *,
+                  merged: Any = None) -> Path:
+    """Fold the adapter into its base model; ``out_dir`` gets a plain transformers model (safetensors) + tokenizer.
+    ``merged``: the float32 merge already made for another export of the same adapter (cast here in place)."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     manifest = read_manifest(adapter_dir, "adapter")
     config = peft_config(adapter_dir)
@@ -88,7 +93,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
                          "that can be merged into the model", hint="serve the adapter itself (PeftModel), or train with LoRA")
     torch_dtype = _torch_dtype(dtype)
     check_out(adapter_dir, out_dir, force, "--merge")
-    model = _merged_model(adapter_dir, manifest).to(torch_dtype)
+    model = (merged if merged is not None else _merged_model(adapter_dir, manifest)).to(torch_dtype)
     info = {**_source(adapter_dir, manifest), "dtype": dtype, "peft_type": config.peft_type.value}
     with write_artifact(out_dir, "merged", info) as (tmp, _):
         model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes, and 4.x's default
@@ -172,7 +177,7 @@ def _trained_base(config: Any) -> str | None:
 MODELFILE = "Modelfile"  # Ollama's conventional name: `ollama create NAME -f Modelfile`
 
 
-def gguf_export(adapter_dir: str | Path, out: str | Path, gguf_type: str = "f16", force: bool = False) -> Path:
+def gguf_export(adapter_dir: str | Path, out: str | Path, gguf_type: str = "f16", force: bool = False, *, merged: Any = None) -> Path:
     """Merge the adapter (or take the whole model of a `full` run) and write ``out`` (a .gguf) plus ``Modelfile`` beside it.
 
     Everything that can refuse — the method, the architecture, the vocabulary, the Modelfile's text — is checked
@@ -190,7 +195,7 @@ def gguf_export(adapter_dir: str | Path, out: str | Path, gguf_type: str = "f16"
     vocab = tokenizer_fields(_vocab_gguf(adapter_dir), tokenizer)  # refuses a vocabulary the GGUF cannot be given, before the merge
     text = _modelfile_text(adapter_dir, manifest, tokenizer, out.name)
     model = load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), ""), trust_remote_code) if full \
-        else _merged_model(adapter_dir, manifest)
+        else merged if merged is not None else _merged_model(adapter_dir, manifest)
     written = write_gguf(model.eval(), tokenizer, out, gguf_type, tokenizer_metadata=vocab,
                          metadata=_gguf_lineage(adapter_dir, manifest, gguf_type), name=manifest.get("recipe"))
     write_text(out.with_name(MODELFILE), text)
