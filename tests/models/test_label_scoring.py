@@ -74,6 +74,35 @@ def test_loglik_ranks_equal_per_label_brute_force_and_sum_to_one(tiny_model: Any
     assert [lp for _, lp in single] == pytest.approx([lp for _, lp in ranked[1]], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_predict_skips_answers_whose_first_token_bound_cannot_win_and_answers_the_same(tmp_path: Path, make_recipe,
+                                                                                      tiny_model_dir: Path) -> None:
+    """An answer's first-token log-probability bounds its full log-likelihood, so pruning below the best found never
+    changes the answer, whatever the margin; the probability is a lower bound on the exact one (the pruned answers'
+    bounds overstate their share). A trained micro-model (here a tiny one, seconds) is peaked enough to prune at margin 0."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from microtune import pipeline
+    from toydata import LABELS as TOY_LABELS
+    from toydata import TEXTS as TOY_TEXTS
+
+    adapter = pipeline.train(make_recipe(tiny_model_dir, train={"epochs": 20, "lr": 2e-2}), workspace=tmp_path / "ws")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter)).eval()
+    renderer = Renderer(AutoTokenizer.from_pretrained(adapter))
+    task = get_task(ClassifyConfig(instruction="Route the customer message."), TOY_LABELS)
+    prompts = [renderer.prompt_ids(task.messages({"text": TOY_TEXTS[label][i]})) for label in TOY_LABELS for i in range(8)]
+    exact = LabelPredictor(model, renderer, TOY_LABELS, batch_size=4, scoring="loglik")
+    ranked = exact.rank(prompts)
+    for margin in (0.0, 16.0):
+        pruned = LabelPredictor(model, renderer, TOY_LABELS, batch_size=4, scoring="loglik", prune_nats=margin)
+        preds = pruned.predict(prompts)
+        assert [label for label, _ in preds] == [answers[0][0] for answers in ranked]
+        for (_, prob), answers in zip(preds, ranked):
+            assert prob == pytest.approx(math.exp(answers[0][1]), rel=1e-5) if margin else 0 < prob <= math.exp(answers[0][1]) + 1e-9
+        assert pruned.continued < exact.continued or margin  # at margin 0 this model's answers are skipped
+
+
 def test_loglik_without_the_prefix_cache_and_with_a_large_budget_gives_the_same_ranking(tiny_model: Any, tokenizer: Any) -> None:
     renderer, prompts = Renderer(tokenizer), _prompts(tokenizer, label_list=False)
     small = LabelPredictor(tiny_model, renderer, LABELS, batch_size=2, scoring="loglik", kv_positions=64).rank(prompts)

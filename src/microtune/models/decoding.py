@@ -31,6 +31,7 @@ forward (the KV differs per adapter), and every row continues from its adapter's
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,8 @@ END = -1  # trie key marking a finished label
 # per forward. ~350 MB of KV for a 135M model at 8,192 positions in float32; 2**27 floats are 512 MB.
 KV_POSITIONS = 8192
 LOGIT_FLOATS = 2**27
+# loglik in `predict`: answers whose first-token bound is this many nats below the best full log-likelihood are not continued
+PRUNE_NATS = 16.0
 
 
 def padded(seqs: Sequence[list[int]], pad: int, left: bool) -> tuple[Any, Any]:
@@ -136,11 +139,12 @@ def _gather(prefix: tuple[Any, Any] | None, rows: list[int]) -> tuple[Any, Any]:
 class LabelPredictor:
     def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
                  share_prefix: bool = True, scoring: str = DEFAULT_SCORING, kv_positions: int = KV_POSITIONS,
-                 logit_floats: int = LOGIT_FLOATS):
+                 logit_floats: int = LOGIT_FLOATS, prune_nats: float = PRUNE_NATS):
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
         self.model, self.renderer, self.scoring = model, renderer, scoring
-        self.kv_positions, self.logit_floats = kv_positions, logit_floats
+        self.kv_positions, self.logit_floats, self.prune_nats = kv_positions, logit_floats, prune_nats
+        self.continued = 0  # loglik: (row, answer) continuations scored so far (what pruning saves shows here)
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
         self.cache_kw = cache_kwarg(model)
@@ -153,7 +157,9 @@ class LabelPredictor:
                 tries: Sequence[dict[int, Any]] | None = None) -> list[tuple[str, float]]:
         """One ``(label, probability)`` per prompt; optionally one PEFT adapter and one label trie per row."""
         if self.scoring == "loglik":
-            return [(ranked[0][0], math.exp(ranked[0][1])) for ranked in self.rank(prompts, adapter_names, tries)]
+            pruned = functools.partial(self._loglik, prune=True)  # only the best answer and its probability are wanted
+            ranked = self._batched(prompts, adapter_names, tries, pruned, self._loglik_uncached)
+            return [(answers[0][0], math.exp(answers[0][1])) for answers in ranked]
         return self._batched(prompts, adapter_names, tries, self._decode, self._decode_uncached)
 
     def rank(self, prompts: Sequence[list[int]], adapter_names: Sequence[str] | None = None,
@@ -260,10 +266,18 @@ class LabelPredictor:
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
 
     def _loglik(self, suffixes: list[list[int]], prefix_mask: Any, cache: Any, tries: list[dict[int, Any]],
-                names: list[str] | None = None) -> list[list[tuple[str, float]]]:
+                names: list[str] | None = None, prune: bool = False) -> list[list[tuple[str, float]]]:
         """``loglik`` behind the prefix cache: one forward over the rows' own tokens gives each row's KV and the
         log-probabilities of every answer's first token; then every (row, answer) continuation — the answer's tokens but
-        its last, right-padded — is read in chunks on a copy of its row's KV, each position scoring the next token."""
+        its last, right-padded — is read in chunks on a copy of its row's KV, each position scoring the next token.
+
+        ``prune`` (what ``predict`` asks for: the best answer and its probability): an answer's first-token
+        log-probability bounds its whole log-likelihood from above (every further token adds a log-probability ≤ 0).
+        So each row's answer with the best first token is continued first, and then only the answers whose bound is
+        within ``prune_nats`` (default 16) of the best full log-likelihood found; the others cannot win and keep their bound. The
+        answer is exactly the unpruned one; its probability is exact up to a relative error below (answers) × e^-16,
+        since the bounds only overstate the pruned answers' share. A trained micro-model puts nearly all of its
+        first-token mass on one label, so most rows continue one or two answers instead of all of them."""
         import torch
 
         p = prefix_mask.shape[1]
@@ -276,17 +290,34 @@ class LabelPredictor:
         first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
         rows_cache, next_pos = cache_of(out), pos[:, -1] + 1
         pairs = _pairs(tries)
-        totals = [float(first[row, tokens[0]]) for row, _, tokens in pairs]
-        for chunk in self._chunks([len(tokens) - 1 for _, _, tokens in pairs], mask.shape[1]):
-            rows = [pairs[k][0] for k in chunk]
-            cont_ids, cont_mask = padded([pairs[k][2][:-1] for k in chunk], self.pad, left=False)
-            kv, kv_mask = _gather((rows_cache, mask), rows)
-            cont_pos = next_pos[rows][:, None] + torch.arange(cont_ids.shape[1])[None, :]
-            logits = self.model(input_ids=cont_ids.to(dev), attention_mask=torch.cat([kv_mask, cont_mask], dim=1).to(dev),
-                                position_ids=cont_pos.to(dev), use_cache=True, **{self.cache_kw: kv},
-                                **_adapters(None if names is None else [names[r] for r in rows])).logits
-            for k, value in zip(chunk, _sequence_logprobs(logits, [0] * len(chunk), [pairs[k][2][1:] for k in chunk])):
-                totals[k] += value
+        totals = [float(first[row, tokens[0]]) for row, _, tokens in pairs]  # a one-token answer's is final; else a bound
+
+        def continue_(todo: list[int]) -> None:
+            for sub in self._chunks([len(pairs[k][2]) - 1 for k in todo], mask.shape[1]):
+                chunk = [todo[j] for j in sub]
+                rows = [pairs[k][0] for k in chunk]
+                cont_ids, cont_mask = padded([pairs[k][2][:-1] for k in chunk], self.pad, left=False)
+                kv, kv_mask = _gather((rows_cache, mask), rows)
+                cont_pos = next_pos[rows][:, None] + torch.arange(cont_ids.shape[1])[None, :]
+                logits = self.model(input_ids=cont_ids.to(dev), attention_mask=torch.cat([kv_mask, cont_mask], dim=1).to(dev),
+                                    position_ids=cont_pos.to(dev), use_cache=True, **{self.cache_kw: kv},
+                                    **_adapters(None if names is None else [names[r] for r in rows])).logits
+                for k, value in zip(chunk, _sequence_logprobs(logits, [0] * len(chunk), [pairs[k][2][1:] for k in chunk])):
+                    totals[k] += value
+                self.continued += len(chunk)
+
+        longer = [k for k, (_, _, tokens) in enumerate(pairs) if len(tokens) > 1]
+        if not prune:
+            continue_(longer)
+            return _ranked(pairs, totals, len(tries))
+        lead: dict[int, int] = {}  # row → its answer with the best first token
+        for k, (row, _, _) in enumerate(pairs):
+            if row not in lead or totals[k] > totals[lead[row]]:
+                lead[row] = k
+        first_round = {k for k in lead.values() if len(pairs[k][2]) > 1}
+        continue_(sorted(first_round))
+        best = {row: totals[k] for row, k in lead.items()}  # a full log-likelihood: the bar every other answer must reach
+        continue_([k for k in longer if k not in first_round and totals[k] >= best[pairs[k][0]] - self.prune_nats])
         return _ranked(pairs, totals, len(tries))
 
     def _loglik_uncached(self, seqs: list[list[int]], tries: list[dict[int, Any]],
