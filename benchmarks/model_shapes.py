@@ -104,25 +104,27 @@ def lora_params(config: Any, r: int = 16) -> int:
 
 
 def estimate_gib(config: Any, method: str, seq_len: int, batch: int) -> float:
-    """A deliberately generous estimate of a cell's peak RSS in GiB, to decide whether it may run at all.
+    """A cell's peak RSS in GiB, estimated before it runs, to decide whether it may run at all: the larger of loading and training.
 
-    Weights as they are held (fp32 under `model.dtype: auto` on a CPU; bf16 for lora-bf16; ~0.55 byte per 4-bit
-    weight with its constants, fp32 embeddings for qlora), gradients and AdamW's two states (full: 3 × 4 bytes per
-    parameter; adapters: of their own parameters), activations kept for backward (per token and layer ~48 bytes per hidden
-    unit and 16 per MLP unit: fp32 residuals and norms, bf16 autocast copies; plus fp32 attention scores), and the process."""
+    Loading: the weights as they are held (fp32 under `model.dtype: auto` on a CPU; bf16 for lora-bf16; ~0.55 byte per
+    4-bit weight with its constants plus fp32 embeddings and norms for qlora) while the whole bf16 checkpoint is mapped
+    (transformers keeps the file open until the model is loaded: its pages count in RSS). Training: the weights held,
+    the bf16 copies autocast makes of fp32 weights and keeps for backward, gradients and AdamW's two states (full: 3 × 4
+    bytes per parameter; adapters: of their own parameters), activations kept for backward (per token and layer ~48 bytes
+    per hidden unit and 16 per MLP unit, plus fp32 attention scores). Plus the process itself (`BASELINE_GIB`)."""
     p = param_count(config)
     kind = METHODS[method]["method"]["kind"]
     bf16 = METHODS[method].get("model", {}).get("dtype") == "bfloat16"
-    if kind == "full":
-        held = p["total"] * (4 + 4 + 8)
-    elif kind == "qlora":
-        held = p["linear"] * 0.55 + (p["total"] - p["linear"]) * 4 + lora_params(config) * 16
+    checkpoint = p["total"] * 2 * (1.5 if kind == "qlora" else 1)  # quantising on load costs ~1 byte/param more (measured at 1.7B)
+    if kind == "qlora":
+        held, casts = p["linear"] * 0.55 + (p["total"] - p["linear"]) * 4, 0
     else:
-        held = p["total"] * (2 if bf16 else 4) + lora_params(config) * 16
+        held, casts = p["total"] * (2 if bf16 else 4), 0 if bf16 else p["total"] * 2
+    states = p["total"] * 12 if kind == "full" else lora_params(config) * 12
     tokens = seq_len * batch
     acts = config.num_hidden_layers * tokens * (48 * config.hidden_size + 16 * config.intermediate_size)
     acts += config.num_hidden_layers * batch * config.num_attention_heads * seq_len * seq_len * 4
-    return (held + acts) / GIB + BASELINE_GIB
+    return max(held + checkpoint, held + casts + states + acts) / GIB + BASELINE_GIB
 
 
 def mem_total_gib() -> float:
@@ -273,17 +275,17 @@ def measure(args: argparse.Namespace, models: Path, shape: str, method: str, seq
     config = llama_config(shape, layers)
     cell = {"shape": shape, "method": method, "seq_len": seq_len, "layers": config.num_hidden_layers,
             "estimate_gib": estimate_gib(config, method, seq_len, args.batch)}
-    limit = min(args.memory_gib, mem_available_gib() * 0.9)
-    if cell["estimate_gib"] > limit:
-        fits = cell["estimate_gib"] <= args.memory_gib
-        return cell | {"skipped": "not enough free memory now" if fits else f"does not fit in {args.memory_gib:.0f} GiB"}
-    ckpt = checkpoint(models, shape, layers)
     out = models / f"cell-{shape}-{layers or 'all'}-{method}-{seq_len}.json"
-    cmd = [sys.executable, __file__, "--cell", "--checkpoint", str(ckpt), "--method", method, "--seq-len", str(seq_len),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--out", str(out)]
     done = out.with_suffix(".done.json")
     if done.is_file():  # kept from an earlier run into the same --models folder
         return cell | json.loads(done.read_text())
+    limit = min(args.memory_gib, mem_available_gib() * 0.9)
+    if cell["estimate_gib"] > limit:
+        fits = cell["estimate_gib"] <= args.memory_gib
+        return cell | {"skipped": "not enough free memory now" if fits else f"does not fit in this machine's {args.memory_gib:.1f} GiB"}
+    ckpt = checkpoint(models, shape, layers)
+    cmd = [sys.executable, __file__, "--cell", "--checkpoint", str(ckpt), "--method", method, "--seq-len", str(seq_len),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--out", str(out)]
     print(f"{shape}{f' ({layers} layers)' if layers else ''} {method} {seq_len} …", file=sys.stderr, flush=True)
     load, t0 = os.getloadavg()[0], time.perf_counter()
     code, peak, err = spawn(cmd, out)
@@ -340,19 +342,19 @@ def _tps(cell: dict[str, Any]) -> float | None:
 
 
 def table(cells: list[dict[str, Any]]) -> list[str]:
-    lines = ["| shape | method | seq len | tokens/s | peak RSS MiB | trainable params | weights held as | estimated before run GiB |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["| shape | method | seq len | tokens/s | peak RSS MiB | of which by the end of set-up (load) MiB | trainable params | "
+             "weights held as | estimated before run GiB |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for c in cells:
         if "skipped" in c:
             ex = c.get("extrapolated")
             tps = f"~{ex['tokens_per_s']:.1f} (extrapolated)" if ex else "–"
             mib = f"~{ex['peak_mib']:.0f} (extrapolated)" if ex else "–"
             trainable = f"{ex['trainable_params'] / 1e6:,.1f} M" if ex else "–"
-            lines.append(f"| {c['shape']} | {c['method']} | {c['seq_len']} | {tps} | {mib} — **{c['skipped']}** | {trainable} | – | "
+            lines.append(f"| {c['shape']} | {c['method']} | {c['seq_len']} | {tps} | {mib} — **{c['skipped']}** | – | {trainable} | – | "
                          f"{c['estimate_gib']:.1f} |")
             continue
         held = "nf4 + " + c["weights_dtype"] if METHODS[c["method"]]["method"]["kind"] == "qlora" else c["weights_dtype"]
-        lines.append(f"| {c['shape']} | {c['method']} | {c['seq_len']} | {c['tokens_per_s']:.1f} | {c['peak_mib']:.0f} | "
+        lines.append(f"| {c['shape']} | {c['method']} | {c['seq_len']} | {c['tokens_per_s']:.1f} | {c['peak_mib']:.0f} | {c['setup_peak_mib']:.0f} | "
                      f"{c['trainable_params'] / 1e6:,.2f} M | {held} | {c['estimate_gib']:.1f} |")
     return lines
 
