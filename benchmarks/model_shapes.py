@@ -316,7 +316,9 @@ def extrapolate(args: argparse.Namespace, models: Path, cell: dict[str, Any]) ->
     a_t, b_t = linear_fit(xs, per_token)
     layers = cell["layers"]
     config = llama_config(cell["shape"])
-    return cell | {"extrapolated": {"peak_mib": a_mem + b_mem * layers, "tokens_per_s": 1 / (a_t + b_t * layers),
+    # time per token must grow with the layers; a fit that says otherwise measured the machine's load, not the model
+    tps = 1 / (a_t + b_t * layers) if b_t > 0 else None
+    return cell | {"extrapolated": {"peak_mib": a_mem + b_mem * layers, "tokens_per_s": tps,
                                     "mib_per_layer": b_mem, "mib_fixed": a_mem, "from": runs,
                                     "trainable_params": param_count(config)["total"]}}
 
@@ -347,7 +349,7 @@ def table(cells: list[dict[str, Any]]) -> list[str]:
     for c in cells:
         if "skipped" in c:
             ex = c.get("extrapolated")
-            tps = f"~{ex['tokens_per_s']:.1f} (extrapolated)" if ex else "–"
+            tps = f"~{ex['tokens_per_s']:.1f} (extrapolated)" if ex and ex["tokens_per_s"] else "– (no fit)" if ex else "–"
             mib = f"~{ex['peak_mib']:.0f} (extrapolated)" if ex else "–"
             trainable = f"{ex['trainable_params'] / 1e6:,.1f} M" if ex else "–"
             lines.append(f"| {c['shape']} | {c['method']} | {c['seq_len']} | {tps} | {mib} — **{c['skipped']}** | – | {trainable} | – | "
@@ -417,6 +419,10 @@ def growth(cells: list[dict[str, Any]], shapes: list[str], seq_lens: list[int]) 
     return head
 
 
+def _no_fit(ex: dict[str, Any]) -> str:
+    return "" if ex["tokens_per_s"] else ": it fell with more layers (the load, not the model), so no speed estimate"
+
+
 def _threads(args: argparse.Namespace) -> str:
     return "torch's default threads" if args.threads == 0 else f"{args.threads} torch thread{'s' if args.threads > 1 else ''}"
 
@@ -451,6 +457,8 @@ def report(cells: list[dict[str, Any]], args: argparse.Namespace, info: dict[str
              f"{args.steps} timed optimizer steps per cell (tokens/s over the timed steps), each cell a fresh process; peak RSS of "
              "that process (model load included). lora/qlora: r 16 on all linear layers; `model.dtype: auto` (fp32 weights on "
              "this CPU), bf16 autocast; lora-bf16: the same LoRA with `model.dtype: bfloat16` (frozen base held in bf16).",
+             "Speed is rough here: one timed step per cell, on a machine other jobs shared (load above); comparable cells "
+             "differ by up to ~2× for that reason alone. The memory columns are the result.",
              "", *table(cells), ""]
     if extra:
         for c in extra:
@@ -458,7 +466,7 @@ def report(cells: list[dict[str, Any]], args: argparse.Namespace, info: dict[str
             pts = ", ".join(f"{r['layers']} layers {r['peak_mib']:,.0f} MiB / {r['tokens_per_s']:.1f} tok/s" for r in ex["from"])
             lines.append(f"Extrapolated {c['shape']} {c['method']} seq {c['seq_len']}: measured with {pts}; peak RSS = "
                          f"{ex['mib_fixed']:,.0f} + {ex['mib_per_layer']:,.0f} MiB × layers → {ex['peak_mib']:,.0f} MiB at "
-                         f"{c['layers']} layers (time per token fitted the same way). Estimated before running: "
+                         f"{c['layers']} layers (time per token fitted the same way{_no_fit(ex)}). Estimated before running: "
                          f"{c['estimate_gib']:.1f} GiB.")
         lines.append("")
     lines += ["Peak-memory ratios:", "", *ratios(cells, shapes, args.seq_lens), "", "Targets (issue 17, at the 1.7B shape):", "",
