@@ -24,8 +24,11 @@ activations; `estimate_gib`) and a cell that cannot fit in this machine's RAM is
 the 1.7B shape needs ~26 GiB for fp32 weights + gradients + AdamW states alone. Such a cell is reported as not
 fitting, with an estimate extrapolated from measured runs of the same shape with fewer layers (2, 4, 6:
 peak RSS and step time fitted linearly in the layer count, evaluated at the full count). Writes the tables into
-BENCHMARKS.md between the model-shapes markers (unless `--no-write`). Few steps and small batches keep the whole
-run near half an hour on 2 CPU cores; run it on an otherwise idle machine (the load average is recorded).
+BENCHMARKS.md between the model-shapes markers (unless `--no-write`). One warm-up and one timed step, batch 1, and
+one torch thread per cell (`--threads`: on a shared machine, OpenMP threads of several processes spinning against
+each other made a step 13× slower) keep it to about an hour of cells on a loaded 2-core machine, ~35 minutes of
+which are the 1.7B shape; the speed figures are then rough (the load average is recorded), the memory ones are not.
+`--models DIR` keeps checkpoints and finished cells, so a run can be split (`--only`, `--methods`) and reassembled.
 """
 from __future__ import annotations
 
