@@ -91,3 +91,21 @@ def test_one_cell_trains_through_the_engine(shapes: Any, tiny_model_dir: Path, m
     assert out["step_tokens"] == [96, 96, 96]  # every row exactly seq_len tokens, batch 2
     assert len(out["step_s"]) == 3 and out["tokens_per_s"] > 0
     assert 0 < out["trainable_params"] < out["total_params"] and out["weights_dtype"] == "float32"
+
+
+def test_the_report_says_met_or_not_with_the_number(shapes: Any) -> None:
+    def cell(method: str, peak: float, **extra: Any) -> dict[str, Any]:
+        return {"shape": "1.7B", "method": method, "seq_len": 128, "layers": 24, "estimate_gib": 1.0, "peak_mib": peak,
+                "setup_peak_mib": peak, "tokens_per_s": 5.0, "trainable_params": 18_087_936, "weights_dtype": "float32",
+                "load": [1.0, 2.0], "wall_s": 60.0} | extra
+    runs = [{"layers": n, "peak_mib": 1000.0 + 1000 * n, "tokens_per_s": 10.0 / n} for n in (2, 4, 6)]
+    full = {"shape": "1.7B", "method": "full", "seq_len": 128, "layers": 24, "estimate_gib": 30.0, "skipped": "does not fit",
+            "extrapolated": {"peak_mib": 25000.0, "tokens_per_s": None, "mib_per_layer": 1000.0, "mib_fixed": 1000.0, "from": runs,
+                             "trainable_params": 1_711_376_384}}
+    cells = [cell("lora", 10000.0), cell("qlora", 5000.0), full]
+    args = argparse.Namespace(argv=[], batch=1, steps=1, threads=1, seq_lens=[128])
+    info = {"cpu": "cpu", "cpus": 2, "ram_gib": 23.5, "torch": "t", "transformers": "t"}
+    text = shapes.report(cells, args, info, (1.0, 1.0), 1.0)
+    assert "QLoRA ≤ 0.6× LoRA peak memory at 1.7B, seq 128: **met** — 0.50×" in text
+    assert "LoRA ≤ 0.25× full fine-tuning's peak memory at 1.7B, seq 128: **not met** — 0.40× (full: extrapolated)" in text
+    assert "~25000 (extrapolated) — **does not fit**" in text and "– (no fit)" in text
