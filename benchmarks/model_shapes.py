@@ -326,6 +326,16 @@ def extrapolate(args: argparse.Namespace, models: Path, cell: dict[str, Any]) ->
                                     "trainable_params": param_count(config)["total"]}}
 
 
+def check_extrapolation(args: argparse.Namespace, models: Path, cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """The extrapolation tried where the truth is known: the largest shape's measured lora cell at the first sequence
+    length, predicted from its 2-, 4- and 6-layer runs."""
+    measured = [c for c in cells if c["method"] == "lora" and c["seq_len"] == args.seq_lens[0] and "peak_mib" in c]
+    if not measured:
+        return {}
+    cell = max(measured, key=lambda c: param_count(llama_config(c["shape"]))["total"])
+    return cell | {"predicted": extrapolate(args, models, cell)["extrapolated"]}
+
+
 def machine() -> dict[str, Any]:
     import torch
     import transformers
@@ -444,7 +454,8 @@ def _wall(cells: list[dict[str, Any]]) -> float:
     return sum(c.get("wall_s", 0.0) for c in _ran(cells))
 
 
-def report(cells: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any], load: tuple[float, float], wall: float) -> str:
+def report(cells: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any], load: tuple[float, float], wall: float,
+           checks: list[dict[str, Any]] = ()) -> str:
     shapes = [s for s in SHAPES if any(c["shape"] == s for c in cells)]
     counts = ", ".join(f"{s} {param_count(llama_config(s))['total'] / 1e6:,.1f} M" for s in shapes)
     extra = [c for c in cells if "extrapolated" in c]
@@ -472,6 +483,12 @@ def report(cells: list[dict[str, Any]], args: argparse.Namespace, info: dict[str
                          f"{c['layers']} layers (time per token fitted the same way{_no_fit(ex)}). Estimated before running: "
                          f"{c['estimate_gib']:.1f} GiB.")
         lines.append("")
+    for c in (c for c in checks if c):
+        ex = c["predicted"]
+        runs = ", ".join(f"{r['peak_mib']:,.0f}" for r in ex["from"])
+        lines += [f"Check of the extrapolation where the answer is known: {c['shape']} {c['method']} seq {c['seq_len']} measured "
+                  f"{c['peak_mib']:,.0f} MiB; fitted on its 2-, 4- and 6-layer runs ({runs} MiB) it predicts {ex['peak_mib']:,.0f} MiB "
+                  f"({ex['peak_mib'] / c['peak_mib'] - 1:+.0%}).", ""]
     lines += ["Peak-memory ratios:", "", *ratios(cells, shapes, args.seq_lens), "", "Targets (issue 17, at the 1.7B shape):", "",
               *targets(cells, args.seq_lens), "", "How time and memory grow with model size and sequence length:", "",
               *growth(cells, shapes, args.seq_lens)]
@@ -505,6 +522,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="OMP_NUM_THREADS of every cell (default 1; 0: torch's own, one per core). On a machine other jobs share, "
                          "threads of several processes spinning against each other made a step 13× slower here.")
     ap.add_argument("--memory-gib", type=float, default=None, help="RAM a cell may use (default: this machine's total RAM).")
+    ap.add_argument("--check-extrapolation", action="store_true",
+                    help="Also predict the largest shape's measured lora cell (first seq len) from 2, 4 and 6 layers, to show the method's error.")
     ap.add_argument("--no-extrapolate", action="store_true", help="Do not estimate skipped cells from runs with 2, 4 and 6 layers.")
     ap.add_argument("--models", type=Path, default=None,
                     help="Keep the random checkpoints and per-cell results in this folder (reused when present); default: a temporary one.")
@@ -545,7 +564,8 @@ def main(argv: list[str] | None = None) -> None:
                         cell = extrapolate(args, models, cell)
                     cells.append(cell)
                     (models / "cells.json").write_text(json.dumps(cells, indent=1))
-        text = report(cells, args, machine(), (load0, os.getloadavg()[0]), time.perf_counter() - start)
+        checks = [check_extrapolation(args, models, cells)] if args.check_extrapolation else []
+        text = report(cells, args, machine(), (load0, os.getloadavg()[0]), time.perf_counter() - start, checks)
     if args.no_write:
         print(text)
     else:
