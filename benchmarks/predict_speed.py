@@ -5,16 +5,21 @@
 Main table — the micro-model: the bundled SmolLM2-135M-Instruct + one LoRA adapter (trained here with
 `microtune.pipeline.train` on the demo recipe for --train-steps optimizer steps in a temporary
 workspace, unless --adapter names one), the plain micro prompt (instruction + text), same model object
-for every system, batch size 16 where batched:
-  - microtune: shared-prefix KV cache + batched trie-constrained decoding (`LabelPredictor`)
-  - no prefix cache: the same batched constrained decoder without the shared-prefix cache
-  - generate batched (free): `model.generate`, greedy, left padding, batch 16, rows sorted by length
-    (as microtune does), stopping at the end-of-turn token, `max_new_tokens` = the longest label
+and the same weights for every system, at each batch size of --batches (the first is the reference):
+  - microtune: shared-prefix KV cache + trie-constrained decoding (`LabelPredictor`: the prompt forward's
+    last position picks the first label token; the rows still undecided finish in one more forward)
+  - no prefix cache: the same constrained decoder without the shared-prefix cache
+  - generate batched (free): `model.generate`, greedy, left padding, rows sorted by length (as
+    microtune does), stopping at the end-of-turn token, `max_new_tokens` = the longest label
     completion (the least a free decoder needs), answer mapped to a label by `task.parse`
   - generate one by one (free): the same, one example at a time (the usual loop)
+Weights: under bf16 autocast microtune holds the frozen Linear weights in bf16 while it predicts
+(`bf16_frozen_weights`: the values autocast would cast them to on every forward, so the answers are
+bit-identical); the `generate` peers run with the same bf16 weights, and once more as before (fp32
+weights re-cast by autocast on every forward) for reference.
 Second table — the base model prompted zero-shot (instruction + label list): microtune vs batched free
 `generate`, to show what free decoding answers without an adapter (the valid-label rate).
-Reports examples/s (median of --repeats runs; each run predicts every example), the ratio to each
+Reports examples/s (median of --repeats runs, taken round the systems in turn; each run predicts every example), the ratio to each
 `generate` peer, the valid-label rate and accuracy. Writes both tables into BENCHMARKS.md between the
 predict-speed markers. Run it on an otherwise idle machine.
 """
@@ -33,17 +38,23 @@ import torch
 from microtune.config import load_recipe
 from microtune.data import build_dataset
 from microtune.models import LabelPredictor, load_model, load_tokenizer, load_trained, resolve_base
-from microtune.models.hardware import autocast, device, use_bf16
+from microtune.models.hardware import autocast, bf16_frozen_weights, device, use_bf16
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/banking-intents.yaml"
-BATCH = 16
+BATCHES = "16,64"
 
 
-def generate_free(model, tok, renderer, prompts, task, bf16, batch_size: int) -> list[str | None]:
-    """Greedy `generate` with left padding, `batch_size` rows at a time; answers mapped by `task.parse`."""
+def generate_free(model, tok, renderer, prompts, task, bf16, batch_size: int, weights_bf16: bool = True) -> list[str | None]:
+    """Greedy `generate` with left padding, `batch_size` rows at a time; answers mapped by `task.parse`. With
+    ``weights_bf16`` the frozen Linear weights are held in bf16 as microtune's predictor holds them (same weights)."""
+    with bf16_frozen_weights(model, bf16 and weights_bf16):
+        return _generate(model, tok, renderer, prompts, task, bf16, batch_size)
+
+
+def _generate(model, tok, renderer, prompts, task, bf16, batch_size: int) -> list[str | None]:
     max_new = max(len(renderer.completion_ids(label)) for label in task.candidates())
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     preds: list[str | None] = [None] * len(prompts)
@@ -60,24 +71,23 @@ def generate_free(model, tok, renderer, prompts, task, bf16, batch_size: int) ->
     return preds
 
 
-def timed(fn: Callable[[], list], repeats: int) -> tuple[float, list]:
-    times, preds = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        preds = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), preds
-
-
 def measure(systems: dict[str, Callable[[], list]], golds: list[str], repeats: int) -> list[tuple[str, float, float, float]]:
+    """Examples/s (median over ``repeats``), valid-label rate and accuracy per system. The repeats go round the systems
+    (one run of each, then again), so a change in the machine's load falls on every system alike."""
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    preds: dict[str, list] = {}
+    for _ in range(repeats):
+        for name, fn in systems.items():
+            start = time.perf_counter()
+            preds[name] = fn()
+            times[name].append(time.perf_counter() - start)
     rows = []
-    for name, fn in systems.items():
-        seconds, preds = timed(fn, repeats)
-        rate = len(golds) / seconds
-        valid = sum(p is not None for p in preds) / len(preds)
-        acc = sum(p == g for p, g in zip(preds, golds)) / len(golds)
+    for name in systems:
+        rate = len(golds) / statistics.median(times[name])
+        valid = sum(p is not None for p in preds[name]) / len(golds)
+        acc = sum(p == g for p, g in zip(preds[name], golds)) / len(golds)
         rows.append((name, rate, valid, acc))
-        print(f"{name:38s} {rate:7.1f} ex/s  valid {valid:.2f}  acc {acc:.3f}", flush=True)
+        print(f"{name:55s} {rate:7.1f} ex/s  valid {valid:.2f}  acc {acc:.3f}", flush=True)
     return rows
 
 
@@ -89,6 +99,18 @@ def table(rows: list[tuple[str, float, float, float]], peers: list[str], repeats
         ratios = " | ".join(f"{r / rate[p]:.1f}×" for p in peers)
         lines.append(f"| {n} | {r:.1f} | {ratios} | {v:.2f} | {a:.3f} |")
     return "\n".join(lines)
+
+
+def labels(predictor: LabelPredictor, prompts: list[list[int]]) -> list[str]:
+    return [label for label, _ in predictor.predict(prompts)]
+
+
+def best_line(rows: list[tuple[str, float, float, float]]) -> str:
+    """Each system at its own best batch size: microtune's fastest row against batched `generate`'s fastest (same weights)."""
+    ours = max((r for r in rows if r[0].startswith("microtune")), key=lambda r: r[1])
+    peer = max((r for r in rows if r[0].startswith("generate batched") and "fp32" not in r[0]), key=lambda r: r[1])
+    return (f"Each at its best batch size: {ours[0]} {ours[1]:.1f} examples/s vs {peer[0]} {peer[1]:.1f} examples/s: "
+            f"**{ours[1] / peer[1]:.2f}×**.")
 
 
 def train_adapter(steps: int, workspace: Path) -> Path:
@@ -103,11 +125,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--adapter", type=Path, default=None, help="an adapter folder of the demo recipe; default: train one")
+    ap.add_argument("--batches", default=BATCHES, help="comma-separated batch sizes for microtune and batched generate; the first is the "
+                    "reference, the others give each system the chance of its best batch size (default %(default)s)")
     args = ap.parse_args()
     recipe = load_recipe(RECIPE)
     data = build_dataset(recipe)
     test = data.splits["test"][: args.examples]
     golds = [ex["label"] for ex in test]
+    batches = [int(b) for b in args.batches.split(",")]
+    ref_batch = batches[0]
     ref = resolve_base(recipe.model)
     tok = load_tokenizer(ref)
     renderer, task = Renderer(tok), get_task(recipe.task, data.labels)
@@ -118,32 +144,39 @@ def main() -> None:
         model = load_trained(ref, adapter).eval()
         micro = [renderer.encode(task.messages(ex), task.target(ex), recipe.train.max_seq_len)[0] for ex in test]
         print(f"adapter {adapter}", flush=True)
-        main_rows = measure({
-            "microtune (prefix cache + trie)": lambda: [p for p, _ in LabelPredictor(model, renderer, data.labels, BATCH, bf16).predict(micro)],
-            "no prefix cache (trie)": lambda: [p for p, _ in LabelPredictor(model, renderer, data.labels, BATCH, bf16,
-                                                                            share_prefix=False).predict(micro)],
-            "generate batched (free)": lambda: generate_free(model, tok, renderer, micro, task, bf16, BATCH),
-            "generate one by one (free)": lambda: generate_free(model, tok, renderer, micro, task, bf16, 1),
-        }, golds, args.repeats)
+        systems: dict[str, Callable[[], list]] = {}
+        for b in batches:
+            systems[f"microtune (prefix cache + trie), batch {b}"] = lambda b=b: labels(LabelPredictor(model, renderer, data.labels, b, bf16), micro)
+        systems[f"no prefix cache (trie), batch {ref_batch}"] = lambda: labels(LabelPredictor(model, renderer, data.labels, ref_batch, bf16,
+                                                                                           share_prefix=False), micro)
+        for b in batches:
+            systems[f"generate batched (free), batch {b}"] = lambda b=b: generate_free(model, tok, renderer, micro, task, bf16, b)
+        systems[f"generate batched (free), batch {ref_batch}, fp32 weights"] = lambda: generate_free(model, tok, renderer, micro, task, bf16,
+                                                                                                   ref_batch, weights_bf16=False)
+        systems["generate one by one (free)"] = lambda: generate_free(model, tok, renderer, micro, task, bf16, 1)
+        main_rows = measure(systems, golds, args.repeats)
 
     base = load_model(ref).to(device()).eval()
     zero = [renderer.prompt_ids(task.messages(ex, label_list=True)) for ex in test]
     zero_rows = measure({
-        "microtune (prefix cache + trie)": lambda: [p for p, _ in LabelPredictor(base, renderer, data.labels, BATCH, bf16).predict(zero)],
-        "generate batched (free)": lambda: generate_free(base, tok, renderer, zero, task, bf16, BATCH),
+        "microtune (prefix cache + trie)": lambda: labels(LabelPredictor(base, renderer, data.labels, ref_batch, bf16), zero),
+        "generate batched (free)": lambda: generate_free(base, tok, renderer, zero, task, bf16, ref_batch),
     }, golds, args.repeats)
 
+    batch_arg = "" if args.batches == BATCHES else f" --batches {args.batches}"
     source = f"--adapter {args.adapter}" if args.adapter else f"--train-steps {args.train_steps}"
     trained = f"the adapter {args.adapter.name} (given)" if args.adapter else f"a LoRA adapter trained {args.train_steps} steps here"
     load = os.getloadavg()[0]
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    how = (f"`{env}.venv/bin/python benchmarks/predict_speed.py --examples {args.examples} --repeats {args.repeats} {source}` — "
+    how = (f"`{env}.venv/bin/python benchmarks/predict_speed.py --examples {args.examples} --repeats {args.repeats} {source}{batch_arg}` — "
            f"first {len(test)} demo test rows (CLINC150 banking, 30 intents), bundled SmolLM2-135M-Instruct, bf16 autocast={bf16}, "
-           f"{torch.get_num_threads()} threads, batch {BATCH}, greedy; 1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs "
+           f"{torch.get_num_threads()} threads, batch sizes {args.batches}, greedy; "
+           f"1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs "
            "(a load above the CPU count means other processes shared the cores: absolute rates drop, ratios within the run hold better).")
     body = ("## Prediction speed (classify)\n\n" + how + "\n\n"
             f"Micro-model (base + {trained}; plain micro prompt):\n\n"
-            + table(main_rows, ["generate batched (free)", "generate one by one (free)"], args.repeats)
+            + table(main_rows, [f"generate batched (free), batch {ref_batch}", "generate one by one (free)"], args.repeats)
+            + "\n\n" + best_line(main_rows)
             + "\n\nBase model prompted zero-shot (instruction + label list), no adapter:\n\n"
             + table(zero_rows, ["generate batched (free)"], args.repeats))
     _write_section("predict-speed", body)

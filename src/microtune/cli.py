@@ -218,7 +218,8 @@ def predict(
     id_field: Annotated[str, typer.Option(help="Input field copied to each answer as `id`, when rows have it.")] = "id",
     input_format: Annotated[InputFormat, typer.Option("--format", help="Input format; auto decides by extension and a `messages` key.")
                             ] = InputFormat.auto,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per forward batch. \\[default: the recipe's eval.batch_size]")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per batch, sorted by length (a classify batch takes at most "
+                                                 "two forward passes; see docs/speed.md). \\[default: the recipe's eval.batch_size]")] = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Answer every row of a file with a micro-model: the label and its probability (classify), the parsed JSON (extract) or the text."""

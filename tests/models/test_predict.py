@@ -107,3 +107,86 @@ def test_decoding_stops_once_the_label_is_decided(tiny_model: Any, tokenizer: An
     finally:
         handle.remove()
     assert len(calls) == 1 and all(label in labels for label, _ in preds)
+
+
+# every label shares its first token with another: each row walks on after the prompt, up to four tokens deep
+DEEP = ["credit_limit", "credit_limit_change", "credit_limit_raise", "credit_score", "card", "card_declined"]
+TEXTS = ["my card got declined", "raise my limit", "what is my credit score", "fraud!", "new pin", "card", "limit change", "hello"]
+
+
+def test_branches_hold_every_decision_below_a_token() -> None:
+    """One branch per deepest decision, each through the tokens that lead to it; a decided node needs none."""
+    from microtune.models.decoding import _branches
+
+    trie = build_trie({"a": [1, 2, 9], "b": [1, 3, 4, 9], "c": [1, 3, 5, 9], "d": [7, 9]})
+    assert _branches(trie[7], (7,)) == []
+    assert _branches(trie[1], (1,)) == [(1, 3)]  # the choice 2|3 after 1 and 4|5 after 1 3 both read this branch
+    assert _branches(trie[1][3], (1, 3)) == [(1, 3)]
+
+
+def test_branch_forward_walks_the_trie_as_step_by_step_decoding_does(tiny_model: Any, tokenizer: Any) -> None:
+    """The two-forward walk (prompt, then every undecided row's branches at once) gives the labels and probabilities
+    of the step-by-step walk over full forwards (the uncached decoder), for labels that share up to four tokens."""
+    renderer = Renderer(tokenizer)
+    prompts = _prompts(tokenizer, TEXTS, label_list=False)
+    fast = LabelPredictor(tiny_model, renderer, DEEP, batch_size=3)
+    calls: list[int] = []
+    handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = fast.predict(prompts)
+    finally:
+        handle.remove()
+    slow = LabelPredictor(tiny_model, renderer, DEEP, batch_size=3)
+    slow.cached = slow.share_prefix = False  # full forwards, one per step
+    want = slow.predict(prompts)
+    assert [label for label, _ in got] == [label for label, _ in want]
+    assert [p for _, p in got] == pytest.approx([p for _, p in want], rel=1e-4)
+    assert len(calls) == 1 + 2 * 3  # the shared prefix once, then two forwards per batch of 3 (8 rows: 3 batches), not one per token
+    assert {label for label, _ in got} & {"credit_limit", "credit_limit_change", "credit_limit_raise"}  # the deepest decisions ran
+
+
+def test_sorted_batches_answer_in_input_order(tiny_model: Any, tokenizer: Any) -> None:
+    """Rows are batched by length; each answer still lands at its prompt's index, whatever order the prompts come in."""
+    renderer = Renderer(tokenizer)
+    prompts = _prompts(tokenizer, TEXTS, label_list=False)
+    predictor = LabelPredictor(tiny_model, renderer, DEEP, batch_size=3)
+    forward = predictor.predict(prompts)
+    backward = predictor.predict(prompts[::-1])
+    assert [label for label, _ in backward[::-1]] == [label for label, _ in forward]
+    assert [p for _, p in backward[::-1]] == pytest.approx([p for _, p in forward], rel=1e-4)
+
+
+def test_bf16_frozen_weights_give_the_autocast_logits_bit_for_bit_and_are_put_back(tiny_model_dir: Path) -> None:
+    """Casting the frozen Linear weights once gives exactly the logits autocast gives with fp32 weights (LoRA layers
+    included); the embeddings (tied to the LM head) stay fp32 and every weight is fp32 again afterwards."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from microtune.models.hardware import autocast, bf16_frozen_weights
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad(), autocast(True):
+        want = model(input_ids=ids).logits
+        with bf16_frozen_weights(model, True):
+            assert model.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"].weight.dtype == torch.bfloat16
+            assert model.get_input_embeddings().weight.dtype == torch.float32
+            got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_bf16_frozen_weights_leave_trained_weights_alone(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from microtune.models.hardware import bf16_frozen_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # every weight trains
+    with bf16_frozen_weights(model, True):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}

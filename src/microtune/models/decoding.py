@@ -36,8 +36,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from microtune.models.compat import cache_kwarg, cache_of, last_logits_only
-from microtune.models.hardware import autocast, device
+from microtune.models.compat import cache_kwarg, cache_of, kv_layers, last_logits_only, set_kv_layers
+from microtune.models.hardware import autocast, bf16_frozen_weights, device
 from microtune.tasks.base import DEFAULT_SCORING, SCORINGS
 from microtune.tasks.render import Renderer
 
@@ -101,6 +101,19 @@ def settle(node: dict[int, Any]) -> dict[int, Any]:
     return n if END in n and len(n) == 1 else node
 
 
+def _branches(node: dict[int, Any], head: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The token sequences to feed after ``head`` (the path to ``node``, ``head`` included) so that every decision left
+    below ``node`` gets its logits: each ends at a node that still holds a choice and no longer one holds it too.
+
+    A node decided by ``settle`` needs nothing; a node with a choice needs the logits after ``head``, and each child with
+    a choice of its own extends the branch by its token. Sharing a branch between the decisions on it keeps the extra
+    forward to a handful of short sequences (one per deepest decision, usually one of one or two tokens)."""
+    if END in settle(node):
+        return []
+    deeper = [branch for tok, child in node.items() if tok != END for branch in _branches(child, (*head, tok))]
+    return deeper or [head]
+
+
 def _uses_virtual_tokens(model: Any) -> bool:
     """Prompt/prefix-tuned models get their virtual tokens from PEFT's forward: no external KV cache."""
     # every loaded config, not the active one: a server that unloaded the active adapter leaves a dangling name
@@ -132,7 +145,11 @@ def _gather(prefix: tuple[Any, Any] | None, rows: list[int]) -> tuple[Any, Any]:
     cache, mask = prefix
     index = torch.tensor(rows)
     cache = copy.deepcopy(cache)
-    cache.batch_select_indices(index.to(device()))
+    if len(set(rows)) == 1:  # one group: every row reads the same prefix, as views (the forward concatenates, never writes)
+        set_kv_layers(cache, [(k[rows[:1]].expand(len(rows), -1, -1, -1), v[rows[:1]].expand(len(rows), -1, -1, -1))
+                              for k, v in kv_layers(cache)])
+    else:
+        cache.batch_select_indices(index.to(device()))
     return cache, mask[index]
 
 
@@ -186,7 +203,7 @@ class LabelPredictor:
         own = [len(p) - plen[g] for p, g in zip(prompts, groups)]  # each row's tokens after its group's prefix
         out: list[Any] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: own[i])
-        with torch.no_grad(), autocast(self.bf16):
+        with torch.no_grad(), autocast(self.bf16), bf16_frozen_weights(self.model, self.bf16):
             prefix = self._prefixes(prompts, groups, distinct, plen, adapter_names is not None) if any(plen.values()) else None
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
@@ -217,34 +234,67 @@ class LabelPredictor:
 
     def _decode(self, suffixes: list[list[int]], prefix_mask: Any, cache: Any, tries: list[dict[int, Any]],
                 names: list[str] | None = None) -> list[tuple[str, float]]:
+        """The greedy trie walk behind the prefix cache in at most two forwards per batch.
+
+        The prompt forward's last-position logits (the LM head on that position only) pick every row's first label
+        token; most labels are decided there (``settle``) and cost nothing more. The rows still undecided feed, in one
+        more forward, every branch of the trie below their first token that holds a decision (``_branches``), each on its
+        row's KV: the logits at each position of those short sequences are the logits the next step-by-step forward
+        would give, so the walk finishes from them with the same choices — one forward over a few tokens instead of a
+        forward of the whole batch per remaining step."""
         import torch
 
-        b, p = len(suffixes), prefix_mask.shape[1]
+        p = prefix_mask.shape[1]
         ids, suffix_mask = padded(suffixes, self.pad, left=True)  # left-padded: every row ends at the same column
         mask = torch.cat([prefix_mask, suffix_mask], dim=1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
-        nodes = list(tries)
-        logprob = [0.0] * b
-        next_pos = pos[:, -1:] + 1
-        dev, extra = device(), _adapters(names)
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         use_cache=True, **{self.cache_kw: cache}, **extra, **self.head_kw)
-        while True:
-            scores = out.logits[:, -1, :].float()
-            step = torch.full((b,), self.pad, dtype=torch.long)
-            for row in range(b):
-                if END in nodes[row]:
-                    continue
-                tok, lp = _choose(scores[row], nodes[row])
-                logprob[row] += lp
-                nodes[row], step[row] = settle(nodes[row][tok]), tok
-            if all(END in n for n in nodes):
-                break
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
-            out = self.model(input_ids=step[:, None].to(dev), attention_mask=mask.to(dev), position_ids=next_pos.to(dev),
-                             use_cache=True, **{self.cache_kw: cache_of(out)}, **extra)
-            next_pos = next_pos + 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = device()
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos[:, p:].to(dev),
+                         use_cache=True, **{self.cache_kw: cache}, **_adapters(names), **self.head_kw)
+        scores = out.logits[:, -1, :].float()
+        firsts, logprob = [], []
+        for row, trie in enumerate(tries):
+            tok, lp = _choose(scores[row], trie)
+            firsts.append(tok)
+            logprob.append(lp)
+        nodes = [settle(trie[tok]) for trie, tok in zip(tries, firsts)]
+        open_rows = [row for row, node in enumerate(nodes) if END not in node]
+        if open_rows:
+            self._finish(open_rows, firsts, tries, nodes, logprob, (cache_of(out), mask, pos[:, -1] + 1), names)
         return [(n[END], float(torch.tensor(lp).exp())) for n, lp in zip(nodes, logprob)]
+
+    def _finish(self, open_rows: list[int], firsts: list[int], tries: list[dict[int, Any]], nodes: list[dict[int, Any]],
+                logprob: list[float], state: tuple[Any, Any, Any], names: list[str] | None) -> None:
+        """Walk the undecided rows down their trie from the logits of one forward over their branches (``nodes`` and
+        ``logprob`` are updated in place). ``state`` is the batch's KV after the prompt, its mask and each row's next
+        position; the KV rows are taken for the branches (a branch's row repeated once per branch)."""
+        import torch
+
+        seqs, rows = [], []
+        for row in open_rows:
+            for branch in _branches(tries[row][firsts[row]], (firsts[row],)):
+                seqs.append(list(branch))
+                rows.append(row)
+        cache, mask, next_pos = state
+        index = torch.tensor(rows)
+        cache.batch_select_indices(index.to(device()))
+        ids, seq_mask = padded(seqs, self.pad, left=False)  # right-padded: position j of every branch is its token j
+        seq_pos = next_pos[index][:, None] + torch.arange(ids.shape[1])[None, :]
+        dev = device()
+        logits = self.model(input_ids=ids.to(dev), attention_mask=torch.cat([mask[index], seq_mask], dim=1).to(dev),
+                            position_ids=seq_pos.to(dev), use_cache=True, **{self.cache_kw: cache},
+                            **_adapters(None if names is None else [names[r] for r in rows])).logits.float()
+        for row in open_rows:
+            mine = [(k, seqs[k]) for k, r in enumerate(rows) if r == row]
+            walked = [firsts[row]]
+            node = tries[row][firsts[row]]
+            while END not in settle(node):
+                k = next(k for k, seq in mine if seq[:len(walked)] == walked)  # a branch through the walked tokens
+                tok, lp = _choose(logits[k, len(walked) - 1], node)
+                logprob[row] += lp
+                walked.append(tok)
+                node = node[tok]
+            nodes[row] = settle(node)
 
     def _decode_uncached(self, seqs: list[list[int]], tries: list[dict[int, Any]],
                          names: list[str] | None = None) -> list[tuple[str, float]]:
@@ -375,7 +425,7 @@ class LabelPredictor:
         paths = _paths(trie if trie is not None else self.trie)
         out: list[tuple[str, float]] = []
         self.model.eval()
-        with torch.no_grad(), autocast(self.bf16):
+        with torch.no_grad(), autocast(self.bf16), bf16_frozen_weights(self.model, self.bf16):
             for start in range(0, len(paths), self.batch_size):
                 chunk = paths[start:start + self.batch_size]
                 ids, mask = padded([prompt + tokens[:-1] for _, tokens in chunk], self.pad, left=False)
