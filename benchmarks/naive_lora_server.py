@@ -59,7 +59,7 @@ def build(adapters: dict[str, Any], bf16: bool) -> FastAPI:
         prompt = renderer.encode(task.messages({"text": text}), longest, spec.recipe.train.max_seq_len)[0]
         with lock:
             model.set_adapter(spec.name)
-            label, prob = LabelPredictor(model, renderer, spec.labels, bf16=bf16).predict([prompt])[0]
+            label, prob = LabelPredictor(model, renderer, spec.labels, bf16=bf16, scoring=spec.scoring).predict([prompt])[0]  # as serve
         return {"object": "chat.completion", "model": body["model"], "microtune": {"label": label, "probability": prob},
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": label}, "finish_reason": "stop"}]}
 

@@ -70,7 +70,7 @@ def main() -> None:
         def run() -> list[str]:
             after.bf16_frozen_weights = held if weights else (lambda model, enabled: contextlib.nullcontext(model))
             try:
-                predictor = after.LabelPredictor(model, renderer, data.labels, batch, bf16)
+                predictor = after.LabelPredictor(model, renderer, data.labels, batch, bf16, scoring="trie")
                 predictor.head_kw = predictor.head_kw if head else {}
                 return [label for label, _ in predictor.predict(micro)]
             finally:

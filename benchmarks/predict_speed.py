@@ -146,9 +146,10 @@ def main() -> None:
         print(f"adapter {adapter}", flush=True)
         systems: dict[str, Callable[[], list]] = {}
         for b in batches:
-            systems[f"microtune (prefix cache + trie), batch {b}"] = lambda b=b: labels(LabelPredictor(model, renderer, data.labels, b, bf16), micro)
+            systems[f"microtune (prefix cache + trie), batch {b}"] = lambda b=b: labels(LabelPredictor(model, renderer, data.labels, b, bf16,
+                                                                                              scoring="trie"), micro)
         systems[f"no prefix cache (trie), batch {ref_batch}"] = lambda: labels(LabelPredictor(model, renderer, data.labels, ref_batch, bf16,
-                                                                                           share_prefix=False), micro)
+                                                                                           share_prefix=False, scoring="trie"), micro)
         for b in batches:
             systems[f"generate batched (free), batch {b}"] = lambda b=b: generate_free(model, tok, renderer, micro, task, bf16, b)
         systems[f"generate batched (free), batch {ref_batch}, fp32 weights"] = lambda: generate_free(model, tok, renderer, micro, task, bf16,
@@ -159,7 +160,7 @@ def main() -> None:
     base = load_model(ref).to(device()).eval()
     zero = [renderer.prompt_ids(task.messages(ex, label_list=True)) for ex in test]
     zero_rows = measure({
-        "microtune (prefix cache + trie)": lambda: labels(LabelPredictor(base, renderer, data.labels, ref_batch, bf16), zero),
+        "microtune (prefix cache + trie)": lambda: labels(LabelPredictor(base, renderer, data.labels, ref_batch, bf16, scoring="trie"), zero),
         "generate batched (free)": lambda: generate_free(base, tok, renderer, zero, task, bf16, ref_batch),
     }, golds, args.repeats)
 

@@ -195,7 +195,7 @@ def test_an_unknown_scoring_is_a_recipe_error_naming_the_choices(tmp_path: Path)
     with pytest.raises(ValueError, match="trie"):
         LabelPredictor(None, None, [], scoring="beam")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="kind 'labels' only"):
-        DecoderSpec(kind="free", max_new_tokens=8, scoring="loglik")
+        DecoderSpec(kind="free", max_new_tokens=8, scoring="trie")  # a generated answer has no candidates to rank
 
 
 def test_the_scoring_key_leaves_the_recipe_hash_alone(tmp_path: Path) -> None:
@@ -206,10 +206,10 @@ def test_the_scoring_key_leaves_the_recipe_hash_alone(tmp_path: Path) -> None:
     (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "x"}\n')
     path = tmp_path / "r.yaml"
     path.write_text("name: r\ntask:\n  type: classify\n  instruction: Tag it.\ndata:\n  train: train.jsonl\n")
-    trie, loglik = load_recipe(path), load_recipe(path, ["task.scoring=loglik"])
-    assert trie.resolved()["task"]["scoring"] == "trie" and loglik.resolved()["task"]["scoring"] == "loglik"  # recipe.json spells it out
+    loglik, trie = load_recipe(path), load_recipe(path, ["task.scoring=trie"])
+    assert loglik.resolved()["task"]["scoring"] == "loglik" and trie.resolved()["task"]["scoring"] == "trie"  # recipe.json spells it out
     assert recipe_hash(trie) == recipe_hash(loglik)
-    assert recipe_hash(trie) != recipe_hash(load_recipe(path, ["train.lr=0.01"]))
+    assert recipe_hash(loglik) != recipe_hash(load_recipe(path, ["train.lr=0.01"]))
 
 
 def test_eval_and_watch_decode_with_the_recipes_scorer(tiny_model: Any, tokenizer: Any) -> None:
@@ -221,4 +221,4 @@ def test_eval_and_watch_decode_with_the_recipes_scorer(tiny_model: Any, tokenize
         task = get_task(ClassifyConfig(instruction="Name the banking intent.", scoring=scoring), LABELS)
         predictor = _predictor(task, tiny_model, renderer, 4, False)
         assert isinstance(predictor, LabelPredictor) and predictor.scoring == scoring
-    assert get_task(ClassifyConfig(instruction="x"), LABELS).decoder().scoring == "trie"  # the default, until measured otherwise
+    assert get_task(ClassifyConfig(instruction="x"), LABELS).decoder().scoring == "loglik"  # the default, as measured (BENCHMARKS.md)

@@ -53,7 +53,7 @@ def _prompts(tokenizer: Any, texts: list[str], label_list: bool) -> list[list[in
 @given(texts=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=6))
 @pytest.mark.slow
 def test_every_prediction_is_a_valid_label(tiny_model: Any, tokenizer: Any, texts: list[str]) -> None:
-    predictor = LabelPredictor(tiny_model, Renderer(tokenizer), LABELS, batch_size=4)
+    predictor = LabelPredictor(tiny_model, Renderer(tokenizer), LABELS, scoring="trie", batch_size=4)
     for label, prob in predictor.predict(_prompts(tokenizer, texts, label_list=True)):
         assert label in LABELS
         assert 0.0 < prob <= 1.0
@@ -62,7 +62,7 @@ def test_every_prediction_is_a_valid_label(tiny_model: Any, tokenizer: Any, text
 def test_shared_prefix_cache_matches_one_by_one(tiny_model: Any, tokenizer: Any) -> None:
     texts = ["my card got declined at the shop", "what is my balance", "change my pin", "fraud!", "move money to savings"]
     prompts = _prompts(tokenizer, texts, label_list=True)
-    predictor = LabelPredictor(tiny_model, Renderer(tokenizer), LABELS, batch_size=3)
+    predictor = LabelPredictor(tiny_model, Renderer(tokenizer), LABELS, scoring="trie", batch_size=3)
     batched = predictor.predict(prompts)
     assert common_prefix(prompts) > 20  # the instruction and label list are shared and cached once
     for prompt, (label, prob) in zip(prompts, batched):
@@ -77,7 +77,7 @@ def test_probability_matches_a_plain_forward(tiny_model: Any, tokenizer: Any) ->
 
     renderer = Renderer(tokenizer)
     prompt = _prompts(tokenizer, ["what is my balance"], label_list=False)[0]
-    label, prob = LabelPredictor(tiny_model, renderer, LABELS).predict([prompt])[0]
+    label, prob = LabelPredictor(tiny_model, renderer, LABELS, scoring="trie").predict([prompt])[0]
     trie, seq, total = build_trie({l: renderer.completion_ids(l) for l in LABELS}), renderer.completion_ids(label), 0.0
     node = trie
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_decoding_stops_once_the_label_is_decided(tiny_model: Any, tokenizer: An
     calls = []
     handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
     try:
-        preds = LabelPredictor(tiny_model, renderer, labels, batch_size=4, share_prefix=False).predict(
+        preds = LabelPredictor(tiny_model, renderer, labels, scoring="trie", batch_size=4, share_prefix=False).predict(
             _prompts(tokenizer, ["card got declined", "new pin please", "fraud on my account"], label_list=True))
     finally:
         handle.remove()
@@ -129,14 +129,14 @@ def test_branch_forward_walks_the_trie_as_step_by_step_decoding_does(tiny_model:
     of the step-by-step walk over full forwards (the uncached decoder), for labels that share up to four tokens."""
     renderer = Renderer(tokenizer)
     prompts = _prompts(tokenizer, TEXTS, label_list=False)
-    fast = LabelPredictor(tiny_model, renderer, DEEP, batch_size=3)
+    fast = LabelPredictor(tiny_model, renderer, DEEP, scoring="trie", batch_size=3)
     calls: list[int] = []
     handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
     try:
         got = fast.predict(prompts)
     finally:
         handle.remove()
-    slow = LabelPredictor(tiny_model, renderer, DEEP, batch_size=3)
+    slow = LabelPredictor(tiny_model, renderer, DEEP, scoring="trie", batch_size=3)
     slow.cached = slow.share_prefix = False  # full forwards, one per step
     want = slow.predict(prompts)
     assert [label for label, _ in got] == [label for label, _ in want]
@@ -149,7 +149,7 @@ def test_sorted_batches_answer_in_input_order(tiny_model: Any, tokenizer: Any) -
     """Rows are batched by length; each answer still lands at its prompt's index, whatever order the prompts come in."""
     renderer = Renderer(tokenizer)
     prompts = _prompts(tokenizer, TEXTS, label_list=False)
-    predictor = LabelPredictor(tiny_model, renderer, DEEP, batch_size=3)
+    predictor = LabelPredictor(tiny_model, renderer, DEEP, scoring="trie", batch_size=3)
     forward = predictor.predict(prompts)
     backward = predictor.predict(prompts[::-1])
     assert [label for label, _ in backward[::-1]] == [label for label, _ in forward]

@@ -20,7 +20,9 @@ Two scorers pick the answer (``scoring``, the recipe's ``task.scoring``):
   softmax over the answers of those sums: a proper distribution over the label set in which every token of
   every label counts. The prompt (behind the same shared-prefix cache) is computed once per row; the label
   continuations are then scored as a batch of (row, answer) sequences on copies of the row's KV, chunked so that
-  neither the copied KV nor the logits exceed a budget (150 labels × 16 rows is 2,400 sequences).
+  neither the copied KV nor the logits exceed a budget (150 labels × 16 rows is 2,400 sequences). ``predict``
+  continues only the answers that can still win (their first-token log-probability bounds the whole; ``_loglik``),
+  which on a trained micro-model cuts its time 3–7× (to 3.2–3.5× the trie walk's). The default (``DEFAULT_SCORING``).
 
 Mixed-adapter batches (serving many micro-models on one base): ``adapter_names`` gives each row its
 PEFT LoRA adapter (PEFT's ``adapter_names`` forward argument) and ``tries`` its own label set, so one
@@ -46,8 +48,10 @@ END = -1  # trie key marking a finished label
 # per forward. ~350 MB of KV for a 135M model at 8,192 positions in float32; 2**27 floats are 512 MB.
 KV_POSITIONS = 8192
 LOGIT_FLOATS = 2**27
-# loglik in `predict`: answers whose first-token bound is this many nats below the best full log-likelihood are not continued
-PRUNE_NATS = 16.0
+# loglik in `predict`: answers whose first-token bound is this many nats below the best full log-likelihood are not continued.
+# 8 nats: each pruned answer holds under e^-8 (0.03 %) of the best's mass. On banking-intents (64 rows, 30 labels) it
+# continued 528 of 1,920 (row, answer) pairs (16 nats: 1,505), the same answers, probabilities within 0.08 %.
+PRUNE_NATS = 8.0
 
 
 def padded(seqs: Sequence[list[int]], pad: int, left: bool) -> tuple[Any, Any]:
@@ -324,8 +328,8 @@ class LabelPredictor:
         ``prune`` (what ``predict`` asks for: the best answer and its probability): an answer's first-token
         log-probability bounds its whole log-likelihood from above (every further token adds a log-probability ≤ 0).
         So each row's answer with the best first token is continued first, and then only the answers whose bound is
-        within ``prune_nats`` (default 16) of the best full log-likelihood found; the others cannot win and keep their bound. The
-        answer is exactly the unpruned one; its probability is exact up to a relative error below (answers) × e^-16,
+        within ``prune_nats`` (default 8) of the best full log-likelihood found; the others cannot win and keep their bound. The
+        answer is exactly the unpruned one; its probability is exact up to a relative error below (answers) × e^-prune_nats,
         since the bounds only overstate the pruned answers' share. A trained micro-model puts nearly all of its
         first-token mass on one label, so most rows continue one or two answers instead of all of them."""
         import torch

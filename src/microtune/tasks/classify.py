@@ -59,8 +59,8 @@ class ClassifyConfig(TaskSection):
     )
     scoring: Scoring = Field(
         DEFAULT_SCORING, description="classify: how the answer is picked among the labels (label sets with multi_label), in eval "
-        "and serve alike: `trie` walks the label token trie greedily (fast: often one forward pass); `loglik` ranks every "
-        "answer by its full-sequence log-likelihood (all answers scored, probability = softmax over the answers)."
+        "and serve alike: `loglik` (default) ranks every answer by its full-sequence log-likelihood (probability = softmax over "
+        "the answers; answers that cannot win are pruned by their first token); `trie` walks the label token trie greedily."
     )
 
     @model_validator(mode="after")
