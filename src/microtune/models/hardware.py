@@ -59,6 +59,18 @@ def weights_dtype(setting: str, trains_base: bool = False) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
+def precast_frozen_linears(setting: str, autocast_bf16: bool, adapter_method: bool) -> bool:
+    """Whether training holds the frozen ``nn.Linear`` weights in bf16 (the rest of the base as ``model.dtype`` says).
+
+    Under bf16 autocast a matmul with an fp32 weight first rounds the weight to bf16 — every forward, for every
+    layer, and keeps that copy for backward: on a CPU the casts cost time, and the copies memory, on top of the
+    fp32 weights. Rounding a frozen weight once, when the model is built, gives bit-identical matmuls (the same
+    round-to-nearest cast), so loss, gradients and accuracy are those of the fp32 weights; the embeddings, norms
+    and residual stream stay fp32. It applies to ``model.dtype: auto`` on a CPU (where ``auto`` loads fp32) with
+    bf16 autocast on (``train.bf16``) for an adapter method; ``model.dtype: float32`` keeps every weight fp32."""
+    return setting == "auto" and autocast_bf16 and adapter_method and device() == "cpu"
+
+
 def flash_unavailable(dtype: str) -> str | None:
     """Why flash_attention_2 cannot run here with weights in ``dtype`` (None: it can)."""
     import torch

@@ -17,7 +17,7 @@ from microtune.config import Recipe
 from microtune.core.errors import RecipeError
 from microtune.data import imbalance, read_split
 from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config
-from microtune.models.hardware import device, seed_everything, use_bf16, weights_dtype
+from microtune.models.hardware import device, precast_frozen_linears, seed_everything, use_bf16, weights_dtype
 from microtune.tasks import get_task
 from microtune.tasks.render import Encoded as Example
 from microtune.tasks.render import Renderer, encode_example
@@ -170,9 +170,34 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> An
     if quant is None and to_device:
         model = model.to(device())
     model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
+    adapter = not methods.has(recipe.method.kind, "full_model") and not methods.has(recipe.method.kind, "quantized_base")
+    if to_device and precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter):
+        frozen_linears_to_bf16(model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def frozen_linears_to_bf16(model: Any) -> int:
+    """Round the frozen ``nn.Linear`` weights (and biases) to bf16 once, as bf16 autocast would every forward; returns how many.
+
+    Only layers whose weight is read by their own forward alone, so autocast would have cast it the same way: not an
+    output layer tied to the input embeddings (the embedding lookup reads that tensor in fp32) and not the base layer
+    of a DoRA adapter (DoRA takes the norm of base + LoRA weight outside the matmul). Not with FSDP (``to_device``
+    false): its flat shards take one dtype. Rule and reasons: ``models.hardware.precast_frozen_linears``."""
+    import torch
+
+    tied = getattr(model.get_input_embeddings(), "weight", None)
+    skip = {id(m.base_layer) for m in model.modules() if hasattr(m, "base_layer") and any(getattr(m, "use_dora", {}).values())}
+    cast = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or id(module) in skip or module.weight is tied or module.weight.requires_grad:
+            continue
+        if module.weight.dtype != torch.float32 or (module.bias is not None and module.bias.requires_grad):
+            continue
+        module.to(torch.bfloat16)
+        cast += 1
+    return cast
 
 
 def make_plan(cfg: Any, lengths: list[int]) -> Plan:
