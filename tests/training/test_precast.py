@@ -23,8 +23,7 @@ def _dtypes(model, frozen: bool, linear: bool) -> set:
     tied to the input embeddings, counts as an embedding."""
     import torch
 
-    head = model.get_output_embeddings()
-    return {p.dtype for m in model.modules() if (type(m) is torch.nn.Linear and m is not head) == linear
+    return {p.dtype for m in model.modules() if (type(m) is torch.nn.Linear) == linear
             for p in m.parameters(recurse=False) if p.requires_grad != frozen}
 
 
@@ -37,19 +36,29 @@ def test_auto_holds_frozen_linears_in_bf16_adapters_fp32(make_recipe, tiny_model
     import torch
 
     model = _build(make_recipe, tiny_model_dir)
-    assert _dtypes(model, frozen=True, linear=True) == {torch.bfloat16}  # q/k/v/o/gate/up/down base layers
+    assert _dtypes(model, frozen=True, linear=True) == {torch.bfloat16}  # q/k/v/o/gate/up/down base layers, the LM head
     assert _dtypes(model, frozen=False, linear=True) == {torch.float32}  # LoRA A/B
-    assert _dtypes(model, frozen=True, linear=False) == {torch.float32}  # embeddings (and the tied LM head), norms
+    assert _dtypes(model, frozen=True, linear=False) == {torch.float32}  # embeddings, norms
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert torch.equal(head.float(), embed.to(torch.bfloat16).float())  # the tied head: its own bf16 copy of the embeddings
 
 
-@pytest.mark.parametrize("model, method, bf16", [({"dtype": "float32"}, None, True), ({}, None, False),
-                                                 ({}, {"kind": "full"}, True), ({}, {"kind": "dora", "r": 4}, True)])
+@pytest.mark.parametrize("model, method, bf16", [({"dtype": "float32"}, None, True), ({}, None, False), ({}, {"kind": "full"}, True)])
 def test_fp32_kept_where_the_cast_would_change_numbers(make_recipe, tiny_model_dir: Path, model, method, bf16) -> None:
-    """Opted out (float32), no autocast to match, full fine-tuning (fp32 master weights), DoRA (reads the base weight)."""
+    """Opted out (float32), no autocast to match, full fine-tuning (fp32 master weights)."""
     import torch
 
     built = _build(make_recipe, tiny_model_dir, model, method, bf16)
     assert {p.dtype for p in built.parameters()} == {torch.float32}
+
+
+def test_dora_base_layers_stay_fp32(make_recipe, tiny_model_dir: Path) -> None:
+    """DoRA reads its base layer's weight outside the matmul (the norm of base + LoRA): that weight keeps fp32."""
+    import torch
+
+    built = _build(make_recipe, tiny_model_dir, method={"kind": "dora", "r": 4})
+    bases = [m.base_layer.weight.dtype for m in built.modules() if hasattr(m, "base_layer") and any(getattr(m, "use_dora", {}).values())]
+    assert bases and set(bases) == {torch.float32}
 
 
 def test_same_loss_and_gradients_as_fp32_weights(make_recipe, tiny_model_dir: Path) -> None:
@@ -72,3 +81,33 @@ def test_same_loss_and_gradients_as_fp32_weights(make_recipe, tiny_model_dir: Pa
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_short_eager_attention_matches_sdpa(make_recipe, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, packing: bool) -> None:
+    """`model.attention: auto` trains on a CPU with eager attention for short calls and SDPA for long ones: the same loss and
+    gradients as SDPA throughout, padded rows with a shared prefix and packed rows alike, in either branch."""
+    import torch
+
+    from microtune.models import short_attention
+    from microtune.training.batching import collate
+    from microtune.training.loss import completion_loss
+    from microtune.training.packing import pack
+
+    examples = [([1, 5, 9, 14, 3], [22, 7]), ([1, 5, 9, 30], [41, 8, 2]), ([1, 5, 9, 12, 13, 14], [9])]
+    batch = pack(examples, 0, 16) if packing else collate(examples, pad_id=0)
+
+    def run(attention: str) -> tuple[float, dict]:
+        built = _build(make_recipe, tiny_model_dir, {"attention": attention}, bf16=False)
+        assert built.config._attn_implementation == (short_attention.NAME if attention == "auto" else attention)
+        loss, _ = completion_loss(built, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in built.named_parameters() if p.requires_grad}
+
+    reference = run("sdpa")
+    for limit in (short_attention.SHORT_SCORES, 0):  # every call eager, then every call SDPA (with the eager mask)
+        monkeypatch.setattr(short_attention, "SHORT_SCORES", limit)
+        loss, grads = run("auto")
+        assert loss == pytest.approx(reference[0], rel=1e-5)
+        worst = max(float((grads[n] - reference[1][n]).abs().max() / reference[1][n].abs().max().clamp_min(1e-12)) for n in grads)
+        assert worst < 1e-4, limit

@@ -16,7 +16,7 @@ import microtune.methods as methods
 from microtune.config import Recipe
 from microtune.core.errors import RecipeError
 from microtune.data import imbalance, read_split
-from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config
+from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config, short_attention
 from microtune.models.hardware import device, precast_frozen_linears, seed_everything, use_bf16, weights_dtype
 from microtune.tasks import get_task
 from microtune.tasks.render import Encoded as Example
@@ -173,6 +173,8 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> An
     adapter = not methods.has(recipe.method.kind, "full_model") and not methods.has(recipe.method.kind, "quantized_base")
     if to_device and precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter):
         frozen_linears_to_bf16(model)
+    if recipe.model.attention == "auto" and device() == "cpu":
+        short_attention.use(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -181,21 +183,22 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> An
 def frozen_linears_to_bf16(model: Any) -> int:
     """Round the frozen ``nn.Linear`` weights (and biases) to bf16 once, as bf16 autocast would every forward; returns how many.
 
-    Only layers whose weight is read by their own forward alone, so autocast would have cast it the same way: not an
-    output layer tied to the input embeddings (the embedding lookup reads that tensor in fp32) and not the base layer
-    of a DoRA adapter (DoRA takes the norm of base + LoRA weight outside the matmul). Not with FSDP (``to_device``
-    false): its flat shards take one dtype. Rule and reasons: ``models.hardware.precast_frozen_linears``."""
+    Only layers whose weight autocast would have cast the same way: not the base layer of a DoRA adapter (DoRA takes
+    the norm of base + LoRA weight outside the matmul). An LM head tied to the input embeddings gets its own bf16 copy
+    (+2 bytes per embedding weight, the size of the copy autocast made every forward and kept for backward) and the
+    embedding lookup keeps the fp32 tensor. Not with FSDP (``to_device`` false): its flat shards take one dtype.
+    Rule and reasons: ``models.hardware.precast_frozen_linears``."""
     import torch
 
-    tied = getattr(model.get_input_embeddings(), "weight", None)
     skip = {id(m.base_layer) for m in model.modules() if hasattr(m, "base_layer") and any(getattr(m, "use_dora", {}).values())}
     cast = 0
     for module in model.modules():
-        if type(module) is not torch.nn.Linear or id(module) in skip or module.weight is tied or module.weight.requires_grad:
+        if type(module) is not torch.nn.Linear or id(module) in skip or module.weight.requires_grad:
             continue
         if module.weight.dtype != torch.float32 or (module.bias is not None and module.bias.requires_grad):
             continue
-        module.to(torch.bfloat16)
+        for name, param in list(module.named_parameters(recurse=False)):  # a new tensor: a tied LM head gets its own copy
+            setattr(module, name, torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
         cast += 1
     return cast
 
@@ -214,9 +217,21 @@ def _optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
     from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    half = any(p.dtype == torch.float16 for p in model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=None if half else _fused(params))
     warmup = int(steps * cfg.warmup_ratio)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps)
+
+
+def _fused(params: list[Any]) -> bool | None:
+    """AdamW's fused kernel (one pass over every tensor instead of a Python loop over hundreds of small LoRA matrices: 3×
+    faster on a CPU, benchmarks/train_speed.py) where it surely runs: plain fp32/bf16 parameters on a CPU or CUDA device (not
+    FSDP's flat or sharded ones), and not beside fp16 weights' loss scaling (the caller); ``None`` leaves torch its default."""
+    import torch
+
+    ok = params and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16)
+                        for p in params)
+    return True if ok else None
 
 
 def grad_scaler(model: Any) -> Any:
