@@ -314,7 +314,8 @@ def main() -> None:
                    f"{10 * args.repeats} timings in {args.repeats} processes: the idle machine's peak even on a loaded one); "
                    "FLOP/s = 4·N·tokens/s with N = non-embedding parameters. "
                    f"Machine: {about}; 1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs (above the CPU "
-                   "count, other processes shared the cores: absolute rates drop, ratios of alternated runs hold better). trl-best = TRL defaults + `{json.dumps(TRL_BEST)}` "
+                   "count, other processes shared the cores: absolute rates drop, ratios of alternated runs hold better). "
+                   f"trl-best = TRL defaults + `{json.dumps(TRL_BEST)}` "
                    "(what else was tried: the docstring of benchmarks/train_speed.py).\n\n"
                    + "\n\n".join(body))
 

@@ -87,8 +87,6 @@ def test_same_loss_and_gradients_as_fp32_weights(make_recipe, tiny_model_dir: Pa
 def test_short_eager_attention_matches_sdpa(make_recipe, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, packing: bool) -> None:
     """`model.attention: auto` trains on a CPU with eager attention for short calls and SDPA for long ones: the same loss and
     gradients as SDPA throughout, padded rows with a shared prefix and packed rows alike, in either branch."""
-    import torch
-
     from microtune.models import short_attention
     from microtune.training.batching import collate
     from microtune.training.loss import completion_loss
