@@ -11,11 +11,13 @@ from microtune.config import load_recipe
 
 def _build(make_recipe, tiny_model_dir: Path, model: dict | None = None, method: dict | None = None, bf16: bool = True):
     from microtune.models import resolve_base
-    from microtune.training.setup import build_model
+    from microtune.training.setup import build_model, precast
 
     path = make_recipe(tiny_model_dir, model=model or {}, method=method or {"kind": "lora", "r": 4}, train={"bf16": bf16})
     recipe = load_recipe(path)
-    return build_model(recipe, resolve_base(recipe.model))
+    built = build_model(recipe, resolve_base(recipe.model))
+    precast(recipe, built)  # as set_up does
+    return built
 
 
 def _dtypes(model, frozen: bool, linear: bool) -> set:

@@ -104,6 +104,7 @@ def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume
     data = encode(recipe, tokenizer, source)
     strategy = pick(cfg)
     model = build_model(recipe, ref, to_device=not strategy.places_model)
+    precast(recipe, model, to_device=not strategy.places_model)
     strategy.wrap(model, cfg)
     plan = make_plan(cfg, [len(p) + len(c) for p, c, *_ in data.train])
     optimizer, scheduler = _optimizer(model, cfg, plan.steps)
@@ -170,14 +171,21 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> An
     if quant is None and to_device:
         model = model.to(device())
     model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
-    adapter = not methods.has(recipe.method.kind, "full_model") and not methods.has(recipe.method.kind, "quantized_base")
-    if to_device and precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter):
-        frozen_linears_to_bf16(model)
     if recipe.model.attention == "auto" and device() == "cpu":
         short_attention.use(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def precast(recipe: Recipe, model: Any, to_device: bool = True) -> int:
+    """The engine's bf16 frozen linears where ``models.hardware.precast_frozen_linears`` says so; returns how many layers.
+    Here, not in ``build_model``: every forward of the engine runs under bf16 autocast, which bf16 weights need (a caller
+    of ``build_model`` may run the model without it)."""
+    adapter = not methods.has(recipe.method.kind, "full_model") and not methods.has(recipe.method.kind, "quantized_base")
+    if to_device and precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter):
+        return frozen_linears_to_bf16(model)
+    return 0
 
 
 def frozen_linears_to_bf16(model: Any) -> int:
