@@ -115,12 +115,15 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype the weights load in (train, eval, and the artifact wherever it is served). `auto`: bfloat16 on a CUDA GPU that "
-        "has it, float16 on an older GPU, float32 on a CPU (bf16 autocast, train.bf16, already runs the matmuls there) and "
-        "for method full (AdamW needs fp32 master weights). Adapter weights (LoRA, DoRA, …) always train in float32."
+        "has it, float16 on an older GPU, float32 on a CPU (bf16 autocast, train.bf16, already runs the matmuls there; training an adapter "
+        "under it holds the frozen linear layers' weights in bfloat16, the copy autocast would make every forward, made once: "
+        "the same numbers, less time and memory) and for method full (AdamW needs fp32 master weights). Adapter weights "
+        "(LoRA, DoRA, …) always train in float32."
     )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel. `auto`: flash_attention_2 on a CUDA GPU with the flash_attn package and "
-        "bf16/fp16 weights (not with train.packing), else transformers' default (SDPA for Llama-type models). "
+        "bf16/fp16 weights (not with train.packing), else transformers' default (SDPA for Llama-type models); training on a "
+        "CPU runs `short_eager` (eager attention for small score matrices, faster there; SDPA beyond). "
         "flash_attention_2 where it cannot run is refused with the reason."
     )
 

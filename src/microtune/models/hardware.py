@@ -59,6 +59,18 @@ def weights_dtype(setting: str, trains_base: bool = False) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
+def precast_frozen_linears(setting: str, autocast_bf16: bool, adapter_method: bool) -> bool:
+    """Whether training holds the frozen ``nn.Linear`` weights in bf16 (the rest of the base as ``model.dtype`` says).
+
+    Under bf16 autocast a matmul with an fp32 weight first rounds the weight to bf16 — every forward, for every
+    layer, and keeps that copy for backward: on a CPU the casts cost time, and the copies memory, on top of the
+    fp32 weights. Rounding a frozen weight once, when the model is built, gives bit-identical matmuls (the same
+    round-to-nearest cast), so loss, gradients and accuracy are those of the fp32 weights; the embeddings, norms
+    and residual stream stay fp32. It applies to ``model.dtype: auto`` on a CPU (where ``auto`` loads fp32) with
+    bf16 autocast on (``train.bf16``) for an adapter method; ``model.dtype: float32`` keeps every weight fp32."""
+    return setting == "auto" and autocast_bf16 and adapter_method and device() == "cpu"
+
+
 def flash_unavailable(dtype: str) -> str | None:
     """Why flash_attention_2 cannot run here with weights in ``dtype`` (None: it can)."""
     import torch
@@ -96,16 +108,27 @@ def autocast(enabled: bool) -> Any:
     return torch.autocast(device_type=device(), dtype=torch.bfloat16)
 
 
+def autocast_linears(model: Any) -> list[Any]:
+    """The ``Linear`` layers whose weights bf16 autocast re-casts from fp32 on every forward: frozen (weight and bias),
+    fp32, and not the base layer of a DoRA adapter (DoRA takes the norm of base + LoRA weight outside the matmul, in
+    the weight's own dtype). Holding these in bf16 — once for training (``training.setup.frozen_linears_to_bf16``),
+    for the length of a call for prediction (``bf16_frozen_weights``) — gives the matmuls the very values autocast
+    would (the same round-to-nearest cast): the same outputs, without the per-forward cast and its copy."""
+    import torch
+
+    dora = {id(m.base_layer) for m in model.modules() if hasattr(m, "base_layer") and any(getattr(m, "use_dora", {}).values())}
+    return [m for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and id(m) not in dora and m.weight.dtype == torch.float32
+            and not any(t.requires_grad for t in (m.weight, m.bias) if t is not None)]
+
+
 @contextlib.contextmanager
 def bf16_frozen_weights(model: Any, enabled: bool) -> Any:
-    """Hold a model's frozen fp32 ``Linear`` weights in bf16 while inference runs under bf16 autocast (``enabled``).
+    """Hold ``autocast_linears(model)``'s weights in bf16 while inference runs under bf16 autocast (``enabled``).
 
-    Autocast casts every fp32 weight to bf16 on every forward (frozen weights are not in its cast cache): on a CPU that
-    copy is about 40 % of a small forward of a 135M model. Casting once here gives the matmuls the very same bf16 values
-    (the same round-to-nearest cast), so the outputs are bit-identical, and the fp32 tensors are put back on exit: the
-    model is unchanged for training or an fp32 caller. Untouched: weights that train (``requires_grad``), weights that are
-    not fp32 (bf16/fp16 models, 4-bit ones) and an LM head tied to the input embeddings (the embedding lookup must stay
-    fp32, as autocast leaves it)."""
+    On a CPU the per-forward cast is about 40 % of a small forward of a 135M model; the outputs are bit-identical, and
+    the fp32 tensors are put back on exit, so the model is unchanged for training or an fp32 caller. An LM head tied
+    to the input embeddings is left fp32 (the embedding lookup must stay fp32, as autocast leaves it)."""
     import torch
 
     if not enabled:
@@ -113,8 +136,7 @@ def bf16_frozen_weights(model: Any, enabled: bool) -> Any:
         return
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = {id(embeddings.weight)} if embeddings is not None else set()
-    held = [(t, t.data) for m in model.modules() if isinstance(m, torch.nn.Linear) for t in (m.weight, m.bias)
-            if t is not None and t.dtype == torch.float32 and not t.requires_grad and id(t) not in tied]
+    held = [(t, t.data) for m in autocast_linears(model) for t in (m.weight, m.bias) if t is not None and id(t) not in tied]
     try:
         for tensor, data in held:
             tensor.data = data.to(torch.bfloat16)

@@ -172,4 +172,13 @@ def result(run: Run, wall: float, held: dict[str, float]) -> dict[str, Any]:
     cost = cost_report(kind, dense_params(run.model), counts["total_params"], counts["trainable_params"], st.tokens, wall, peak_memory_mb())
     layout = {"strategy": run.strategy.name, "ranks": dist.world_size(), "state_mb_per_rank": held}
     return {"method": kind, "history": st.history, "valid_history": st.valid, "final": final,
-            "cost": cost | {"device": device(), "bf16": run.bf16, **loaded_as(run.model), "distributed": layout}}
+            "cost": cost | {"device": device(), "bf16": run.bf16, **loaded_as(run.model), "linear_weights_dtype": _linear_dtype(run.model),
+                            "distributed": layout}}
+
+
+def _linear_dtype(model: Any) -> str:
+    """The dtype of the frozen linear layers' weights: bf16 where training pre-cast them (``setup.frozen_linears_to_bf16``)."""
+    import torch
+
+    found = next((m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad), None)
+    return str(found).removeprefix("torch.") if found is not None else "none"

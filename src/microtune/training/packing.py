@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from microtune.models import short_attention
 from microtune.models.compat import cache_kwarg, cache_of
 from microtune.models.decoding import common_prefix
 from microtune.tasks.render import IGNORE, Encoded, labels_of
@@ -95,10 +96,11 @@ def block_mask(seq_ids: Any, prefix: int) -> Any:
 
 
 def _for_kernel(mask: Any, decoder: Any, dtype: Any) -> Any:
-    """SDPA takes the boolean mask; the eager kernel adds the mask to its scores, so it needs 0 / -inf floats."""
+    """SDPA takes the boolean mask; the eager kernel (and the short-eager one, which runs either) adds the mask to its
+    scores, so it needs 0 / -inf floats."""
     import torch
 
-    if getattr(decoder.config, "_attn_implementation", "sdpa") == "eager":
+    if getattr(decoder.config, "_attn_implementation", "sdpa") in ("eager", short_attention.NAME):
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 

@@ -16,8 +16,8 @@ import microtune.methods as methods
 from microtune.config import Recipe
 from microtune.core.errors import RecipeError
 from microtune.data import imbalance, read_split
-from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config
-from microtune.models.hardware import device, seed_everything, use_bf16, weights_dtype
+from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config, short_attention
+from microtune.models.hardware import autocast_linears, device, precast_frozen_linears, seed_everything, use_bf16, weights_dtype
 from microtune.tasks import get_task
 from microtune.tasks.render import Encoded as Example
 from microtune.tasks.render import Renderer, encode_example
@@ -104,6 +104,7 @@ def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume
     data = encode(recipe, tokenizer, source)
     strategy = pick(cfg)
     model = build_model(recipe, ref, to_device=not strategy.places_model)
+    precast(recipe, model, to_device=not strategy.places_model)
     strategy.wrap(model, cfg)
     plan = make_plan(cfg, [len(p) + len(c) for p, c, *_ in data.train])
     optimizer, scheduler = _optimizer(model, cfg, plan.steps)
@@ -170,9 +171,36 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> An
     if quant is None and to_device:
         model = model.to(device())
     model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
+    if recipe.model.attention == "auto" and device() == "cpu":
+        short_attention.use(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def precast(recipe: Recipe, model: Any, to_device: bool = True) -> int:
+    """The engine's bf16 frozen linears where ``models.hardware.precast_frozen_linears`` says so; returns how many layers.
+    Here, not in ``build_model``: every forward of the engine runs under bf16 autocast, which bf16 weights need (a caller
+    of ``build_model`` may run the model without it)."""
+    adapter = not methods.has(recipe.method.kind, "full_model") and not methods.has(recipe.method.kind, "quantized_base")
+    if to_device and precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter):
+        return frozen_linears_to_bf16(model)
+    return 0
+
+
+def frozen_linears_to_bf16(model: Any) -> int:
+    """Round ``models.hardware.autocast_linears``' weights (and biases) to bf16 once, as bf16 autocast would every forward;
+    returns how many layers. An LM head tied to the input embeddings gets its own bf16 copy (+2 bytes per embedding
+    weight, the size of the copy autocast made every forward and kept for backward) and the embedding lookup keeps the
+    fp32 tensor. Not with FSDP (``to_device`` false): its flat shards take one dtype. Rule and reasons:
+    ``models.hardware.precast_frozen_linears``."""
+    import torch
+
+    layers = autocast_linears(model)
+    for module in layers:
+        for name, param in list(module.named_parameters(recurse=False)):  # a new tensor: a tied LM head gets its own copy
+            setattr(module, name, torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
+    return len(layers)
 
 
 def make_plan(cfg: Any, lengths: list[int]) -> Plan:
@@ -189,9 +217,21 @@ def _optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
     from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    half = any(p.dtype == torch.float16 for p in model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=None if half else _fused(params))
     warmup = int(steps * cfg.warmup_ratio)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps)
+
+
+def _fused(params: list[Any]) -> bool | None:
+    """AdamW's fused kernel (one pass over every tensor instead of a Python loop over hundreds of small LoRA matrices: 3×
+    faster on a CPU, benchmarks/train_speed.py) where it surely runs: plain fp32/bf16 parameters on a CPU or CUDA device (not
+    FSDP's flat or sharded ones), and not beside fp16 weights' loss scaling (the caller); ``None`` leaves torch its default."""
+    import torch
+
+    ok = params and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16)
+                        for p in params)
+    return True if ok else None
 
 
 def grad_scaler(model: Any) -> Any:
