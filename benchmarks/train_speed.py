@@ -152,7 +152,7 @@ def run_microtune(kind: str, args: argparse.Namespace, work: Path) -> dict[str, 
     subset.write_text("".join(json.dumps({"text": r["text"], "intent": r["label"]}) + "\n" for r in s["train"]))
     overrides = [f"data.train={subset}", "data.valid=null", "data.split.valid=0", f"train.epochs={args.epochs}",
                  f"train.batch_size={BATCH}", f"train.lr={recipe.train.lr}", f"train.seed={recipe.train.seed}",
-                 "train.balance=none", f"method.kind={kind}"]
+                 "train.balance=none", f"method.kind={kind}"] + (args.variant if args.config == "microtune-variant" else [])
     start = time.perf_counter()
     adapter = train(RECIPE, overrides=overrides, workspace=work / "ws")
     wall = time.perf_counter() - start
@@ -192,7 +192,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         if args.config in MEMORY_RUNS:
             return run_microtune(MEMORY_RUNS[args.config], args, work)
-        out = run_microtune("lora", args, work) if args.config == "microtune" else run_trl(args.config, args, work)
+        mine = args.config in ("microtune", "microtune-variant")
+        out = run_microtune("lora", args, work) if mine else run_trl(args.config, args, work)
         out["accuracy"] = accuracy(out["adapter"], args.eval_examples) if args.eval_examples else None
         return out
 
@@ -201,7 +202,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def spawn(config: str, args: argparse.Namespace, eval_examples: int | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--config", config, "--examples", str(args.examples), "--epochs", str(args.epochs),
-           "--eval-examples", str(args.eval_examples if eval_examples is None else eval_examples)]
+           "--eval-examples", str(args.eval_examples if eval_examples is None else eval_examples),
+           *[x for v in args.variant for x in ("--variant", v)]]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
@@ -270,7 +272,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print the tables only; leave BENCHMARKS.md as it is (for quick runs)")
-    ap.add_argument("--config", choices=[*CONFIGS, *MEMORY_RUNS, "peak", "trl-custom"], help=argparse.SUPPRESS)
+    ap.add_argument("--config", choices=[*CONFIGS, *MEMORY_RUNS, "peak", "trl-custom", "microtune-variant"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", action="append", default=[], metavar="A.B=VALUE",
+                    help="also run microtune with these overrides (repeatable), alternated with the others: a lever under "
+                         "trial; printed only (implies --no-write)")
     ap.add_argument("--trl-args", help=argparse.SUPPRESS)  # JSON of SFTConfig fields, to try settings by hand
     args = ap.parse_args()
     if args.epochs == int(args.epochs):
@@ -280,12 +285,14 @@ def main() -> None:
         return
     about = machine()
     print(about, flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    configs = [*CONFIGS, "microtune-variant"] if args.variant else CONFIGS
+    args.no_write = args.no_write or bool(args.variant)
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     peaks: list[float] = []
     for r in range(args.repeats):
         peaks.append(spawn("peak", args)["bfloat16"])
         print(f"repeat {r + 1} bf16 matmul peak {peaks[-1] / 1e9:7.1f} GFLOP/s", flush=True)
-        for config in CONFIGS:
+        for config in configs:
             out = spawn(config, args)
             runs[config].append(out)
             print(f"repeat {r + 1} {config:14s} {out['tokens'] / out['loop_s']:7.1f} tok/s  call {out['wall_s']:6.1f} s  "
@@ -295,6 +302,10 @@ def main() -> None:
     for k, out in mem_runs.items():
         print(f"memory run {k:16s} RSS {out['rss_mb']:6.0f} MiB  {out['tokens'] / out['loop_s']:7.1f} tok/s", flush=True)
     res = {c: summarize(v, peak) for c, v in runs.items()}
+    if args.variant:
+        v, m = res["microtune-variant"], res["microtune"]
+        print(f"variant {args.variant}: {v['tps']:.0f} tokens/s (median) vs microtune {m['tps']:.0f} = {v['tps'] / m['tps']:.2f}×; "
+              f"peak RSS {v['rss']:.0f} vs {m['rss']:.0f} MiB; accuracy {_acc(v['acc'])} vs {_acc(m['acc'])}", flush=True)
     body = tables(res, {k: summarize([v], peak) for k, v in mem_runs.items()}, args.eval_examples)
     print("\n\n".join(body))
     load = os.getloadavg()[0]

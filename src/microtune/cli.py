@@ -79,6 +79,7 @@ def check(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
 
     result = _guard(lambda: pipeline.check(recipe, set_, workspace))
     _show_check(result.manifest, result.dataset_dir)
+    _show_chosen(result.chosen)
 
 
 @app.command()
@@ -119,8 +120,8 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
     """Micro-model vs the base model prompted zero-/few-shot (and any endpoints): intervals, p-values, latency, cost, report.html.
 
     Metrics by task: classify accuracy, macro-F1; extract micro-F1; generate ROUGE-L, -1, -2 (rouge-score, Porter-stemmed).
-    Classify answers are picked by the recipe's task.scoring: `trie` (default: greedy walk of the label token trie) or
-    `loglik` (every label ranked by its full-sequence log-likelihood), e.g. --set task.scoring=loglik; serve uses the one
+    Classify answers are picked by the recipe's task.scoring: `loglik` (default: every label ranked by its full-sequence
+    log-likelihood) or `trie` (the greedy walk of the label token trie, faster), e.g. --set task.scoring=trie; serve uses the one
     in the adapter's recipe.json, written by train (docs/evaluation.md#label-scoring-the-trie-walk-or-the-full-log-likelihood).
     """
     from microtune import pipeline
@@ -566,6 +567,12 @@ def _show_check(manifest: dict[str, Any], folder: Path) -> None:
     out.print(f"duplicates within split: {stats['duplicates']}; overlap with train: {stats['overlap_with_train']}")
     for warning in manifest.get("warnings", []):
         err.print("[yellow]warning:[/] " + escape(warning), highlight=False, soft_wrap=True)
+
+
+def _show_chosen(chosen: dict[str, Any]) -> None:
+    """The `auto` training settings and the values the data gave them (training/defaults.py)."""
+    for path, choice in chosen.items():
+        out.print(f"{path} = {choice.value} (auto: {escape(choice.why)})", highlight=False, soft_wrap=True)
 
 
 def _show_synth(folder: Path) -> None:

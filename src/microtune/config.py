@@ -241,12 +241,18 @@ class DistributedConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Passes over the training split (ignored when max_steps is set). `auto`: from the data, the whole "
+        "number of passes closest to 300 optimizer steps, 2 to 10 (the rule and its evidence: docs/training.md, \"Defaults from the data\").")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train; overrides epochs.")
-    lr: float = Field(5e-4, gt=0, lt=1, description="Peak learning rate (linear warm-up, then linear decay).")
+    lr: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] = Field(
+        "auto", description="Peak learning rate (linear warm-up, then linear decay). `auto`: by the method kind — 5e-4 for LoRA, "
+        "QLoRA and DoRA, 2e-2 for IA3, 1e-1 for prompt tuning, 3e-2 for prefix tuning, 2e-5 for full fine-tuning (docs/training.md).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Examples per micro-batch. `auto`: 8, halved while a batch of the longest rows (p90 length) would "
+        "exceed 2,048 tokens, and 4 for fewer than 100 rows (docs/training.md).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(256, ge=16, description="Prompt + completion tokens; longer inputs are cut at the end of the text.")
     seed: int = Field(13, description="Seed of initialisation, shuffling, sampling and dropout.")
@@ -807,12 +813,30 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", lines: dict[t
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [_problem(e, source, lines or {}, raw.get("method")) for err in exc.errors() for e in _split_rules(err)]
+        errors = [e for err in _or_auto(exc.errors()) for e in _split_rules(err)]
+        problems = [_problem(e, source, lines or {}, raw.get("method")) for e in errors]
         raise RecipeError(
             f"{source}: {len(problems)} problem(s) in the recipe",
             hint="fix each field above (`microtune recipe-schema` lists every field)",
             problems=problems,
         ) from None
+
+
+_AUTO_TAG = "literal['auto']"
+
+
+def _or_auto(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A setting that takes a number or `auto` (train.epochs, lr, batch_size) fails both branches of its union: one
+    error at the setting's own path, the number's message and that `auto` is the other choice."""
+    out = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        if loc and loc[-1] == _AUTO_TAG:
+            continue
+        if any(tuple(e["loc"]) == (*loc[:-1], _AUTO_TAG) for e in errors):
+            err = err | {"loc": loc[:-1], "msg": f"{err['msg']}, or 'auto' (chosen from the data)"}
+        out.append(err)
+    return out
 
 
 def _split_rules(err: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The check step: validate recipe and data, write the content-addressed dataset artifact.
 
-    result = check("recipes/banking-intents.yaml")      # CheckResult(recipe, dataset_dir, manifest, warnings)
+    result = check("recipes/banking-intents.yaml")      # CheckResult(recipe, dataset_dir, manifest, warnings, ...)
+    result.chosen["train.epochs"]                        # an `auto` training setting, chosen from the data, and why
 
 The artifact lives at ``<workspace>/<recipe>/datasets/<hash>/`` and is reused while the data and the
 splitting settings are unchanged; every later step starts from it.
@@ -21,6 +22,7 @@ from microtune.pipeline.recipes import RecipeLike, resolve_recipe
 from microtune.registry import require_backends
 from microtune.tasks import get_task
 from microtune.tasks.render import Renderer, encode_example
+from microtune.training.defaults import Choice, data_defaults
 
 UNCUT = 1 << 30  # no cut: check measures each row's real length
 
@@ -31,6 +33,8 @@ class CheckResult:
     dataset_dir: Path
     manifest: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    declared: Recipe | None = None  # the recipe as written: `auto` training settings not yet chosen
+    chosen: dict[str, Choice] = field(default_factory=dict)  # the training settings chosen from the data, with the reason
 
 
 def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None) -> CheckResult:
@@ -49,7 +53,8 @@ def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     if not (dest / "manifest.json").is_file():
         with write_artifact(dest, "dataset", manifest) as (tmp, _):
             write_dataset(result, tmp)
-    return CheckResult(recipe, dest, read_manifest(dest, "dataset"), manifest["warnings"])
+    resolved, chosen = data_defaults(recipe, stats)
+    return CheckResult(resolved, dest, read_manifest(dest, "dataset"), manifest["warnings"], recipe, chosen)
 
 
 def _long_rows(stats: dict[str, Any], turns: bool = False) -> list[str]:

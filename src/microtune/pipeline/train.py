@@ -30,6 +30,7 @@ from microtune.synthesis import synthetic_for_training
 from microtune.training import distributed as dist
 from microtune.training import train_adapter
 from microtune.training.checkpoint import latest_checkpoint
+from microtune.training.defaults import data_defaults
 
 
 def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
@@ -46,11 +47,13 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     if dist.is_main():
         dist.barrier()
     recipe, ws = checked.recipe, Workspace.at(workspace)
+    extra, synthetic = _synthetic_rows(recipe, ws, checked)
+    if extra and checked.chosen:  # `auto` settings count the synthetic rows mixed in too
+        recipe = data_defaults(checked.declared or recipe, checked.manifest["stats"], len(extra))[0]
     ref = resolve_base(recipe.model)
     run_hash = recipe_hash(recipe)
     run_id, mlflow_id = _pending_run(ws, recipe, run_hash) if resume else (new_run_id(), None)
     dest, ckpt = ws.stage_dir(recipe.name, "adapters") / run_id, ws.stage_dir(recipe.name, "checkpoints") / run_id
-    extra, synthetic = _synthetic_rows(recipe, ws, checked)
     labels = checked.manifest["labels"]
     if not dist.is_main():  # other ranks train their shard; only rank 0 reports, logs and writes
         with tempfile.TemporaryDirectory() as scratch:

@@ -49,6 +49,7 @@ from microtune.registry import TrackedRun, log_folder, tracked_run
 from microtune.synthesis import synthetic_for_training
 from microtune.tasks import TASKS
 from microtune.training import train_adapter
+from microtune.training.defaults import data_defaults
 
 OWNER = "microtune.owner"  # trial user attr: the process running it (host, pid, pid start), to fail it when that process dies
 PARENT_RUN = "mlflow_parent_run_id"  # study user attr: the MLflow run the trials' runs are nested under
@@ -85,6 +86,13 @@ class _Job:
     metric: str
     direction: str
     extra_train: list[dict[str, Any]]
+    declared: Recipe  # the recipe as written: a trial chooses its `auto` training settings after its own overrides
+    stats: dict[str, Any]  # the dataset's statistics (training/defaults.py chooses from them)
+
+    def trial_recipe(self, overrides: list[str]) -> Recipe:
+        """The recipe a trial trains: the declared one with the trial's overrides, then its `auto` settings chosen from
+        the data (a trial that draws batch size 16 gets the epochs of batch 16; one that draws full fine-tuning, its lr)."""
+        return data_defaults(self.declared.with_overrides(overrides), self.stats, len(self.extra_train))[0]
 
 
 def tune(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None,
@@ -100,7 +108,9 @@ def tune(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str 
                          hint="e.g. --workers 2 --trials 20 --budget 20m")
     source = Path(recipe) if not isinstance(recipe, Recipe) else None
     checked = check(recipe, overrides, workspace)
-    base, ws = checked.recipe, Workspace.at(workspace)
+    ws = Workspace.at(workspace)
+    extra = _extra_train(checked.recipe, ws, checked)
+    base = data_defaults(checked.declared or checked.recipe, checked.manifest["stats"], len(extra))[0]
     if not checked.manifest["stats"]["rows"].get("valid"):
         raise RecipeError(f"recipe {base.name!r} has no valid split: tune scores every trial on it (never on test)",
                           hint="give data.valid, or hold part of train out with data.split.valid (e.g. 0.1)")
@@ -111,7 +121,8 @@ def tune(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str 
     metric = base.tune.metric or base.metric_names()[0]
     job = _Job(base, ws.root, url, name, trials, None if budget_s is None else time.time() + budget_s,
                folder / f".{name}.lock", checked.dataset_dir,
-               checked.manifest["labels"], metric, "minimize" if metric == "valid_loss" else "maximize", _extra_train(base, ws, checked))
+               checked.manifest["labels"], metric, "minimize" if metric == "valid_loss" else "maximize", extra,
+               checked.declared or checked.recipe, checked.manifest["stats"])
     optuna_study = _open_study(job)
     _check_same_recipe(optuna_study, base, name)
     _parent_run(optuna_study, base, ws)
@@ -322,7 +333,7 @@ def _objective(job: _Job, study: Any, trial: Any, ref: Any, reporter: Reporter |
 
     overrides = suggest(trial, job.recipe)
     trial.set_user_attr("overrides", overrides)
-    recipe = job.recipe.with_overrides(overrides)
+    recipe = job.trial_recipe(overrides)
     with tracked_run(recipe, Workspace(job.workspace), run_name=f"{job.study}-trial-{trial.number}", params=dict(trial.params),
                      job_type="tune") as run:
         mlflow.set_tags({"mlflow.parentRunId": study.user_attrs[PARENT_RUN], "microtune.tune.study": job.study,

@@ -24,6 +24,7 @@ from microtune.tasks.render import Renderer, encode_example
 from microtune.training import distributed as dist
 from microtune.training.batching import batches_per_epoch, label_weights
 from microtune.training.checkpoint import latest_checkpoint, load_checkpoint
+from microtune.training.defaults import data_defaults, unresolved
 from microtune.training.state import Clock, TrainState
 from microtune.training.strategy import Single, pick
 
@@ -97,11 +98,13 @@ class Run:
 
 def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume) -> Run:
     """Check, encode, build, plan, and restore the newest checkpoint when resuming; the model is left in train mode."""
-    cfg = recipe.train
-    _refuse(recipe)
-    seed_everything(cfg.seed)
+    dist.init()
+    seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(ref)
     data = encode(recipe, tokenizer, source)
+    recipe = _choose_auto(recipe, data)
+    cfg = recipe.train
+    _refuse(recipe)
     strategy = pick(cfg)
     model = build_model(recipe, ref, to_device=not strategy.places_model)
     precast(recipe, model, to_device=not strategy.places_model)
@@ -115,11 +118,20 @@ def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume
                Clock(state.elapsed), scaler)
 
 
+def _choose_auto(recipe: Recipe, data: Data) -> Recipe:
+    """`auto` training settings still open (a caller that skipped the check step, which chooses them: ``train_adapter``
+    called directly) chosen by the same rule from the encoded train rows."""
+    if not unresolved(recipe):
+        return recipe
+    lengths = sorted(len(p) + len(c) for p, c, *_ in data.train)
+    p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))] if lengths else 0
+    return data_defaults(recipe, {"rows": {"train": len(lengths)}, "train_tokens": {"p90": p90}})[0]
+
+
 def _refuse(recipe: Recipe) -> None:
-    """Settings this run cannot train with (method-vs-option rules are the recipe's, checked when it loads), and joining
-    the process group (torchrun) to know how many ranks there are."""
+    """Settings this run cannot train with (method-vs-option rules are the recipe's, checked when it loads; the process
+    group, torchrun's, is joined first to know how many ranks there are)."""
     cfg = recipe.train
-    dist.init()
     if cfg.batch_size < dist.world_size():
         raise RecipeError(f"train.batch_size {cfg.batch_size} is smaller than the {dist.world_size()} processes",
                           hint="the batch is split across processes: use a batch_size of at least --nproc")
