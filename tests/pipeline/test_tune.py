@@ -114,10 +114,11 @@ def test_tune_scores_on_valid_never_reads_test_and_resumes_a_dead_processes_stud
     assert all((r["value"] != "") == (r["state"] == "COMPLETE") for r in rows)
     assert (result.folder / "history.png").stat().st_size > 1000
     done = [r["value"] for r in rows if r["state"] == "COMPLETE"]
-    computable = len(done) >= 2 and len(set(done)) > 1  # fANOVA needs two completed trials that scored differently
-    assert (set(result.importances) == {"train.lr", "method.r"}) == computable
     summary = json.loads((result.folder / "summary.json").read_text())
-    assert bool(summary["importances_note"]) != computable  # no importances: the summary says why
+    if result.importances:  # once two trials completed: one importance per searched setting
+        assert set(result.importances) == {"train.lr", "method.r"} and len(done) >= 2 and not summary["importances_note"]
+    else:  # fewer than two, or (Optuna 4) trials that all scored the same: the summary says why
+        assert summary["importances_note"] and (len(done) < 2 or len(set(done)) == 1)
     assert any(e.stage == "train" and e.kind == "progress" for e in events)  # each trial's training reached the reporter
     assert sum(e.stage == "tune" and e.kind == "message" for e in events) == 3
     client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")

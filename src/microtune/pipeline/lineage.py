@@ -41,6 +41,7 @@ NOT_HASHED_KEYS = (("task", "scoring"), ("tracking", "backends"), ("tracking", "
 def recipe_hash(recipe: Recipe) -> str:
     """The hash of the resolved recipe without the sections that do not change a run's result: what makes two training
     runs the same run (``train --resume`` checks it, lineage records it, a rerun finds an interrupted promotion by it).
+    Stages hash the recipe as written (`auto` training settings unchosen: the data, hashed apart, decides them).
     The mirror keys are left out too, so adding TensorBoard to a run being resumed is the same run."""
     resolved = {k: v for k, v in recipe.resolved().items() if k not in NOT_HASHED}
     for section, key in NOT_HASHED_KEYS:

@@ -51,7 +51,7 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     if extra and checked.chosen:  # `auto` settings count the synthetic rows mixed in too
         recipe = data_defaults(checked.declared or recipe, checked.manifest["stats"], len(extra))[0]
     ref = resolve_base(recipe.model)
-    run_hash = recipe_hash(recipe)
+    run_hash = recipe_hash(checked.declared or recipe)  # the recipe as written: its `auto` settings follow from it and the data
     run_id, mlflow_id = _pending_run(ws, recipe, run_hash) if resume else (new_run_id(), None)
     dest, ckpt = ws.stage_dir(recipe.name, "adapters") / run_id, ws.stage_dir(recipe.name, "checkpoints") / run_id
     labels = checked.manifest["labels"]
@@ -71,7 +71,7 @@ def train(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
             out["cost"]["full_finetune"] = _measured_full(ws, recipe, checked.manifest) or out["cost"]["full_finetune"]
             write_text(tmp / "recipe.json", recipe_json(recipe))
             manifest.update(labels=labels, dataset_dir=str(checked.dataset_dir), mlflow_run_id=run.run_id,
-                            lineage=lineage(recipe, ref, checked.manifest, tmp), **out)
+                            lineage=lineage(recipe, ref, checked.manifest, tmp) | {"recipe_hash": run_hash}, **out)
         reach("train.after_artifact")
         run.log_metrics({f"cost.{k}": v for k, v in out["cost"].items() if isinstance(v, (int, float))})
         log_folder(dest, "adapter")
