@@ -286,6 +286,11 @@ class TrainConfig(Section):
         "padded rows; pays off when example lengths vary (benchmarks/train_speed.py). Not for prompt/prefix tuning.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    fuse_siblings: bool = Field(
+        True,
+        description="LoRA on q/k/v and on gate/up as one matmul per group (base, LoRA A, LoRA B) instead of one per layer: "
+        "the same loss and gradients, faster on a CPU (training/fuse.py). Applies to lora without dropout; false: PEFT's path.",
+    )
     log_every: int = Field(5, ge=1, description="Log loss to MLflow every N optimizer steps.")
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="Multi-process training (`microtune train --nproc N`): ddp or fsdp."

@@ -127,3 +127,37 @@ def test_short_eager_attention_matches_sdpa(make_recipe, tiny_model_dir: Path, m
         assert loss == pytest.approx(reference[0], rel=1e-5)
         worst = max(float((grads[n] - reference[1][n]).abs().max() / reference[1][n].abs().max().clamp_min(1e-12)) for n in grads)
         assert worst < 1e-4, limit
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process maps the file into memory (Linux: /proc/self/maps)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("method", [{"kind": "lora", "r": 4}, {"kind": "qlora", "r": 4}])
+def test_the_weight_file_is_unmapped_once_training_holds_its_own_weights(make_recipe, tiny_model_dir: Path, tmp_path: Path,
+                                                                          method) -> None:
+    """The loader's tensors are views of the memory-mapped weight file, so one view left alive (the fp32 embeddings) kept
+    the whole file resident, the pages of the cast (or quantized) linear weights included. After set-up no tensor of
+    the model views the file: the map is gone, and the weights the model holds are its own copies, equal to the file's."""
+    import gc
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    if method["kind"] == "qlora":
+        pytest.importorskip("bitsandbytes")
+    own = tmp_path / "model"  # a copy only this test loads: no other test's model keeps it mapped
+    shutil.copytree(tiny_model_dir, own)
+    weights = own / "model.safetensors"
+    model = _build(make_recipe, own, method=method)
+    gc.collect()
+    assert not _mapped(weights)
+    stored = load_file(weights)
+    embed = model.get_input_embeddings().weight
+    assert embed.dtype == torch.float32 and torch.equal(embed, stored["model.embed_tokens.weight"])
+    norm = model.get_base_model().model.norm.weight
+    assert torch.equal(norm, stored["model.norm.weight"])
+    del model, stored

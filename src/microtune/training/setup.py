@@ -25,6 +25,7 @@ from microtune.training import distributed as dist
 from microtune.training.batching import batches_per_epoch, label_weights
 from microtune.training.checkpoint import latest_checkpoint, load_checkpoint
 from microtune.training.defaults import data_defaults, unresolved
+from microtune.training.fuse import fuse_siblings
 from microtune.training.state import Clock, TrainState
 from microtune.training.strategy import Single, pick
 
@@ -108,6 +109,8 @@ def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume
     strategy = pick(cfg)
     model = build_model(recipe, ref, to_device=not strategy.places_model)
     precast(recipe, model, to_device=not strategy.places_model)
+    if cfg.fuse_siblings and not strategy.places_model and not cfg.gradient_checkpointing:
+        fuse_siblings(model)
     strategy.wrap(model, cfg)
     plan = make_plan(cfg, [len(p) + len(c) for p, c, *_ in data.train])
     optimizer, scheduler = _optimizer(model, cfg, plan.steps)
@@ -194,10 +197,30 @@ def precast(recipe: Recipe, model: Any, to_device: bool = True) -> int:
     """The engine's bf16 frozen linears where ``models.hardware.precast_frozen_linears`` says so; returns how many layers.
     Here, not in ``build_model``: every forward of the engine runs under bf16 autocast, which bf16 weights need (a caller
     of ``build_model`` may run the model without it)."""
-    adapter = not methods.has(recipe.method.kind, "full_model") and not methods.has(recipe.method.kind, "quantized_base")
+    quantized = methods.has(recipe.method.kind, "quantized_base")
+    adapter = not methods.has(recipe.method.kind, "full_model") and not quantized
+    cast = 0
     if to_device and precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter):
-        return frozen_linears_to_bf16(model)
-    return 0
+        cast = frozen_linears_to_bf16(model)
+    if cast or quantized:
+        own_frozen_weights(model, skip=autocast_linears(model) if cast else [])
+    return cast
+
+
+def own_frozen_weights(model: Any, skip: list[Any]) -> int:
+    """Copy the frozen floating-point weights that training keeps as loaded (embeddings, norms) into the process's own
+    memory; returns how many tensors. The loader maps the weight file into memory and its tensors are views of that
+    map, which stays resident while any one of them lives: after the linear weights are cast to bf16 (or quantized
+    to 4-bit) the file's pages of the fp32 originals stayed resident too, −405 MiB peak RSS on SmolLM2-135M once
+    dropped (BENCHMARKS.md, training levers). Only the tensors still on a CPU, not those of the ``skip`` modules (their
+    weights are fresh copies already: the bf16 cast); trained weights (``full``) are left."""
+    fresh = {id(p) for module in skip for p in module.parameters(recurse=False)}
+    owned = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.device.type == "cpu" and id(param) not in fresh:
+            param.data = param.data.clone()
+            owned += 1
+    return owned
 
 
 def frozen_linears_to_bf16(model: Any) -> int:
