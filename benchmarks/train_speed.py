@@ -1,6 +1,6 @@
 """Training speed, memory and resulting accuracy on the demo data: microtune vs TRL SFTTrainer + PEFT.
 
-    .venv/bin/python benchmarks/train_speed.py [--examples 240] [--eval-examples 90] [--epochs 1] [--repeats 3]
+    .venv/bin/python benchmarks/train_speed.py [--examples 240] [--eval-examples -1] [--epochs 1] [--repeats 3]
 
 Same job for every configuration: the bundled SmolLM2-135M-Instruct, LoRA r=16 alpha=32 dropout 0
 on all linear layers, the first `--examples` rows of the demo recipe's train split, `--epochs`
@@ -32,7 +32,8 @@ alternate over `--repeats` rounds and medians are reported.
 Reported per configuration: tokens/s over the training loop (non-pad tokens fed ÷ loop seconds; for
 TRL the trainer's own `train_runtime` and the tokenized dataset's token count × epochs), wall time of
 the whole training call (model load → adapter on disk; imports excluded), peak RSS of the subprocess
-after training, accuracy of the saved adapter on the first `--eval-examples` test rows (every config
+after training, accuracy of the saved adapter on the first `--eval-examples` test rows (default: all of them), in the
+first round only (training is deterministic: three rounds gave each configuration one accuracy; every config
 evaluated the same way: base + adapter via `peft.PeftModel`, microtune's `LabelPredictor` on the
 plain micro prompt), and achieved FLOP/s (4·N·tokens, N = non-embedding parameters) as a share of
 this machine's bf16 matmul peak (best time of a 2048² bf16 `torch.matmul` over every timing, measured in the same
@@ -177,7 +178,7 @@ def accuracy(adapter: str, n: int) -> float:
     from microtune.tasks.render import Renderer
 
     s = shared(0)
-    recipe, test = s["recipe"], s["test"][:n]
+    recipe, test = s["recipe"], s["test"][:n] if n >= 0 else s["test"]
     renderer, task = Renderer(load_tokenizer(s["ref"])), get_task(recipe.task, s["labels"])
     model = PeftModel.from_pretrained(load_model(s["ref"]).to(device()), adapter).eval()
     prompts = [renderer.encode(task.messages(ex), task.target(ex), recipe.train.max_seq_len)[0] for ex in test]
@@ -268,7 +269,8 @@ def tables(res: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], n_eva
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=240, help="first N rows of the demo train split")
-    ap.add_argument("--eval-examples", type=int, default=90, help="first N rows of the demo test split (0: skip)")
+    ap.add_argument("--eval-examples", type=int, default=-1,
+                    help="first N rows of the demo test split, scored in the first round (-1, the default: all; 0: skip)")
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print the tables only; leave BENCHMARKS.md as it is (for quick runs)")
@@ -293,7 +295,7 @@ def main() -> None:
         peaks.append(spawn("peak", args)["bfloat16"])
         print(f"repeat {r + 1} bf16 matmul peak {peaks[-1] / 1e9:7.1f} GFLOP/s", flush=True)
         for config in configs:
-            out = spawn(config, args)
+            out = spawn(config, args, eval_examples=None if r == 0 else 0)  # deterministic training: one accuracy a config
             runs[config].append(out)
             print(f"repeat {r + 1} {config:14s} {out['tokens'] / out['loop_s']:7.1f} tok/s  call {out['wall_s']:6.1f} s  "
                   f"RSS {out['rss_mb']:6.0f} MiB  acc {_acc(out.get('accuracy'))}  {_precision(out['precision'])}", flush=True)
@@ -306,7 +308,8 @@ def main() -> None:
         v, m = res["microtune-variant"], res["microtune"]
         print(f"variant {args.variant}: {v['tps']:.0f} tokens/s (median) vs microtune {m['tps']:.0f} = {v['tps'] / m['tps']:.2f}×; "
               f"peak RSS {v['rss']:.0f} vs {m['rss']:.0f} MiB; accuracy {_acc(v['acc'])} vs {_acc(m['acc'])}", flush=True)
-    body = tables(res, {k: summarize([v], peak) for k, v in mem_runs.items()}, args.eval_examples)
+    n_eval = len(shared(0)["test"]) if args.eval_examples < 0 else args.eval_examples
+    body = tables(res, {k: summarize([v], peak) for k, v in mem_runs.items()}, n_eval)
     print("\n\n".join(body))
     load = os.getloadavg()[0]
     print(f"1-minute load average at the end: {load:.1f} on {os.cpu_count()} CPUs", flush=True)

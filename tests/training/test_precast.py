@@ -161,3 +161,58 @@ def test_the_weight_file_is_unmapped_once_training_holds_its_own_weights(make_re
     norm = model.get_base_model().model.norm.weight
     assert torch.equal(norm, stored["model.norm.weight"])
     del model, stored
+
+
+@pytest.mark.parametrize("method", [{"kind": "lora", "r": 4}, {"kind": "dora", "r": 4}])
+def test_a_bf16_checkpoint_loads_as_stored_with_the_values_of_an_fp32_load(make_recipe, tiny_model_dir: Path, tmp_path: Path,
+                                                                           method: dict) -> None:
+    """Most hub checkpoints store bf16. The engine (``build_model(autocast=True)``) loads their linear weights as stored
+    instead of widening every weight to fp32 and rounding the linear ones back; what stays fp32 (embeddings, norms) is
+    widened, which is exact. So every base tensor and the loss at the start equal those of the fp32 load followed by
+    ``precast``; LoRA's initial A matrix is the fp32 one rounded to bf16 (PEFT creates it in the base layer's dtype),
+    so B's gradients agree to bf16 precision. DoRA (initial magnitudes from its base layers' norms) keeps the fp32 load."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from microtune.models import resolve_base
+    from microtune.models.resolve import stored_dtypes
+    from microtune.training.batching import collate
+    from microtune.training.loss import completion_loss
+    from microtune.training.setup import build_model, precast
+
+    stored = tmp_path / "bf16-model"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(stored)
+    for extra in tiny_model_dir.iterdir():
+        if not (stored / extra.name).exists():
+            shutil.copy(extra, stored / extra.name)
+    recipe = load_recipe(make_recipe(stored, method=method))
+    ref = resolve_base(recipe.model)
+    assert stored_dtypes(ref) == {"BF16"} and stored_dtypes(resolve_base(load_recipe(make_recipe(tiny_model_dir)).model)) == {"F32"}
+    batch = collate([([1, 5, 9, 14, 3], [22, 7]), ([1, 5, 9, 30], [41, 8, 2])], pad_id=0)
+    runs = []
+    for as_stored in (True, False):
+        model = build_model(recipe, ref, autocast=as_stored)
+        precast(recipe, model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = completion_loss(model, batch)
+        loss.backward()
+        runs.append((dict(model.named_parameters()), loss.item()))
+    (new, loss_new), (old, loss_old) = runs
+    assert new.keys() == old.keys() and loss_new == loss_old
+    dora = method["kind"] == "dora"
+    for name in old:
+        assert new[name].dtype == old[name].dtype, name
+        if "lora_A" in name and not dora:
+            assert not torch.equal(new[name], old[name]) and torch.equal(new[name], old[name].bfloat16().float()), name
+            assert not new[name].grad.any() and not old[name].grad.any(), name  # B starts at zero
+        elif "lora_B" in name and not dora:
+            assert torch.allclose(new[name].grad, old[name].grad, rtol=2e-2, atol=1e-3 * float(old[name].grad.abs().max())), name
+        else:
+            assert torch.equal(new[name], old[name]), name
+            if old[name].requires_grad:
+                assert torch.equal(new[name].grad, old[name].grad), name
+    assert {p.dtype for n, p in new.items() if "embed" in n or "norm" in n} == {torch.float32}
+    held = {p.dtype for n, p in new.items() if n.endswith("base_layer.weight")}
+    assert held == ({torch.float32} if dora else {torch.bfloat16})

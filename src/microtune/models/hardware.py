@@ -108,17 +108,18 @@ def autocast(enabled: bool) -> Any:
     return torch.autocast(device_type=device(), dtype=torch.bfloat16)
 
 
-def autocast_linears(model: Any) -> list[Any]:
+def autocast_linears(model: Any, any_dtype: bool = False) -> list[Any]:
     """The ``Linear`` layers whose weights bf16 autocast re-casts from fp32 on every forward: frozen (weight and bias),
-    fp32, and not the base layer of a DoRA adapter (DoRA takes the norm of base + LoRA weight outside the matmul, in
-    the weight's own dtype). Holding these in bf16 — once for training (``training.setup.frozen_linears_to_bf16``),
-    for the length of a call for prediction (``bf16_frozen_weights``) — gives the matmuls the very values autocast
-    would (the same round-to-nearest cast): the same outputs, without the per-forward cast and its copy."""
+    fp32 (any dtype with ``any_dtype``), and not the base layer of a DoRA adapter (DoRA takes the norm of base + LoRA
+    weight outside the matmul, in the weight's own dtype). Holding these in bf16 — once for training
+    (``training.setup.frozen_linears_to_bf16``), for the length of a call for prediction (``bf16_frozen_weights``) —
+    gives the matmuls the very values autocast would (the same round-to-nearest cast): the same outputs, without the
+    per-forward cast and its copy."""
     import torch
 
     dora = {id(m.base_layer) for m in model.modules() if hasattr(m, "base_layer") and any(getattr(m, "use_dora", {}).values())}
     return [m for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and id(m) not in dora and m.weight.dtype == torch.float32
+            if isinstance(m, torch.nn.Linear) and id(m) not in dora and (any_dtype or m.weight.dtype == torch.float32)
             and not any(t.requires_grad for t in (m.weight, m.bias) if t is not None)]
 
 

@@ -227,6 +227,21 @@ def load_model(ref: BaseModelRef, trust_remote_code: bool = False, quantization_
     return model
 
 
+def stored_dtypes(ref: BaseModelRef) -> set[str]:
+    """The dtypes the checkpoint stores its floating-point tensors in, from the safetensors headers (``{"BF16"}``,
+    ``{"F32"}``, …); empty where the folder holds no safetensors. Reads a few KiB per file, no tensor."""
+    import json
+    import struct
+
+    found: set[str] = set()
+    for path in sorted(Path(ref.path).glob("*.safetensors")):
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        found |= {t["dtype"] for k, t in header.items() if k != "__metadata__" and t["dtype"] in ("F64", "F32", "F16", "BF16")}
+    return found
+
+
 def loaded_as(model: Any) -> dict[str, str]:
     """How a loaded model holds its weights and which attention kernel it runs: the run's record of what ``auto`` became."""
     config = getattr(model, "config", None)

@@ -18,6 +18,7 @@ from microtune.core.errors import RecipeError
 from microtune.data import imbalance, read_split
 from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config, short_attention
 from microtune.models.hardware import autocast_linears, device, precast_frozen_linears, seed_everything, use_bf16, weights_dtype
+from microtune.models.resolve import stored_dtypes
 from microtune.tasks import get_task
 from microtune.tasks.render import Encoded as Example
 from microtune.tasks.render import Renderer, encode_example
@@ -107,7 +108,7 @@ def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume
     cfg = recipe.train
     _refuse(recipe)
     strategy = pick(cfg)
-    model = build_model(recipe, ref, to_device=not strategy.places_model)
+    model = build_model(recipe, ref, to_device=not strategy.places_model, autocast=True)
     precast(recipe, model, to_device=not strategy.places_model)
     if cfg.fuse_siblings and not strategy.places_model and not cfg.gradient_checkpointing:
         fuse_siblings(model)
@@ -171,14 +172,22 @@ def resolve_balance(setting: str, labels: list[str | None]) -> str:
     return "sample" if imbalance(labels) else "none"
 
 
-def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> Any:
+def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True, autocast: bool = False) -> Any:
     """The base model with the recipe's method applied; ``to_device=False`` leaves placing it to the layout (FSDP
     moves each layer's shard to the device as it shards it; a 4-bit base is placed by its loader). The weights load in
-    ``model.dtype`` (``auto``: fp32 on a CPU and for ``full``, bf16/fp16 on a GPU); adapter weights are fp32 either way."""
+    ``model.dtype`` (``auto``: fp32 on a CPU and for ``full``, bf16/fp16 on a GPU); adapter weights are fp32 either way.
+
+    ``autocast``: the caller runs every forward under bf16 autocast and holds the frozen linear weights in bf16 (``precast``,
+    the engine). A checkpoint stored in bf16 then loads as stored, and everything but those linear weights is widened to
+    fp32 (``_bf16_as_stored``): the base weights of the fp32 load rounded by ``precast``, without first holding every
+    weight in fp32. PEFT creates the adapter in its base layer's dtype and widens it, so LoRA's initial A matrix is
+    rounded to bf16, as on any bf16 base. Not for DoRA, whose initial magnitudes are norms of its base layers (fp32)."""
     weights = weights_dtype(recipe.model.dtype, trains_base=methods.has(recipe.method.kind, "full_model"))
     quant = quantization_config(recipe.method, weights)
-    model = load_model(ref, recipe.model.trust_remote_code, quant, dtype=weights, attention=recipe.model.attention,
-                       flash_ok=not recipe.train.packing)
+    as_stored = (autocast and to_device and _precasts(recipe) and recipe.method.kind != "dora"
+                 and stored_dtypes(ref) == {"BF16"})
+    model = load_model(ref, recipe.model.trust_remote_code, quant, dtype="bfloat16" if as_stored else weights,
+                       attention=recipe.model.attention, flash_ok=not recipe.train.packing)
     model.config.use_cache = False
     if weights == "bfloat16" and recipe.model.dtype == "bfloat16" and methods.has(recipe.method.kind, "full_model"):
         log.warning("model.dtype=bfloat16 with method %s: the trained weights are bf16 themselves, so AdamW updates smaller "
@@ -186,6 +195,8 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> An
     if quant is None and to_device:
         model = model.to(device())
     model = apply_method(model, recipe.method, MethodContext(recipe.train.seed, recipe.task.instruction, ref.path))
+    if as_stored:
+        _bf16_as_stored(model)
     if recipe.model.attention == "auto" and device() == "cpu":
         short_attention.use(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if recipe.train.gradient_checkpointing:
@@ -193,14 +204,36 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True) -> An
     return model
 
 
+def _precasts(recipe: Recipe) -> bool:
+    adapter = not methods.has(recipe.method.kind, "full_model") and not methods.has(recipe.method.kind, "quantized_base")
+    return precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter)
+
+
+def _bf16_as_stored(model: Any) -> int:
+    """Widen to fp32 every bf16 parameter but those of ``autocast_linears`` (embeddings, norms; the input embeddings even
+    where an LM head is tied to them: the head keeps the bf16 tensor). bf16 → fp32 is exact, so the base holds the values
+    an fp32 load followed by ``precast`` holds; returns how many tensors were widened."""
+    import torch
+
+    held = {id(m) for m in autocast_linears(model, any_dtype=True)}
+    widened = 0
+    for module in model.modules():
+        if id(module) in held:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype == torch.bfloat16:
+                setattr(module, name, torch.nn.Parameter(param.detach().float(), requires_grad=param.requires_grad))
+                widened += 1
+    return widened
+
+
 def precast(recipe: Recipe, model: Any, to_device: bool = True) -> int:
     """The engine's bf16 frozen linears where ``models.hardware.precast_frozen_linears`` says so; returns how many layers.
     Here, not in ``build_model``: every forward of the engine runs under bf16 autocast, which bf16 weights need (a caller
     of ``build_model`` may run the model without it)."""
     quantized = methods.has(recipe.method.kind, "quantized_base")
-    adapter = not methods.has(recipe.method.kind, "full_model") and not quantized
     cast = 0
-    if to_device and precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter):
+    if to_device and _precasts(recipe):
         cast = frozen_linears_to_bf16(model)
     if cast or quantized:
         own_frozen_weights(model, skip=autocast_linears(model) if cast else [])
