@@ -15,14 +15,14 @@ def _cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("microtune.models.hardware.device", lambda: "cpu")
 
 
-def _build(make_recipe, tiny_model_dir: Path, method: dict, bf16: bool, fuse: bool):
+def _build(make_recipe, tiny_model_dir: Path, method: dict, bf16: bool, fuse: bool, model: dict | None = None):
     import torch
 
     from microtune.models import resolve_base
     from microtune.training.fuse import fuse_siblings
     from microtune.training.setup import build_model, precast
 
-    recipe = load_recipe(make_recipe(tiny_model_dir, method=method, train={"bf16": bf16}))
+    recipe = load_recipe(make_recipe(tiny_model_dir, model=model or {}, method=method, train={"bf16": bf16}))
     model = build_model(recipe, resolve_base(recipe.model))
     precast(recipe, model)
     generator = torch.Generator().manual_seed(1)
@@ -69,6 +69,22 @@ def test_fused_siblings_give_peft_loss_and_gradients(make_recipe, tiny_model_dir
     print(f"worst relative gradient error vs fp32: PEFT bf16 {peft_bf16:.2e}, fused bf16 {fused_bf16:.2e}")
     assert fused_bf16 < 1.5 * peft_bf16
     assert runs[True, True][0] == pytest.approx(loss_ref, rel=1e-2)
+
+
+def test_bf16_weights_without_autocast_run_the_lora_path_in_fp32_as_peft_does(make_recipe, tiny_model_dir: Path) -> None:
+    """``model.dtype: bfloat16`` without autocast: PEFT runs the LoRA path in the adapter's fp32 and adds it to the bf16 base
+    output; the fused group does the same (the base matmul's rows are the same bf16 dot products)."""
+    import torch
+
+    runs = []
+    for fuse in (False, True):
+        model, groups = _build(make_recipe, tiny_model_dir, {"kind": "lora", "r": 4}, False, fuse, model={"dtype": "bfloat16"})
+        assert groups == (4 if fuse else 0)
+        assert {p.dtype for n, p in model.named_parameters() if "base_layer" in n} == {torch.bfloat16}
+        runs.append(_loss_and_grads(model, bf16=False))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    print(f"bf16 weights, no autocast: loss {loss_a:.6f} vs {loss_b:.6f}, worst relative gradient difference {_worst(grads_b, grads_a):.1e}")
+    assert loss_b == pytest.approx(loss_a, rel=1e-2) and _worst(grads_b, grads_a) < 5e-2
 
 
 def test_fused_weights_are_views_and_the_adapter_is_peft_s(make_recipe, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -46,8 +46,11 @@ class _Group:
 
         a = torch.cat([m.lora_A[self.adapter].weight for m in self.members])
         b = torch.block_diag(*[m.lora_B[self.adapter].weight * m.scaling[self.adapter] for m in self.members])
-        out = F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, a), b)
-        return list(out.split(self.sizes, dim=-1))
+        base = F.linear(x, self.weight, self.bias)
+        # as PEFT does: the LoRA path in the adapter's dtype (fp32 beside bf16/fp16 weights without autocast), the sum
+        # in the base output's dtype
+        lora = F.linear(F.linear(x.to(a.dtype), a), b)
+        return list((base + lora).to(base.dtype).split(self.sizes, dim=-1))
 
     def forward(self, index: int, module: Any, original: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs or not self.usable(module):
