@@ -45,6 +45,17 @@ def test_auto_holds_frozen_linears_in_bf16_adapters_fp32(make_recipe, tiny_model
     assert torch.equal(head.float(), embed.to(torch.bfloat16).float())  # the tied head: its own bf16 copy of the embeddings
 
 
+def test_the_tied_head_s_bf16_copy_is_not_counted_as_parameters(make_recipe, tiny_model_dir: Path) -> None:
+    """The manifest's ``total_params`` is the architecture's: the tied LM head's copy is not a parameter of its own."""
+    from microtune.models import param_counts
+
+    held, plain = _build(make_recipe, tiny_model_dir), _build(make_recipe, tiny_model_dir, bf16=False)
+    assert held.get_output_embeddings().weight is not held.get_input_embeddings().weight  # the bf16 copy
+    assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
+    assert param_counts(held) == param_counts(plain)
+    assert param_counts(plain)["total_params"] == sum(p.numel() for p in plain.parameters())
+
+
 @pytest.mark.parametrize("model, method, bf16", [({"dtype": "float32"}, None, True), ({}, None, False), ({}, {"kind": "full"}, True)])
 def test_fp32_kept_where_the_cast_would_change_numbers(make_recipe, tiny_model_dir: Path, model, method, bf16) -> None:
     """Opted out (float32), no autocast to match, full fine-tuning (fp32 master weights)."""

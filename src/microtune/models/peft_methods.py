@@ -84,6 +84,14 @@ def is_prompt_learning(kind: str) -> bool:
 
 
 def param_counts(model: Any) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameters of the architecture: an LM head tied to the input embeddings counts once, also
+    where training holds its own bf16 copy of it (``training.setup.frozen_linears_to_bf16``)."""
+    params = {id(p): p for p in model.parameters()}
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is not None and embeddings is not None and head.weight is not embeddings.weight and not head.weight.requires_grad:
+            params.pop(id(head.weight), None)
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    total = sum(p.numel() for p in params.values())
     return {"trainable_params": trainable, "total_params": total}
