@@ -46,6 +46,21 @@ def test_events_arrive_in_order_with_the_right_totals(tmp_path: Path, make_recip
     assert events[-1].data["steps"] == 5 and events[-1].data == result["final"]
 
 
+def test_warm_up_starts_above_zero_then_decays_linearly(tmp_path: Path, make_recipe, tiny_model_dir: Path) -> None:
+    """4 steps, warm-up 2 steps: the steps run at lr × 1/3, 2/3, 1, 1/2 (no step at lr 0, as transformers' warm-up gives
+    step 0); each progress event reports the rate of the step after it, down to 0 after the last."""
+    from microtune.training.setup import lr_factor
+
+    events: list[Event] = []
+    _train(make_recipe, tiny_model_dir, tmp_path, "warm", reporter=events.append,
+           train={"max_steps": 4, "lr": 3e-3, "warmup_ratio": 0.5, "log_every": 1})
+    reported = [e.data["lr"] for e in events if e.kind == "progress"]
+    assert reported == pytest.approx([2e-3, 3e-3, 1.5e-3, 0.0])
+    assert [lr_factor(s, warmup=2, steps=4) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 0.5])
+    assert lr_factor(0, warmup=1, steps=30) == 0.5  # the one-epoch benchmark's warm-up: its first step trains
+    assert [lr_factor(s, warmup=0, steps=2) for s in range(2)] == [1.0, 0.5]
+
+
 def test_training_prints_nothing(tmp_path: Path, make_recipe, tiny_model_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
     result = _train(make_recipe, tiny_model_dir, tmp_path, "quiet", train={"max_steps": 3, "log_every": 1})
     assert result["final"]["steps"] == 3

@@ -6,6 +6,7 @@ The steps themselves are in training/loop.py; ``Run`` is what they share.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -282,13 +283,22 @@ def make_plan(cfg: Any, lengths: list[int]) -> Plan:
 
 def _optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
     half = any(p.dtype == torch.float16 for p in model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=None if half else _fused(params))
     warmup = int(steps * cfg.warmup_ratio)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=warmup, steps=steps))
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """The learning rate's share at optimizer step ``step`` (0-based): a linear warm-up over ``warmup`` steps that starts
+    above 0 — (step + 1) / (warmup + 1), so no step is spent at lr 0 (transformers' linear warm-up gives step 0 a rate of
+    0: in a one-epoch run of 240 rows that is one step of 30 lost, BENCHMARKS.md 'Training') — then a linear decay
+    from 1 at step ``warmup`` towards 0 after the last step."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
 def _fused(params: list[Any]) -> bool | None:
