@@ -222,3 +222,28 @@ def test_eval_and_watch_decode_with_the_recipes_scorer(tiny_model: Any, tokenize
         predictor = _predictor(task, tiny_model, renderer, 4, False)
         assert isinstance(predictor, LabelPredictor) and predictor.scoring == scoring
     assert get_task(ClassifyConfig(instruction="x"), LABELS).decoder().scoring == "loglik"  # the default, as measured (BENCHMARKS.md)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_the_token_tree_scores_what_one_sequence_per_answer_scores(tiny_model_dir: Path, tokenizer: Any, kernel: str) -> None:
+    """loglik's continuations as one token tree per row (a 4D mask: each node sees the prompt, its ancestors and itself)
+    give every answer the log-likelihood of its own sequence, under SDPA's boolean mask and eager's additive one, with
+    the tree split into chunks; labels sharing a prefix ("balance", "balance_transfer") share its nodes."""
+    from transformers import AutoModelForCausalLM
+
+    from microtune.models.decoding import _tree
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=kernel).eval()
+    renderer, prompts = Renderer(tokenizer), _prompts(tokenizer)
+    tree = LabelPredictor(model, renderer, LABELS, batch_size=3, scoring="loglik", kv_positions=300)
+    pairs = LabelPredictor(model, renderer, LABELS, batch_size=3, scoring="loglik", kv_positions=300, tree=False)
+    assert tree.tree and not pairs.tree
+    for a, b, prompt in zip(tree.rank(prompts), pairs.rank(prompts), prompts):
+        assert [x for x, _ in a] == [x for x, _ in b]
+        assert [x for _, x in a] == pytest.approx([x for _, x in b], abs=1e-4)
+        assert dict(a) == pytest.approx(softmax(brute_force(model, renderer, prompt, LABELS)), abs=1e-3)
+    seqs = [renderer.completion_ids(label)[:-1] for label in LABELS]
+    tokens, parents, paths = _tree(seqs)
+    assert len(tokens) < sum(len(s) for s in seqs)  # shared prefixes are fed once
+    assert [[tokens[n] for n in path] for path in paths] == seqs
+    assert all(parents[path[0]] == -1 and all(parents[n] == m for m, n in zip(path, path[1:])) for path in paths)

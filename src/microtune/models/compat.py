@@ -1,6 +1,7 @@
 """Small shims over transformers API changes, so microtune runs on 4.56 … 5.x alike."""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from typing import Any
@@ -50,6 +51,44 @@ def set_kv_layers(cache: Any, layers: list[tuple[Any, Any]]) -> None:
     else:
         cache.key_cache[:] = [k for k, _ in layers]
         cache.value_cache[:] = [v for _, v in layers]
+
+
+def select_rows(cache: Any, index: Any, expand: int = 0) -> Any:
+    """A new cache whose row i is row ``index[i]`` of ``cache``, which stays as it is (one gather per tensor, no full copy
+    first). With ``expand`` every row of the new cache is a view of row ``index[0]``: ``expand`` rows, no copy (a forward
+    concatenates onto a cache, it never writes into one)."""
+    picked = [(k[index[:1]].expand(expand, -1, -1, -1), v[index[:1]].expand(expand, -1, -1, -1)) if expand
+              else (k[index], v[index]) for k, v in kv_layers(cache)]
+    new = copy.copy(cache)
+    if hasattr(cache, "layers"):
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        new.key_cache, new.value_cache = list(cache.key_cache), list(cache.value_cache)
+    set_kv_layers(new, picked)
+    return new
+
+
+def takes_custom_mask(module: Any) -> bool:
+    """Whether the model's attention kernel applies a 4D mask as given (SDPA, eager, microtune's short-eager): flash
+    kernels take padding masks only, and sliding-window models build their own per-layer masks."""
+    from microtune.models.short_attention import NAME
+
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    kernel = getattr(getattr(base, "config", None), "_attn_implementation", None) or "sdpa"
+    return kernel in ("sdpa", "eager", NAME) and not uses_sliding_window(module)
+
+
+def mask_for_kernel(mask: Any, module: Any, dtype: Any) -> Any:
+    """A boolean 4D mask (True: attend) in the form the model's attention kernel takes: SDPA the booleans; the eager
+    kernel (and the short-eager one, which runs either) adds the mask to its scores, so it needs 0 / -inf floats."""
+    import torch
+
+    from microtune.models.short_attention import NAME
+
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    if getattr(base.config, "_attn_implementation", "sdpa") in ("eager", NAME):
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
 
 
 def uses_sliding_window(module: Any) -> bool:

@@ -32,13 +32,12 @@ forward (the KV differs per adapter), and every row continues from its adapter's
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from microtune.models.compat import cache_kwarg, cache_of, kv_layers, last_logits_only, set_kv_layers
+from microtune.models.compat import cache_kwarg, cache_of, last_logits_only, mask_for_kernel, select_rows, takes_custom_mask
 from microtune.models.hardware import autocast, bf16_frozen_weights, device
 from microtune.tasks.base import DEFAULT_SCORING, SCORINGS
 from microtune.tasks.render import Renderer
@@ -148,28 +147,25 @@ def _gather(prefix: tuple[Any, Any] | None, rows: list[int]) -> tuple[Any, Any]:
         return None, torch.zeros((len(rows), 0), dtype=torch.long)
     cache, mask = prefix
     index = torch.tensor(rows)
-    cache = copy.deepcopy(cache)
-    if len(set(rows)) == 1:  # one group: every row reads the same prefix, as views (the forward concatenates, never writes)
-        set_kv_layers(cache, [(k[rows[:1]].expand(len(rows), -1, -1, -1), v[rows[:1]].expand(len(rows), -1, -1, -1))
-                              for k, v in kv_layers(cache)])
-    else:
-        cache.batch_select_indices(index.to(device()))
-    return cache, mask[index]
+    one_group = len(set(rows)) == 1  # every row reads the same prefix: views of it
+    return select_rows(cache, index.to(device()), expand=len(rows) if one_group else 0), mask[index]
 
 
 class LabelPredictor:
     def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
                  share_prefix: bool = True, scoring: str = DEFAULT_SCORING, kv_positions: int = KV_POSITIONS,
-                 logit_floats: int = LOGIT_FLOATS, prune_nats: float = PRUNE_NATS):
+                 logit_floats: int = LOGIT_FLOATS, prune_nats: float = PRUNE_NATS, tree: bool = True):
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
         self.model, self.renderer, self.scoring = model, renderer, scoring
         self.kv_positions, self.logit_floats, self.prune_nats = kv_positions, logit_floats, prune_nats
         self.continued = 0  # loglik: (row, answer) continuations scored so far (what pruning saves shows here)
+        self.second_rounds = 0  # loglik's pruned predict: batches that needed a second round of continuations
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
         self.cache_kw = cache_kwarg(model)
         self.head_kw = last_logits_only(model)
+        self.tree = tree and takes_custom_mask(model)  # loglik's continuations of a row as one token tree (_continue_tree)
         self.trie = build_trie({label: renderer.completion_ids(label) for label in labels})
         self.batch_size, self.bf16 = batch_size, bf16
         self.pad = renderer.tok.pad_token_id
@@ -327,11 +323,13 @@ class LabelPredictor:
 
         ``prune`` (what ``predict`` asks for: the best answer and its probability): an answer's first-token
         log-probability bounds its whole log-likelihood from above (every further token adds a log-probability ≤ 0).
-        So each row's answer with the best first token is continued first, and then only the answers whose bound is
-        within ``prune_nats`` (default 8) of the best full log-likelihood found; the others cannot win and keep their bound. The
-        answer is exactly the unpruned one; its probability is exact up to a relative error below (answers) × e^-prune_nats,
-        since the bounds only overstate the pruned answers' share. A trained micro-model puts nearly all of its
-        first-token mass on one label, so most rows continue one or two answers instead of all of them."""
+        So a first round continues, per row, the answers whose bound is within ``prune_nats`` (default 8) of the row's best
+        first-token log-probability; a second round (rare: the batch's forwards count it, ``second_rounds``) continues the
+        answers still within ``prune_nats`` of the best full log-likelihood found, which the first round's lead can fall
+        short of by what its later tokens cost. The others cannot win and keep their bound. The answer is exactly the
+        unpruned one; its probability is exact up to a relative error below (answers) × e^-prune_nats, since the bounds
+        only overstate the pruned answers' share. A trained micro-model puts nearly all of its first-token mass on one
+        label and its later tokens cost almost nothing, so most rows continue one or two answers, in one round."""
         import torch
 
         p = prefix_mask.shape[1]
@@ -347,6 +345,9 @@ class LabelPredictor:
         totals = [float(first[row, tokens[0]]) for row, _, tokens in pairs]  # a one-token answer's is final; else a bound
 
         def continue_(todo: list[int]) -> None:
+            if self.tree:
+                self._continue_tree(todo, pairs, totals, (rows_cache, mask, next_pos), names)
+                return
             for sub in self._chunks([len(pairs[k][2]) - 1 for k in todo], mask.shape[1]):
                 chunk = [todo[j] for j in sub]
                 rows = [pairs[k][0] for k in chunk]
@@ -364,15 +365,71 @@ class LabelPredictor:
         if not prune:
             continue_(longer)
             return _ranked(pairs, totals, len(tries))
-        lead: dict[int, int] = {}  # row → its answer with the best first token
+        lead: dict[int, float] = {}  # row → its best first-token log-probability: every answer's bound is at most this
         for k, (row, _, _) in enumerate(pairs):
-            if row not in lead or totals[k] > totals[lead[row]]:
-                lead[row] = k
-        first_round = {k for k in lead.values() if len(pairs[k][2]) > 1}
-        continue_(sorted(first_round))
-        best = {row: totals[k] for row, k in lead.items()}  # a full log-likelihood: the bar every other answer must reach
-        continue_([k for k in longer if k not in first_round and totals[k] >= best[pairs[k][0]] - self.prune_nats])
+            lead[row] = max(lead.get(row, -math.inf), totals[k])
+        first_round = [k for k in longer if totals[k] >= lead[pairs[k][0]] - self.prune_nats]
+        continue_(first_round)
+        done = set(first_round)
+        best: dict[int, float] = {}  # per row, the best full log-likelihood found: the bar every other answer must reach
+        for k, (row, _, tokens) in enumerate(pairs):
+            if len(tokens) == 1 or k in done:
+                best[row] = max(best.get(row, -math.inf), totals[k])
+        second = [k for k in longer if k not in done and totals[k] >= best[pairs[k][0]] - self.prune_nats]
+        if second:
+            self.second_rounds += 1
+            continue_(second)
         return _ranked(pairs, totals, len(tries))
+
+    def _continue_tree(self, todo: list[int], pairs: list[tuple[int, str, list[int]]], totals: list[float],
+                       state: tuple[Any, Any, Any], names: list[str] | None) -> None:
+        """Add to ``totals[k]`` the log-probabilities of the later tokens of answer ``k`` for every ``k`` in ``todo``:
+        each row's continued answers (their tokens but the last) as one token tree — a prefix shared by answers is fed
+        once — behind one copy of the row's KV, with a 4D mask letting each node see the prompt, its ancestors and
+        itself, and its position its depth. Node logits predict the next token of every answer through that node, so
+        the sums are those of one sequence per answer (``tree=False``), in fewer tokens and without a KV copy per
+        answer. ``state``: the batch's KV after the prompt, its mask and each row's next position."""
+        import torch
+
+        rows_cache, mask, next_pos = state
+        by_row: dict[int, list[int]] = {}
+        for k in todo:
+            by_row.setdefault(pairs[k][0], []).append(k)
+        rows = sorted(by_row)
+        trees = {r: _tree([pairs[k][2][:-1] for k in by_row[r]]) for r in rows}
+        dev, dtype = device(), self.model.get_input_embeddings().weight.dtype
+        for sub in self._chunks([len(trees[r][0]) for r in rows], mask.shape[1]):
+            chunk = [rows[j] for j in sub]
+            width = max(len(trees[r][0]) for r in chunk)
+            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
+            depth = torch.zeros((len(chunk), width), dtype=torch.long)
+            sees = torch.eye(width, dtype=torch.bool).repeat(len(chunk), 1, 1)  # padding sees itself: no empty row
+            for i, r in enumerate(chunk):
+                tokens, parents, _ = trees[r]
+                ids[i, :len(tokens)] = torch.tensor(tokens)
+                for node, parent in enumerate(parents):
+                    if parent >= 0:  # a parent precedes its children: its row is final
+                        sees[i, node] |= sees[i, parent]
+                        depth[i, node] = depth[i, parent] + 1
+            kv, kv_mask = _gather((rows_cache, mask), chunk)
+            full = torch.cat([kv_mask.bool()[:, None, :].expand(-1, width, -1), sees], dim=-1)[:, None]
+            logits = self.model(input_ids=ids.to(dev), attention_mask=mask_for_kernel(full.to(dev), self.model, dtype),
+                                position_ids=(next_pos[chunk][:, None] + depth).to(dev), use_cache=True,
+                                **{self.cache_kw: kv}, **_adapters(None if names is None else [names[r] for r in chunk])).logits
+            norm = torch.logsumexp(logits.float(), dim=-1)  # [rows, nodes]
+            where, nodes, targets, owner = [], [], [], []
+            for i, r in enumerate(chunk):
+                for k, path in zip(by_row[r], trees[r][2]):
+                    for j, node in enumerate(path):
+                        where.append(i)
+                        nodes.append(node)
+                        targets.append(pairs[k][2][j + 1])
+                        owner.append(k)
+            at, pos = torch.tensor(where, device=logits.device), torch.tensor(nodes, device=logits.device)
+            lps = (logits[at, pos, torch.tensor(targets, device=logits.device)].float() - norm[at, pos]).tolist()
+            for k, lp in zip(owner, lps):
+                totals[k] += lp
+        self.continued += len(todo)
 
     def _loglik_uncached(self, seqs: list[list[int]], tries: list[dict[int, Any]],
                          names: list[str] | None = None) -> list[list[tuple[str, float]]]:
@@ -465,6 +522,26 @@ def _path_logprob(logits: Any, first: int, tokens: list[int], trie: dict[int, An
         node = node[tok]
     return total
 
+
+
+def _tree(sequences: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """The distinct prefixes of token sequences as tree nodes, parents first: each node's token and parent (-1: a root),
+    and per sequence the node of each of its tokens."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    index: dict[tuple[int, ...], int] = {}
+    paths: list[list[int]] = []
+    for seq in sequences:
+        path: list[int] = []
+        for j in range(len(seq)):
+            key = tuple(seq[: j + 1])
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(seq[j])
+                parents.append(path[-1] if path else -1)
+            path.append(index[key])
+        paths.append(path)
+    return tokens, parents, paths
 
 
 def _pairs(tries: Sequence[dict[int, Any]]) -> list[tuple[int, str, list[int]]]:

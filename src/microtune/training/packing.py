@@ -21,8 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from microtune.models import short_attention
-from microtune.models.compat import cache_kwarg, cache_of
+from microtune.models.compat import cache_kwarg, cache_of, mask_for_kernel
 from microtune.models.decoding import common_prefix
 from microtune.tasks.render import IGNORE, Encoded, labels_of
 
@@ -95,16 +94,6 @@ def block_mask(seq_ids: Any, prefix: int) -> Any:
     return torch.cat([head, suffix], dim=-1)[:, None]
 
 
-def _for_kernel(mask: Any, decoder: Any, dtype: Any) -> Any:
-    """SDPA takes the boolean mask; the eager kernel (and the short-eager one, which runs either) adds the mask to its
-    scores, so it needs 0 / -inf floats."""
-    import torch
-
-    if getattr(decoder.config, "_attn_implementation", "sdpa") in ("eager", short_attention.NAME):
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask
-
-
 def packed_hidden_states(decoder: Any, batch: dict[str, Any]) -> Any:
     """Decoder hidden states of the packed rows (rows, L, hidden); the shared prefix runs once."""
     prefix_ids, ids = batch["prefix_ids"], batch["input_ids"]
@@ -114,7 +103,7 @@ def packed_hidden_states(decoder: Any, batch: dict[str, Any]) -> Any:
         cache.batch_repeat_interleave(ids.shape[0])
         kwargs = {cache_kwarg(decoder): cache, "use_cache": True}
     dtype = decoder.get_input_embeddings().weight.dtype
-    mask = _for_kernel(block_mask(batch["seq_ids"], p), decoder, dtype)
+    mask = mask_for_kernel(block_mask(batch["seq_ids"], p), decoder, dtype)
     return decoder(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], **kwargs).last_hidden_state
 
 
