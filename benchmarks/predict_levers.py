@@ -1,11 +1,15 @@
 """Each lever of classify prediction measured alone: `LabelPredictor` before/after, with and without each part, by batch size.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/predict_levers.py --adapter DIR [--examples 45] [--repeats 3] [--before c30f171]
+    .venv/bin/python benchmarks/predict_levers.py --adapter DIR --scoring loglik --before 24aaca1
 
 Same rows, model object and micro prompt as benchmarks/predict_speed.py. "before" is `models/decoding.py` at the git
 revision --before (one forward of the whole batch per label token, autocast re-casting fp32 weights every forward);
 "after" is this checkout's, also with its bf16-held weights or its last-position LM head switched off; then batch sizes;
 then batched `generate` with the same weights (and fp32 ones) at several batch sizes. Repeats go round the systems.
+With --scoring loglik the levers are those of the full-log-likelihood scorer: before (--before) and after, the token tree
+switched off (one sequence per answer), batch sizes, beside the trie walk and batched `generate`; the continuations
+scored and the batches that needed a second pruning round are printed too.
 Prints a Markdown table (examples/s, median; accuracy) to paste into BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=45)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--before", default="c30f171", help="the git revision whose decoder is 'before'")
+    ap.add_argument("--scoring", choices=["trie", "loglik"], default="trie", help="whose levers to time (default %(default)s)")
     args = ap.parse_args()
     recipe = load_recipe(RECIPE)
     data = build_dataset(recipe)
@@ -86,6 +91,18 @@ def main() -> None:
     def gen(batch: int, weights: bool = True):
         return lambda: generate_free(model, tok, renderer, micro, task, bf16, batch, weights_bf16=weights)
 
+    counts: dict[str, str] = {}
+
+    def loglik(module, batch: int, **kw):
+        def run() -> list[str]:
+            predictor = module.LabelPredictor(model, renderer, data.labels, batch, bf16, scoring="loglik", **kw)
+            out = [label for label, _ in predictor.predict(micro)]  # both hold the bf16 weights themselves
+            counts[name_of[id(run)]] = (f"{predictor.continued} continuations, "
+                                        f"{getattr(predictor, 'second_rounds', '–')} second rounds")
+            return out
+        return run
+
+    name_of: dict[int, str] = {}
     systems = {
         f"before ({args.before}), batch 16": old(16), "before + bf16-held weights, batch 16": old(16, True),
         "after, batch 16": ours(16), "after without bf16-held weights, batch 16": ours(16, weights=False),
@@ -94,6 +111,14 @@ def main() -> None:
         "generate batched, batch 16": gen(16), "generate batched, batch 16, fp32 weights": gen(16, False),
         "generate batched, batch 32": gen(32), "generate batched, batch 64": gen(64),
     }
+    if args.scoring == "loglik":
+        systems = {
+            f"loglik before ({args.before}), batch 16": loglik(before, 16),
+            "loglik after, batch 16": loglik(after, 16), "loglik after without the token tree, batch 16": loglik(after, 16, tree=False),
+            "loglik after, batch 32": loglik(after, 32), "loglik after, batch 64": loglik(after, 64),
+            "trie after, batch 16": ours(16), "generate batched, batch 16": gen(16), "generate batched, batch 64": gen(64),
+        }
+        name_of.update({id(run): name for name, run in systems.items()})
     times: dict[str, list[float]] = {name: [] for name in systems}
     preds: dict[str, list] = {}
     for _ in range(args.repeats):
@@ -101,10 +126,10 @@ def main() -> None:
             start = time.perf_counter()
             preds[name] = run()
             times[name].append(time.perf_counter() - start)
-    print(f"| system | examples/s (median of {args.repeats}) | accuracy |\n|---|---:|---:|")
+    print(f"| system | examples/s (median of {args.repeats}) | accuracy | work |\n|---|---:|---:|---|")
     for name in systems:
         acc = sum(p == g for p, g in zip(preds[name], golds)) / len(golds)
-        print(f"| {name} | {len(golds) / statistics.median(times[name]):.1f} | {acc:.3f} |")
+        print(f"| {name} | {len(golds) / statistics.median(times[name]):.1f} | {acc:.3f} | {counts.get(name, '')} |")
     print(f"\n1-minute load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 

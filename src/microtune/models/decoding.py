@@ -18,11 +18,12 @@ Two scorers pick the answer (``scoring``, the recipe's ``task.scoring``):
 - ``loglik``: every answer is scored by its full-sequence log-likelihood given the prompt (the sum of the
   log-probabilities of all its tokens, end-of-turn included, not renormalised), and the probability is the
   softmax over the answers of those sums: a proper distribution over the label set in which every token of
-  every label counts. The prompt (behind the same shared-prefix cache) is computed once per row; the label
-  continuations are then scored as a batch of (row, answer) sequences on copies of the row's KV, chunked so that
-  neither the copied KV nor the logits exceed a budget (150 labels × 16 rows is 2,400 sequences). ``predict``
-  continues only the answers that can still win (their first-token log-probability bounds the whole; ``_loglik``),
-  which on a trained micro-model cuts its time 3–7× (to 3.2–3.5× the trie walk's). The default (``DEFAULT_SCORING``).
+  every label counts. The prompt (behind the same shared-prefix cache) is computed once per row; each row's label
+  continuations are then read as one token tree on one copy of the row's KV (shared label prefixes fed once, a 4D
+  mask; one sequence per answer where the attention kernel takes no such mask), chunked so that neither the copied
+  KV nor the logits exceed a budget (150 labels × 16 rows is 2,400 answers). ``predict`` continues only the answers
+  that can still win (their first-token log-probability bounds the whole; ``_loglik``). The default
+  (``DEFAULT_SCORING``).
 
 Mixed-adapter batches (serving many micro-models on one base): ``adapter_names`` gives each row its
 PEFT LoRA adapter (PEFT's ``adapter_names`` forward argument) and ``tries`` its own label set, so one
@@ -161,6 +162,7 @@ class LabelPredictor:
         self.kv_positions, self.logit_floats, self.prune_nats = kv_positions, logit_floats, prune_nats
         self.continued = 0  # loglik: (row, answer) continuations scored so far (what pruning saves shows here)
         self.second_rounds = 0  # loglik's pruned predict: batches that needed a second round of continuations
+        self.tree_rounds = 0  # loglik: rounds of continuations read as token trees (the rest: one sequence per answer)
         self.cached = not _uses_virtual_tokens(model)
         self.share_prefix = share_prefix and self.cached
         self.cache_kw = cache_kwarg(model)
@@ -345,7 +347,8 @@ class LabelPredictor:
         totals = [float(first[row, tokens[0]]) for row, _, tokens in pairs]  # a one-token answer's is final; else a bound
 
         def continue_(todo: list[int]) -> None:
-            if self.tree:
+            if self.tree and _tree_is_smaller(todo, pairs):
+                self.tree_rounds += 1
                 self._continue_tree(todo, pairs, totals, (rows_cache, mask, next_pos), names)
                 return
             for sub in self._chunks([len(pairs[k][2]) - 1 for k in todo], mask.shape[1]):
@@ -395,8 +398,8 @@ class LabelPredictor:
         by_row: dict[int, list[int]] = {}
         for k in todo:
             by_row.setdefault(pairs[k][0], []).append(k)
-        rows = sorted(by_row)
-        trees = {r: _tree([pairs[k][2][:-1] for k in by_row[r]]) for r in rows}
+        trees = {r: _tree([pairs[k][2][:-1] for k in ks]) for r, ks in by_row.items()}
+        rows = sorted(by_row, key=lambda r: len(trees[r][0]))  # chunks of rows with trees of like size: less padding
         dev, dtype = device(), self.model.get_input_embeddings().weight.dtype
         for sub in self._chunks([len(trees[r][0]) for r in rows], mask.shape[1]):
             chunk = [rows[j] for j in sub]
@@ -542,6 +545,18 @@ def _tree(sequences: list[list[int]]) -> tuple[list[int], list[int], list[list[i
             path.append(index[key])
         paths.append(path)
     return tokens, parents, paths
+
+
+def _tree_is_smaller(todo: list[int], pairs: list[tuple[int, str, list[int]]]) -> bool:
+    """Whether one token tree per row feeds fewer positions (rows × the largest tree, padding included) than one
+    sequence per answer (answers × the longest): a few rows continuing many answers pad every other row's tree to
+    theirs, and then the sequences are cheaper (benchmarks/predict_levers.py --scoring loglik)."""
+    by_row: dict[int, list[list[int]]] = {}
+    for k in todo:
+        by_row.setdefault(pairs[k][0], []).append(pairs[k][2][:-1])
+    widest = max((len(_tree(seqs)[0]) for seqs in by_row.values()), default=0)
+    longest = max((len(pairs[k][2]) - 1 for k in todo), default=0)
+    return len(by_row) * widest < len(todo) * longest
 
 
 def _pairs(tries: Sequence[dict[int, Any]]) -> list[tuple[int, str, list[int]]]:
