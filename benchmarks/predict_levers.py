@@ -93,10 +93,13 @@ def main() -> None:
 
     counts: dict[str, str] = {}
 
-    def loglik(module, batch: int, **kw):
+    def loglik(module, batch: int, every: bool = False, **kw):
         def run() -> list[str]:
             predictor = module.LabelPredictor(model, renderer, data.labels, batch, bf16, scoring="loglik", **kw)
-            out = [label for label, _ in predictor.predict(micro)]  # both hold the bf16 weights themselves
+            if every:  # every answer scored (served logprobs): no pruning
+                out = [answers[0][0] for answers in predictor.rank(micro)]
+            else:
+                out = [label for label, _ in predictor.predict(micro)]  # both hold the bf16 weights themselves
             counts[name_of[id(run)]] = (f"{predictor.continued} continuations, "
                                         f"{getattr(predictor, 'second_rounds', '–')} second rounds")
             return out
@@ -116,6 +119,8 @@ def main() -> None:
             f"loglik before ({args.before}), batch 16": loglik(before, 16),
             "loglik after, batch 16": loglik(after, 16), "loglik after without the token tree, batch 16": loglik(after, 16, tree=False),
             "loglik after, batch 32": loglik(after, 32), "loglik after, batch 64": loglik(after, 64),
+            "loglik after, every answer ranked, batch 16": loglik(after, 16, every=True),
+            "loglik after, every answer ranked, without the token tree, batch 16": loglik(after, 16, every=True, tree=False),
             "trie after, batch 16": ours(16), "generate batched, batch 16": gen(16), "generate batched, batch 64": gen(64),
         }
         name_of.update({id(run): name for name, run in systems.items()})
