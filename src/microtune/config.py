@@ -120,6 +120,11 @@ class ModelConfig(Section):
         "the same numbers, less time and memory) and for method full (AdamW needs fp32 master weights). Adapter weights "
         "(LoRA, DoRA, …) always train in float32."
     )
+    quantized_cache: bool = Field(
+        True, description="4-bit methods (qlora): keep the quantised base as a 4-bit checkpoint under $MICROTUNE_CACHE/quantized "
+        "the first time and load it from there afterwards (a quarter of the full checkpoint's size to read; quantising holds "
+        "the whole full-precision file in memory while it runs). false: quantise on every load."
+    )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel. `auto`: flash_attention_2 on a CUDA GPU with the flash_attn package and "
         "bf16/fp16 weights (not with train.packing), else transformers' default (SDPA for Llama-type models); training on a "

