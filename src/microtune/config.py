@@ -253,7 +253,9 @@ class TrainConfig(Section):
     lr: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] = Field(
         "auto", description="Peak learning rate (linear warm-up, then linear decay). `auto`: by the method kind — 5e-4 for LoRA, "
         "QLoRA and DoRA, 2e-2 for IA3, 1e-1 for prompt tuning, 3e-2 for prefix tuning, 2e-5 for full fine-tuning (docs/training.md).")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Share of steps spent warming up: over W steps, step s runs at (s+1)/(W+1) of `lr` "
+        "(none at 0), then the rate decays linearly to 0 after the last step.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Examples per micro-batch. `auto`: 8, halved while a batch of the longest rows (p90 length) would "
