@@ -81,3 +81,47 @@ def test_serve_answers_with_each_models_scorer_in_one_mixed_batch(trained: dict[
         top = entry.top_logprobs
         assert sum(math.exp(t.logprob) for t in top) == pytest.approx(1.0, rel=1e-4)  # every answer of the set, a distribution
         assert dict((t.token, t.logprob) for t in top)[label] == pytest.approx(math.log(prob), abs=1e-4)
+
+
+def test_loglik_ranks_every_answer_only_for_the_rows_that_ask(trained: dict[str, Path], tiny_model_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one batch, the loglik rows that ask for top_logprobs are ranked whole and the others predicted with pruning
+    (only the answers that can still win are scored); both give eval's answers."""
+    import microtune.serving.engine as engine_module
+
+    calls: list[tuple[str, int]] = []
+
+    class Spy(engine_module.LabelPredictor):
+        def predict(self, prompts: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(("predict", len(prompts)))
+            return super().predict(prompts, *args, **kwargs)
+
+        def rank(self, prompts: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(("rank", len(prompts)))
+            return super().rank(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "LabelPredictor", Spy)
+    expected = dict(zip(TEXTS, eval_answers(trained["topic"], tiny_model_dir, TEXTS)))
+    app, engine = held_app(ServeSettings(adapters={"topic": trained["topic"]}, registry=False, bf16=False, max_batch=16),
+                           gate_open=False)
+    with Running(app) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        answers: dict[str, Any] = {}
+
+        def ask(i: int, text: str) -> None:
+            extra = {"logprobs": True, "top_logprobs": 2} if i % 2 else {}
+            answers[text] = c.chat.completions.create(model="topic", messages=[{"role": "user", "content": text}], **extra)
+
+        threads = [threading.Thread(target=ask, args=(i, text)) for i, text in enumerate(TEXTS)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: engine.queue.qsize() == len(TEXTS), "every request queued")
+        engine.gate.set()
+        for t in threads:
+            t.join(120)
+    assert sorted(calls) == [("predict", 2), ("rank", 2)]
+    for i, text in enumerate(TEXTS):
+        label, prob = expected[text]
+        assert answers[text].choices[0].message.content == label
+        assert answers[text].model_extra["microtune"]["probability"] == pytest.approx(prob, rel=1e-3)
+        assert len(answers[text].choices[0].logprobs.content[0].top_logprobs) == (2 if i % 2 else 0)

@@ -322,15 +322,26 @@ class Engine:
 
     @staticmethod
     def _answer(jobs: list[Job], predictor: LabelPredictor, tries: list[dict[int, Any]], names: list[str] | None) -> None:
-        """Resolve each job with its label, probability and, when asked, its top answers. ``loglik`` ranks every answer
-        anyway, so its top answers come from the same pass; the trie walk scores them in an extra pass per asking row."""
-        prompts = [j.prompt for j in jobs]
+        """Resolve each job with its label, probability and, when asked, its top answers. ``loglik``: the rows that ask
+        for top answers are ranked whole (every answer scored), the others predicted with pruning (only the answers that
+        can still win are scored: about 6 of 30 a row on a trained micro-model, BENCHMARKS.md "Prediction speed"); the
+        trie walk scores top answers in an extra pass per asking row."""
         if predictor.scoring == "loglik":
-            ranked = predictor.rank(prompts, adapter_names=names, tries=tries)
-            for job, answers in zip(jobs, ranked):
-                k = job.params.get("top_logprobs")
-                job.resolve({"label": answers[0][0], "prob": math.exp(answers[0][1]), "top": answers[:k] if k else None})
+            asking = [i for i, j in enumerate(jobs) if j.params.get("top_logprobs")]
+            rest = sorted(set(range(len(jobs))) - set(asking))
+            for idx, whole in ((asking, True), (rest, False)):
+                if not idx:
+                    continue
+                prompts, rows, row_names = [jobs[i].prompt for i in idx], [tries[i] for i in idx], None if names is None else [names[i] for i in idx]
+                if whole:
+                    for i, answers in zip(idx, predictor.rank(prompts, adapter_names=row_names, tries=rows)):
+                        jobs[i].resolve({"label": answers[0][0], "prob": math.exp(answers[0][1]),
+                                         "top": answers[: jobs[i].params["top_logprobs"]]})
+                else:
+                    for i, (label, prob) in zip(idx, predictor.predict(prompts, adapter_names=row_names, tries=rows)):
+                        jobs[i].resolve({"label": label, "prob": prob, "top": None})
             return
+        prompts = [j.prompt for j in jobs]
         preds = predictor.predict(prompts, adapter_names=names, tries=tries)
         for i, (job, (label, prob)) in enumerate(zip(jobs, preds)):
             top = None
