@@ -1,10 +1,10 @@
 """Prediction speed and accuracy for `classify` on the demo's test slice: microtune's predictor vs `generate` loops.
 
-    .venv/bin/python benchmarks/predict_speed.py [--examples 90] [--repeats 3] [--train-steps 60] [--adapter DIR]
+    .venv/bin/python benchmarks/predict_speed.py [--examples 90] [--repeats 3] [--train-steps N] [--adapter DIR]
 
 Main table — the micro-model: the bundled SmolLM2-135M-Instruct + one LoRA adapter (trained here with
-`microtune.pipeline.train` on the demo recipe for --train-steps optimizer steps in a temporary
-workspace, unless --adapter names one), the plain micro prompt (instruction + text), same model object
+`microtune.pipeline.train` on the demo recipe in a temporary workspace — its own 3 epochs, the micro-model `make demo`
+serves, or --train-steps optimizer steps — unless --adapter names one), the plain micro prompt (instruction + text), same model object
 and the same weights for every system, at each batch size of --batches (the first is the reference):
   - microtune, loglik (the default scorer): shared-prefix KV cache, every label ranked by its full log-likelihood,
     continuing only the labels whose first-token log-probability can still win
@@ -119,17 +119,20 @@ def best_line(rows: list[tuple[str, float, float, float]]) -> str:
     return "\n".join(lines)
 
 
-def train_adapter(steps: int, workspace: Path) -> Path:
+def train_adapter(steps: int | None, workspace: Path) -> Path:
     from microtune.pipeline import train
 
-    return train(RECIPE, overrides=[f"train.max_steps={steps}", "tracking.register_model=false"], workspace=workspace)
+    steps_kw = [] if steps is None else [f"train.max_steps={steps}"]
+    return train(RECIPE, overrides=[*steps_kw, "tracking.register_model=false"], workspace=workspace)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=90)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="optimizer steps of the adapter trained here (default: the recipe's own schedule, 3 epochs; a short run is "
+                         "less peaked, which slows loglik's pruning)")
     ap.add_argument("--adapter", type=Path, default=None, help="an adapter folder of the demo recipe; default: train one")
     ap.add_argument("--batches", default=BATCHES, help="comma-separated batch sizes for microtune and batched generate; the first is the "
                     "reference, the others give each system the chance of its best batch size (default %(default)s)")
@@ -176,11 +179,12 @@ def main() -> None:
     }, golds, args.repeats)
 
     batch_arg = "" if args.batches == BATCHES else f" --batches {args.batches}"
-    source = f"--adapter {args.adapter}" if args.adapter else f"--train-steps {args.train_steps}"
-    trained = f"the adapter {args.adapter.name} (given)" if args.adapter else f"a LoRA adapter trained {args.train_steps} steps here"
+    source = (f" --adapter {args.adapter}" if args.adapter else "" if args.train_steps is None else f" --train-steps {args.train_steps}")
+    trained = (f"the adapter {args.adapter.name} (given)" if args.adapter else "a LoRA adapter trained here, the recipe's 3 epochs"
+               if args.train_steps is None else f"a LoRA adapter trained {args.train_steps} steps here")
     load = os.getloadavg()[0]
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    how = (f"`{env}.venv/bin/python benchmarks/predict_speed.py --examples {args.examples} --repeats {args.repeats} {source}{batch_arg}` — "
+    how = (f"`{env}.venv/bin/python benchmarks/predict_speed.py --examples {args.examples} --repeats {args.repeats}{source}{batch_arg}` — "
            f"first {len(test)} demo test rows (CLINC150 banking, 30 intents), bundled SmolLM2-135M-Instruct, bf16 autocast={bf16}, "
            f"{torch.get_num_threads()} threads, batch sizes {args.batches}, greedy; "
            f"1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs "

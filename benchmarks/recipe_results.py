@@ -3,6 +3,13 @@
     .venv/bin/python benchmarks/recipe_results.py                       # all recipes, fresh runs
     .venv/bin/python benchmarks/recipe_results.py --only phee-ade scitldr
     .venv/bin/python benchmarks/recipe_results.py --table-only          # rebuild the table from earlier runs
+    .venv/bin/python benchmarks/recipe_results.py --only banking-intents --tuned 20m   # defaults, then tuned
+
+With --tuned BUDGET each recipe is then tuned (`microtune tune`, Optuna on the train and valid splits only, BUDGET of
+wall time, the recipe's default search space) and the tuned recipe is run into WORKSPACE/tuned with the micro-model
+alone (the baselines are the defaults run's: same test split); a second table sets the tuned micro-model against the
+defaults' on the test split (paired: McNemar mid-p on per-row correctness, paired bootstrap otherwise), with the
+trials, the search's minutes and the settings it chose. Tuning never reads the test split.
 
 Each recipe runs with `microtune.pipeline.run` (check → train → eval → register) on its bundled defaults
 into one workspace (`--workspace`, default .microtune-results). The table is built from the eval
@@ -23,19 +30,96 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["banking-intents", "clinc150-oos", "cuad-clauses", "faa-maintenance", "phee-ade", "scitldr"]
 
 
-def run_recipe(name: str, workspace: Path) -> float:
+def run_recipe(name: str, workspace: Path, micro_only: bool = False) -> float:
     from rich.console import Console
 
     from microtune import pipeline
     from microtune.console import ConsoleReporter
 
     start = time.perf_counter()
-    pipeline.run(ROOT / "recipes" / f"{name}.yaml", workspace=workspace, reporter=ConsoleReporter(Console(stderr=True), bars=False))
+    pipeline.run(ROOT / "recipes" / f"{name}.yaml", overrides=["eval.baselines=[]"] if micro_only else None, workspace=workspace,
+                 reporter=ConsoleReporter(Console(stderr=True), bars=False))
     seconds = time.perf_counter() - start
     times = _read_times(workspace)
     times[name] = round(seconds, 1)
     (workspace / "recipe-times.json").write_text(json.dumps(times, indent=2) + "\n")
     return seconds
+
+
+def tune_recipe(name: str, workspace: Path, budget_s: float) -> dict[str, Any]:
+    """Tune one recipe for ``budget_s`` (valid split only), then run its tuned recipe into ``workspace / 'tuned'`` with no
+    baselines; what the search found is kept in ``workspace / 'tuned' / 'tune-results.json'``."""
+    from rich.console import Console
+
+    from microtune import pipeline
+    from microtune.config import load_recipe
+    from microtune.console import ConsoleReporter
+
+    reporter = ConsoleReporter(Console(stderr=True), bars=False)
+    start = time.perf_counter()
+    # a Recipe object, not the path: the tuned recipe lands in the study's folder (paths resolved), not in recipes/
+    result = pipeline.tune(load_recipe(ROOT / "recipes" / f"{name}.yaml"), workspace=workspace, reporter=reporter, budget_s=budget_s)
+    searched = time.perf_counter() - start
+    if result.tuned_recipe is None:
+        raise SystemExit(f"{name}: no trial of the tune study finished within the budget; give --tuned a longer one")
+    start = time.perf_counter()
+    pipeline.run(result.tuned_recipe, overrides=["eval.baselines=[]"], workspace=workspace / "tuned", reporter=reporter)
+    found = {"tune_minutes": round(searched / 60, 1), "run_minutes": round((time.perf_counter() - start) / 60, 1),
+             "trials": result.counts, "valid": {result.metric: result.best_value}, "overrides": result.overrides}
+    path = workspace / "tuned" / "tune-results.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    done[name] = found
+    path.write_text(json.dumps(done, indent=2) + "\n")
+    return found
+
+
+def tuned_table(workspace: Path) -> str:
+    """Defaults vs tuned micro-model per recipe on the test split, from the two runs' eval artifacts."""
+    import numpy as np
+
+    from microtune.config import load_recipe
+    from microtune.core.artifacts import read_manifest
+    from microtune.core.jsonl import read_jsonl
+    from microtune.evaluation.stats import mcnemar
+    from microtune.pipeline.gate import paired_bootstrap_p
+    from microtune.tasks import get_task
+
+    path = workspace / "tuned" / "tune-results.json"
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    lines = ["| recipe | main metric | defaults | tuned | tuned − defaults [95 % interval] | p | trials (complete / pruned) "
+             "| search | settings chosen |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in RECIPES:
+        before, after = _latest_eval(workspace, name), _latest_eval(workspace / "tuned", name)
+        if before is None or after is None or name not in found:
+            continue
+        m_before, m_after = (json.loads((d / "manifest.json").read_text()) for d in (before, after))
+        if m_before.get("test_hash") != m_after.get("test_hash"):
+            raise SystemExit(f"{name}: the defaults and tuned evals read different test splits; rerun both")
+        main = m_after["main_metric"]
+        labels = read_manifest(Path(m_after["dataset_dir"]), "dataset")["labels"]
+        task = get_task(load_recipe(ROOT / "recipes" / f"{name}.yaml").task, labels)  # tuning leaves the task as it is
+        rows_a, rows_b = read_jsonl(before / "predictions.jsonl"), read_jsonl(after / "predictions.jsonl")
+        golds = [r["gold"] for r in rows_a]
+        a = task.example_scores(golds, [r["micro"]["pred"] for r in rows_a])
+        b = task.example_scores(golds, [r["micro"]["pred"] for r in rows_b])
+        if [r["text"] for r in rows_a] != [r["text"] for r in rows_b]:
+            raise SystemExit(f"{name}: the two evals list the test rows in different orders")
+        if task.has_labels:
+            p = mcnemar([x == 1.0 for x in a], [x == 1.0 for x in b])["p_value"]
+        else:
+            p = paired_bootstrap_p(a, b)
+        preds_a, preds_b = [r["micro"]["pred"] for r in rows_a], [r["micro"]["pred"] for r in rows_b]
+        point_a, point_b = float(task.metrics(golds, preds_a)[main]), float(task.metrics(golds, preds_b)[main])
+        idx = np.random.default_rng(13).integers(0, len(golds), size=(1000, len(golds)))  # the same resampled rows for both
+        deltas = [float(task.metrics([golds[i] for i in rows], [preds_b[i] for i in rows])[main])
+                  - float(task.metrics([golds[i] for i in rows], [preds_a[i] for i in rows])[main]) for rows in idx]
+        lo, hi = np.percentile(deltas, [2.5, 97.5])
+        info = found[name]
+        counts = info["trials"]
+        lines.append(f"| `{name}` | {main} | {point_a:.3f} | {point_b:.3f} | {point_b - point_a:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                     f"| {'< 0.001' if p < 0.001 else f'{p:.3f}'} | {counts.get('complete', 0)} / {counts.get('pruned', 0)} "
+                     f"| {info['tune_minutes']:.0f} min | {', '.join(f'`{o}`' for o in info['overrides']) or '—'} |")
+    return "\n".join(lines)
 
 
 def _read_times(workspace: Path) -> dict[str, float]:
@@ -107,21 +191,52 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=RECIPES, help="run only these recipes (the table keeps the others' last results)")
     ap.add_argument("--table-only", action="store_true", help="do not run; rebuild the table from the workspace")
     ap.add_argument("--conditions", default="", help="how the runs were made (threads, machine load), printed with the table")
-    ap.add_argument("--no-write", action="store_true", help="print the table only; leave README.md and BENCHMARKS.md as they are")
+    ap.add_argument("--no-write", action="store_true", help="print the tables only; leave README.md and BENCHMARKS.md as they are")
+    ap.add_argument("--write-tuned-only", action="store_true",
+                    help="write only the defaults-vs-tuned table (BENCHMARKS.md); print the defaults table (a workspace that "
+                         "holds fewer recipes than the README's table, or other conditions)")
+    ap.add_argument("--tuned", metavar="BUDGET", default=None,
+                    help="then tune each recipe for BUDGET (30s / 20m / 1h) and run its tuned recipe: the defaults-vs-tuned table")
+    ap.add_argument("--skip-defaults", action="store_true", help="with --tuned: reuse the workspace's defaults runs, do not rerun them")
+    ap.add_argument("--micro-only", action="store_true",
+                    help="run the defaults without baselines (the micro-model alone: enough for the defaults-vs-tuned table)")
     args = ap.parse_args()
+    budget = _seconds(args.tuned) if args.tuned else None
     if not args.table_only:
         for name in args.only or RECIPES:
-            print(f"== {name}", flush=True)
-            print(f"   {run_recipe(name, args.workspace) / 60:.1f} min", flush=True)
+            if not (args.skip_defaults and _latest_eval(args.workspace, name)):
+                print(f"== {name}", flush=True)
+                print(f"   {run_recipe(name, args.workspace, args.micro_only) / 60:.1f} min", flush=True)
+            if budget:
+                print(f"== {name}, tuned for {args.tuned}", flush=True)
+                print(f"   {tune_recipe(name, args.workspace, budget)}", flush=True)
     body = ("Produced by `.venv/bin/python benchmarks/recipe_results.py` (bundled defaults of each recipe, "
             "SmolLM2-135M-Instruct, 2 CPU cores; every baseline the recipe lists, classical (TF-IDF + logistic regression) "
             "for classify and lead (first sentence) for generate included; main metric with its 95 % bootstrap interval over the test rows; "
             "p: McNemar mid-p on per-row correctness for classification, paired bootstrap otherwise). "
             + (args.conditions + " " if args.conditions else "") + "Recipes not listed have not been run into this workspace yet."
             + "\n\n" + table(args.workspace))
-    for path in () if args.no_write else (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
+    for path in () if args.no_write or args.write_tuned_only else (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
         write_block(path, body)
     print(body)
+    if args.tuned or (args.workspace / "tuned" / "tune-results.json").is_file():
+        tuned = ("Produced by `.venv/bin/python benchmarks/recipe_results.py --tuned BUDGET`: each recipe tuned by `microtune tune` "
+                 "(train and valid splits only; the recipe's default search space) within the budget, its tuned recipe trained "
+                 "and scored on the same test split as its defaults run; interval: 95 % percentile bootstrap of the paired "
+                 "difference over the test rows; p: McNemar mid-p (classify), paired bootstrap otherwise. "
+                 + (args.conditions + " " if args.conditions else "") + "\n\n" + tuned_table(args.workspace))
+        if not args.no_write:
+            write_block_named(ROOT / "BENCHMARKS.md", "recipe-tuned", tuned)
+        print(tuned)
+
+
+def _seconds(text: str) -> float:
+    """``30s`` / ``20m`` / ``2h`` (or plain seconds) in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except ValueError:
+        raise SystemExit(f"--tuned takes a duration such as 30s, 20m or 2h, got {text!r}") from None
 
 
 if __name__ == "__main__":

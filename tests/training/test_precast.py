@@ -198,7 +198,7 @@ def test_a_bf16_checkpoint_loads_as_stored_with_the_values_of_an_fp32_load(make_
     for extra in tiny_model_dir.iterdir():
         if not (stored / extra.name).exists():
             shutil.copy(extra, stored / extra.name)
-    recipe = load_recipe(make_recipe(stored, method=method))
+    recipe = load_recipe(make_recipe(stored, method=method, train={"bf16": True}))  # the engine path: bf16 autocast on any host
     ref = resolve_base(recipe.model)
     assert stored_dtypes(ref) == {"BF16"} and stored_dtypes(resolve_base(load_recipe(make_recipe(tiny_model_dir)).model)) == {"F32"}
     batch = collate([([1, 5, 9, 14, 3], [22, 7]), ([1, 5, 9, 30], [41, 8, 2])], pad_id=0)
