@@ -18,7 +18,7 @@ class QloraConfig(lora.LoraConfig):
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype of the de-quantised matmuls. `auto` follows the weights (model.dtype): float16 where they load "
-        "in float16 (a GPU without bf16), else bfloat16.")
+        "in float16 (a GPU without bf16), else bfloat16 where the hardware has native bf16 matmuls, float32 on a CPU without them.")
 
 
 def build(method: QloraConfig, ctx: MethodContext) -> Any:
@@ -27,11 +27,20 @@ def build(method: QloraConfig, ctx: MethodContext) -> Any:
     return PeftLora(**lora.peft_kwargs(method), use_dora=False)
 
 
-def compute_dtype(method: QloraConfig, weights: str) -> str:
-    """The matmul dtype: the recipe's, or with ``auto`` the weights' half-precision type (bf16 when they are fp32 or bf16)."""
+def compute_dtype(method: QloraConfig, weights: str, native_bf16: bool | None = None) -> str:
+    """The matmul dtype: the recipe's, or with ``auto`` the weights' half-precision type — bf16 when they are bf16, or fp32
+    on hardware with native bf16 matmuls (``native_bf16``, default: this machine's; a CUDA GPU with bf16, a CPU with
+    AVX512-BF16 or AMX) — and fp32 on a CPU without them, where a bf16 matmul is emulated: ~0.9 vs ~120 GFLOP/s on a
+    2-core AVX2 host, so a bf16 QLoRA step would crawl there."""
     if method.compute_dtype != "auto":
         return method.compute_dtype
-    return "float16" if weights == "float16" else "bfloat16"
+    if weights in ("float16", "bfloat16"):
+        return weights
+    if native_bf16 is None:
+        from microtune.models.hardware import bf16_supported
+
+        native_bf16 = bf16_supported()
+    return "bfloat16" if native_bf16 else "float32"
 
 
 def quantize(method: QloraConfig, weights: str = "float32") -> Any:
