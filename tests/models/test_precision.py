@@ -163,15 +163,18 @@ def test_combinations_that_cannot_train_are_refused_at_load() -> None:
 
 
 def test_qlora_compute_dtype_follows_the_weights() -> None:
+    import torch
+
     from microtune.methods.qlora import QloraConfig, compute_dtype
     from microtune.models.hardware import bf16_supported
+    from microtune.models.peft_methods import quantization_config
 
     auto = QloraConfig()
-    assert compute_dtype(auto, "float32", native_bf16=True) == "bfloat16" and compute_dtype(auto, "bfloat16") == "bfloat16"
+    assert compute_dtype(auto, "float32", native_bf16=True) == "bfloat16" and compute_dtype(auto, "bfloat16", False) == "bfloat16"
     assert compute_dtype(auto, "float32", native_bf16=False) == "float32"  # a CPU without AVX512-BF16: no emulated bf16 matmuls
-    assert compute_dtype(auto, "float32") == ("bfloat16" if bf16_supported() else "float32")  # this machine's
-    assert compute_dtype(auto, "float16") == "float16"  # a GPU without bf16
-    assert compute_dtype(QloraConfig(compute_dtype="float32"), "float16") == "float32"
+    assert quantization_config(auto, "float32").bnb_4bit_compute_dtype == (torch.bfloat16 if bf16_supported() else torch.float32)
+    assert compute_dtype(auto, "float16", True) == "float16"  # a GPU without bf16
+    assert compute_dtype(QloraConfig(compute_dtype="float32"), "float16", True) == "float32"
 
 
 def test_float16_weights_train_with_loss_scaling(make_recipe, tiny_model_dir: Path, tmp_path: Path) -> None:

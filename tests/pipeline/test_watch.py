@@ -206,3 +206,31 @@ def test_kill_9_during_a_round_then_rerun_ends_in_the_same_state(watched) -> Non
     # a third run has nothing left to do
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "triggers: none" in again.stdout + again.stderr and sorted(_versions(ws)) == ["1", "2"]
+
+
+def test_state_db_is_born_with_its_tables_even_when_many_open_it_at_once(tmp_path: Path) -> None:
+    """The Studio (and a test) may read state.db the instant it appears: it never exists without its tables."""
+    import threading
+
+    from microtune.pipeline.watch import _state
+
+    path = tmp_path / "watch" / "state.db"
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            with _state(path) as con:
+                con.execute("insert into rounds (status) values ('x')")
+                con.commit()
+        except BaseException as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.db"]  # no temporary file left behind
+    with sqlite3.connect(path) as con:
+        assert con.execute("select count(*) from rounds").fetchone() == (8,)

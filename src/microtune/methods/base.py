@@ -59,7 +59,7 @@ class MethodSpec:
     build: Builder | None
     capabilities: Capabilities
     reasons: Mapping[str, str] = field(default_factory=dict)
-    quantize: Callable[[Any, str], Any] | None = None  # (section, the weights' resolved dtype) -> the 4-bit loading config
+    quantize: Callable[[Any, str, bool], Any] | None = None  # (section, weights' resolved dtype, native bf16?) -> 4-bit config
 
     def __post_init__(self) -> None:
         # the flags that code paths hang on must agree with the hooks, or a flag would lie

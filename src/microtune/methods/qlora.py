@@ -27,25 +27,21 @@ def build(method: QloraConfig, ctx: MethodContext) -> Any:
     return PeftLora(**lora.peft_kwargs(method), use_dora=False)
 
 
-def compute_dtype(method: QloraConfig, weights: str, native_bf16: bool | None = None) -> str:
+def compute_dtype(method: QloraConfig, weights: str, native_bf16: bool) -> str:
     """The matmul dtype: the recipe's, or with ``auto`` the weights' half-precision type — bf16 when they are bf16, or fp32
-    on hardware with native bf16 matmuls (``native_bf16``, default: this machine's; a CUDA GPU with bf16, a CPU with
-    AVX512-BF16 or AMX) — and fp32 on a CPU without them, where a bf16 matmul is emulated: ~0.9 vs ~120 GFLOP/s on a
-    2-core AVX2 host, so a bf16 QLoRA step would crawl there."""
+    weights on hardware with native bf16 matmuls (``native_bf16``: a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX;
+    the caller asks ``models.hardware``) — and fp32 on a CPU without them, where a bf16 matmul is emulated: ~0.9 vs ~120
+    GFLOP/s on a 2-core AVX2 host, so a bf16 QLoRA step would crawl there."""
     if method.compute_dtype != "auto":
         return method.compute_dtype
     if weights in ("float16", "bfloat16"):
         return weights
-    if native_bf16 is None:
-        from microtune.models.hardware import bf16_supported
-
-        native_bf16 = bf16_supported()
     return "bfloat16" if native_bf16 else "float32"
 
 
-def quantize(method: QloraConfig, weights: str = "float32") -> Any:
+def quantize(method: QloraConfig, weights: str, native_bf16: bool) -> Any:
     """The bitsandbytes 4-bit config the base is loaded with (training, evaluation and serving alike); ``weights`` is the
-    resolved ``model.dtype`` that ``compute_dtype: auto`` follows."""
+    resolved ``model.dtype`` and ``native_bf16`` this machine's bf16 matmuls, which ``compute_dtype: auto`` follows."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -56,7 +52,7 @@ def quantize(method: QloraConfig, weights: str = "float32") -> Any:
                           hint="pip install 'bitsandbytes>=0.50' (CPU and CUDA), or use method.kind: lora") from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.quant_type,
                               bnb_4bit_use_double_quant=method.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype(method, weights)))
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype(method, weights, native_bf16)))
 
 
 SPEC = MethodSpec(

@@ -19,9 +19,12 @@ __all__ = ["MethodContext", "apply_method", "is_prompt_learning", "param_counts"
 
 def quantization_config(method: Any, weights: str = "float32") -> Any:
     """The bitsandbytes 4-bit config a ``quantized_base`` method's base is loaded with (``None`` for other methods);
-    ``weights`` is the resolved dtype of the modules left unquantised, which the matmul dtype may follow."""
+    ``weights`` is the resolved dtype of the modules left unquantised, which the matmul dtype may follow, as it may this
+    machine's native bf16 matmuls."""
+    from microtune.models.hardware import bf16_supported
+
     quantize = methods.spec(method.kind).quantize
-    return quantize(method, weights) if quantize is not None else None
+    return quantize(method, weights, bf16_supported()) if quantize is not None else None
 
 
 def apply_method(model: Any, method: Any, ctx: MethodContext | int) -> Any:

@@ -16,13 +16,14 @@ version is found again by its ``watch.round`` tag, so a rerun after kill -9 neve
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,19 @@ create table if not exists rounds (id integer primary key, status text, triggers
 
 @contextmanager
 def _state(path: Path) -> Iterator[sqlite3.Connection]:
+    """The watch state, its file born with its tables: a reader (the Studio, a second watcher) never sees a state.db
+    without them — the schema is written beside it and hard-linked into place, which fails if another got there first."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fresh = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+        with closing(sqlite3.connect(fresh)) as con:
+            con.executescript(SCHEMA)
+        try:
+            os.link(fresh, path)
+        except OSError:  # another got there first, or the filesystem has no hard links: the connect below opens it
+            pass
+        finally:
+            fresh.unlink()
     con = sqlite3.connect(path, timeout=30)
     try:
         con.executescript(SCHEMA)
