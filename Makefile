@@ -1,5 +1,6 @@
-# microtune — `make demo` runs the bundled example end to end, `make test` runs the tests (`make test-fast`: the quick ones;
-# `make test-exhaustive`: every cell of the crash and method × task matrices, which CI runs after `make test`).
+# microtune — `make demo` runs the bundled example end to end, `make test` runs the tests but the slow ones (under 15 minutes
+# on 2 cores; the Studio's browser tests stay in), `make test-slow` runs what `make test` leaves out (the `slow` tests and
+# every cell of the crash and method × task matrices: CI runs it after `make test`), `make test-fast` the quick subset.
 # Both set themselves up first (a .venv with the project, its dev extras and the bundled model).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +9,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-fast test-exhaustive lint clean browser
+.PHONY: setup demo test test-slow test-fast test-exhaustive lint clean browser
 
 setup: $(VENV)/.installed
 
@@ -26,7 +27,11 @@ demo: setup
 # with the same advice (tests/studio/conftest.py), so `make test` fails either way, never skips them.
 test: setup
 	@$(MAKE) --no-print-directory browser || echo "make test: no headless browser: the Studio's browser tests will fail (see above)" >&2
-	$(PY) -m pytest -q -m "not exhaustive" --durations=15
+	$(PY) -m pytest -q -m "not exhaustive and (not slow or browser)" --durations=15
+
+# The complement of `make test`: together they run every test once (.ci/run runs both).
+test-slow: setup
+	$(PY) -m pytest -q -m "exhaustive or (slow and not browser)" --durations=15
 
 test-exhaustive: setup
 	$(PY) -m pytest -q -m exhaustive --durations=10

@@ -1,7 +1,7 @@
 """The continuous loop end to end, as a user runs it: a real `microtune serve` process serves a model from the
 registry; `microtune watch --once` ingests an inbox file, retrains with watch's default method (QLoRA), the gate
 promotes the challenger, and the running server answers with the new champion — through the official `openai`
-client, without a restart. Once for a `classify` model (the inbox brings a new label), once for `extract` (in `make test-exhaustive`).
+client, without a restart. Once for a `classify` model (the inbox brings a new label), once for `extract`. Both run in `make test-slow` (CI).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "microtune.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-# classify stays in `make test`; extract runs in `make test-exhaustive` (CI runs both): the suite's time, not its reach
+# the module is slow (`make test-slow`); extract is also exhaustive (`make test-exhaustive`): the suite's time, not its reach
 @pytest.mark.parametrize("task", [pytest.param(task, marks=[pytest.mark.exhaustive] if task != "classify" else []) for task in sorted(SETUP)])
 def test_watch_promotes_and_the_running_server_answers_the_new_champion(tmp_path: Path, tiny_model_dir: Path, task: str) -> None:
     from openai import OpenAI

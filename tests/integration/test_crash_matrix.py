@@ -8,8 +8,8 @@ workspace, no MLflow run left RUNNING, no registered version whose files are mis
 (same dataset, same adapter weights, same eval metrics, same synthetic rows, same registered versions).
 The uninterrupted references are computed once per module, lazily (a fast cell pays only for its own). A cell costs
 two or three CLI processes (~10 s each on a 2-core CPU), so only one is fast; the rest are marked slow.
-Four cells (a first run, a resume from a checkpoint, register→alias, gate→promote) run in `make test`; the others
-are marked `exhaustive` and run in CI's `make test-exhaustive`.
+Four cells (a first run, a resume from a checkpoint, register→alias, gate→promote) are not `exhaustive`; the one
+fast cell runs in `make test`, the others in `make test-slow` (CI runs both).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class Cell:
     rerun: tuple[str, ...] = ()  # extra arguments of the rerun (e.g. --resume)
     crash_args: tuple[str, ...] = ()  # extra arguments of the killed run and its rerun
     slow: bool = True
-    exhaustive: bool = True  # run by `make test-exhaustive` (CI, after `make test`); a few cells stay in `make test`
+    exhaustive: bool = True  # `make test-exhaustive`; all cells run in CI (`make test` + `make test-slow`)
 
     @property
     def id(self) -> str:

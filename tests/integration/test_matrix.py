@@ -18,7 +18,7 @@ import yaml
 from serve_helpers import Running
 from toydata import LABELS, TEXTS, TINY_METHODS, write_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.exhaustive]  # CI's `make test-exhaustive`; `make test` keeps test_continuous_loop's classify cell whole
+pytestmark = [pytest.mark.slow, pytest.mark.exhaustive]  # CI's `make test-slow`
 
 FIELDS = {"product": "what the message is about", "problem": "what went wrong"}
 PRODUCTS = {"billing": "card", "shipping": "parcel", "refund": "mug"}
