@@ -118,8 +118,17 @@ def tuned_table(workspace: Path) -> str:
         counts = info["trials"]
         lines.append(f"| `{name}` | {main} | {point_a:.3f} | {point_b:.3f} | {point_b - point_a:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                      f"| {'< 0.001' if p < 0.001 else f'{p:.3f}'} | {counts.get('complete', 0)} / {counts.get('pruned', 0)} "
-                     f"| {info['tune_minutes']:.0f} min | {', '.join(f'`{o}`' for o in info['overrides']) or '—'} |")
+                     f"| {info['tune_minutes']:.0f} min | {', '.join(f'`{_short(o)}`' for o in info['overrides']) or '—'} |")
     return "\n".join(lines)
+
+
+def _short(override: str) -> str:
+    """``train.lr=0.004041365384011066`` → ``train.lr=0.00404``: a drawn float to 3 significant digits, for the table."""
+    key, _, value = override.partition("=")
+    try:
+        return f"{key}={float(value):.3g}" if "." in value or "e" in value else override
+    except ValueError:
+        return override
 
 
 def _read_times(workspace: Path) -> dict[str, float]:

@@ -81,6 +81,39 @@ def test_a_trial_draws_each_kinds_own_space_as_valid_overrides(tmp_path: Path) -
     assert kinds == {"lora", "ia3", "prompt_tuning"}
 
 
+def test_a_new_study_starts_from_the_recipes_own_settings_and_ties_keep_them(tmp_path: Path) -> None:
+    import optuna
+
+    from microtune.pipeline.tune import _best, recipe_point, suggest
+
+    recipe = load_recipe(_recipe(tmp_path, "x", defaults=True, space={"method.r": {"choices": [2, 4]}})).with_overrides(["train.lr=0.002"])
+    point = recipe_point(recipe)
+    assert point["train.lr"] == recipe.train.lr and point["train.max_steps"] == recipe.train.max_steps
+    assert "method.r" not in point and recipe.method.r not in (2, 4)  # outside the space: left to the sampler
+    assert "train.balance" not in point  # `auto` is no choice of the space; with the training labels it is resolved:
+    assert recipe_point(recipe, ["a"] * 9 + ["b"])["train.balance"] == "sample"
+    assert recipe_point(recipe, LABELS * 3)["train.balance"] == "none"
+    point = recipe_point(recipe, LABELS * 3)
+    assert "train.balance_power" not in point  # balancing off: the power changes nothing, so it is not drawn
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(point)
+    first = study.ask()
+    own = recipe.with_overrides(suggest(first, recipe))
+    assert own.train == recipe.with_overrides(["train.balance=none"]).train and own.method.alpha == recipe.method.alpha and own.method.r in (2, 4)
+    study.tell(first, 0.5)
+    for value in (0.5, 0.25):  # a later trial must beat the recipe's own settings to replace them
+        trial = study.ask()
+        suggest(trial, recipe)
+        study.tell(trial, value)
+    assert _best(study).number == 0
+    trial = study.ask()
+    suggest(trial, recipe)
+    study.tell(trial, 0.75)
+    assert _best(study).number == 3
+    other = load_recipe(_recipe(tmp_path, "x", defaults=True, methods=["ia3"]))
+    assert recipe_point(other) == {}  # the recipe's own kind is not searched: no point of this space
+
+
 @pytest.mark.slow
 def test_tune_scores_on_valid_never_reads_test_and_resumes_a_dead_processes_study(tmp_path: Path, tiny_model_dir: Path) -> None:
     import mlflow
@@ -134,6 +167,9 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path: Path, tiny_model_
     import optuna
 
     recipe, ws = _recipe(tmp_path, tiny_model_dir, pruner="none"), tmp_path / "ws"
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"]["lr"] = 0.002
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     cmd = [sys.executable, "-m", "microtune.cli", "tune", str(recipe), "--trials", "4", "--workers", "2", "--storage", storage,
            "--study", "shared", "-w", str(ws)]
@@ -142,4 +178,6 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path: Path, tiny_model_
     trials = optuna.load_study(study_name="shared", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # exactly the trials asked for, by the two processes together
     assert len({t.user_attrs["microtune.owner"]["pid"] for t in trials}) <= 2
+    assert trials[0].user_attrs["microtune.from_recipe"] and trials[0].params["train.lr"] == 0.002  # the recipe's own, first
+    assert not any(t.user_attrs.get("microtune.from_recipe") for t in trials[1:])
     assert "best" in done.stdout and (tmp_path / "recipe.tuned.yaml").is_file()

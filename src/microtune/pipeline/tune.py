@@ -50,9 +50,11 @@ from microtune.synthesis import synthetic_for_training
 from microtune.tasks import TASKS
 from microtune.training import train_adapter
 from microtune.training.defaults import data_defaults
+from microtune.training.setup import resolve_balance
 
 OWNER = "microtune.owner"  # trial user attr: the process running it (host, pid, pid start), to fail it when that process dies
 PARENT_RUN = "mlflow_parent_run_id"  # study user attr: the MLflow run the trials' runs are nested under
+FROM_RECIPE = "microtune.from_recipe"  # trial user attr: the first trial of a new study, the recipe's own settings
 RECIPE_HASH = "recipe_hash"  # study user attr: the recipe (less its tune section) the study searches around
 
 
@@ -126,6 +128,7 @@ def tune(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str 
     optuna_study = _open_study(job)
     _check_same_recipe(optuna_study, base, name)
     _parent_run(optuna_study, base, ws)
+    _start_from_recipe(job, optuna_study)
     emit = emitter(reporter, "tune")
     # no total on the tune events: the console draws one live bar at a time, and that is each trial's training bar
     emit("start", step=_finished(optuna_study), study=name, storage=url, metric=metric, trials=trials, workers=workers)
@@ -211,6 +214,40 @@ def _parent_run(study: Any, recipe: Recipe, ws: Workspace) -> str:
     return run_id
 
 
+def recipe_point(recipe: Recipe, train_labels: list[str | None] | None = None) -> dict[str, Any]:
+    """The recipe's own settings as a point of its search space: each searched path at the recipe's value (after the
+    defaults chosen from the data; ``train.balance: auto`` as training resolves it for ``train_labels``), left out where
+    that value lies outside the space (the sampler draws it then)."""
+    kind = recipe.method.kind
+    if recipe.train.balance == "auto" and train_labels is not None:
+        recipe = recipe.with_overrides([f"train.balance={resolve_balance('auto', train_labels)}"])
+    point: dict[str, Any] = {}
+    if recipe.tune.methods:
+        if kind not in recipe.tune.methods:
+            return {}  # the recipe's own kind is not searched: its settings are no point of this space
+        point["method.kind"] = kind
+    for path, spec in search_space(recipe, kind).items():
+        if path == "train.balance_power" and recipe.train.balance == "none":
+            continue
+        section, _, field = path.partition(".")
+        value = getattr(recipe.train if section == "train" else recipe.method, field, None)
+        inside = value in spec.choices if spec.choices is not None else \
+            isinstance(value, int | float) and not isinstance(value, bool) and spec.low <= value <= spec.high
+        if inside:
+            point[path] = value
+    return point
+
+
+def _start_from_recipe(job: _Job, study: Any) -> None:
+    """A new study's first trial is the recipe's own settings: a tuned recipe must beat them on valid to replace them
+    (ties keep the recipe's: ``_best``), so tuning never hands back settings that scored worse than the defaults."""
+    with _locked(job.lock):
+        if study.get_trials(deepcopy=False):
+            return
+        labels = [r.get("label") for r in read_split(job.dataset_dir, "train") + list(job.extra_train)]
+        study.enqueue_trial(recipe_point(job.recipe, labels), user_attrs={FROM_RECIPE: True}, skip_if_exists=True)
+
+
 def _finished(study: Any) -> int:
     from optuna.trial import TrialState
 
@@ -240,16 +277,16 @@ def _optimize(job: _Job, index: int, reporter: Reporter | None) -> None:
             value = _objective(job, study, trial, ref, reporter)
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            _report(reporter, study, trial.number, "pruned")
+            _report(reporter, study, trial, "pruned")
         except RecipeError as exc:  # a combination the recipe rules refuse (e.g. packing with prompt tuning): this trial only
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            _report(reporter, study, trial.number, f"failed: {exc.message}")
+            _report(reporter, study, trial, f"failed: {exc.message}")
         except BaseException:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         else:
             study.tell(trial, value)
-            _report(reporter, study, trial.number, f"{job.metric} {value:.4f}")
+            _report(reporter, study, trial, f"{job.metric} {value:.4f}")
 
 
 def _next_trial(job: _Job, study: Any, storage: Any) -> Any:
@@ -310,17 +347,22 @@ def _pid_start(pid: int) -> str:
         return ""
 
 
-def _report(reporter: Reporter | None, study: Any, number: int, outcome: str) -> None:
+def _report(reporter: Reporter | None, study: Any, trial: Any, outcome: str) -> None:
     emit = emitter(reporter, "tune")
     best = _best(study)
     best_text = f"; best so far trial {best.number}: {best.value:.4f}" if best is not None else ""
-    emit("message", text=f"tune: trial {number} {outcome}{best_text}")
+    own = " (the recipe's own settings)" if trial.user_attrs.get(FROM_RECIPE) else ""
+    emit("message", text=f"tune: trial {trial.number}{own} {outcome}{best_text}")
 
 
 def _best(study: Any) -> Any:
+    """The best completed trial; among equal scores the earliest (the recipe's own settings when they tie)."""
+    from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
-    return study.best_trial if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
+    return max(done, key=lambda t: (sign * t.value, -t.number)) if done else None
 
 
 # -- one trial -------------------------------------------------------------------------------------------------
@@ -515,13 +557,13 @@ def _write_csv(path: Path, trials: list[Any], direction: str) -> None:
     params, sign = sorted({p for t in trials for p in t.params}), 1.0 if direction == "minimize" else -1.0
     with open(path, "w", newline="", encoding="utf-8") as handle:
         out = csv.writer(handle)
-        out.writerow(["number", "state", "value", "valid_loss", "last_step", "seconds", *params])
+        out.writerow(["number", "state", "value", "valid_loss", "last_step", "seconds", "from_recipe", *params])
         for t in trials:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else ""
             step = t.last_step
             loss = sign * t.intermediate_values[step] if step is not None else ""
             out.writerow([t.number, t.state.name, t.value if t.state == TrialState.COMPLETE else "", loss, "" if step is None else step,
-                          seconds, *(t.params.get(p, "") for p in params)])
+                          seconds, "yes" if t.user_attrs.get(FROM_RECIPE) else "", *(t.params.get(p, "") for p in params)])
 
 
 def _importances(study: Any) -> tuple[dict[str, float], str]:
