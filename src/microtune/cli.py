@@ -415,10 +415,11 @@ def _show_tune(result: Any) -> None:
     import csv
 
     rows = list(csv.DictReader((result.folder / "trials.csv").open(encoding="utf-8")))
-    params = [c for c in (rows[0] if rows else {}) if c not in ("number", "state", "value", "valid_loss", "last_step", "seconds")]
+    params = [c for c in (rows[0] if rows else {}) if c not in ("number", "state", "value", "valid_loss", "last_step", "seconds", "from_recipe")]
     table = Table("trial", "state", f"valid {result.metric}", "valid loss", "step", *params, title=f"study {result.study} ({result.storage})")
     for row in rows:
-        table.add_row(row["number"], row["state"].lower(), _short(row["value"]), _short(row["valid_loss"]), row["last_step"] or "-",
+        number = row["number"] + (" (recipe)" if row.get("from_recipe") else "")
+        table.add_row(number, row["state"].lower(), _short(row["value"]), _short(row["valid_loss"]), row["last_step"] or "-",
                       *(_short(row[p]) for p in params))
     out.print(table)
     if result.importances:

@@ -180,4 +180,4 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path: Path, tiny_model_
     assert len({t.user_attrs["microtune.owner"]["pid"] for t in trials}) <= 2
     assert trials[0].user_attrs["microtune.from_recipe"] and trials[0].params["train.lr"] == 0.002  # the recipe's own, first
     assert not any(t.user_attrs.get("microtune.from_recipe") for t in trials[1:])
-    assert "best" in done.stdout and (tmp_path / "recipe.tuned.yaml").is_file()
+    assert "best" in done.stdout and "0 (recipe)" in done.stdout and (tmp_path / "recipe.tuned.yaml").is_file()
