@@ -449,7 +449,7 @@ def default_space(recipe: Recipe, kind: str) -> dict[str, ParamRange]:
     balancing for labelled tasks. Method fields are looked up by name, so a plugin method with `r` gets LoRA's ranges."""
     cfg, fields = recipe.train, methods.configs()[kind].model_fields
     lr = (1e-6, 1e-4) if methods.has(kind, "full_model") else (1e-3, 0.3) if methods.has(kind, "prompt_learning") else \
-        (1e-5, 5e-3) if "r" in fields else (1e-4, 5e-2)
+        (1e-4, 5e-3) if "r" in fields else (1e-4, 5e-2)
     space = {"train.lr": ParamRange(low=lr[0], high=lr[1], log=True),
              "train.batch_size": ParamRange(choices=sorted({max(1, cfg.batch_size // 2), cfg.batch_size, cfg.batch_size * 2}))}
     if cfg.max_steps:
