@@ -51,8 +51,11 @@ def step(run: Run, group: list[list[int]]) -> dict[str, float]:
     losses = [_micro_step(run, idx, sync=i == len(group) - 1) for i, idx in enumerate(group)]
     run.scaler.unscale_(run.optimizer)  # the scaler (float16 weights only; else a pass-through): clip the true gradients
     torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     run.scaler.step(run.optimizer), run.scaler.update()
-    run.scheduler.step(), run.optimizer.zero_grad(set_to_none=True)
+    if scale is None or run.scaler.get_scale() >= scale:  # a step the scaler skipped (inf/NaN gradients) leaves the lr where it is
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
     run.state.elapsed = run.clock.seconds()
     return {"loss": sum(losses) / len(losses), "lr": run.scheduler.get_last_lr()[0],
