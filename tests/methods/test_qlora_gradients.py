@@ -109,3 +109,46 @@ def test_bf16_compute_is_as_close_to_fp32_as_bf16_autocast_itself(make_recipe, t
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = _lora_grads(reference, ids)
     assert _worst_relative_error(_lora_grads(qlora, ids), fp32) <= 1.5 * _worst_relative_error(autocast, fp32)
+
+
+def _bytes_kept_for_backward(model: Any, ids: Any) -> dict[str, int]:
+    """Bytes of the tensors one bf16-autocast training step keeps for backward (weights excluded), by dtype."""
+    import torch
+
+    from microtune.models.hardware import autocast
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, tuple[str, int]] = {}
+
+    def pack(tensor: Any) -> Any:
+        if tensor.untyped_storage().data_ptr() not in weights:
+            kept[tensor.untyped_storage().data_ptr()] = (str(tensor.dtype).removeprefix("torch."), tensor.untyped_storage().nbytes())
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast(True):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    by_dtype: dict[str, int] = {}
+    for dtype, size in kept.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+    return by_dtype
+
+
+def test_qlora_keeps_no_more_for_backward_than_lora_under_bf16_autocast(make_recipe, tiny_model_dir: Path) -> None:
+    """A QLoRA step under bf16 autocast keeps the activations a LoRA step keeps, in the same dtypes: bitsandbytes returns
+    a 4-bit layer's output in its input's dtype (the fp32 residual stream's), and the attention and MLP kept those
+    outputs for backward in fp32 (``models.peft_methods.outputs_in_autocast_dtype``); the LM head is held in bf16 as
+    LoRA's is, not cast (and its copy kept) every forward."""
+    import torch
+
+    from microtune.training.setup import precast
+
+    ids = torch.randint(3, 100, (2, 64), generator=torch.Generator().manual_seed(1))
+    kept = {}
+    for kind in ("lora", "qlora"):
+        recipe = load_recipe(make_recipe(tiny_model_dir, method={"kind": kind, "r": 8, "alpha": 16}, train={"bf16": True}))
+        model = build_model(recipe, resolve_base(recipe.model), autocast=True)
+        precast(recipe, model)
+        kept[kind] = _bytes_kept_for_backward(model, ids)
+    assert kept["qlora"] == kept["lora"] and kept["lora"]["bfloat16"] > 0, kept

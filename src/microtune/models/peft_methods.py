@@ -42,6 +42,7 @@ def apply_method(model: Any, method: Any, ctx: MethodContext | int) -> Any:
     if spec.capabilities.quantized_base:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_differentiable(model)
+        outputs_in_autocast_dtype(model)
     try:
         peft_model = get_peft_model(model, spec.build(method, ctx))
     except ValueError as exc:  # PEFT's word on a module list that does not fit this model
@@ -79,6 +80,28 @@ def keep_4bit_differentiable(model: Any) -> int:
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def outputs_in_autocast_dtype(model: Any) -> int:
+    """Make every 4-bit linear layer of a model that trains return autocast's dtype while autocast is on; returns how many.
+
+    bitsandbytes casts a ``Linear4bit`` output back to its input's dtype: the fp32 residual stream's, so under bf16
+    autocast each layer's q/k/v, gate and up outputs came back fp32, and the attention and MLP kept them for backward
+    at twice the size of a LoRA model's (an ``nn.Linear`` under autocast returns bf16): with the LM head's cast, a 1.7B
+    model's step at 512 tokens peaked 800 MiB higher (BENCHMARKS.md). The hook hands on the output in autocast's
+    dtype, as ``nn.Linear`` would; without autocast it changes nothing (tests/methods/test_qlora_gradients.py counts
+    the bytes each keeps)."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    def to_autocast_dtype(module: Any, args: Any, out: Any) -> Any:
+        kind = out.device.type
+        return out.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else None
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.register_forward_hook(to_autocast_dtype)
     return len(layers)
 
 

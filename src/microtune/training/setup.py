@@ -185,7 +185,7 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True, autoc
     rounded to bf16, as on any bf16 base. Not for DoRA, whose initial magnitudes are norms of its base layers (fp32)."""
     weights = weights_dtype(recipe.model.dtype, trains_base=methods.has(recipe.method.kind, "full_model"))
     quant = quantization_config(recipe.method, weights)
-    as_stored = (autocast and to_device and _precasts(recipe) and recipe.method.kind != "dora"
+    as_stored = (autocast and to_device and _precasts(recipe) and recipe.method.kind != "dora" and quant is None
                  and stored_dtypes(ref) == {"BF16"})
     model = load_model(ref, recipe.model.trust_remote_code, quant, dtype="bfloat16" if as_stored else weights,
                        attention=recipe.model.attention, flash_ok=not recipe.train.packing,
@@ -207,7 +207,8 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True, autoc
 
 
 def _precasts(recipe: Recipe) -> bool:
-    adapter = not methods.has(recipe.method.kind, "full_model") and not methods.has(recipe.method.kind, "quantized_base")
+    # QLoRA too: its 4-bit layers are not fp32 linears, but its LM head is (bf16 once instead of a cast every forward)
+    adapter = not methods.has(recipe.method.kind, "full_model")
     return precast_frozen_linears(recipe.model.dtype, use_bf16(recipe.train.bf16), adapter)
 
 
