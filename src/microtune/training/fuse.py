@@ -8,7 +8,8 @@ cost well above its arithmetic (benchmarks/train_speed.py; BENCHMARKS.md, traini
 shared input once per group instead of once per layer.
 
 Nothing about the adapter changes: the LoRA parameters stay PEFT's own (saved, checkpointed and reduced as before),
-the frozen base weights become views of the group's weight (no extra memory), and loss and gradients are those of
+the frozen base weights become views of the group's weight (no extra memory: where the originals were views of the
+checkpoint file's memory map, their pages are dropped, ``models.hardware.drop_file_pages``), and loss and gradients are those of
 PEFT's path (tests/training/test_fuse.py). The first sibling called computes the group's outputs and keeps the others'
 for their calls on the same tensor; a sibling called on any other input, with adapters disabled or merged, or with
 another adapter active, runs PEFT's own forward. Applied by the engine to plain LoRA (no dropout on the LoRA input:
@@ -17,6 +18,8 @@ PEFT draws one mask per layer) on frozen linear layers held in one dtype; ``trai
 from __future__ import annotations
 
 from typing import Any
+
+from microtune.models.hardware import drop_file_pages
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read the same input tensor
 
@@ -29,6 +32,7 @@ class _Group:
         bases = [m.base_layer for m in members]
         self.sizes = [b.out_features for b in bases]
         self.weight = torch.cat([b.weight.detach() for b in bases])  # the members' weights become views of this one
+        drop_file_pages([b.weight for b in bases])  # originals mapped from the checkpoint file: their pages are not held twice
         start = 0
         for base, size in zip(bases, self.sizes):
             base.weight = torch.nn.Parameter(self.weight[start:start + size], requires_grad=False)
