@@ -15,7 +15,7 @@ example whose prompt + completion is exactly `seq_len` tokens (random one-token 
 first word on, so the batch shares no prompt prefix beyond the chat template and instruction), the completion a
 one-word label: loss on the completion only, as microtune trains. Recipe: the demo's LoRA (r 16, alpha 32,
 all linear layers), qlora the same on an NF4 base, full every weight; `model.dtype: auto` (fp32 weights on a
-CPU), bf16 autocast where the CPU has it, AdamW, no gradient checkpointing (the engine's defaults).
+CPU), bf16 autocast where the CPU has it, AdamW, gradient checkpointing only for qlora (the engine's defaults).
 
 Measured per cell: tokens/s over `--steps` optimizer steps after one warm-up step (the first step allocates
 AdamW's state and warms the kernels), and the subprocess's peak RSS (`os.wait4`'s `ru_maxrss`: the whole

@@ -146,6 +146,7 @@ def run_microtune(kind: str, args: argparse.Namespace, work: Path) -> dict[str, 
     import microtune.registry  # noqa: F401  (MLflow's import time is not training time)
     from microtune.core.artifacts import read_json
     from microtune.pipeline import train
+    from microtune.training.defaults import uses_checkpointing
 
     s = shared(args.examples)
     recipe = s["recipe"]
@@ -163,7 +164,7 @@ def run_microtune(kind: str, args: argparse.Namespace, work: Path) -> dict[str, 
     if cost.get("linear_weights_dtype") not in (None, "none", weights):
         weights = f"{weights} (frozen linear layers {cost['linear_weights_dtype']})"
     precision = {"weights": "nf4" if kind == "qlora" else weights, "autocast": "bf16" if cost["bf16"] else "no",
-                 "grad_ckpt": recipe.train.gradient_checkpointing}
+                 "grad_ckpt": uses_checkpointing(recipe.with_overrides([f"method.kind={kind}"]))}
     return {"tokens": cost["tokens_seen"], "loop_s": cost["wall_time_s"], "wall_s": wall, "rss_mb": peak,
             "dense_params": cost["dense_params"], "precision": precision, "adapter": str(adapter)}
 

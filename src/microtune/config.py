@@ -292,7 +292,11 @@ class TrainConfig(Section):
         "kept inside each example (block-diagonal mask, positions restart per example). Same loss and gradients as "
         "padded rows; pays off when example lengths vary (benchmarks/train_speed.py). Not for prompt/prefix tuning.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto",
+        description="Recompute activations in backward: less memory, 30–40% slower. `auto`: on for a method with a 4-bit "
+        "base (qlora: chosen to save memory), off otherwise.",
+    )
     fuse_siblings: bool = Field(
         True,
         description="LoRA on q/k/v and on gate/up as one matmul per group (base, LoRA A, LoRA B) instead of one per layer: "

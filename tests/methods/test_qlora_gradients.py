@@ -139,16 +139,20 @@ def test_qlora_keeps_no_more_for_backward_than_lora_under_bf16_autocast(make_rec
     """A QLoRA step under bf16 autocast keeps the activations a LoRA step keeps, in the same dtypes: bitsandbytes returns
     a 4-bit layer's output in its input's dtype (the fp32 residual stream's), and the attention and MLP kept those
     outputs for backward in fp32 (``models.peft_methods.outputs_in_autocast_dtype``); the LM head is held in bf16 as
-    LoRA's is, not cast (and its copy kept) every forward."""
+    LoRA's is, not cast (and its copy kept) every forward. With its default gradient checkpointing (``auto``: on for a
+    4-bit base) QLoRA keeps less than that."""
     import torch
 
     from microtune.training.setup import precast
 
     ids = torch.randint(3, 100, (2, 64), generator=torch.Generator().manual_seed(1))
     kept = {}
-    for kind in ("lora", "qlora"):
-        recipe = load_recipe(make_recipe(tiny_model_dir, method={"kind": kind, "r": 8, "alpha": 16}, train={"bf16": True}))
+    for kind, checkpointing in (("lora", False), ("qlora", False), ("qlora", "auto")):
+        recipe = load_recipe(make_recipe(tiny_model_dir, method={"kind": kind, "r": 8, "alpha": 16},
+                                         train={"bf16": True, "gradient_checkpointing": checkpointing}))
         model = build_model(recipe, resolve_base(recipe.model), autocast=True)
         precast(recipe, model)
-        kept[kind] = _bytes_kept_for_backward(model, ids)
-    assert kept["qlora"] == kept["lora"] and kept["lora"]["bfloat16"] > 0, kept
+        kept[kind, checkpointing] = _bytes_kept_for_backward(model, ids)
+    lora, qlora, recomputed = kept["lora", False], kept["qlora", False], kept["qlora", "auto"]
+    assert qlora == lora and lora["bfloat16"] > 0, kept
+    assert sum(recomputed.values()) < sum(lora.values()), kept

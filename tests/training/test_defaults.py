@@ -117,3 +117,22 @@ def test_a_tune_trial_chooses_after_its_own_overrides(make_recipe, tiny_model_di
     assert (drawn.batch_size, drawn.epochs) == (16, 10)  # 19 steps a pass
     assert job.trial_recipe(["train.epochs=1", "train.lr=0.01"]).train.epochs == 1
     assert job.trial_recipe(["train.epochs=1", "train.lr=0.01"]).train.lr == 0.01
+
+
+def test_gradient_checkpointing_auto_is_on_for_a_4bit_base_only(make_recipe, tiny_model_dir: Path) -> None:
+    """`auto` (the default): qlora recomputes activations (chosen, with the reason `check` shows), lora does not; an
+    explicit value is kept; a lora recipe's hash is the one it had when the key's default was false."""
+    from microtune.pipeline.lineage import recipe_hash
+    from microtune.training.defaults import uses_checkpointing
+
+    lora = load_recipe(make_recipe(tiny_model_dir))
+    assert lora.train.gradient_checkpointing == "auto" and not uses_checkpointing(lora)
+    assert data_defaults(lora, _stats(300))[1] == {}
+    assert recipe_hash(lora) == recipe_hash(lora.with_overrides(["train.gradient_checkpointing=false"]))
+    qlora = load_recipe(make_recipe(tiny_model_dir, method={"kind": "qlora", "r": 4}))
+    resolved, chosen = data_defaults(qlora, _stats(300))
+    assert uses_checkpointing(qlora) and resolved.train.gradient_checkpointing is True
+    assert "4-bit base" in chosen["train.gradient_checkpointing"].why
+    assert recipe_hash(qlora) == recipe_hash(resolved)
+    off = qlora.with_overrides(["train.gradient_checkpointing=false"])
+    assert not uses_checkpointing(off) and data_defaults(off, _stats(300))[1] == {}

@@ -9,6 +9,7 @@ from typing import Any
 from microtune.config import Recipe
 from microtune.core.hashing import hash_text, hash_value
 from microtune.core.version import __version__
+from microtune.training.defaults import checkpointing
 
 
 def lineage(recipe: Recipe, ref: Any, dataset: dict[str, Any], adapter_dir: Path) -> dict[str, Any]:
@@ -44,6 +45,8 @@ def recipe_hash(recipe: Recipe) -> str:
     Stages hash the recipe as written (`auto` training settings unchosen: the data, hashed apart, decides them).
     The mirror keys are left out too, so adding TensorBoard to a run being resumed is the same run."""
     resolved = {k: v for k, v in recipe.resolved().items() if k not in NOT_HASHED}
+    if resolved["train"].get("gradient_checkpointing") == "auto":  # as the method resolves it: a recipe's hash is what it was
+        resolved["train"]["gradient_checkpointing"] = checkpointing(recipe.method.kind).value  # before the key had `auto`
     for section, key in NOT_HASHED_KEYS:
         if isinstance(resolved.get(section), dict):
             resolved[section] = {k: v for k, v in resolved[section].items() if k != key}

@@ -1,5 +1,5 @@
 """Training settings chosen from the data: what `train.epochs`, `train.lr` and `train.batch_size` become when a recipe
-leaves them out (or writes `auto`).
+leaves them out (or writes `auto`); and `train.gradient_checkpointing`, chosen by the method kind.
 
     recipe, chosen = data_defaults(recipe, stats)     # stats: the check step's dataset statistics
     chosen["train.epochs"]                            # Choice(value=8.0, why="300 train rows, 38 steps a pass: 8 passes ≈ 304 steps ...")
@@ -12,6 +12,7 @@ The rule, and the tuning runs it was derived from, are in docs/training.md ("Def
   optimizer steps, within ``EPOCHS``. In the tuning runs 300 steps beat 190 and 225 (clinc150-oos, banking-intents);
   `train.keep_best` keeps the best validation's weights, so a few passes too many cost time, not accuracy.
 - **learning rate**: by the method kind, from ``LR``.
+- **gradient checkpointing**: on for a method with a 4-bit base (qlora), off otherwise (``checkpointing``).
 
 An explicit value in the recipe (or ``--set``) is always kept; the chosen values are what the run's `recipe.json`,
 its MLflow parameters and ``microtune check`` show.
@@ -63,6 +64,8 @@ def data_defaults(recipe: Recipe, stats: dict[str, Any], extra_rows: int = 0) ->
     if cfg.lr == AUTO:
         family = lr_family(recipe.method.kind)
         chosen["train.lr"] = Choice(LR[family], f"method {recipe.method.kind}: the {family} family's rate")
+    if cfg.gradient_checkpointing == AUTO and checkpointing(recipe.method.kind).value:  # shown where it turns on; `auto` is off
+        chosen["train.gradient_checkpointing"] = checkpointing(recipe.method.kind)  # elsewhere (``uses_checkpointing``)
     if not chosen:
         return recipe, chosen
     train = cfg.model_copy(update={path.split(".", 1)[1]: c.value for path, c in chosen.items()})
@@ -87,6 +90,21 @@ def lr_family(kind: str) -> str:
     if methods.has(kind, "prompt_learning"):
         return "prefix" if "prefix" in kind else "prompt"
     return "ia3" if "ia3" in kind else "lora"
+
+
+def checkpointing(kind: str) -> Choice:
+    """What `train.gradient_checkpointing: auto` becomes for a method kind: on where the base is quantised (the user chose
+    memory over speed), off elsewhere (speed first)."""
+    if methods.has(kind, "quantized_base"):
+        return Choice(True, f"method {kind}: a 4-bit base is chosen to save memory; recomputing activations in backward "
+                            "cut a 1.7B model's peak at 512 tokens to 0.69×, 40% slower a step (BENCHMARKS.md)")
+    return Choice(False, f"method {kind}: activations kept for backward (faster); true trades 30–40% speed for memory")
+
+
+def uses_checkpointing(recipe: Recipe) -> bool:
+    """`train.gradient_checkpointing` as a run uses it (`auto` resolved by the method kind)."""
+    setting = recipe.train.gradient_checkpointing
+    return checkpointing(recipe.method.kind).value if setting == AUTO else bool(setting)
 
 
 def unresolved(recipe: Recipe) -> list[str]:

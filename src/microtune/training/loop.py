@@ -23,6 +23,7 @@ from microtune.training import distributed as dist
 from microtune.training.batching import collate, iterate_batches
 from microtune.training.checkpoint import load_trainable, save_checkpoint, trainable_state
 from microtune.training.cost import cost_report, dense_params
+from microtune.training.defaults import uses_checkpointing
 from microtune.training.packing import is_packed, pack
 from microtune.training.setup import Run
 from microtune.training.state import Clock
@@ -95,7 +96,7 @@ def _batch(run: Run, idx: list[int]) -> dict[str, Any]:
     examples = [data.train[j] for j in idx]
     weights = [data.weights[j] for j in idx] if data.balance == "weight" else None
     if cfg.packing:
-        share = not cfg.gradient_checkpointing and run.strategy.share_prefix
+        share = not uses_checkpointing(run.recipe) and run.strategy.share_prefix
         return pack(examples, data.pad, cfg.max_seq_len, share_prefix=share, weights=weights)
     return collate(examples, data.pad, weights)
 

@@ -26,7 +26,7 @@ from microtune.tasks.render import Renderer, encode_example
 from microtune.training import distributed as dist
 from microtune.training.batching import batches_per_epoch, label_weights
 from microtune.training.checkpoint import latest_checkpoint, load_checkpoint
-from microtune.training.defaults import data_defaults, unresolved
+from microtune.training.defaults import data_defaults, unresolved, uses_checkpointing
 from microtune.training.fuse import fuse_siblings
 from microtune.training.state import Clock, TrainState
 from microtune.training.strategy import Single, pick
@@ -111,7 +111,7 @@ def set_up(recipe: Recipe, ref: BaseModelRef, source: DataSource, resume: Resume
     strategy = pick(cfg)
     model = build_model(recipe, ref, to_device=not strategy.places_model, autocast=True)
     precast(recipe, model, to_device=not strategy.places_model)
-    if cfg.fuse_siblings and not strategy.places_model and not cfg.gradient_checkpointing:
+    if cfg.fuse_siblings and not strategy.places_model and not uses_checkpointing(recipe):
         fuse_siblings(model)
     strategy.wrap(model, cfg)
     plan = make_plan(cfg, [len(p) + len(c) for p, c, *_ in data.train])
@@ -201,7 +201,7 @@ def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True, autoc
         _bf16_as_stored(model)
     if recipe.model.attention == "auto" and device() == "cpu":
         short_attention.use(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    if recipe.train.gradient_checkpointing:
+    if uses_checkpointing(recipe):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
