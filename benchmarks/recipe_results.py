@@ -80,7 +80,9 @@ def tuned_table(workspace: Path) -> str:
     from microtune.config import load_recipe
     from microtune.core.artifacts import read_manifest
     from microtune.core.jsonl import read_jsonl
+    from microtune.evaluation.runner import CORRECTNESS
     from microtune.evaluation.stats import mcnemar
+    from microtune.evaluation.stats import paired_bootstrap_p as resampled_p
     from microtune.pipeline.gate import paired_bootstrap_p
     from microtune.tasks import get_task
 
@@ -104,16 +106,18 @@ def tuned_table(workspace: Path) -> str:
         b = task.example_scores(golds, [r["micro"]["pred"] for r in rows_b])
         if [r["text"] for r in rows_a] != [r["text"] for r in rows_b]:
             raise SystemExit(f"{name}: the two evals list the test rows in different orders")
-        if task.has_labels:
-            p = mcnemar([x == 1.0 for x in a], [x == 1.0 for x in b])["p_value"]
-        else:
-            p = paired_bootstrap_p(a, b)
         preds_a, preds_b = [r["micro"]["pred"] for r in rows_a], [r["micro"]["pred"] for r in rows_b]
         point_a, point_b = float(task.metrics(golds, preds_a)[main]), float(task.metrics(golds, preds_b)[main])
         idx = np.random.default_rng(13).integers(0, len(golds), size=(1000, len(golds)))  # the same resampled rows for both
         deltas = [float(task.metrics([golds[i] for i in rows], [preds_b[i] for i in rows])[main])
                   - float(task.metrics([golds[i] for i in rows], [preds_a[i] for i in rows])[main]) for rows in idx]
         lo, hi = np.percentile(deltas, [2.5, 97.5])
+        if task.has_labels and main in CORRECTNESS:
+            p = mcnemar([x == 1.0 for x in a], [x == 1.0 for x in b])["p_value"]
+        elif task.has_labels:  # macro-F1 does not split into per-row scores: the bootstrap of the metric itself
+            p = resampled_p(np.asarray(deltas), np.zeros(len(deltas)), point_b - point_a)
+        else:
+            p = paired_bootstrap_p(a, b)
         info = found[name]
         counts = info["trials"]
         lines.append(f"| `{name}` | {main} | {point_a:.3f} | {point_b:.3f} | {point_b - point_a:+.3f} [{lo:+.3f}, {hi:+.3f}] "
@@ -151,8 +155,13 @@ MODEL_FREE = ("classical", "lead")  # the baselines without a language model: on
 PROMPTED = ("zero_shot", "few_shot")
 
 
-def _p_text(metrics: dict[str, Any], system: str | None) -> str:
-    p = metrics[system].get("p_value_vs_micro") if system else None
+def _p_text(stats: dict[str, Any], system: str | None) -> str:
+    """The micro-model's p-value against ``system`` by the eval's own rule (``evaluation.runner.headline_p``), read from
+    its paired tests: an eval written before the rule changed shows what the rule gives now."""
+    from microtune.evaluation.runner import headline_p
+
+    comparison = stats["comparisons"].get(system) if system else None
+    p = headline_p(comparison, stats["main_metric"]) if comparison else None
     return "—" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}") + f" ({system})"
 
 
@@ -169,6 +178,7 @@ def table(workspace: Path) -> str:
             continue
         manifest = json.loads((eval_dir / "manifest.json").read_text())
         metrics, main = manifest["metrics"], manifest["main_metric"]
+        stats = json.loads((eval_dir / "stats.json").read_text())
         task = json.loads((Path(manifest["adapter_dir"]) / "recipe.json").read_text())["task"]["type"]
         prompted = [s for s in PROMPTED if s in metrics]
         best = max(prompted, key=lambda s: metrics[s][main]) if prompted else None
@@ -177,7 +187,7 @@ def table(workspace: Path) -> str:
         cells = [_cell(metrics[s], main) if s in metrics else "—" for s in PROMPTED]
         cells += [f"{_cell(metrics[free], main)} ({free})" if free else "—", _cell(metrics["micro"], main)]
         lines.append(f"| `{name}` | {task} | {main} | " + " | ".join(cells) +
-                     f" | {_p_text(metrics, best)} | {_p_text(metrics, free)} | {'—' if seconds is None else f'{seconds / 60:.1f} min'} |")
+                     f" | {_p_text(stats, best)} | {_p_text(stats, free)} | {'—' if seconds is None else f'{seconds / 60:.1f} min'} |")
     return "\n".join(lines)
 
 
@@ -222,7 +232,8 @@ def main() -> None:
     body = ("Produced by `.venv/bin/python benchmarks/recipe_results.py` (bundled defaults of each recipe, "
             "SmolLM2-135M-Instruct, 2 CPU cores; every baseline the recipe lists, classical (TF-IDF + logistic regression) "
             "for classify and lead (first sentence) for generate included; main metric with its 95 % bootstrap interval over the test rows; "
-            "p: McNemar mid-p on per-row correctness for classification, paired bootstrap otherwise). "
+            "p: McNemar mid-p on per-row correctness where the main metric is accuracy, paired bootstrap of the main metric "
+            "otherwise). "
             + (args.conditions + " " if args.conditions else "") + "Recipes not listed have not been run into this workspace yet."
             + "\n\n" + table(args.workspace))
     for path in () if args.no_write or args.write_tuned_only else (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
@@ -232,7 +243,7 @@ def main() -> None:
         tuned = ("Produced by `.venv/bin/python benchmarks/recipe_results.py --tuned BUDGET`: each recipe tuned by `microtune tune` "
                  "(train and valid splits only; the recipe's default search space) within the budget, its tuned recipe trained "
                  "and scored on the same test split as its defaults run; interval: 95 % percentile bootstrap of the paired "
-                 "difference over the test rows; p: McNemar mid-p (classify), paired bootstrap otherwise. "
+                 "difference over the test rows; p: McNemar mid-p where the main metric is accuracy, paired bootstrap otherwise. "
                  + (args.conditions + " " if args.conditions else "") + "\n\n" + tuned_table(args.workspace))
         if not args.no_write:
             write_block_named(ROOT / "BENCHMARKS.md", "recipe-tuned", tuned)

@@ -179,3 +179,14 @@ def test_lead_appears_in_every_eval_file(tmp_path: Path, tiny_model_dir: Path) -
     assert list(metrics) == ["lead", "micro"] and metrics["lead"]["rouge_l"] == pytest.approx(sum(scores) / 4) and sum(scores) > 0
     assert "rouge_l" in json.loads((folder / "stats.json").read_text())["comparisons"]["lead"]["metrics"]
     assert "<td>lead</td>" in (folder / "report.html").read_text()
+
+
+def test_the_headline_p_value_tests_the_main_metric() -> None:
+    """McNemar tests per-row correctness: it stands for accuracy (or exact match) only; for macro-F1 the table shows the
+    paired bootstrap of macro-F1 (a class-balanced micro-model can win on macro-F1 and lose on accuracy)."""
+    from microtune.evaluation.runner import headline_p
+
+    comparison = {"mcnemar": {"mid_p": 1e-9}, "metrics": {"accuracy": {"p_value": 0.001}, "macro_f1": {"p_value": 0.002}}}
+    assert headline_p(comparison, "accuracy") == 1e-9 and headline_p(comparison, "exact_match") == 1e-9
+    assert headline_p(comparison, "macro_f1") == 0.002
+    assert headline_p({"metrics": {"rouge_l": {"p_value": 0.03}}}, "rouge_l") == 0.03

@@ -265,7 +265,7 @@ def _statistics(recipe: Recipe, task: Task, golds: list[Any], results: dict[str,
     for s, r in results.items():
         r["metrics"]["ci"] = {k: [v["low"], v["high"]] for k, v in intervals[s].items()}
         if s in comparisons:
-            r["metrics"]["p_value_vs_micro"] = _headline_p(comparisons[s], recipe.metric_names()[0])
+            r["metrics"]["p_value_vs_micro"] = headline_p(comparisons[s], recipe.metric_names()[0])
     decoder = task.decoder()
     scoring = {"label_scoring": decoder.scoring} if decoder.kind == "labels" else {}  # which scorer the local systems used
     return scoring | {"confidence": cfg.confidence, "n_resamples": cfg.n_resamples, "seed": cfg.seed, "main_metric": recipe.metric_names()[0],
@@ -276,8 +276,14 @@ def _statistics(recipe: Recipe, task: Task, golds: list[Any], results: dict[str,
             "intervals": intervals, "comparisons": comparisons, "hardware": list(timing.hardware())}
 
 
-def _headline_p(comparison: dict[str, Any], main_metric: str) -> float:
-    if "mcnemar" in comparison:
+CORRECTNESS = ("accuracy", "exact_match")  # main metrics that are the rate of per-row correctness McNemar tests
+
+
+def headline_p(comparison: dict[str, Any], main_metric: str) -> float:
+    """The p-value shown beside a baseline: McNemar's mid-p where the main metric is per-row correctness, else the paired
+    bootstrap of the main metric itself (macro-F1 can rise while accuracy falls: a class-balanced model against a
+    majority-leaning one, faa-maintenance)."""
+    if "mcnemar" in comparison and main_metric in CORRECTNESS:
         return comparison["mcnemar"]["mid_p"]
     return comparison["metrics"].get(main_metric, {}).get("p_value", float("nan"))
 
