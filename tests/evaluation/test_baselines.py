@@ -147,12 +147,15 @@ def test_without_the_option_the_margin_is_shown_and_the_version_promoted(guarded
 @pytest.mark.slow
 def test_the_gate_fits_the_classical_model_itself_when_the_eval_did_not(guarded: dict[str, Any]) -> None:
     """Deterministic: fitted again on the train split, it gives the eval's own answers on the frozen rows."""
+    from microtune.config import load_recipe
     from microtune.pipeline.gate import _classical_predictions
 
     folder, dataset_dir = guarded["result"].eval_dir, guarded["result"].dataset_dir
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     task = get_task(ClassifyConfig(instruction="Route the customer message.", labels=sorted(KEYWORDS)), sorted(KEYWORDS))
-    preds, source = _classical_predictions(task, [{k: v for k, v in r.items() if k != "classical"} for r in rows], dataset_dir)
+    recipe = load_recipe(guarded["recipe"])
+    preds, source = _classical_predictions(recipe, task, [{k: v for k, v in r.items() if k != "classical"} for r in rows],
+                                           dataset_dir)
     assert preds == [r["classical"]["pred"] for r in rows] and source == "fitted by the gate on the dataset's train split"
 
 
@@ -190,3 +193,26 @@ def test_the_headline_p_value_tests_the_main_metric() -> None:
     assert headline_p(comparison, "accuracy") == 1e-9 and headline_p(comparison, "exact_match") == 1e-9
     assert headline_p(comparison, "macro_f1") == 0.002
     assert headline_p({"metrics": {"rouge_l": {"p_value": 0.03}}}, "rouge_l") == 0.03
+
+
+def test_classical_is_balanced_as_the_micro_model_trains() -> None:
+    """faa-maintenance (one cause ~70 % of train, `train.balance: auto` → sample): weighed like the micro-model's rows,
+    the classical baseline answers the rarer causes too, and its macro-F1 (the recipe's main metric) rises; a recipe
+    whose labels are even, or a task without labels, is fitted unweighted."""
+    from pathlib import Path
+
+    from microtune.core.jsonl import read_jsonl
+    from microtune.data.balance import row_weights
+
+    folder = Path(__file__).resolve().parents[2] / "recipes" / "data" / "faa-maintenance"
+    train = [{"text": r["text"], "label": r["cause"]} for r in read_jsonl(folder / "train.jsonl")]
+    test = [{"text": r["text"], "label": r["cause"]} for r in read_jsonl(folder / "test.jsonl")]
+    task = get_task(ClassifyConfig(instruction="Name the cause."), sorted({r["label"] for r in train}))
+    weights = row_weights(train, "auto", 1.0)
+    assert weights is not None and len(weights) == len(train)
+    golds = [r["label"] for r in test]
+    plain = [a for a, _ in classical.fit(task, train).predict(test)]
+    balanced = [a for a, _ in classical.fit(task, train, weights).predict(test)]
+    assert len(set(balanced)) > len(set(plain))
+    assert task.metrics(golds, balanced)["macro_f1"] > task.metrics(golds, plain)["macro_f1"] + 0.1
+    assert row_weights(_rows(TRAIN_FILL), "auto", 1.0) is None and row_weights([{"text": "x"}], "auto", 1.0) is None

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from microtune.training.batching import collate, iterate_batches, label_weights
+from microtune.data.balance import label_weights
+from microtune.training.batching import collate, iterate_batches
 from microtune.training.engine import completion_loss, resolve_balance
 from toydata import write_jsonl
 

@@ -38,6 +38,6 @@ class Lead:
         return [(self.task.parse(first_sentence(r["text"])), None) for r in rows]
 
 
-def fit(task: Task, train: Sequence[dict[str, Any]]) -> Lead:
-    """Nothing is learnt from ``train``: taken for the same call shape as ``classical.fit``."""
+def fit(task: Task, train: Sequence[dict[str, Any]], weights: Sequence[float] | None = None) -> Lead:
+    """Nothing is learnt from ``train`` (nor its ``weights``): taken for the same call shape as ``classical.fit``."""
     return Lead(task)

@@ -30,6 +30,7 @@ from microtune.core.errors import DataError
 from microtune.core.jsonl import write_jsonl
 from microtune.core.progress import Reporter, emitter
 from microtune.data import read_split
+from microtune.data.balance import row_weights
 from microtune.evaluation import classical, lead, stats, timing
 from microtune.evaluation.endpoint import EndpointSystem
 from microtune.models import BaseModelRef, load_model, load_tokenizer
@@ -127,9 +128,10 @@ def _run_model_free(recipe: Recipe, dataset_dir: Path, task: Task, test: list[di
     cfg = recipe.eval
     wanted = [s for s in cfg.baselines if s in MODEL_FREE]
     train = read_split(dataset_dir, "train") if wanted else []
+    weights = row_weights(train, recipe.train.balance, recipe.train.balance_power)  # balanced as the micro-model trained
     for system in wanted:
         emit("message", text=f"predicting with {system} …", system=system)
-        model = MODEL_FREE[system](task, train)
+        model = MODEL_FREE[system](task, train, weights)
         start = time.perf_counter()
         preds = model.predict(test)
         seconds = time.perf_counter() - start

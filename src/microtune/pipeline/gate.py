@@ -28,6 +28,7 @@ from microtune.core.jsonl import read_jsonl
 from microtune.core.progress import Reporter
 from microtune.core.workspace import Workspace
 from microtune.data import read_split
+from microtune.data.balance import row_weights
 from microtune.evaluation import classical as classical_baseline
 from microtune.evaluation.stats import mcnemar
 from microtune.evaluation.stats import paired_bootstrap_p as p_value
@@ -139,7 +140,7 @@ def _classical_margin(recipe: Recipe, new: Version) -> ClassicalMargin | None:
     dataset_dir = Path(read_manifest(eval_dir, "eval")["dataset_dir"])
     task = get_task(recipe.task, read_manifest(dataset_dir, "dataset")["labels"])
     rows = _predictions(eval_dir)
-    preds, source = _classical_predictions(task, rows, dataset_dir)
+    preds, source = _classical_predictions(recipe, task, rows, dataset_dir)
     golds, micro = [r["gold"] for r in rows], [r["micro"]["pred"] for r in rows]
     m = recipe.metric_names()[0]
     right_micro = [x == 1.0 for x in task.example_scores(golds, micro)]
@@ -148,12 +149,14 @@ def _classical_margin(recipe: Recipe, new: Version) -> ClassicalMargin | None:
                            float(mcnemar(right_micro, right_classical)["p_value"]), len(rows), source)
 
 
-def _classical_predictions(task: Task, rows: list[dict[str, Any]], dataset_dir: Path) -> tuple[list[Any], str]:
+def _classical_predictions(recipe: Recipe, task: Task, rows: list[dict[str, Any]], dataset_dir: Path) -> tuple[list[Any], str]:
     """The classical baseline's answers on the frozen rows: the eval's own when it ran that baseline (the report's numbers),
-    else fitted now on the dataset's train split (deterministic, so the same answers the eval would have given)."""
+    else fitted now on the dataset's train split, balanced as the recipe trains (deterministic, so the same answers the
+    eval would have given)."""
     if rows and classical_baseline.NAME in rows[0]:
         return [r[classical_baseline.NAME]["pred"] for r in rows], "the eval's predictions.jsonl"
-    model = classical_baseline.fit(task, read_split(dataset_dir, "train"))
+    train = read_split(dataset_dir, "train")
+    model = classical_baseline.fit(task, train, row_weights(train, recipe.train.balance, recipe.train.balance_power))
     return [pred for pred, _ in model.predict(rows)], "fitted by the gate on the dataset's train split"
 
 

@@ -9,7 +9,6 @@ With ``weights`` (class balancing), an epoch is ``n`` draws with replacement, âˆ
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -50,14 +49,6 @@ def iterate_batches(lengths: Sequence[int], batch_size: int, seed: int, total: i
                 return
             yield epoch, batch
             done += 1
-
-
-def label_weights(labels: Sequence[str], power: float) -> list[float]:
-    """Per-example weight âˆ count(label)^-power, normalised to mean 1."""
-    counts = Counter(labels)
-    raw = [counts[label] ** -power for label in labels]
-    mean = sum(raw) / len(raw)
-    return [w / mean for w in raw]
 
 
 def collate(examples: list[Encoded], pad_id: int, weights: Sequence[float] | None = None) -> dict[str, Any]:

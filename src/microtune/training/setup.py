@@ -16,7 +16,8 @@ from typing import Any
 import microtune.methods as methods
 from microtune.config import Recipe
 from microtune.core.errors import RecipeError
-from microtune.data import imbalance, read_split
+from microtune.data import read_split
+from microtune.data.balance import label_weights, resolve_balance
 from microtune.models import BaseModelRef, MethodContext, apply_method, load_model, load_tokenizer, quantization_config, short_attention
 from microtune.models.hardware import autocast_linears, device, precast_frozen_linears, seed_everything, use_bf16, weights_dtype
 from microtune.models.resolve import stored_dtypes
@@ -24,7 +25,7 @@ from microtune.tasks import get_task
 from microtune.tasks.render import Encoded as Example
 from microtune.tasks.render import Renderer, encode_example
 from microtune.training import distributed as dist
-from microtune.training.batching import batches_per_epoch, label_weights
+from microtune.training.batching import batches_per_epoch
 from microtune.training.checkpoint import latest_checkpoint, load_checkpoint
 from microtune.training.defaults import data_defaults, unresolved, uses_checkpointing
 from microtune.training.fuse import fuse_siblings
@@ -156,21 +157,6 @@ def encode(recipe: Recipe, tokenizer: Any, source: DataSource) -> Data:
 
 def encode_split(rows: list[dict[str, Any]], task: Any, renderer: Renderer, max_len: int) -> Encoded:
     return [encode_example(task, r, renderer, max_len) for r in rows]
-
-
-def resolve_balance(setting: str, labels: list[str | None]) -> str:
-    """``auto`` → ``sample`` when the majority label would dominate (the same rule as `check`'s warning).
-
-    Tasks without labels (extract, generate) have nothing to balance: ``auto`` is ``none`` and an explicit
-    ``sample``/``weight`` is an error rather than a silently ignored option."""
-    if any(label is None for label in labels):
-        if setting in ("sample", "weight"):
-            raise RecipeError(f"train.balance={setting} needs labels; this task type has none",
-                              hint="set train.balance=auto (or none) for extract and generate recipes")
-        return "none"
-    if setting != "auto":
-        return setting
-    return "sample" if imbalance(labels) else "none"
 
 
 def build_model(recipe: Recipe, ref: BaseModelRef, to_device: bool = True, autocast: bool = False) -> Any:
