@@ -272,7 +272,8 @@ def _statistics(recipe: Recipe, task: Task, golds: list[Any], results: dict[str,
     scoring = {"label_scoring": decoder.scoring} if decoder.kind == "labels" else {}  # which scorer the local systems used
     return scoring | {"confidence": cfg.confidence, "n_resamples": cfg.n_resamples, "seed": cfg.seed, "main_metric": recipe.metric_names()[0],
             "interval_method": "percentile bootstrap over test rows (one seeded index matrix shared by all systems)",
-            "paired_test": "McNemar mid-p on per-row correctness" if classification else "paired bootstrap on the main metric",
+            "paired_test": ("McNemar mid-p on per-row correctness" if classification and recipe.metric_names()[0] in CORRECTNESS
+                            else "paired bootstrap on the main metric"),
             "latency_method": timing.LATENCY_METHOD.format(n=cfg.latency_examples),
             "endpoint_latency_method": timing.ENDPOINT_LATENCY_METHOD,
             "intervals": intervals, "comparisons": comparisons, "hardware": list(timing.hardware())}
