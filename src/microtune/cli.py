@@ -390,7 +390,8 @@ def _show_watch(report: dict[str, Any]) -> None:
 
 @app.command()
 def tune(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
-         budget: Annotated[str | None, typer.Option(help="Wall time: no trial starts after 30s / 20m / 2h.")] = None,
+         budget: Annotated[str | None, typer.Option(help="Wall time, 30s / 20m / 2h: no trial starts after it and a running one stops "
+                                                      "at its next step (the first trial to complete always finishes).")] = None,
          trials: Annotated[int | None, typer.Option(min=1, help="Trials the study should hold in all (a rerun continues to N).")] = None,
          workers: Annotated[int, typer.Option(min=1, help="Processes running trials of the study on this machine.")] = 1,
          storage: Annotated[str | None, typer.Option(help="Optuna RDB storage shared by the workers: sqlite:///…, postgresql://… "

@@ -181,3 +181,32 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path: Path, tiny_model_
     assert trials[0].user_attrs["microtune.from_recipe"] and trials[0].params["train.lr"] == 0.002  # the recipe's own, first
     assert not any(t.user_attrs.get("microtune.from_recipe") for t in trials[1:])
     assert "best" in done.stdout and "0 (recipe)" in done.stdout and (tmp_path / "recipe.tuned.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_a_running_trial_stops_at_the_budget_once_a_trial_has_completed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`--budget` bounds the search's wall time: the trial running when it runs out is stopped at its next step (PRUNED,
+    stopped by the budget) instead of training to its end; a study with no completed trial would let it finish."""
+    import optuna
+
+    from microtune import pipeline
+
+    recipe, ws = _recipe(tmp_path, tiny_model_dir, pruner="none"), tmp_path / "ws"
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"] |= {"max_steps": 100_000, "eval_steps": 100_000, "log_every": 1000}  # far longer than the budget
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    (ws / "toy" / "tune").mkdir(parents=True)
+    storage = f"sqlite:///{ws / 'toy' / 'tune' / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="toy", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"microtune.from_recipe": True}))  # an earlier run's trial
+    events = []
+    result = pipeline.tune(recipe, workspace=ws, trials=5, budget_s=20, reporter=events.append)
+    trials = optuna.load_study(study_name="toy", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]  # stopped, and no trial started after the budget
+    stopped = trials[1]
+    assert stopped.user_attrs["microtune.stopped"] == "budget" and stopped.last_step is None  # no validation ran: not the pruner
+    assert any(e.kind == "message" and "trial 1 stopped: the time budget was spent at step" in e.data["text"] for e in events)
+    last = max(e.step for e in events if e.stage == "train" and e.kind == "progress")
+    assert 0 < last < 100_000
+    rows = list(csv.DictReader((result.folder / "trials.csv").open()))
+    assert [r["stopped"] for r in rows] == ["", "budget"] and result.best_value == 0.5

@@ -8,7 +8,8 @@ the untouched estimate that `eval` and the gate use). The study lives in an RDB 
 ``sqlite:///<ws>/<recipe>/tune/study.db``), so trials run in parallel processes (``workers``), on several machines
 (one `--storage` database, the same `--study`), and a rerun after a crash continues the study: finished trials are
 kept, a trial left RUNNING by a dead process on this host is marked FAIL and run again. ``trials`` is the study's
-total; no new trial starts after ``budget_s`` (a running one finishes).
+total; at ``budget_s`` no new trial starts and a running one stops at its next step (PRUNED, ``stopped: budget``),
+unless no trial of the study has completed yet: that one finishes, so a search always ends with a best recipe.
 
 Outputs in ``<ws>/<recipe>/tune/<study>/``: trials.csv, importances.json, history.png, summary.json; each trial
 is an MLflow run nested under the study's run. Events: stage ``tune`` (``start``, a ``message`` per finished
@@ -56,6 +57,7 @@ OWNER = "microtune.owner"  # trial user attr: the process running it (host, pid,
 PARENT_RUN = "mlflow_parent_run_id"  # study user attr: the MLflow run the trials' runs are nested under
 FROM_RECIPE = "microtune.from_recipe"  # trial user attr: the first trial of a new study, the recipe's own settings
 RECIPE_HASH = "recipe_hash"  # study user attr: the recipe (less its tune section) the study searches around
+STOPPED = "microtune.stopped"  # trial user attr of a pruned trial: what stopped it, "pruner" or "budget"
 
 
 @dataclass
@@ -81,7 +83,7 @@ class _Job:
     storage: str
     study: str
     trials: int | None
-    deadline: float | None  # time.time() after which no trial starts
+    deadline: float | None  # time.time() after which no trial starts and a running one stops (once one has completed)
     lock: Path | None  # serialises "count, then start a trial" between this machine's processes (any storage)
     dataset_dir: Path
     labels: list[str]
@@ -275,9 +277,9 @@ def _optimize(job: _Job, index: int, reporter: Reporter | None) -> None:
     while (trial := _next_trial(job, study, storage)) is not None:
         try:
             value = _objective(job, study, trial, ref, reporter)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as exc:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            _report(reporter, study, trial, "pruned")
+            _report(reporter, study, trial, f"stopped: {exc}" if trial.user_attrs.get(STOPPED) == "budget" else "pruned")
         except RecipeError as exc:  # a combination the recipe rules refuse (e.g. packing with prompt tuning): this trial only
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             _report(reporter, study, trial, f"failed: {exc.message}")
@@ -383,7 +385,7 @@ def _objective(job: _Job, study: Any, trial: Any, ref: Any, reporter: Reporter |
         try:
             value = _train_and_score(job, recipe, trial, ref, reporter, run)
         except optuna.TrialPruned:
-            mlflow.set_tag("microtune.tune.state", "PRUNED")
+            mlflow.set_tags({"microtune.tune.state": "PRUNED", "microtune.tune.stopped": trial.user_attrs.get(STOPPED, "pruner")})
             raise
         mlflow.set_tag("microtune.tune.state", "COMPLETE")
         run.log_metrics({f"valid.{job.metric}": value})
@@ -396,7 +398,7 @@ def _train_and_score(job: _Job, recipe: Recipe, trial: Any, ref: Any, reporter: 
     with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-", dir=root) as scratch:
         adapter = Path(scratch) / "adapter"
         with write_artifact(adapter, "adapter", {"recipe": recipe.name, "labels": job.labels}) as (tmp, manifest):
-            out = train_adapter(recipe, ref, job.dataset_dir, job.labels, tmp, reporter=_pruning(trial, job.direction, reporter, run),
+            out = train_adapter(recipe, ref, job.dataset_dir, job.labels, tmp, reporter=_pruning(trial, job, reporter, run),
                                 extra_train=job.extra_train)
             write_text(tmp / "recipe.json", recipe_json(recipe))
             manifest.update(method=out["method"], final=out["final"])
@@ -411,20 +413,34 @@ def _train_and_score(job: _Job, recipe: Recipe, trial: Any, ref: Any, reporter: 
     return float(value)
 
 
-def _pruning(trial: Any, direction: str, reporter: Reporter | None, run: TrackedRun) -> Reporter:
+def _budget_spent(job: _Job, study: Any, trial: Any) -> bool:
+    """Past the deadline, with a completed trial in the study to stand as the best (the first one to finish is never cut)."""
+    from optuna.trial import TrialState
+
+    if job.deadline is None or time.time() < job.deadline:
+        return False
+    return any(t.number != trial.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _pruning(trial: Any, job: _Job, reporter: Reporter | None, run: TrackedRun) -> Reporter:
     """The training engine's events as the trial's hook: each validation loss is reported to the trial (negated when the
-    study maximises a task metric, so lower loss reads as better) and the trial stops when the pruner says so; metrics go
-    to the trial's MLflow run and its mirrors, everything else to the caller's reporter."""
+    study maximises a task metric, so lower loss reads as better) and the trial stops when the pruner says so, or at its
+    next step once the time budget is spent (``_budget_spent``); metrics go to the trial's MLflow run and its mirrors,
+    everything else to the caller's reporter."""
     import optuna
 
-    sign = 1.0 if direction == "minimize" else -1.0
+    sign = 1.0 if job.direction == "minimize" else -1.0
 
     def route(event: Event) -> None:
+        if event.step is not None and _budget_spent(job, trial.study, trial):
+            trial.set_user_attr(STOPPED, "budget")
+            raise optuna.TrialPruned(f"the time budget was spent at step {event.step}")
         if event.kind == "metrics":
             run.log_metrics(event.data, event.step)
             if "valid_loss" in event.data and event.step is not None:
                 trial.report(sign * float(event.data["valid_loss"]), event.step)
                 if trial.should_prune():
+                    trial.set_user_attr(STOPPED, "pruner")
                     raise optuna.TrialPruned(f"validation loss {event.data['valid_loss']:.4f} at step {event.step}")
         elif reporter is not None:
             reporter(event)
@@ -550,19 +566,21 @@ def _summarise(job: _Job, study: Any, source: Path | None, user_overrides: list[
 
 
 def _write_csv(path: Path, trials: list[Any], direction: str) -> None:
-    """One row per trial: ``value`` is the valid score of a completed trial only; ``valid_loss`` the last validation loss
-    reported (a pruned trial's reason), at ``last_step``."""
+    """One row per trial: ``stopped`` says what ended a pruned trial (``pruner`` or ``budget``); ``value`` is the valid
+    score of a completed trial only; ``valid_loss`` the last validation loss reported (a pruned trial's reason), at
+    ``last_step``."""
     from optuna.trial import TrialState
 
     params, sign = sorted({p for t in trials for p in t.params}), 1.0 if direction == "minimize" else -1.0
     with open(path, "w", newline="", encoding="utf-8") as handle:
         out = csv.writer(handle)
-        out.writerow(["number", "state", "value", "valid_loss", "last_step", "seconds", "from_recipe", *params])
+        out.writerow(["number", "state", "stopped", "value", "valid_loss", "last_step", "seconds", "from_recipe", *params])
         for t in trials:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else ""
             step = t.last_step
             loss = sign * t.intermediate_values[step] if step is not None else ""
-            out.writerow([t.number, t.state.name, t.value if t.state == TrialState.COMPLETE else "", loss, "" if step is None else step,
+            value = t.value if t.state == TrialState.COMPLETE else ""
+            out.writerow([t.number, t.state.name, t.user_attrs.get(STOPPED, ""), value, loss, "" if step is None else step,
                           seconds, "yes" if t.user_attrs.get(FROM_RECIPE) else "", *(t.params.get(p, "") for p in params)])
 
 
