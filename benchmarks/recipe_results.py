@@ -191,6 +191,21 @@ def table(workspace: Path) -> str:
     return "\n".join(lines)
 
 
+def merged(path: Path, body: str) -> str:
+    """``body`` with the rows of the recipes it lacks taken from the results block already in ``path``, in recipe order."""
+    text = path.read_text()
+    start, end = "<!-- recipe-results:start -->", "<!-- recipe-results:end -->"
+    old = text[text.index(start): text.index(end)] if start in text else ""
+
+    def rows(block: str) -> dict[str, str]:
+        return {name: line for line in block.splitlines() for name in RECIPES if line.startswith(f"| `{name}` |")}
+
+    new, kept = rows(body), rows(old)
+    lines = [line for line in body.splitlines() if not any(line.startswith(f"| `{n}` |") for n in RECIPES)]
+    table_rows = [new.get(name) or kept.get(name) for name in RECIPES]
+    return "\n".join(lines + [r for r in table_rows if r])
+
+
 def write_block(path: Path, body: str) -> None:
     write_block_named(path, "recipe-results", body)
 
@@ -211,6 +226,9 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="do not run; rebuild the table from the workspace")
     ap.add_argument("--conditions", default="", help="how the runs were made (threads, machine load), printed with the table")
     ap.add_argument("--no-write", action="store_true", help="print the tables only; leave README.md and BENCHMARKS.md as they are")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="rows of recipes this workspace has not run are kept from the table already in each file (written "
+                         "by an earlier run of this script; say which runs are which in --conditions)")
     ap.add_argument("--write-tuned-only", action="store_true",
                     help="write only the defaults-vs-tuned table (BENCHMARKS.md); print the defaults table (a workspace that "
                          "holds fewer recipes than the README's table, or other conditions)")
@@ -234,10 +252,11 @@ def main() -> None:
             "for classify and lead (first sentence) for generate included; main metric with its 95 % bootstrap interval over the test rows; "
             "p: McNemar mid-p on per-row correctness where the main metric is accuracy, paired bootstrap of the main metric "
             "otherwise). "
-            + (args.conditions + " " if args.conditions else "") + "Recipes not listed have not been run into this workspace yet."
+            + (args.conditions + " " if args.conditions else "")
+            + ("" if args.keep_others else "Recipes not listed have not been run into this workspace yet.")
             + "\n\n" + table(args.workspace))
     for path in () if args.no_write or args.write_tuned_only else (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
-        write_block(path, body)
+        write_block(path, merged(path, body) if args.keep_others else body)
     print(body)
     if args.tuned or (args.workspace / "tuned" / "tune-results.json").is_file():
         tuned = ("Produced by `.venv/bin/python benchmarks/recipe_results.py --tuned BUDGET`: each recipe tuned by `microtune tune` "

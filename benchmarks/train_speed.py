@@ -32,8 +32,9 @@ alternate over `--repeats` rounds and medians are reported.
 Reported per configuration: tokens/s over the training loop (non-pad tokens fed ÷ loop seconds; for
 TRL the trainer's own `train_runtime` and the tokenized dataset's token count × epochs), wall time of
 the whole training call (model load → adapter on disk; imports excluded), peak RSS of the subprocess
-after training, accuracy of the saved adapter on the first `--eval-examples` test rows (default: all of them), in the
-first round only (training is deterministic: three rounds gave each configuration one accuracy; every config
+after training, accuracy of the saved adapter on the first `--eval-examples` test rows (default: all of them) after
+every run — round r trains every configuration with the recipe's seed + r (training is deterministic, so one seed
+gives one accuracy and the rounds give a mean over seeds and a paired difference per seed); every config
 evaluated the same way: base + adapter via `peft.PeftModel`, microtune's `LabelPredictor` on the
 plain micro prompt), and achieved FLOP/s (4·N·tokens, N = non-embedding parameters) as a share of
 this machine's bf16 matmul peak (best time of a 2048² bf16 `torch.matmul` over every timing, measured in the same
@@ -119,7 +120,7 @@ def run_trl(config: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
              "completion": [{"role": "assistant", "content": r["label"]}]} for r in s["train"]]
     settings: dict[str, Any] = {
         "output_dir": str(work / "trl-out"), "num_train_epochs": args.epochs, "per_device_train_batch_size": BATCH,
-        "learning_rate": recipe.train.lr, "seed": recipe.train.seed, "save_strategy": "no", "report_to": "none",
+        "learning_rate": recipe.train.lr, "seed": _seed(args, recipe), "save_strategy": "no", "report_to": "none",
         "use_cpu": not torch.cuda.is_available(),
     }
     settings |= TRL_BEST if config == "trl-best" else {}
@@ -153,7 +154,7 @@ def run_microtune(kind: str, args: argparse.Namespace, work: Path) -> dict[str, 
     subset = work / "train.jsonl"
     subset.write_text("".join(json.dumps({"text": r["text"], "intent": r["label"]}) + "\n" for r in s["train"]))
     overrides = [f"data.train={subset}", "data.valid=null", "data.split.valid=0", f"train.epochs={args.epochs}",
-                 f"train.batch_size={BATCH}", f"train.lr={recipe.train.lr}", f"train.seed={recipe.train.seed}",
+                 f"train.batch_size={BATCH}", f"train.lr={recipe.train.lr}", f"train.seed={_seed(args, recipe)}",
                  "train.balance=none", f"method.kind={kind}"] + (args.variant if args.config == "microtune-variant" else [])
     start = time.perf_counter()
     adapter = train(RECIPE, overrides=overrides, workspace=work / "ws")
@@ -167,6 +168,11 @@ def run_microtune(kind: str, args: argparse.Namespace, work: Path) -> dict[str, 
                  "grad_ckpt": uses_checkpointing(recipe.with_overrides([f"method.kind={kind}"]))}
     return {"tokens": cost["tokens_seen"], "loop_s": cost["wall_time_s"], "wall_s": wall, "rss_mb": peak,
             "dense_params": cost["dense_params"], "precision": precision, "adapter": str(adapter)}
+
+
+def _seed(args: argparse.Namespace, recipe: Any) -> int:
+    """Round r trains every configuration with the recipe's seed + r (its data order and LoRA initialisation)."""
+    return recipe.train.seed + (args.round or 0)
 
 
 def accuracy(adapter: str, n: int) -> float:
@@ -202,8 +208,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- parent: alternate, collect, report -----------------------------------------------------------------
 
-def spawn(config: str, args: argparse.Namespace, eval_examples: int | None = None) -> dict[str, Any]:
+def spawn(config: str, args: argparse.Namespace, eval_examples: int | None = None, round_: int = 0) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--config", config, "--examples", str(args.examples), "--epochs", str(args.epochs),
+           "--round", str(round_),
            "--eval-examples", str(args.eval_examples if eval_examples is None else eval_examples),
            *[x for v in args.variant for x in ("--variant", v)]]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TOKENIZERS_PARALLELISM": "false"}
@@ -235,7 +242,7 @@ def summarize(runs: list[dict[str, Any]], peak_bf16: float) -> dict[str, Any]:
     tps = [r["tokens"] / r["loop_s"] for r in runs]
     accs = [r["accuracy"] for r in runs if r.get("accuracy") is not None]
     return {"tps": statistics.median(tps), "tps_runs": tps, "wall": med("wall_s"), "loop": med("loop_s"),
-            "rss": med("rss_mb"), "acc": statistics.median(accs) if accs else None,
+            "rss": med("rss_mb"), "acc": statistics.mean(accs) if accs else None, "acc_runs": accs,
             "mfu": 4 * runs[0]["dense_params"] * statistics.median(tps) / peak_bf16,
             "tokens": runs[0]["tokens"], "precision": runs[0]["precision"]}
 
@@ -250,15 +257,17 @@ def _precision(p: dict[str, Any]) -> str:
 
 def tables(res: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], n_eval: int) -> list[str]:
     main = ["| configuration | precision | tokens/s (median) | runs | training call s | loop s | peak RSS MiB | "
-            f"accuracy ({n_eval} test rows) | FLOP/s ÷ bf16 peak |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+            f"accuracy ({n_eval} test rows): mean over the rounds' seeds (each) | FLOP/s ÷ bf16 peak |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     main += [f"| {c} | {_precision(r['precision'])} | {r['tps']:.0f} | {', '.join(f'{x:.0f}' for x in r['tps_runs'])} | "
-             f"{r['wall']:.1f} | {r['loop']:.1f} | {r['rss']:.0f} | {_acc(r['acc'])} | {r['mfu']:.1%} |"
-             for c, r in res.items()]
-    ratio = ["| comparison | training call speed-up (wall-time ratio) | tokens/s ratio | peak RSS ratio | accuracy difference |",
-             "|---|---:|---:|---:|---:|"]
+             f"{r['wall']:.1f} | {r['loop']:.1f} | {r['rss']:.0f} | {_acc(r['acc'])} ({', '.join(map(_acc, r['acc_runs']))}) | "
+             f"{r['mfu']:.1%} |" for c, r in res.items()]
+    ratio = ["| comparison | training call speed-up (wall-time ratio) | tokens/s ratio | peak RSS ratio | "
+             "accuracy difference: mean (each seed) |", "|---|---:|---:|---:|---:|"]
     for a, b in (("microtune", "trl-defaults"), ("microtune", "trl-best"), ("trl-best", "trl-defaults")):
         x, y = res[a], res[b]
-        diff = "–" if x["acc"] is None or y["acc"] is None else f"{(x['acc'] - y['acc']) * 100:+.1f} points"
+        paired = [(u - v) * 100 for u, v in zip(x["acc_runs"], y["acc_runs"])]
+        diff = "–" if not paired else f"{statistics.mean(paired):+.1f} points ({', '.join(f'{d:+.1f}' for d in paired)})"
         ratio.append(f"| {a} vs {b} | {y['wall'] / x['wall']:.2f}× | {x['tps'] / y['tps']:.2f}× | "
                      f"{x['rss'] / y['rss']:.2f}× | {diff} |")
     memory = ["| microtune method (one run each) | peak RSS MiB | tokens/s | training call s |", "|---|---:|---:|---:|"]
@@ -271,7 +280,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=240, help="first N rows of the demo train split")
     ap.add_argument("--eval-examples", type=int, default=-1,
-                    help="first N rows of the demo test split, scored in the first round (-1, the default: all; 0: skip)")
+                    help="first N rows of the demo test split, scored after every run (-1, the default: all; 0: skip)")
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print the tables only; leave BENCHMARKS.md as it is (for quick runs)")
@@ -279,6 +288,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="A.B=VALUE",
                     help="also run microtune with these overrides (repeatable), alternated with the others: a lever under "
                          "trial; printed only (implies --no-write)")
+    ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)  # the child's round: its seed is the recipe's + round
     ap.add_argument("--trl-args", help=argparse.SUPPRESS)  # JSON of SFTConfig fields, to try settings by hand
     args = ap.parse_args()
     if args.epochs == int(args.epochs):
@@ -296,7 +306,7 @@ def main() -> None:
         peaks.append(spawn("peak", args)["bfloat16"])
         print(f"repeat {r + 1} bf16 matmul peak {peaks[-1] / 1e9:7.1f} GFLOP/s", flush=True)
         for config in configs:
-            out = spawn(config, args, eval_examples=None if r == 0 else 0)  # deterministic training: one accuracy a config
+            out = spawn(config, args, round_=r)  # each round its own seed: the accuracy is a mean over seeds
             runs[config].append(out)
             print(f"repeat {r + 1} {config:14s} {out['tokens'] / out['loop_s']:7.1f} tok/s  call {out['wall_s']:6.1f} s  "
                   f"RSS {out['rss_mb']:6.0f} MiB  acc {_acc(out.get('accuracy'))}  {_precision(out['precision'])}", flush=True)
@@ -325,7 +335,9 @@ def main() -> None:
                    f"{command} — first {args.examples} demo train rows, {args.epochs} epoch(s), batch {BATCH}, "
                    "LoRA r=16 alpha=32 all-linear on the bundled SmolLM2-135M-Instruct, loss on the label only, "
                    f"medians of {args.repeats} alternated runs in fresh processes ({res['microtune']['tokens']} tokens "
-                   f"per microtune run). bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (2048² `torch.matmul`, the best of "
+                   f"per microtune run); round r trains every configuration with the recipe's seed + r, and accuracy is "
+                   f"the mean over the rounds' seeds (deterministic training: one seed gives one accuracy). "
+                   f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (2048² `torch.matmul`, the best of "
                    f"{10 * args.repeats} timings in {args.repeats} processes: the idle machine's peak even on a loaded one); "
                    "FLOP/s = 4·N·tokens/s with N = non-embedding parameters. "
                    f"Machine: {about}; 1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs (above the CPU "

@@ -104,6 +104,23 @@ def test_compare_reports_mcnemar_for_classification_only() -> None:
     assert "mcnemar" not in compare(golds, a, b, pa, pb, da, db, classification=False)
 
 
+def test_compare_gives_the_paired_difference_its_interval() -> None:
+    """The interval of A − B comes from the shared resampled rows: for accuracy it is the percentile interval of the
+    mean per-row difference of correctness over those rows (computed here without the metric functions)."""
+    rng = random.Random(3)
+    golds = [rng.choice(LABELS) for _ in range(60)]
+    a = [g if rng.random() < 0.8 else LABELS[0] for g in golds]
+    b = [g if rng.random() < 0.6 else LABELS[1] for g in golds]
+    boot = Bootstrap(60, 400, seed=5)
+    da, db = boot.distribution(golds, a, _accuracy_only), boot.distribution(golds, b, _accuracy_only)
+    res = compare(golds, a, b, _accuracy_only(golds, a), _accuracy_only(golds, b), da, db, classification=True, confidence=0.9)
+    per_row = np.array([(x == g) - (y == g) for g, x, y in zip(golds, a, b)], dtype=float)
+    low, high = np.percentile(per_row[boot.indices].mean(axis=1), [5, 95])
+    acc = res["metrics"]["accuracy"]
+    assert acc["low"] == pytest.approx(low) and acc["high"] == pytest.approx(high)
+    assert acc["low"] <= acc["delta"] <= acc["high"] and acc["high"] - acc["low"] > 0
+
+
 def test_price_table_matches_device_names() -> None:
     from microtune.models.prices import hourly_price
 

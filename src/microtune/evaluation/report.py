@@ -193,7 +193,8 @@ def _paired(stats: dict[str, Any]) -> list[list[str]]:
             body.append([f"micro vs {s}", "McNemar (correctness)", f"only micro right {mc['b']}, only {s} right {mc['c']}",
                          f"exact {pvalue(mc['p_value'])}, mid-p {pvalue(mc['mid_p'])}"])
         for metric, res in comp["metrics"].items():
-            body.append([f"micro vs {s}", f"paired bootstrap ({metric})", f"Δ = {res['delta']:+.3f}", pvalue(res["p_value"])])
+            interval = f" [{res['low']:+.3f}, {res['high']:+.3f}]" if "low" in res else ""  # evals written before it have none
+            body.append([f"micro vs {s}", f"paired bootstrap ({metric})", f"Δ = {res['delta']:+.3f}{interval}", pvalue(res["p_value"])])
     return body
 
 

@@ -263,7 +263,7 @@ def _statistics(recipe: Recipe, task: Task, golds: list[Any], results: dict[str,
     intervals = {s: stats.interval_table(results[s]["metrics"], dists[s], cfg.confidence) for s in results}
     classification = task.name == "classify"
     comparisons = {s: stats.compare(golds, preds[MICRO], preds[s], results[MICRO]["metrics"], results[s]["metrics"],
-                                    dists[MICRO], dists[s], classification) for s in results if s != MICRO}
+                                    dists[MICRO], dists[s], classification, cfg.confidence) for s in results if s != MICRO}
     for s, r in results.items():
         r["metrics"]["ci"] = {k: [v["low"], v["high"]] for k, v in intervals[s].items()}
         if s in comparisons:

@@ -139,15 +139,17 @@ def interval_table(point: dict[str, Any], dist: dict[str, np.ndarray], confidenc
 
 def compare(golds: Sequence[Any], preds_a: Sequence[Any], preds_b: Sequence[Any], point_a: dict[str, Any],
             point_b: dict[str, Any], dist_a: dict[str, np.ndarray], dist_b: dict[str, np.ndarray],
-            classification: bool) -> dict[str, Any]:
-    """A (the micro-model) vs B (a baseline): McNemar on correctness for classification, and a paired
-    bootstrap p-value for every numeric metric (the only test for other task types)."""
+            classification: bool, confidence: float = 0.95) -> dict[str, Any]:
+    """A (the micro-model) vs B (a baseline): McNemar on correctness for classification, and for every numeric metric
+    the difference A − B with its paired bootstrap p-value and percentile interval (``low``/``high``: the two systems'
+    resamples share their rows, so their differences are the paired difference's distribution)."""
     out: dict[str, Any] = {"metrics": {}}
     for key in scalar_metrics(point_a):
         if key in dist_a and key in dist_b and key in point_b:
             delta = float(point_a[key]) - float(point_b[key])
-            out["metrics"][key] = {"delta": delta, "p_value": paired_bootstrap_p(dist_a[key], dist_b[key], delta),
-                                   "test": "paired bootstrap"}
+            low, high = percentile_ci(np.asarray(dist_a[key]) - np.asarray(dist_b[key]), confidence)
+            out["metrics"][key] = {"delta": delta, "low": low, "high": high,
+                                   "p_value": paired_bootstrap_p(dist_a[key], dist_b[key], delta), "test": "paired bootstrap"}
     if classification:
         out["mcnemar"] = mcnemar([g == p for g, p in zip(golds, preds_a)], [g == p for g, p in zip(golds, preds_b)])
     return out
