@@ -265,6 +265,8 @@ def tables(res: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], n_eva
     ratio = ["| comparison | training call speed-up (wall-time ratio) | tokens/s ratio | peak RSS ratio | "
              "accuracy difference: mean (each seed) |", "|---|---:|---:|---:|---:|"]
     for a, b in (("microtune", "trl-defaults"), ("microtune", "trl-best"), ("trl-best", "trl-defaults")):
+        if a not in res or b not in res:
+            continue
         x, y = res[a], res[b]
         paired = [(u - v) * 100 for u, v in zip(x["acc_runs"], y["acc_runs"])]
         diff = "–" if not paired else f"{statistics.mean(paired):+.1f} points ({', '.join(f'{d:+.1f}' for d in paired)})"
@@ -272,7 +274,8 @@ def tables(res: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], n_eva
                      f"{x['rss'] / y['rss']:.2f}× | {diff} |")
     memory = ["| microtune method (one run each) | peak RSS MiB | tokens/s | training call s |", "|---|---:|---:|---:|"]
     memory += [f"| {k.removeprefix('microtune-')} | {r['rss']:.0f} | {r['tps']:.0f} | {r['wall']:.1f} |" for k, r in mem.items()]
-    memory.append(f"\nqlora ÷ lora peak RSS: {mem['microtune-qlora']['rss'] / mem['microtune-lora']['rss']:.2f}×")
+    if mem:
+        memory.append(f"\nqlora ÷ lora peak RSS: {mem['microtune-qlora']['rss'] / mem['microtune-lora']['rss']:.2f}×")
     return ["\n".join(main), "\n".join(ratio), "\n".join(memory)]
 
 
@@ -288,6 +291,9 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="A.B=VALUE",
                     help="also run microtune with these overrides (repeatable), alternated with the others: a lever under "
                          "trial; printed only (implies --no-write)")
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=CONFIGS,
+                    help="the configurations to race (default: all); fewer implies --no-write (an accuracy check across seeds, "
+                         "e.g. --configs trl-defaults microtune --epochs 3)")
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)  # the child's round: its seed is the recipe's + round
     ap.add_argument("--trl-args", help=argparse.SUPPRESS)  # JSON of SFTConfig fields, to try settings by hand
     args = ap.parse_args()
@@ -298,8 +304,8 @@ def main() -> None:
         return
     about = machine()
     print(about, flush=True)
-    configs = [*CONFIGS, "microtune-variant"] if args.variant else CONFIGS
-    args.no_write = args.no_write or bool(args.variant)
+    configs = [*args.configs, "microtune-variant"] if args.variant else list(args.configs)
+    args.no_write = args.no_write or bool(args.variant) or set(args.configs) != set(CONFIGS)
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     peaks: list[float] = []
     for r in range(args.repeats):
@@ -311,7 +317,7 @@ def main() -> None:
             print(f"repeat {r + 1} {config:14s} {out['tokens'] / out['loop_s']:7.1f} tok/s  call {out['wall_s']:6.1f} s  "
                   f"RSS {out['rss_mb']:6.0f} MiB  acc {_acc(out.get('accuracy'))}  {_precision(out['precision'])}", flush=True)
     peak = max(peaks)  # the best of every timing: a loaded machine lowers a median, never the peak
-    mem_runs = {k: spawn(k, args, eval_examples=0) for k in MEMORY_RUNS}
+    mem_runs = {k: spawn(k, args, eval_examples=0) for k in MEMORY_RUNS} if set(args.configs) == set(CONFIGS) else {}
     for k, out in mem_runs.items():
         print(f"memory run {k:16s} RSS {out['rss_mb']:6.0f} MiB  {out['tokens'] / out['loop_s']:7.1f} tok/s", flush=True)
     res = {c: summarize(v, peak) for c, v in runs.items()}
