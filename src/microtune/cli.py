@@ -398,7 +398,11 @@ def tune(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None,
                                                           "\\[default: sqlite:///<workspace>/<recipe>/tune/study.db]")] = None,
          study: Annotated[str | None, typer.Option(help="Study name (resume it, or share it across machines). \\[default: the recipe name]")] = None,
          tracker: TrackerOpt = None) -> None:
-    """Search hyper-parameters (recipe `tune:` space; Optuna TPE, pruning) scored on the valid split; writes RECIPE.tuned.yaml."""
+    """Search hyper-parameters (recipe `tune:` space; Optuna TPE, pruning) scored on the valid split; writes RECIPE.tuned.yaml.
+
+    Valid too small to tell settings apart? --set tune.holdout=0.15: trials score on valid + 15 % of train, held out.
+
+    The tuned recipe still trains on all of train; the test split is never read."""
     from microtune import pipeline
 
     set_ = _tracked(set_, tracker)

@@ -619,6 +619,10 @@ class TuneConfig(Section):
     startup_trials: int = Field(3, ge=0, description="Trials drawn at random before TPE models the results and before pruning starts.")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of a trial before it may be pruned.")
     seed: int | None = Field(13, description="Seed of the sampler (each worker adds its index and the trials already in the study).")
+    holdout: float = Field(
+        0.0, ge=0, le=0.5, description="Share of the train rows held out of every trial's training and scored with the valid "
+        "split (stratified by label, seeded by tune.seed, or 13): a larger selection set where valid is small. The tuned "
+        "recipe still trains on all of train; the test split is never read.")
 
 
 def _tunable(path: str, kinds: list[str]) -> tuple[list[type[BaseModel]], str]:

@@ -162,6 +162,35 @@ def test_tune_scores_on_valid_never_reads_test_and_resumes_a_dead_processes_stud
     assert any("valid.accuracy" in r.data.metrics for r in children)
 
 
+def test_a_holdout_share_of_train_joins_valid_for_the_trials_only(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from microtune import pipeline
+    from microtune.data import read_split
+    from microtune.pipeline.tune import selection_split
+
+    recipe, ws = _recipe(tmp_path, tiny_model_dir, holdout=0.4), tmp_path / "ws"
+    dataset = pipeline.check(recipe, workspace=ws).dataset_dir
+    train, valid = read_split(dataset, "train"), read_split(dataset, "valid")
+    folder, held, kept = selection_split(dataset, load_recipe(recipe), tmp_path / "sel")
+    moved, rest = read_split(folder, "valid")[len(valid):], read_split(folder, "train")
+    assert (held, kept) == (len(moved), len(rest)) == (6, 9) and read_split(folder, "valid")[:len(valid)] == valid
+    key = lambda r: (r["text"], r["label"])  # noqa: E731
+    assert sorted(map(key, moved + rest)) == sorted(map(key, train)) and not set(map(key, moved)) & set(map(key, rest))
+    assert sorted(r["label"] for r in moved) == sorted(LABELS * 2)  # stratified: 2 of each label's 5
+    assert not (folder / "test.jsonl").exists()
+    again, _, _ = selection_split(dataset, load_recipe(recipe), tmp_path / "sel2")  # the same rows every time (resume, workers)
+    assert read_split(again, "valid") == read_split(folder, "valid")
+
+    (dataset / "test.jsonl").unlink()
+    events = []
+    result = pipeline.tune(recipe, workspace=ws, trials=1, reporter=events.append)
+    summary = json.loads((result.folder / "summary.json").read_text())
+    assert summary["holdout"] == 0.4 and summary["selection_rows"] == len(valid) + 6 and summary["counts"] == {"complete": 1}
+    assert any("6 train rows held out" in e.data.get("text", "") for e in events if e.stage == "tune")
+    assert load_recipe(result.tuned_recipe).data.train == load_recipe(recipe).data.train  # the tuned recipe trains on all of train
+    with pytest.raises(Exception, match="another recipe"):  # another share is another search: a new study
+        pipeline.tune(recipe, ["tune.holdout=0.2"], workspace=ws, trials=2)
+
+
 @pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_study(tmp_path: Path, tiny_model_dir: Path) -> None:
     import optuna

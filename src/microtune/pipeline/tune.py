@@ -4,7 +4,8 @@
     result.tuned_recipe          # recipes/banking-intents.tuned.yaml: the original plus the best overrides
 
 Each trial trains on the train split and is scored on the **valid** split (the test split is never read: it stays
-the untouched estimate that `eval` and the gate use). The study lives in an RDB storage (default
+the untouched estimate that `eval` and the gate use); ``tune.holdout`` moves a share of train into that selection set
+(``selection_split``) where valid is too small to tell settings apart. The study lives in an RDB storage (default
 ``sqlite:///<ws>/<recipe>/tune/study.db``), so trials run in parallel processes (``workers``), on several machines
 (one `--storage` database, the same `--study`), and a rerun after a crash continues the study: finished trials are
 kept, a trial left RUNNING by a dead process on this host is marked FAIL and run again. ``trials`` is the study's
@@ -123,15 +124,20 @@ def tune(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str 
     url = storage or f"sqlite:///{folder / 'study.db'}"
     name = study or base.name
     metric = base.tune.metric or base.metric_names()[0]
+    emit = emitter(reporter, "tune")
+    dataset_dir = checked.dataset_dir
+    if base.tune.holdout:
+        dataset_dir, held, kept = selection_split(checked.dataset_dir, base, folder / name / "data")
+        emit("message", text=f"tune: {held} train rows held out (tune.holdout {base.tune.holdout:g}): trials train on {kept} "
+                             f"and are scored on valid + those {held}")
     job = _Job(base, ws.root, url, name, trials, None if budget_s is None else time.time() + budget_s,
-               folder / f".{name}.lock", checked.dataset_dir,
+               folder / f".{name}.lock", dataset_dir,
                checked.manifest["labels"], metric, "minimize" if metric == "valid_loss" else "maximize", extra,
                checked.declared or checked.recipe, checked.manifest["stats"])
     optuna_study = _open_study(job)
     _check_same_recipe(optuna_study, base, name)
     _parent_run(optuna_study, base, ws)
     _start_from_recipe(job, optuna_study)
-    emit = emitter(reporter, "tune")
     # no total on the tune events: the console draws one live bar at a time, and that is each trial's training bar
     emit("start", step=_finished(optuna_study), study=name, storage=url, metric=metric, trials=trials, workers=workers)
     children = [_spawn(job, i) for i in range(1, workers)]
@@ -193,8 +199,10 @@ def _engine(url: str) -> dict[str, Any]:
 
 
 def _check_same_recipe(study: Any, recipe: Recipe, name: str) -> None:
-    """A study searches around one recipe: resuming it with other data or settings would mix incomparable trials."""
-    key = hash_value({k: v for k, v in recipe.resolved().items() if k != "tune"})
+    """A study searches around one recipe: resuming it with other data or settings would mix incomparable trials (a
+    held-out share changes what trials train on and are scored by)."""
+    held = {"tune.holdout": recipe.tune.holdout} if recipe.tune.holdout else {}
+    key = hash_value({k: v for k, v in recipe.resolved().items() if k != "tune"} | held)
     known = study.user_attrs.get(RECIPE_HASH)
     if known is None:
         study.set_user_attr(RECIPE_HASH, key)
@@ -447,6 +455,22 @@ def _pruning(trial: Any, job: _Job, reporter: Reporter | None, run: TrackedRun) 
     return route
 
 
+def selection_split(dataset_dir: Path, recipe: Recipe, out: Path) -> tuple[Path, int, int]:
+    """The data the trials see when ``tune.holdout`` is set: train less a held-out share (stratified by label; tasks
+    without labels form one stratum), valid with those rows added; no test file. Deterministic (``tune.seed``), so a
+    resumed study or another worker gets the same rows. ``(folder, rows held out, train rows kept)``."""
+    from microtune.core.jsonl import write_jsonl
+    from microtune.synthesis.plan import split_holdout
+
+    labelled = TASKS[recipe.task.type].has_labels
+    train = [{**row, "stratum": row["label"] if labelled else ""} for row in read_split(dataset_dir, "train")]
+    held, kept = split_holdout(train, recipe.tune.holdout, 13 if recipe.tune.seed is None else recipe.tune.seed)
+    plain = [[{k: v for k, v in row.items() if k != "stratum"} for row in rows] for rows in (held, kept)]
+    write_jsonl(out / "train.jsonl", plain[1])
+    write_jsonl(out / "valid.jsonl", read_split(dataset_dir, "valid") + plain[0])
+    return out, len(held), len(kept)
+
+
 def _extra_train(recipe: Recipe, ws: Workspace, checked: Any) -> list[dict[str, Any]]:
     """Synthetic rows mixed into train (as `train` mixes them) so that trials train on what a real run trains on."""
     if recipe.synth is None or not recipe.synth.mix.enabled:
@@ -554,7 +578,9 @@ def _summarise(job: _Job, study: Any, source: Path | None, user_overrides: list[
         result.best_params, result.overrides = dict(best.params), list(best.user_attrs.get("overrides", []))
         result.tuned_recipe = _write_tuned(job, source, user_overrides, result, best.number, folder)
     write_json(folder / "summary.json", {"study": job.study, "storage": job.storage, "metric": job.metric, "direction": job.direction,
-                                         "split": "valid", "best_trial": None if best is None else best.number,
+                                         "split": "valid", "holdout": job.recipe.tune.holdout,
+                                         "selection_rows": len(read_split(job.dataset_dir, "valid")),
+                                         "best_trial": None if best is None else best.number,
                                          "best_value": result.best_value, "best_params": result.best_params,
                                          "overrides": result.overrides, "importances": importances, "importances_note": why,
                                          "counts": counts, "tuned_recipe": str(result.tuned_recipe) if result.tuned_recipe else None})
