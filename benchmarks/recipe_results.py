@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/recipe_results.py --only phee-ade scitldr
     .venv/bin/python benchmarks/recipe_results.py --table-only          # rebuild the table from earlier runs
     .venv/bin/python benchmarks/recipe_results.py --only banking-intents --tuned 20m   # defaults, then tuned
+    .venv/bin/python benchmarks/recipe_results.py --trial-fit 20m       # trials of each recipe's settings in 20 minutes
 
 With --tuned BUDGET each recipe is then tuned (`microtune tune`, Optuna on the train and valid splits only, BUDGET of
 wall time, the recipe's default search space) and the tuned recipe is run into WORKSPACE/tuned with the micro-model
@@ -126,6 +127,29 @@ def tuned_table(workspace: Path) -> str:
     return "\n".join(lines)
 
 
+def trial_fit(workspace: Path, budget_s: float) -> str:
+    """How many trials of each recipe's own settings a tuning budget holds, from the defaults runs' artifacts: the
+    adapter's training wall time plus the micro-model's eval rate applied to the valid rows (what a trial does)."""
+    lines = ["| recipe | train rows | steps | training (s) | valid rows | scoring valid (s) | one trial (min) | "
+             f"trials in {budget_s / 60:g} min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in RECIPES:
+        found = _latest_eval(workspace, name)
+        if found is None:
+            continue
+        adapter = workspace / name / "adapters" / found.name
+        if not (adapter / "manifest.json").is_file():
+            continue
+        manifest = json.loads((adapter / "manifest.json").read_text())
+        rows = json.loads((Path(manifest["dataset_dir"]) / "manifest.json").read_text())["stats"]["rows"]
+        micro = json.loads((found / "metrics.json").read_text())["micro"]
+        train_s = manifest["cost"]["wall_time_s"]
+        score_s = micro["seconds"] / micro["examples"] * rows["valid"]
+        trial = train_s + score_s
+        lines.append(f"| `{name}` | {rows['train']:,} | {manifest['final']['steps']} | {train_s:.0f} | {rows['valid']} | {score_s:.0f} | "
+                     f"{trial / 60:.1f} | {budget_s / trial:.1f} |")
+    return "\n".join(lines)
+
+
 def _short(override: str) -> str:
     """``train.lr=0.004041365384011066`` → ``train.lr=0.00404``: a drawn float to 3 significant digits, for the table."""
     key, _, value = override.partition("=")
@@ -237,7 +261,12 @@ def main() -> None:
     ap.add_argument("--skip-defaults", action="store_true", help="with --tuned: reuse the workspace's defaults runs, do not rerun them")
     ap.add_argument("--micro-only", action="store_true",
                     help="run the defaults without baselines (the micro-model alone: enough for the defaults-vs-tuned table)")
+    ap.add_argument("--trial-fit", metavar="BUDGET", help="print how many trials of each recipe's own settings BUDGET holds "
+                    "(from the workspace's defaults runs: training time + scoring the valid rows) and exit")
     args = ap.parse_args()
+    if args.trial_fit:
+        print(trial_fit(args.workspace, _seconds(args.trial_fit)))
+        return
     budget = _seconds(args.tuned) if args.tuned else None
     if not args.table_only:
         for name in args.only or RECIPES:

@@ -162,7 +162,8 @@ def test_tune_scores_on_valid_never_reads_test_and_resumes_a_dead_processes_stud
     assert any("valid.accuracy" in r.data.metrics for r in children)
 
 
-def test_a_holdout_share_of_train_joins_valid_for_the_trials_only(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_holdout_share_of_train_joins_valid_for_the_trials_only_and_a_one_trial_budget_says_so(tmp_path: Path,
+                                                                                                   tiny_model_dir: Path) -> None:
     from microtune import pipeline
     from microtune.data import read_split
     from microtune.pipeline.tune import selection_split
@@ -182,10 +183,12 @@ def test_a_holdout_share_of_train_joins_valid_for_the_trials_only(tmp_path: Path
 
     (dataset / "test.jsonl").unlink()
     events = []
-    result = pipeline.tune(recipe, workspace=ws, trials=1, reporter=events.append)
+    result = pipeline.tune(recipe, workspace=ws, trials=3, budget_s=1, reporter=events.append)  # the first trial outlasts it
     summary = json.loads((result.folder / "summary.json").read_text())
     assert summary["holdout"] == 0.4 and summary["selection_rows"] == len(valid) + 6 and summary["counts"] == {"complete": 1}
-    assert any("6 train rows held out" in e.data.get("text", "") for e in events if e.stage == "tune")
+    said = [e.data["text"] for e in events if e.stage == "tune" and e.kind == "message"]
+    assert any("6 train rows held out" in text for text in said)
+    assert any("can only return the recipe's own settings" in text for text in said), said  # the budget held one trial
     assert load_recipe(result.tuned_recipe).data.train == load_recipe(recipe).data.train  # the tuned recipe trains on all of train
     with pytest.raises(Exception, match="another recipe"):  # another share is another search: a new study
         pipeline.tune(recipe, ["tune.holdout=0.2"], workspace=ws, trials=2)
@@ -229,7 +232,7 @@ def test_a_running_trial_stops_at_the_budget_once_a_trial_has_completed(tmp_path
     study = optuna.create_study(storage=storage, study_name="toy", direction="maximize")
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"microtune.from_recipe": True}))  # an earlier run's trial
     events = []
-    result = pipeline.tune(recipe, workspace=ws, trials=5, budget_s=20, reporter=events.append)
+    result = pipeline.tune(recipe, workspace=ws, trials=5, budget_s=90, reporter=events.append)  # set-up included: room on a loaded machine
     trials = optuna.load_study(study_name="toy", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]  # stopped, and no trial started after the budget
     stopped = trials[1]

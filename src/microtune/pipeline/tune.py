@@ -283,6 +283,7 @@ def _optimize(job: _Job, index: int, reporter: Reporter | None) -> None:
     study = _open_study(job, storage, seed_offset=index + seen)  # workers and reruns draw different random starts
     ref = resolve_base(job.recipe.model)
     while (trial := _next_trial(job, study, storage)) is not None:
+        started = time.time()
         try:
             value = _objective(job, study, trial, ref, reporter)
         except optuna.TrialPruned as exc:
@@ -297,19 +298,23 @@ def _optimize(job: _Job, index: int, reporter: Reporter | None) -> None:
         else:
             study.tell(trial, value)
             _report(reporter, study, trial, f"{job.metric} {value:.4f}")
+            _warn_short_budget(job, trial, time.time() - started, reporter)
 
 
 def _next_trial(job: _Job, study: Any, storage: Any) -> Any:
     """A new trial, or None when the study is full or the budget spent. Dead processes' trials are failed first, and
-    counting and starting happen under a file lock, so workers on one machine start exactly the trials asked for."""
+    counting and starting happen under a file lock, so workers on one machine start exactly the trials asked for.
+    Past the budget a trial still starts while no trial of the study has run (the set-up can outlast a short budget),
+    so a search ends with a best recipe unless its trials fail."""
     from optuna.trial import TrialState
 
-    if job.deadline is not None and time.time() >= job.deadline:
-        return None
     with _locked(job.lock):
         _fail_dead_trials(study, storage)
         live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         if job.trials is not None and len(live) >= job.trials:
+            return None
+        if job.deadline is not None and time.time() >= job.deadline and \
+                study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)):
             return None
         trial = study.ask()
         trial.set_user_attr(OWNER, {"host": socket.gethostname(), "pid": os.getpid(), "start": _pid_start(os.getpid())})
@@ -363,6 +368,19 @@ def _report(reporter: Reporter | None, study: Any, trial: Any, outcome: str) -> 
     best_text = f"; best so far trial {best.number}: {best.value:.4f}" if best is not None else ""
     own = " (the recipe's own settings)" if trial.user_attrs.get(FROM_RECIPE) else ""
     emit("message", text=f"tune: trial {trial.number}{own} {outcome}{best_text}")
+
+
+def _warn_short_budget(job: _Job, trial: Any, seconds: float, reporter: Reporter | None) -> None:
+    """Once the recipe's own trial has completed: say so when a trial as long no longer fits in the budget left, since
+    the search can then only hand back the recipe's own settings (the first trial to complete is never cut)."""
+    if job.deadline is None or not trial.user_attrs.get(FROM_RECIPE):
+        return
+    left = max(0.0, job.deadline - time.time())
+    if left < seconds:
+        emitter(reporter, "tune")("message", text=(
+            f"tune: the recipe's own settings took {seconds / 60:.1f} min to train and score and {left / 60:.1f} min of the budget "
+            "remain: a trial as long cannot complete, so this search can only return the recipe's own settings; give a --budget "
+            f"of several trials (a second one needs about {2 * seconds / 60:.0f} min in all) or run --workers on more cores"))
 
 
 def _best(study: Any) -> Any:
