@@ -282,7 +282,8 @@ def main() -> None:
             "p: McNemar mid-p on per-row correctness where the main metric is accuracy, paired bootstrap of the main metric "
             "otherwise). "
             + (args.conditions + " " if args.conditions else "")
-            + ("" if args.keep_others else "Recipes not listed have not been run into this workspace yet.")
+            + ("" if args.keep_others or all(_latest_eval(args.workspace, n) for n in RECIPES)
+               else "Recipes not listed have not been run into this workspace yet.")
             + "\n\n" + table(args.workspace))
     for path in () if args.no_write or args.write_tuned_only else (ROOT / "README.md", ROOT / "BENCHMARKS.md"):
         write_block(path, merged(path, body) if args.keep_others else body)
