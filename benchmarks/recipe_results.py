@@ -47,9 +47,10 @@ def run_recipe(name: str, workspace: Path, micro_only: bool = False) -> float:
     return seconds
 
 
-def tune_recipe(name: str, workspace: Path, budget_s: float) -> dict[str, Any]:
+def tune_recipe(name: str, workspace: Path, budget_s: float, tune_set: list[str] | None = None) -> dict[str, Any]:
     """Tune one recipe for ``budget_s`` (valid split only), then run its tuned recipe into ``workspace / 'tuned'`` with no
-    baselines; what the search found is kept in ``workspace / 'tuned' / 'tune-results.json'``."""
+    baselines; what the search found is kept in ``workspace / 'tuned' / 'tune-results.json'``. ``tune_set``: recipe
+    overrides for the search (``tune.holdout=0.15``), recorded with the result."""
     from rich.console import Console
 
     from microtune import pipeline
@@ -59,14 +60,15 @@ def tune_recipe(name: str, workspace: Path, budget_s: float) -> dict[str, Any]:
     reporter = ConsoleReporter(Console(stderr=True), bars=False)
     start = time.perf_counter()
     # a Recipe object, not the path: the tuned recipe lands in the study's folder (paths resolved), not in recipes/
-    result = pipeline.tune(load_recipe(ROOT / "recipes" / f"{name}.yaml"), workspace=workspace, reporter=reporter, budget_s=budget_s)
+    result = pipeline.tune(load_recipe(ROOT / "recipes" / f"{name}.yaml", tune_set), workspace=workspace, reporter=reporter, budget_s=budget_s)
     searched = time.perf_counter() - start
     if result.tuned_recipe is None:
         raise SystemExit(f"{name}: no trial of the tune study finished within the budget; give --tuned a longer one")
     start = time.perf_counter()
     pipeline.run(result.tuned_recipe, overrides=["eval.baselines=[]"], workspace=workspace / "tuned", reporter=reporter)
     found = {"tune_minutes": round(searched / 60, 1), "run_minutes": round((time.perf_counter() - start) / 60, 1),
-             "trials": result.counts, "valid": {result.metric: result.best_value}, "overrides": result.overrides}
+             "trials": result.counts, "valid": {result.metric: result.best_value}, "overrides": result.overrides,
+             "tune_set": list(tune_set or [])}
     path = workspace / "tuned" / "tune-results.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
     done[name] = found
@@ -121,9 +123,10 @@ def tuned_table(workspace: Path) -> str:
             p = paired_bootstrap_p(a, b)
         info = found[name]
         counts = info["trials"]
+        search_set = "".join(f" `{o}`" for o in info.get("tune_set", []))  # what the search ran with (tune.holdout=…)
         lines.append(f"| `{name}` | {main} | {point_a:.3f} | {point_b:.3f} | {point_b - point_a:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                      f"| {'< 0.001' if p < 0.001 else f'{p:.3f}'} | {counts.get('complete', 0)} / {counts.get('pruned', 0)} "
-                     f"| {info['tune_minutes']:.0f} min | {', '.join(f'`{_short(o)}`' for o in info['overrides']) or '—'} |")
+                     f"| {info['tune_minutes']:.0f} min{search_set} | {', '.join(f'`{_short(o)}`' for o in info['overrides']) or '—'} |")
     return "\n".join(lines)
 
 
@@ -258,6 +261,8 @@ def main() -> None:
                          "holds fewer recipes than the README's table, or other conditions)")
     ap.add_argument("--tuned", metavar="BUDGET", default=None,
                     help="then tune each recipe for BUDGET (30s / 20m / 1h) and run its tuned recipe: the defaults-vs-tuned table")
+    ap.add_argument("--tune-set", metavar="KEY=VALUE", action="append", default=[],
+                    help="with --tuned: a recipe override for the search only, e.g. tune.holdout=0.15 (repeatable; shown in the table)")
     ap.add_argument("--skip-defaults", action="store_true", help="with --tuned: reuse the workspace's defaults runs, do not rerun them")
     ap.add_argument("--micro-only", action="store_true",
                     help="run the defaults without baselines (the micro-model alone: enough for the defaults-vs-tuned table)")
@@ -275,7 +280,7 @@ def main() -> None:
                 print(f"   {run_recipe(name, args.workspace, args.micro_only) / 60:.1f} min", flush=True)
             if budget:
                 print(f"== {name}, tuned for {args.tuned}", flush=True)
-                print(f"   {tune_recipe(name, args.workspace, budget)}", flush=True)
+                print(f"   {tune_recipe(name, args.workspace, budget, args.tune_set)}", flush=True)
     body = ("Produced by `.venv/bin/python benchmarks/recipe_results.py` (bundled defaults of each recipe, "
             "SmolLM2-135M-Instruct, 2 CPU cores; every baseline the recipe lists, classical (TF-IDF + logistic regression) "
             "for classify and lead (first sentence) for generate included; main metric with its 95 % bootstrap interval over the test rows; "

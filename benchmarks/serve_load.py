@@ -346,7 +346,7 @@ def main() -> None:
     if args.mix:
         write_mix(args, results, jobs, serve_mix)
         return
-    write(args, results, jobs)
+    write(args, results, jobs, adapters)
 
 
 def write_mix(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jobs: list[tuple[str, str]], serve_mix: Any) -> None:
@@ -361,7 +361,7 @@ def write_mix(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
     _write_section("serve-load-mix", body)
 
 
-def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jobs: list[tuple[str, str]]) -> None:
+def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jobs: list[tuple[str, str]], adapters: dict[str, Path]) -> None:
 
     rows, summary = [], {}
     for name, runs in results.items():
@@ -380,22 +380,38 @@ def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jo
     for line in table:
         print(line)
     command = (f"`.venv/bin/python benchmarks/serve_load.py --clients {args.clients} --requests {args.requests} "
-               f"--repeats {args.repeats} --threads {args.threads}`")
+               f"--repeats {args.repeats} --threads {args.threads}" + (f" --workspace {args.workspace}" if args.workspace else "") + "`")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from predict_speed import _write_section
 
+    load = os.getloadavg()[0]
     _write_section("serve-load", "## Serving: many micro-models on one base (classify, CPU)\n\n"
                    f"{command} — {args.clients} concurrent clients, {args.requests} chat requests per round over 4 micro-models "
-                   "(LoRA r=16 all-linear adapters on the bundled SmolLM2-135M-Instruct, built with PEFT from the recipes' method "
-                   "sections with seeded random B matrices, not trained: banking-a/b with the banking-intents recipe's instruction and "
-                   "30 labels, faa-a/b with faa-maintenance's; serving cost does not depend on the weights' values), test-split "
-                   "texts, rounds alternating the two servers. Both answer with the same constrained label decoder on the same micro "
-                   "prompt; the naive peer keeps all adapters in memory and swaps them per request (`set_adapter`), one request at "
-                   f"a time (benchmarks/naive_lora_server.py). {args.threads} torch thread(s) per server (OMP_NUM_THREADS) on a 2-core machine "
-                   "shared with other jobs: with 2 OpenMP threads each op waits for whichever thread the OS descheduled (measured "
-                   "there: one 60-token forward 6 s with 2 threads vs 0.16 s with 1). Latency over "
+                   f"({adapters_in_words(adapters)}), test-split texts, rounds alternating the two servers. Both answer with the same "
+                   "constrained label decoder on the same micro prompt; the naive peer keeps all adapters in memory and swaps them per "
+                   f"request (`set_adapter`), one request at a time (benchmarks/naive_lora_server.py). {args.threads} torch thread(s) "
+                   f"per server (OMP_NUM_THREADS), {os.cpu_count()} CPUs, 1-minute load average at the end {load:.1f} (above the CPU "
+                   "count, other processes shared the cores: with 2 OpenMP threads each op then waits for whichever thread the OS "
+                   "descheduled, which is why 1 thread is the default). Latency over "
                    f"all rounds. The two servers gave the same label for {agree:.0%} of the last round's requests "
                    "(bf16 batched vs one-row matmuls may flip near-ties).\n\n" + "\n".join(table))
+
+
+def adapters_in_words(adapters: dict[str, Path]) -> str:
+    """What the served adapters are, from their artifacts: the benchmark's seeded random ones (built_by in the manifest) or
+    trained ones (their recipe and id), and the scorer each recipe records (``task.scoring``)."""
+    manifests = {n: json.loads((p / "manifest.json").read_text()) for n, p in adapters.items()}
+    recipes = {n: json.loads((p / "recipe.json").read_text()) for n, p in adapters.items()}
+    scorers = sorted({r.get("task", {}).get("scoring") or "loglik" for r in recipes.values()})
+    scoring = f"scored with {' and '.join(f'`{s}`' for s in scorers)} (each recipe's `task.scoring`)"
+    if all(str(m.get("built_by", "")).startswith("benchmarks/serve_load.py") for m in manifests.values()):
+        return ("LoRA r=16 all-linear adapters on the bundled SmolLM2-135M-Instruct, built with PEFT from the recipes' method "
+                "sections with seeded random B matrices, not trained: banking-a/b with the banking-intents recipe's instruction and "
+                f"30 labels, faa-a/b with faa-maintenance's; {scoring}. The trie walk's cost does not depend on the weights' values; "
+                "loglik's does: random adapters spread their first-token mass, so pruning keeps more answers than a trained one's")
+    return ("trained adapters: " + ", ".join(f"{n} = {recipes[n].get('name', '?')} `{adapters[n].name}`" for n in adapters)
+            + f" ({len(set(p.name for p in adapters.values()))} distinct; a copy served under two names is two models to the "
+            f"server); {scoring}")
 
 
 if __name__ == "__main__":
