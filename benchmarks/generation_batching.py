@@ -26,14 +26,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import pct, start, stop  # noqa: E402  (benchmarks/ is not a package)
+from serve_load import pct, run_clients, start, stop  # noqa: E402  (benchmarks/ is not a package)
 
 BATCHED, ALONE = "microtune serve (batched)", "microtune serve --max-batch 1 (one at a time)"
 BASE = "smollm2-135m-instruct"  # the bundled base model's alias: the model name the requests ask for
@@ -75,13 +74,7 @@ def round_(port: int, texts: list[str], clients: int, tokens: int) -> dict[str, 
                 continue
             done[i] = data["usage"]["completion_tokens"]
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     got = [d for d in done if d is not None]
     return {"wall": wall, "tokens": sum(got), "tokens_s": sum(got) / wall, "requests_s": len(got) / wall, "latency": latency,
             "completion": got, "failures": failures}

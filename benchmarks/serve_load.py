@@ -135,6 +135,17 @@ def stop(proc: subprocess.Popen, grace: float = 30) -> None:
         proc.wait(10)
 
 
+def run_clients(client: Any, clients: int) -> float:
+    """Run ``client(k)`` for k in 0..clients-1, each in its own thread, all at once; the wall seconds until the last ends."""
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def load(port: int, jobs: list[tuple[str, str]], clients: int, labels: dict[str, set[str]], checker: Any = None) -> dict[str, Any]:
     """Send every job once with `clients` concurrent connections; per-request latency, answers and failures. Without a
     ``checker`` (serve_mix.Checker: the body and the right answer per task type) every model is a classify one."""
@@ -168,13 +179,7 @@ def load(port: int, jobs: list[tuple[str, str]], clients: int, labels: dict[str,
                 failures.append(f"{model}: HTTP {resp.status} {str(data)[:200]}")
             answers[i] = answer
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     return {"throughput": len(jobs) / wall, "latency": latency, "answers": answers, "failures": failures, "wall": wall}
 
 
@@ -234,13 +239,8 @@ def load_statuses(port: int, jobs: list[tuple[str, str]], clients: int, retries:
                 counts[status] = counts.get(status, 0) + 1
                 latency.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"counts": counts, "missing_retry": missing_retry, "wall": time.perf_counter() - t0, "latency": latency, "seen_429": seen_429[0]}
+    wall = run_clients(client, clients)
+    return {"counts": counts, "missing_retry": missing_retry, "wall": wall, "latency": latency, "seen_429": seen_429[0]}
 
 
 def contention(args: argparse.Namespace, adapter_args: list[str], work: Path) -> None:
@@ -390,9 +390,9 @@ def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], jo
                    f"({adapters_in_words(adapters)}), test-split texts, rounds alternating the two servers. Both answer with the same "
                    "constrained label decoder on the same micro prompt; the naive peer keeps all adapters in memory and swaps them per "
                    f"request (`set_adapter`), one request at a time (benchmarks/naive_lora_server.py). {args.threads} torch thread(s) "
-                   f"per server (OMP_NUM_THREADS), {os.cpu_count()} CPUs, 1-minute load average at the end {load:.1f} (above the CPU "
-                   "count, other processes shared the cores: with 2 OpenMP threads each op then waits for whichever thread the OS "
-                   "descheduled, which is why 1 thread is the default). Latency over "
+                   f"per server (OMP_NUM_THREADS), {os.cpu_count()} CPUs, 1-minute load average at the end {load:.1f} (a load above the "
+                   "CPU count means other processes shared the cores: with 2 OpenMP threads each op then waits for whichever thread "
+                   "the OS descheduled, which is why 1 thread is the default). Latency over "
                    f"all rounds. The two servers gave the same label for {agree:.0%} of the last round's requests "
                    "(bf16 batched vs one-row matmuls may flip near-ties).\n\n" + "\n".join(table))
 

@@ -346,8 +346,8 @@ def main() -> None:
                    f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (2048² `torch.matmul`, the best of "
                    f"{10 * args.repeats} timings in {args.repeats} processes: the idle machine's peak even on a loaded one); "
                    "FLOP/s = 4·N·tokens/s with N = non-embedding parameters. "
-                   f"Machine: {about}; 1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs (above the CPU "
-                   "count, other processes shared the cores: absolute rates drop, ratios of alternated runs hold better). "
+                   f"Machine: {about}; 1-minute load average at the end {load:.1f} on {os.cpu_count()} CPUs (a load above the "
+                   "CPU count means other processes shared the cores: absolute rates drop, ratios of alternated runs hold better). "
                    f"trl-best = TRL defaults + `{json.dumps(TRL_BEST)}` "
                    "(what else was tried: the docstring of benchmarks/train_speed.py).\n\n"
                    + "\n\n".join(body))
