@@ -80,6 +80,7 @@ def check(recipe: RecipeArg, set_: SetOpt = None, workspace: WorkspaceOpt = None
     result = _guard(lambda: pipeline.check(recipe, set_, workspace))
     _show_check(result.manifest, result.dataset_dir)
     _show_chosen(result.chosen)
+    _show_exports(result.exports)
 
 
 @app.command()
@@ -579,6 +580,13 @@ def _show_chosen(chosen: dict[str, Any]) -> None:
     """The `auto` training settings and the values the data gave them (training/defaults.py)."""
     for path, choice in chosen.items():
         out.print(f"{path} = {choice.value} (auto: {escape(choice.why)})", highlight=False, soft_wrap=True)
+
+
+def _show_exports(exports: dict[str, str | None]) -> None:
+    """Which `microtune export` formats a micro-model of this recipe will get, and for the others why not and the fix."""
+    for fmt, refused in exports.items():
+        verdict = "yes" if refused is None else f"no — {escape(refused)}"
+        out.print(f"export --{fmt}: {verdict}", highlight=False, soft_wrap=True)
 
 
 def _show_synth(folder: Path) -> None:

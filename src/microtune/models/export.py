@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import microtune.methods as methods
-from microtune.config import ModelConfig, artifact_recipe
+from microtune.config import ModelConfig, Recipe, artifact_recipe
 from microtune.core.artifacts import read_json, read_manifest, write_artifact, write_json
 from microtune.core.atomic import write_text
-from microtune.core.errors import ArtifactError, InputError, ModelError
+from microtune.core.errors import ArtifactError, InputError, MicrotuneError, ModelError
 from microtune.core.names import NAME_RULE, is_valid_name
 from microtune.models.gguf_file import GGUF_TYPES, check_architecture, check_gguf_type, tokenizer_fields, write_gguf
 from microtune.models.ollama import modelfile
@@ -43,6 +43,65 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 log = logging.getLogger(__name__)
+
+
+EXPORTS = ("merge", "vllm", "gguf")  # the formats of `microtune export`, in the order `check` reports them
+
+
+def method_refusal(kind: str, fmt: str) -> tuple[str, str] | None:
+    """Why `microtune export --<fmt>` cannot write a micro-model trained with method ``kind``, and the way out; None when
+    the method allows it. Read from the method's capability flags, so `check` (before training) and `export` agree."""
+    spec = methods.spec(kind)
+    caps = spec.capabilities
+    foldable = [k for k in methods.kinds() if methods.has(k, "mergeable") or methods.has(k, "full_model")]
+    if fmt == "merge" and not caps.mergeable:
+        return (spec.reasons.get("mergeable", "its adapter does not fold into the weights"),
+                "the run's folder is already a plain transformers model: load it directly, or export --gguf OUT.gguf"
+                if caps.full_model else "serve the adapter itself (`microtune serve`), or train with method.kind "
+                                        f"{_one_of([k for k in foldable if methods.has(k, 'mergeable')])}")
+    if fmt == "vllm" and not caps.vllm_servable:
+        return (spec.reasons.get("vllm_servable", "vLLM serves plain LoRA adapters only"),
+                "`vllm serve` the run's folder: it is a plain model" if caps.full_model
+                else "export --merge OUT for a plain model any server runs, or train with method.kind lora" if caps.mergeable
+                else "serve it with `microtune serve`, or train with method.kind lora")
+    if fmt == "gguf" and not (caps.mergeable or caps.full_model):
+        return (f"{spec.reasons.get('mergeable', 'its adapter does not fold into the weights')}, and a GGUF holds only the "
+                "plain architecture's weights",
+                f"serve this adapter with `microtune serve` (it runs the virtual tokens), or train with {_one_of(foldable)} "
+                "and export that")
+    return None
+
+
+def export_refusals(recipe: Recipe, labels: list[str], tokenizer: Any, base_path: str) -> dict[str, str | None]:
+    """Per format of `microtune export` (``EXPORTS``): None when it will write a micro-model of this recipe, else why not
+    and the way out — what `microtune check` reports before anything is trained. The rules are export's own: the
+    method's flags, vLLM's rank ceiling, and for GGUF the base's architecture, its vocabulary and the Modelfile's text."""
+    from transformers import AutoConfig
+
+    kind = recipe.method.kind
+    out: dict[str, str | None] = {}
+    for fmt in EXPORTS:
+        refused = method_refusal(kind, fmt)
+        out[fmt] = None if refused is None else f"method.kind {kind}: {refused[0]}; fix: {refused[1]}"
+    try:
+        if out["vllm"] is None and getattr(recipe.method, "r", None) is not None:
+            vllm_rank(recipe.method.r)
+    except MicrotuneError as exc:
+        out["vllm"] = f"{exc.message}; fix: {exc.hint}"
+    try:
+        if out["gguf"] is None:
+            check_architecture(AutoConfig.from_pretrained(base_path, trust_remote_code=recipe.model.trust_remote_code))
+            tokenizer_fields(vocab_gguf(recipe.model), tokenizer)
+            modelfile_for(recipe, labels, kind, tokenizer, "model.gguf")
+    except MicrotuneError as exc:
+        out["gguf"] = f"{exc.message}; fix: {exc.hint}"
+    except (OSError, ValueError) as exc:  # a base whose config transformers cannot read: training will say more
+        out["gguf"] = f"the base model's config could not be read ({exc}); fix: check model.base"
+    return out
+
+
+def _one_of(kinds: list[str]) -> str:
+    return kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
 
 
 def export_adapter(adapter_dir: str | Path, merge: str | Path | None = None, vllm: str | Path | None = None, *,
@@ -87,10 +146,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     ``merged``: the float32 merge already made for another export of the same adapter (cast here in place)."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     manifest = read_manifest(adapter_dir, "adapter")
+    kind = manifest.get("method", "lora")
+    refused = method_refusal(kind, "merge")
+    if refused:
+        raise InputError(f"{adapter_dir} was trained with {kind}: {refused[0]}", hint=refused[1])
     config = peft_config(adapter_dir)
-    if config.is_prompt_learning:
-        raise InputError(f"{adapter_dir} holds a PEFT {config.peft_type.value} adapter: its virtual tokens are not weights "
-                         "that can be merged into the model", hint="serve the adapter itself (PeftModel), or train with LoRA")
     torch_dtype = _torch_dtype(dtype)
     check_out(adapter_dir, out_dir, force, "--merge")
     model = (merged if merged is not None else _merged_model(adapter_dir, manifest)).to(torch_dtype)
@@ -192,7 +252,8 @@ def gguf_export(adapter_dir: str | Path, out: str | Path, gguf_type: str = "f16"
     ref, trust_remote_code = _base_ref(adapter_dir, manifest)
     check_architecture(AutoConfig.from_pretrained(str(adapter_dir) if full else ref.path, trust_remote_code=trust_remote_code))
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    vocab = tokenizer_fields(_vocab_gguf(adapter_dir), tokenizer)  # refuses a vocabulary the GGUF cannot be given, before the merge
+    base = ModelConfig(**read_json(adapter_dir / "recipe.json")["model"])
+    vocab = tokenizer_fields(vocab_gguf(base), tokenizer)  # refuses a vocabulary the GGUF cannot be given, before the merge
     text = _modelfile_text(adapter_dir, manifest, tokenizer, out.name)
     model = load_model(BaseModelRef(str(adapter_dir), str(adapter_dir), str(adapter_dir), ""), trust_remote_code) if full \
         else merged if merged is not None else _merged_model(adapter_dir, manifest)
@@ -205,16 +266,10 @@ def gguf_export(adapter_dir: str | Path, out: str | Path, gguf_type: str = "f16"
 def check_gguf_method(adapter_dir: Path, manifest: dict[str, Any]) -> bool:
     """Whether the artifact is a whole model (`full`); a method whose adapter does not fold into the weights is refused."""
     kind = manifest.get("method", "lora")
-    spec = methods.spec(kind)
-    if spec.capabilities.full_model:
-        return True
-    if not spec.capabilities.mergeable:
-        why = spec.reasons.get("mergeable", "its adapter does not fold into the weights")
-        raise InputError(f"{adapter_dir} was trained with {kind}: {why}, and a GGUF holds only the plain architecture's weights",
-                         hint="serve this adapter with `microtune serve` (it runs the virtual tokens), or train with "
-                              f"{', '.join(k for k in methods.kinds() if methods.has(k, 'mergeable') or methods.has(k, 'full_model'))} "
-                              "and export that")
-    return False
+    refused = method_refusal(kind, "gguf")
+    if refused:
+        raise InputError(f"{adapter_dir} was trained with {kind}: {refused[0]}", hint=refused[1])
+    return methods.spec(kind).capabilities.full_model
 
 
 def check_gguf_out(adapter_dir: Path, out: Path, force: bool, others: list[Path] | None = None) -> None:
@@ -233,9 +288,8 @@ def check_gguf_out(adapter_dir: Path, out: Path, force: bool, others: list[Path]
             raise InputError(f"{path} already exists", hint="choose another path, or pass --force (force=True) to replace it")
 
 
-def _vocab_gguf(adapter_dir: Path) -> Path:
+def vocab_gguf(cfg: ModelConfig) -> Path:
     """The GGUF whose tokenizer metadata the export copies: the base's own, else the bundled SmolLM2 (checked id for id)."""
-    cfg = ModelConfig(**read_json(adapter_dir / "recipe.json")["model"])
     found = base_gguf(cfg) or bundled_gguf()
     if found is None:
         raise ModelError(f"GGUF export copies the tokenizer metadata from the base model's GGUF, and {cfg.base!r} is not one",
@@ -245,14 +299,18 @@ def _vocab_gguf(adapter_dir: Path) -> Path:
 
 
 def _modelfile_text(adapter_dir: Path, manifest: dict[str, Any], tokenizer: Any, gguf_name: str) -> str:
+    return modelfile_for(artifact_recipe(adapter_dir / "recipe.json"), manifest.get("labels") or [],
+                         manifest.get("method", "lora"), tokenizer, gguf_name)
+
+
+def modelfile_for(recipe: Recipe, labels: list[str], method: str, tokenizer: Any, gguf_name: str) -> str:
+    """The Ollama Modelfile of a micro-model of ``recipe`` trained with ``method`` (refuses text a Modelfile cannot quote)."""
     from microtune.tasks.render import Renderer
 
-    recipe = artifact_recipe(adapter_dir / "recipe.json")
-    labels = manifest.get("labels") or []
     task = get_task(recipe.task, labels)
     renderer = Renderer(tokenizer)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in (renderer.stop_id, tokenizer.eos_token_id) if i is not None]
-    title = f"microtune micro-model {manifest.get('recipe')!r}: {recipe.task.type}, {manifest.get('method', 'lora')} on {recipe.model.base}"
+    title = f"microtune micro-model {recipe.name!r}: {recipe.task.type}, {method} on {recipe.model.base}"
     return modelfile(gguf_name, tokenizer, stops=stops, system=_system_message(task, recipe), title=title,
                      labels=labels if task.has_labels else None)
 
@@ -274,12 +332,18 @@ def _gguf_lineage(adapter_dir: Path, manifest: dict[str, Any], gguf_type: str) -
             "microtune.dataset_hash": lineage.get("dataset_hash"), "microtune.gguf_type": gguf_type}
 
 
-def vllm_spec(base: str, name: str, path: Path, r: int, chat_template: bool = False) -> dict[str, Any]:
-    """What vLLM needs to serve one adapter: the base model, the module, the rank ceiling and (when the adapter has
-    one) the chat template training rendered prompts with, so vLLM's chat endpoint builds the same prompt."""
+def vllm_rank(r: int) -> int:
+    """The `--max-lora-rank` vLLM needs for rank ``r`` (the next value it accepts); refuses a rank above its ceiling."""
     rank = next((x for x in VLLM_RANKS if x >= r), None)
     if rank is None:
         raise InputError(f"LoRA rank {r} is above the {VLLM_RANKS[-1]} vLLM serves", hint="train with a smaller method.r")
+    return rank
+
+
+def vllm_spec(base: str, name: str, path: Path, r: int, chat_template: bool = False) -> dict[str, Any]:
+    """What vLLM needs to serve one adapter: the base model, the module, the rank ceiling and (when the adapter has
+    one) the chat template training rendered prompts with, so vLLM's chat endpoint builds the same prompt."""
+    rank = vllm_rank(r)
     template = ["--chat-template", str(path / CHAT_TEMPLATE)] if chat_template else []
     command = shlex.join(["vllm", "serve", base, "--enable-lora", "--lora-modules", f"{name}={path}",
                           "--max-lora-rank", str(rank), *template])

@@ -18,6 +18,7 @@ from microtune.core.errors import Problem
 from microtune.core.workspace import Workspace
 from microtune.data import build_dataset, compute_stats, write_dataset
 from microtune.models import load_tokenizer, resolve_base
+from microtune.models.export import export_refusals
 from microtune.pipeline.recipes import RecipeLike, resolve_recipe
 from microtune.registry import require_backends
 from microtune.tasks import get_task
@@ -35,6 +36,7 @@ class CheckResult:
     warnings: list[str] = field(default_factory=list)
     declared: Recipe | None = None  # the recipe as written: `auto` training settings not yet chosen
     chosen: dict[str, Choice] = field(default_factory=dict)  # the training settings chosen from the data, with the reason
+    exports: dict[str, str | None] = field(default_factory=dict)  # per `export` format: None (it will be written) or why not, and the fix
 
 
 def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str | Path | None = None) -> CheckResult:
@@ -54,7 +56,8 @@ def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
         with write_artifact(dest, "dataset", manifest) as (tmp, _):
             write_dataset(result, tmp)
     resolved, chosen = data_defaults(recipe, stats)
-    return CheckResult(resolved, dest, read_manifest(dest, "dataset"), manifest["warnings"], recipe, chosen)
+    exports = export_refusals(recipe, result.labels, renderer.tok, ref.path)
+    return CheckResult(resolved, dest, read_manifest(dest, "dataset"), manifest["warnings"], recipe, chosen, exports)
 
 
 def _long_rows(stats: dict[str, Any], turns: bool = False) -> list[str]:
