@@ -28,6 +28,28 @@ def test_overrides_parse_values_as_yaml() -> None:
     assert recipe.eval.max_examples == 5
 
 
+def test_switching_the_method_kind_keeps_the_settings_the_new_kind_has(caplog: pytest.LogCaptureFixture) -> None:
+    """`--set method.kind=X` on a recipe written for another method (and watch's `method.kind=qlora` retrain on a
+    prompt-tuning or IA3 recipe) validates: settings X has are kept, the others dropped with a warning."""
+    banking = ROOT / "recipes/banking-intents.yaml"
+    qlora = load_recipe(banking, ["method.kind=qlora"])
+    assert (qlora.method.kind, qlora.method.r, qlora.method.alpha) == ("qlora", 16, 32)
+    with caplog.at_level("WARNING", logger="microtune.config"):
+        ia3 = load_recipe(banking, ["method.kind=ia3"])
+    assert ia3.method.kind == "ia3"
+    assert "method.kind=ia3: method.r=16 dropped (a lora setting that ia3 does not have)" in caplog.text
+    for kind in ("prompt_tuning", "prefix_tuning", "ia3", "full", "dora", "lora"):
+        recipe = load_recipe(banking, [f"method.kind={kind}"])
+        back = recipe.with_overrides(recipe.watch.retrain)  # watch's default retrain: method.kind=qlora
+        assert back.method.kind == "qlora" and back.name == recipe.name
+    prompt = load_recipe(banking, ["method.kind=prompt_tuning", "method.num_virtual_tokens=12"])
+    assert prompt.method.num_virtual_tokens == 12
+    with pytest.raises(RecipeError, match="method.r: unknown key 'r'"):  # set after the switch: the new kind has no r
+        load_recipe(banking, ["method.kind=ia3", "method.r=4"])
+    with pytest.raises(RecipeError, match="unknown kind 'lorra'"):
+        load_recipe(banking, ["method.kind=lorra"])
+
+
 def test_bad_override_form() -> None:
     with pytest.raises(RecipeError, match="not of the form a.b=value"):
         apply_override({}, "train.epochs")

@@ -9,6 +9,7 @@ Relative data paths are resolved against the recipe file's folder.
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import reduce
@@ -44,6 +45,8 @@ from microtune.methods import (  # noqa: F401 (the method sections, importable f
     QloraConfig,
 )
 from microtune.tasks import DEFAULT_TASK, TASKS, TaskSection
+
+log = logging.getLogger(__name__)
 
 
 def _task_type(value: Any) -> str:
@@ -782,6 +785,16 @@ class Recipe(Section):
             apply_override(raw, item)
         return validate_recipe(raw, source=f"recipe {self.name!r} with overrides {list(overrides)}")
 
+    def retrain_recipe(self) -> Recipe:
+        """The recipe `watch` retrains with (``watch.retrain`` applied); a RecipeError naming ``watch.retrain`` when
+        those overrides do not apply to this recipe — `check` and `watch` ask before any data is taken in."""
+        try:
+            return self.with_overrides(self.watch.retrain)
+        except RecipeError as exc:
+            raise RecipeError(f"watch.retrain {self.watch.retrain}: the recipe a retrain would use does not validate",
+                              hint="fix those overrides, or set watch.retrain: [] to retrain with the recipe as it is",
+                              problems=exc.problems) from None
+
 
 def _rebuild_recipe() -> None:
     """Rebuild the Recipe's schema after a method or task type was (un)registered, so its unions hold it."""
@@ -826,7 +839,31 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"override {item!r}: {part!r} is not a section", hint="override a leaf key inside a section")
         node = child
-    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    if parents == ["method"] and leaf == "kind":
+        _switch_kind(node, parsed)
+    node[leaf] = parsed
+
+
+def _switch_kind(section: dict[str, Any], kind: Any) -> None:
+    """An override that changes ``method.kind`` keeps only the method settings the new kind has (e.g. a LoRA recipe's
+    ``r`` and ``alpha`` for ``qlora``), so ``--set method.kind=ia3`` and `watch.retrain`'s ``method.kind=qlora`` apply to a
+    recipe of any method; the others (``num_virtual_tokens`` on the way to LoRA, ``r`` on the way to IA3) are dropped with
+    a warning, and unset values (None) fall back to the new kind's defaults. An unknown kind is left to validation."""
+    old = section.get("kind", "lora")
+    fields = methods.configs().get(kind) if isinstance(kind, str) else None
+    if fields is None or kind == old:
+        return
+    dropped = [key for key in section if key != "kind" and (key not in fields.model_fields or section[key] is None)]
+    for key in dropped:
+        value = section.pop(key)
+        said = f"method.kind={kind}: method.{key}={value!r} dropped (a {old} setting that {kind} does not have)"
+        if value is not None and said not in _SAID:  # once a process: watch applies its retrain overrides every cycle
+            _SAID.add(said)
+            log.warning(said)
+
+
+_SAID: set[str] = set()
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", lines: dict[tuple, int] | None = None) -> Recipe:

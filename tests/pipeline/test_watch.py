@@ -112,6 +112,30 @@ def test_an_interrupted_round_is_finished_without_registering_twice(watched) -> 
     assert "round" not in again  # the rows were already used by round 1
 
 
+def test_a_watched_recipe_of_any_method_retrains_and_bad_retrain_overrides_are_refused_at_check(tmp_path: Path, make_recipe,
+                                                                                               tiny_model_dir: Path) -> None:
+    """watch retrains with QLoRA by default (`watch.retrain: [method.kind=qlora]`): a prompt-tuning recipe gets a valid
+    QLoRA retrain recipe (its virtual-token settings dropped); retrain overrides that cannot apply are refused by `check`
+    and by `watch --once` before any inbox file is taken in."""
+    from microtune import pipeline
+
+    (tmp_path / "inbox").mkdir()
+    write_jsonl(tmp_path / "inbox" / "new.jsonl", [{"text": "where is my parcel now", "label": "shipping"}])
+    recipe = make_recipe(tiny_model_dir, method={"kind": "prompt_tuning", "num_virtual_tokens": 4}, watch={"inbox": "inbox"})
+    checked = pipeline.check(recipe, workspace=tmp_path / "ws")
+    assert checked.recipe.retrain_recipe().method.kind == "qlora"
+    bad = make_recipe(tiny_model_dir, method={"kind": "prompt_tuning", "num_virtual_tokens": 4},
+                      watch={"inbox": "inbox", "retrain": ["train.packing=true"]})
+    runner = CliRunner()
+    for command in (["check", str(bad)], ["watch", str(bad), "--once"]):
+        result = runner.invoke(app, [*command, "-w", str(tmp_path / "ws")])
+        assert result.exit_code == 2, result.output
+        assert "watch.retrain ['train.packing=true']: the recipe a retrain would use does not validate" in result.output
+        assert "train.packing cannot be used with method.kind=prompt_tuning" in result.output
+        assert "set watch.retrain: [] to retrain with the recipe as it is" in result.output
+    assert (tmp_path / "inbox" / "new.jsonl").is_file() and not (tmp_path / "ws" / "toy" / "watch").exists()
+
+
 @pytest.mark.slow
 def test_watch_cli_needs_once_or_every(watched) -> None:
     recipe, _, ws = watched

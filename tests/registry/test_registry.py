@@ -80,6 +80,7 @@ _DROP = {"champion": {"a": 0.9, "b": 1.0}, "challenger": {"a": 1.0, "b": 0.7}}
 @pytest.mark.parametrize("evidence, verdict, reason", [
     (_evidence(0.80, 0.86, 0.01), "promote", "accuracy 0.8000 → 0.8600"),
     (_evidence(0.80, 0.79, 0.01), "reject", "gain -0.0100 is below min_gain"),
+    (_evidence(0.80, 0.80, 0.01), "reject", "gain +0.0000 is not above 0: the challenger does not beat the champion (min_gain 0.0)"),
     (_evidence(0.80, 0.82, 0.30), "reject", "not significant: McNemar p=0.3"),
     (_evidence(0.80, 0.86, 0.01, recall={"champion": {"a": 0.9, "b": 0.8}, "challenger": {"a": 1.0, "b": 0.5}}),
      "reject", "recall of 'b' falls by 0.300"),
@@ -132,7 +133,7 @@ def test_run_twice_gates_the_second_version(tmp_path: Path, make_recipe, tiny_mo
     first = pipeline.run(recipe, workspace=tmp_path / "ws")
     assert first.decision.verdict == "promote" and "first version" in first.decision.reason
     second = pipeline.run(recipe, workspace=tmp_path / "ws")
-    assert second.decision.verdict == "reject" and "below min_gain" in second.decision.reason
+    assert second.decision.verdict == "reject" and "gain +0.0000 is not above 0" in second.decision.reason
     assert second.decision.details["test"] == "McNemar" and second.decision.details["p_value"] == 1.0
     client = registry_client(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
     versions = {v.version: v for v in list_versions(client, "toy")}

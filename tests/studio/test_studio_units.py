@@ -61,6 +61,7 @@ def test_a_promotion_passes_every_rule() -> None:
 
 @pytest.mark.parametrize("changes, failed_at", [
     ({"challenger": {"accuracy": 0.79}}, 0),                                             # gain below min_gain
+    ({"challenger": {"accuracy": 0.80}}, 0),                                             # a tie: not above 0
     ({"p_value": 0.2}, 1),                                                               # not significant
     ({"recall": {"champion": {"a": 1.0}, "challenger": {"a": 0.5}}, "flips": {"a": (10, 0)}}, 2),  # recall falls (…"0 gained")
     ({"challenger": {"valid_rate": 0.5}}, 3),                                            # valid answers fall

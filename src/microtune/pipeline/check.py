@@ -43,6 +43,8 @@ def check(recipe: RecipeLike, overrides: list[str] | None = None, workspace: str
     """Validate recipe and data; write the content-addressed dataset artifact (reused when unchanged)."""
     recipe, ws = resolve_recipe(recipe, overrides), Workspace.at(workspace)
     require_backends(recipe)  # a tracker whose package is missing fails here, before any run starts
+    if recipe.watch.inbox is not None:
+        recipe.retrain_recipe()  # a watched recipe: its retrain overrides must apply, or watch would fail after a trigger
     result = build_dataset(recipe)
     ref = resolve_base(recipe.model)
     renderer, task = Renderer(load_tokenizer(ref)), get_task(recipe.task, result.labels)

@@ -109,6 +109,7 @@ def watch_once(recipe: RecipeLike, overrides: list[str] | None = None, workspace
     if inbox is None or not inbox.is_dir():
         raise RecipeError(f"watch.inbox {'is not set' if inbox is None else f'{inbox} is not a folder'}",
                           hint="set watch.inbox in the recipe to the folder where new labelled files land")
+    recipe.retrain_recipe()  # refused before any inbox file is taken in
     folder = ws.stage_dir(recipe.name, "watch")
     emit = emitter(reporter, "watch")
 

@@ -96,8 +96,10 @@ def _classical_failure(classical: ClassicalMargin | None, cfg: GateConfig) -> st
 
 def _first_failure(ev: Evidence, gain: float, cfg: GateConfig, details: dict[str, Any]) -> str | None:
     m = ev.main_metric
-    if gain < cfg.min_gain or gain <= 0:
+    if gain < cfg.min_gain:
         return f"{m} gain {gain:+.4f} is below min_gain {cfg.min_gain}"
+    if gain <= 0:  # min_gain 0 (or below): a challenger must still do better than the champion
+        return f"{m} gain {gain:+.4f} is not above 0: the challenger does not beat the champion (min_gain {cfg.min_gain})"
     if ev.p_value >= cfg.alpha:
         return f"{m} gain {gain:+.4f} is not significant: {ev.test} p={ev.p_value:.4g} ≥ alpha {cfg.alpha}"
     drops = {label: ev.recall["champion"][label] - r for label, r in ev.recall.get("challenger", {}).items()

@@ -26,7 +26,7 @@ class Rule:
 # rule. Anchored on each message's own words: a recall failure also says "… rows gained", which is not the gain rule.
 _FAILS = (("classical", re.compile(r"classical baseline")),
           ("significance", re.compile(r"^\S+ gain \S+ is not significant")),
-          ("gain", re.compile(r"^\S+ gain \S+ is below min_gain")),
+          ("gain", re.compile(r"^\S+ gain \S+ is (below min_gain|not above 0)")),
           ("recall", re.compile(r"^recall of ")),
           ("valid", re.compile(r"^valid answers fall")),
           ("latency", re.compile(r"^p50 latency")))
