@@ -282,7 +282,7 @@ def serve(
     qlora_base: Annotated[QloraBase, typer.Option(help="qlora adapters on the shared full-precision base (full: mixed batches) or "
                                                        "on their own 4-bit base (4bit).")] = QloraBase.full,  # ServeSettings.qlora_base default
     max_batch: Annotated[int, typer.Option(help="Requests per forward batch.", **_bounds("max_batch"))] = _SERVE["max_batch"].default,
-    batch_window_ms: Annotated[float, typer.Option(help="Wait for more requests after the first (ms).",
+    batch_window_ms: Annotated[float, typer.Option(help="Batching window (ms): a batch takes requests while each follows the last within it.",
                                                    **_bounds("batch_window_ms"))] = _SERVE["batch_window_ms"].default,
     max_queue: Annotated[int, typer.Option(help="Waiting requests before 429.", **_bounds("max_queue"))] = _SERVE["max_queue"].default,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.",

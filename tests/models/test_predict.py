@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microtune.models.decoding import END, LabelPredictor, build_trie, common_prefix
+from microtune.models.decoding import END, LabelPredictor, build_trie, common_prefix, length_chunks
 from microtune.tasks import ClassifyConfig, get_task
 from microtune.tasks.render import Renderer
 
@@ -143,6 +143,34 @@ def test_branch_forward_walks_the_trie_as_step_by_step_decoding_does(tiny_model:
     assert [p for _, p in got] == pytest.approx([p for _, p in want], rel=1e-4)
     assert len(calls) == 1 + 2 * 3  # the shared prefix once, then two forwards per batch of 3 (8 rows: 3 batches), not one per token
     assert {label for label, _ in got} & {"credit_limit", "credit_limit_change", "credit_limit_raise"}  # the deepest decisions ran
+
+
+def test_length_chunks_cut_where_padding_costs_more_than_a_forward() -> None:
+    """A served batch of two micro-models (short chat messages, long reports) is cut in two; rows of like length stay
+    in full chunks; every chunk holds at most ``limit`` consecutive rows."""
+    assert length_chunks([30] * 16 + [80] * 16, 32, fixed=128) == [range(0, 16), range(16, 32)]
+    assert length_chunks([40] * 32 + [42] * 32, 32, fixed=128) == [range(0, 32), range(32, 64)]
+    assert length_chunks([20, 21, 22], 32, fixed=128) == [range(0, 3)]
+    assert length_chunks([], 8) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 60), max_size=9), st.integers(1, 4), st.integers(0, 50))
+def test_length_chunks_are_the_cheapest_cut(lengths: list[int], limit: int, fixed: int) -> None:
+    """Against every way to cut the sorted rows into consecutive chunks of at most ``limit``: none costs less."""
+    from itertools import combinations
+
+    lengths = sorted(lengths)
+    n = len(lengths)
+
+    def cost(chunks: list[range]) -> int:
+        return sum(fixed + len(c) * lengths[c[-1]] for c in chunks)
+
+    chunks = length_chunks(lengths, limit, fixed)
+    assert [i for c in chunks for i in c] == list(range(n)) and all(0 < len(c) <= limit for c in chunks)
+    cuts = (list(zip((0, *bounds), (*bounds, n))) for k in range(n) for bounds in combinations(range(1, n), k))
+    feasible = [[range(a, b) for a, b in pieces] for pieces in cuts if all(b - a <= limit for a, b in pieces)]
+    assert cost(chunks) == min((cost(c) for c in feasible), default=0)
 
 
 def test_sorted_batches_answer_in_input_order(tiny_model: Any, tokenizer: Any) -> None:

@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from microtune.core.errors import InputError, Problem
 from microtune.core.names import NAME_RULE, is_valid_name
 
+# The batcher takes requests that follow each other by less than the batching window, for at most this many windows
+# after the first: a burst of returning clients fills one batch (benchmarks/serve_load.py, BENCHMARKS.md), a trickle
+# cannot hold a batch open for long.
+WINDOWS_PER_BATCH = 8
+
 
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -35,7 +40,9 @@ class ServeSettings(BaseModel):
     qlora_base: Literal["full", "4bit"] = Field("full", description="qlora adapters: `full` runs them on the shared full-precision base "
                                                                     "in mixed batches; `4bit` on their own 4-bit base, as trained.")
     max_batch: int = Field(32, ge=1, description="Requests answered in one forward pass at most.")
-    batch_window_ms: float = Field(10.0, ge=0, description="How long the batcher waits for more requests after the first one.")
+    batch_window_ms: float = Field(10.0, ge=0, description="How long the batcher waits for one more request: "
+        f"it keeps taking requests while each follows the previous within this time (up to max_batch, and {WINDOWS_PER_BATCH} windows "
+        "from the first).")
     max_queue: int = Field(256, ge=1, description="Requests waiting at most; more answer 429.")
     max_tokens: int = Field(512, ge=1, description="Largest `max_tokens` a request may ask for (free generation).")
     max_prompt_tokens: int = Field(2048, ge=16, description="Longest prompt in tokens a generation request may send.")
