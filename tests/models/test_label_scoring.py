@@ -94,13 +94,14 @@ def test_predict_skips_answers_whose_first_token_bound_cannot_win_and_answers_th
     prompts = [renderer.prompt_ids(task.messages({"text": TOY_TEXTS[label][i]})) for label in TOY_LABELS for i in range(8)]
     exact = LabelPredictor(model, renderer, TOY_LABELS, batch_size=4, scoring="loglik")
     ranked = exact.rank(prompts)
-    for margin in (0.0, 16.0):
-        pruned = LabelPredictor(model, renderer, TOY_LABELS, batch_size=4, scoring="loglik", prune_nats=margin)
+    for share in (0.5, 1e-9):
+        pruned = LabelPredictor(model, renderer, TOY_LABELS, batch_size=4, scoring="loglik", prune_mass=share)
         preds = pruned.predict(prompts)
         assert [label for label, _ in preds] == [answers[0][0] for answers in ranked]
         for (_, prob), answers in zip(preds, ranked):
-            assert prob == pytest.approx(math.exp(answers[0][1]), rel=1e-5) if margin else 0 < prob <= math.exp(answers[0][1]) + 1e-9
-        assert pruned.continued < exact.continued or margin  # at margin 0 this model's answers are skipped
+            exact_prob = math.exp(answers[0][1])
+            assert exact_prob / (1 + share) - 1e-6 <= prob <= exact_prob + 1e-6  # low by at most the share, never high
+        assert pruned.continued < exact.continued or share < 1e-3  # at a share of one half this model's answers are skipped
 
 
 def test_loglik_without_the_prefix_cache_and_with_a_large_budget_gives_the_same_ranking(tiny_model: Any, tokenizer: Any) -> None:
@@ -226,7 +227,8 @@ def test_eval_and_watch_decode_with_the_recipes_scorer(tiny_model: Any, tokenize
 
 @pytest.mark.parametrize("kernel", ["sdpa", "eager"])
 def test_the_token_tree_scores_what_one_sequence_per_answer_scores(tiny_model_dir: Path, tokenizer: Any, kernel: str) -> None:
-    """loglik's continuations as one token tree per row (a 4D mask: each node sees the prompt, its ancestors and itself)
+    """loglik's continuations as token trees (a 4D mask: each node sees the prompt, its ancestors and itself), a row's
+    answers packed into trees no wider than the longest answer,
     give every answer the log-likelihood of its own sequence, under SDPA's boolean mask and eager's additive one, with
     the tree split into chunks; labels sharing a prefix ("balance", "balance_transfer") share its nodes."""
     from transformers import AutoModelForCausalLM
@@ -239,7 +241,7 @@ def test_the_token_tree_scores_what_one_sequence_per_answer_scores(tiny_model_di
     pairs = LabelPredictor(model, renderer, LABELS, batch_size=3, scoring="loglik", kv_positions=300, tree=False)
     assert tree.tree and not pairs.tree
     ranked = tree.rank(prompts)
-    assert tree.tree_rounds and not pairs.tree_rounds  # every answer of 5 labels: the trees are smaller here
+    assert tree.tree_rounds and not pairs.tree_rounds
     for a, b, prompt in zip(ranked, pairs.rank(prompts), prompts):
         assert [x for x, _ in a] == [x for x, _ in b]
         assert [x for _, x in a] == pytest.approx([x for _, x in b], abs=1e-4)
@@ -249,3 +251,23 @@ def test_the_token_tree_scores_what_one_sequence_per_answer_scores(tiny_model_di
     assert len(tokens) < sum(len(s) for s in seqs)  # shared prefixes are fed once
     assert [[tokens[n] for n in path] for path in paths] == seqs
     assert all(parents[path[0]] == -1 and all(parents[n] == m for m, n in zip(path, path[1:])) for path in paths)
+
+
+def test_packing_puts_every_answer_once_into_trees_of_its_row_no_wider_than_the_longest_answer() -> None:
+    """`_packed`: one sequence per answer pads the short answers to the longest, one tree per row pads every row to the
+    row continuing most answers; packed units are at most as wide as the longest continuation and hold no padding
+    that packing could fill (first fit, longest first)."""
+    from microtune.models.decoding import _packed, _tree
+
+    answers = {"a": [5, 6, 7, 8, 2], "ab": [5, 6, 9, 2], "b": [4, 2], "c": [3, 4, 2], "d": [1, 2]}
+    pairs = [(row, name, tokens) for row in range(3) for name, tokens in answers.items()]
+    todo = [k for k, (row, name, _) in enumerate(pairs) if row != 1 or name in ("a", "d")]
+    units = _packed(todo, pairs)
+    assert sorted(k for _, ks in units for k in ks) == sorted(todo)
+    assert all(pairs[k][0] == row for row, ks in units for k in ks)
+    widths = [len(_tree([pairs[k][2][:-1] for k in ks])[0]) for _, ks in units]
+    assert max(widths) == 4  # the longest continuation: "a" without its end token
+    fed = sum(widths)
+    assert fed < len(todo) * 4  # fewer positions than one padded sequence per answer
+    # row 0: a (4 nodes) fills a unit; ab (5, 6, 9 — with a it would make 5 nodes) opens a second, c a third; b and d fill
+    assert sorted(w for (row, _), w in zip(units, widths) if row == 0) == [3, 4, 4]

@@ -19,11 +19,11 @@ Two scorers pick the answer (``scoring``, the recipe's ``task.scoring``):
   log-probabilities of all its tokens, end-of-turn included, not renormalised), and the probability is the
   softmax over the answers of those sums: a proper distribution over the label set in which every token of
   every label counts. The prompt (behind the same shared-prefix cache) is computed once per row; each row's label
-  continuations are then read as one token tree on one copy of the row's KV (shared label prefixes fed once, a 4D
-  mask; one sequence per answer where the attention kernel takes no such mask), chunked so that neither the copied
-  KV nor the logits exceed a budget (150 labels × 16 rows is 2,400 answers). ``predict`` continues only the answers
-  that can still win (their first-token log-probability bounds the whole; ``_loglik``). The default
-  (``DEFAULT_SCORING``).
+  continuations are then packed into token trees no wider than the longest answer, each on one copy of the row's KV
+  (shared label prefixes fed once, a 4D mask; one sequence per answer where the attention kernel takes no such mask),
+  chunked so that neither the copied KV nor the logits exceed a budget (150 labels × 16 rows is 2,400 answers).
+  ``predict`` continues only the answers that can still matter (their first-token log-probability bounds the whole;
+  those left hold under 1 % of the best's mass; ``_loglik``). The default (``DEFAULT_SCORING``).
 
 Mixed-adapter batches (serving many micro-models on one base): ``adapter_names`` gives each row its
 PEFT LoRA adapter (PEFT's ``adapter_names`` forward argument) and ``tries`` its own label set, so one
@@ -48,10 +48,9 @@ END = -1  # trie key marking a finished label
 # per forward. ~350 MB of KV for a 135M model at 8,192 positions in float32; 2**27 floats are 512 MB.
 KV_POSITIONS = 8192
 LOGIT_FLOATS = 2**27
-# loglik in `predict`: answers whose first-token bound is this many nats below the best full log-likelihood are not continued.
-# 8 nats: each pruned answer holds under e^-8 (0.03 %) of the best's mass. On banking-intents (64 rows, 30 labels) it
-# continued 528 of 1,920 (row, answer) pairs (16 nats: 1,505), the same answers, probabilities within 0.08 %.
-PRUNE_NATS = 8.0
+# loglik in `predict`: the answers left uncontinued may hold together at most this share of the best answer's mass (their
+# bounds summed), so the answer is the unpruned one and its probability is low by less than this relative share.
+PRUNE_MASS = 1e-2
 # A forward's fixed cost in token positions, for cutting a batch by length (`length_chunks`): a 1×4-token forward of the
 # 135M model took 74 ms at one CPU thread where each further position costs ~1.6 ms (~45 positions), and a batch of rows
 # makes two or three forwards (the prompt, then the answers' continuations).
@@ -178,11 +177,11 @@ def _gather(prefix: tuple[Any, Any] | None, rows: list[int]) -> tuple[Any, Any]:
 class LabelPredictor:
     def __init__(self, model: Any, renderer: Renderer, labels: Sequence[str], batch_size: int = 16, bf16: bool = False,
                  share_prefix: bool = True, scoring: str = DEFAULT_SCORING, kv_positions: int = KV_POSITIONS,
-                 logit_floats: int = LOGIT_FLOATS, prune_nats: float = PRUNE_NATS, tree: bool = True):
+                 logit_floats: int = LOGIT_FLOATS, prune_mass: float = PRUNE_MASS, tree: bool = True):
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
         self.model, self.renderer, self.scoring = model, renderer, scoring
-        self.kv_positions, self.logit_floats, self.prune_nats = kv_positions, logit_floats, prune_nats
+        self.kv_positions, self.logit_floats, self.prune_mass = kv_positions, logit_floats, prune_mass
         self.continued = 0  # loglik: (row, answer) continuations scored so far (what pruning saves shows here)
         self.second_rounds = 0  # loglik's pruned predict: batches that needed a second round of continuations
         self.tree_rounds = 0  # loglik: rounds of continuations read as token trees (the rest: one sequence per answer)
@@ -344,17 +343,18 @@ class LabelPredictor:
                 names: list[str] | None = None, prune: bool = False) -> list[list[tuple[str, float]]]:
         """``loglik`` behind the prefix cache: one forward over the rows' own tokens gives each row's KV and the
         log-probabilities of every answer's first token; then every (row, answer) continuation — the answer's tokens but
-        its last, right-padded — is read in chunks on a copy of its row's KV, each position scoring the next token.
+        its last — is read in chunks on a copy of its row's KV (packed token trees, `_continue_tree`), each position scoring
+        the next token.
 
         ``prune`` (what ``predict`` asks for: the best answer and its probability): an answer's first-token
         log-probability bounds its whole log-likelihood from above (every further token adds a log-probability ≤ 0).
-        So a first round continues, per row, the answers whose bound is within ``prune_nats`` (default 8) of the row's best
-        first-token log-probability; a second round (rare: the batch's forwards count it, ``second_rounds``) continues the
-        answers still within ``prune_nats`` of the best full log-likelihood found, which the first round's lead can fall
-        short of by what its later tokens cost. The others cannot win and keep their bound. The answer is exactly the
-        unpruned one; its probability is exact up to a relative error below (answers) × e^-prune_nats, since the bounds
-        only overstate the pruned answers' share. A trained micro-model puts nearly all of its first-token mass on one
-        label and its later tokens cost almost nothing, so most rows continue one or two answers, in one round."""
+        So a first round continues, per row, the answers of highest bound until the bounds of the rest sum to at most
+        ``prune_mass`` (default 1 %) of the row's best first-token probability; a second round (the batch's forwards
+        count it, ``second_rounds``) continues more until they sum to at most that share of the best full likelihood
+        found, which the first round's lead can fall short of by what its later tokens cost. The rest keep their bound:
+        each is below the best, so the answer is exactly the unpruned one, and their bounds overstate the row's total by
+        less than ``prune_mass`` of the best, so its probability is low by less than that share (relative), whatever
+        the number of labels."""
         import torch
 
         p = prefix_mask.shape[1]
@@ -370,9 +370,8 @@ class LabelPredictor:
         totals = [float(first[row, tokens[0]]) for row, _, tokens in pairs]  # a one-token answer's is final; else a bound
 
         def continue_(todo: list[int]) -> None:
-            if self.tree and _tree_is_smaller(todo, pairs):
-                self.tree_rounds += 1
-                self._continue_tree(todo, pairs, totals, (rows_cache, mask, next_pos), names)
+            if self.tree:
+                self._continue_tree(_packed(todo, pairs), pairs, totals, (rows_cache, mask, next_pos), names)
                 return
             for sub in self._chunks([len(pairs[k][2]) - 1 for k in todo], mask.shape[1]):
                 chunk = [todo[j] for j in sub]
@@ -391,71 +390,73 @@ class LabelPredictor:
         if not prune:
             continue_(longer)
             return _ranked(pairs, totals, len(tries))
+        by_row: dict[int, list[int]] = {}  # each row's longer answers, highest bound first
+        for k in sorted(longer, key=lambda k: -totals[k]):
+            by_row.setdefault(pairs[k][0], []).append(k)
         lead: dict[int, float] = {}  # row → its best first-token log-probability: every answer's bound is at most this
         for k, (row, _, _) in enumerate(pairs):
             lead[row] = max(lead.get(row, -math.inf), totals[k])
-        first_round = [k for k in longer if totals[k] >= lead[pairs[k][0]] - self.prune_nats]
+        first_round = [k for row, ks in by_row.items() for k in _needed(ks, totals, lead[row], self.prune_mass)]
         continue_(first_round)
         done = set(first_round)
-        best: dict[int, float] = {}  # per row, the best full log-likelihood found: the bar every other answer must reach
+        best: dict[int, float] = {}  # per row, the best full log-likelihood found: the bar the pruned answers' mass is held to
         for k, (row, _, tokens) in enumerate(pairs):
             if len(tokens) == 1 or k in done:
                 best[row] = max(best.get(row, -math.inf), totals[k])
-        second = [k for k in longer if k not in done and totals[k] >= best[pairs[k][0]] - self.prune_nats]
+        second = [k for row, ks in by_row.items()
+                  for k in _needed([k for k in ks if k not in done], totals, best[row], self.prune_mass)]
         if second:
             self.second_rounds += 1
             continue_(second)
         return _ranked(pairs, totals, len(tries))
 
-    def _continue_tree(self, todo: list[int], pairs: list[tuple[int, str, list[int]]], totals: list[float],
-                       state: tuple[Any, Any, Any], names: list[str] | None) -> None:
-        """Add to ``totals[k]`` the log-probabilities of the later tokens of answer ``k`` for every ``k`` in ``todo``:
-        each row's continued answers (their tokens but the last) as one token tree — a prefix shared by answers is fed
-        once — behind one copy of the row's KV, with a 4D mask letting each node see the prompt, its ancestors and
-        itself, and its position its depth. Node logits predict the next token of every answer through that node, so
-        the sums are those of one sequence per answer (``tree=False``), in fewer tokens and without a KV copy per
-        answer. ``state``: the batch's KV after the prompt, its mask and each row's next position."""
+    def _continue_tree(self, units: list[tuple[int, list[int]]], pairs: list[tuple[int, str, list[int]]],
+                       totals: list[float], state: tuple[Any, Any, Any], names: list[str] | None) -> None:
+        """Add to ``totals[k]`` the log-probabilities of the later tokens of answer ``k`` for every ``k`` of every unit
+        ``(row, answers)``: a unit's answers (their tokens but the last) as one token tree — a prefix shared by answers
+        is fed once — behind one copy of the row's KV, with a 4D mask letting each node see the prompt, its ancestors
+        and itself, and its position its depth. Node logits predict the next token of every answer through that node,
+        so the sums are those of one sequence per answer (``tree=False``) in fewer positions: `_packed` fills units to
+        the width of the longest answer, so rows continuing few or many answers pad no one. ``state``: the batch's KV
+        after the prompt, its mask and each row's next position."""
         import torch
 
         rows_cache, mask, next_pos = state
-        by_row: dict[int, list[int]] = {}
-        for k in todo:
-            by_row.setdefault(pairs[k][0], []).append(k)
-        trees = {r: _tree([pairs[k][2][:-1] for k in ks]) for r, ks in by_row.items()}
-        rows = sorted(by_row, key=lambda r: len(trees[r][0]))  # chunks of rows with trees of like size: less padding
+        trees = [_tree([pairs[k][2][:-1] for k in ks]) for _, ks in units]
+        order = sorted(range(len(units)), key=lambda u: len(trees[u][0]))  # chunks of like-sized trees: less padding
         dev, dtype = device(), self.model.get_input_embeddings().weight.dtype
-        for sub in self._chunks([len(trees[r][0]) for r in rows], mask.shape[1]):
-            chunk = [rows[j] for j in sub]
-            width = max(len(trees[r][0]) for r in chunk)
+        self.tree_rounds += 1
+        for sub in self._chunks([len(trees[u][0]) for u in order], mask.shape[1]):
+            chunk = [order[j] for j in sub]
+            width = max(len(trees[u][0]) for u in chunk)
             ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
             depth = torch.zeros((len(chunk), width), dtype=torch.long)
             sees = torch.eye(width, dtype=torch.bool).repeat(len(chunk), 1, 1)  # padding sees itself: no empty row
-            for i, r in enumerate(chunk):
-                tokens, parents, _ = trees[r]
+            for i, u in enumerate(chunk):
+                tokens, parents, _ = trees[u]
                 ids[i, :len(tokens)] = torch.tensor(tokens)
                 for node, parent in enumerate(parents):
                     if parent >= 0:  # a parent precedes its children: its row is final
                         sees[i, node] |= sees[i, parent]
                         depth[i, node] = depth[i, parent] + 1
-            kv, kv_mask = _gather((rows_cache, mask), chunk)
+            rows = [units[u][0] for u in chunk]
+            kv, kv_mask = _gather((rows_cache, mask), rows)
             full = torch.cat([kv_mask.bool()[:, None, :].expand(-1, width, -1), sees], dim=-1)[:, None]
             logits = self.model(input_ids=ids.to(dev), attention_mask=mask_for_kernel(full.to(dev), self.model, dtype),
-                                position_ids=(next_pos[chunk][:, None] + depth).to(dev), use_cache=True,
-                                **{self.cache_kw: kv}, **_adapters(None if names is None else [names[r] for r in chunk])).logits
-            norm = torch.logsumexp(logits.float(), dim=-1)  # [rows, nodes]
+                                position_ids=(next_pos[rows][:, None] + depth).to(dev), use_cache=True,
+                                **{self.cache_kw: kv}, **_adapters(None if names is None else [names[r] for r in rows])).logits
             where, nodes, targets, owner = [], [], [], []
-            for i, r in enumerate(chunk):
-                for k, path in zip(by_row[r], trees[r][2]):
+            for i, u in enumerate(chunk):
+                for k, path in zip(units[u][1], trees[u][2]):
                     for j, node in enumerate(path):
                         where.append(i)
                         nodes.append(node)
                         targets.append(pairs[k][2][j + 1])
                         owner.append(k)
-            at, pos = torch.tensor(where, device=logits.device), torch.tensor(nodes, device=logits.device)
-            lps = (logits[at, pos, torch.tensor(targets, device=logits.device)].float() - norm[at, pos]).tolist()
-            for k, lp in zip(owner, lps):
+            read = logits[torch.tensor(where, device=logits.device), torch.tensor(nodes, device=logits.device)]
+            for k, lp in zip(owner, _logprobs(read, torch.tensor(targets, device=logits.device)).tolist()):
                 totals[k] += lp
-        self.continued += len(todo)
+        self.continued += sum(len(ks) for _, ks in units)
 
     def _loglik_uncached(self, seqs: list[list[int]], tries: list[dict[int, Any]],
                          names: list[str] | None = None) -> list[list[tuple[str, float]]]:
@@ -570,16 +571,27 @@ def _tree(sequences: list[list[int]]) -> tuple[list[int], list[int], list[list[i
     return tokens, parents, paths
 
 
-def _tree_is_smaller(todo: list[int], pairs: list[tuple[int, str, list[int]]]) -> bool:
-    """Whether one token tree per row feeds fewer positions (rows × the largest tree, padding included) than one
-    sequence per answer (answers × the longest): a few rows continuing many answers pad every other row's tree to
-    theirs, and then the sequences are cheaper (benchmarks/predict_levers.py --scoring loglik)."""
-    by_row: dict[int, list[list[int]]] = {}
-    for k in todo:
-        by_row.setdefault(pairs[k][0], []).append(pairs[k][2][:-1])
-    widest = max((len(_tree(seqs)[0]) for seqs in by_row.values()), default=0)
-    longest = max((len(pairs[k][2]) - 1 for k in todo), default=0)
-    return len(by_row) * widest < len(todo) * longest
+def _packed(todo: list[int], pairs: list[tuple[int, str, list[int]]]) -> list[tuple[int, list[int]]]:
+    """The answers ``todo`` as units ``(row, answers)`` for `LabelPredictor._continue_tree`: each row's answers, longest
+    first, put into the first of its units whose token tree (shared prefixes counted once) stays within the longest
+    continuation, so every unit is about as wide as a forward's widest and little of a forward is padding — where one
+    tree per row pads every row to the row continuing most answers, and one sequence per answer pads short answers to
+    the longest (benchmarks/predict_levers.py --scoring loglik)."""
+    width = max((len(pairs[k][2]) - 1 for k in todo), default=0)
+    units: list[tuple[int, list[int], set[tuple[int, ...]]]] = []
+    open_units: dict[int, list[int]] = {}  # row → indices of its units in ``units``
+    for k in sorted(todo, key=lambda k: (pairs[k][0], -len(pairs[k][2]))):
+        row, tokens = pairs[k][0], pairs[k][2][:-1]
+        prefixes = {tuple(tokens[: j + 1]) for j in range(len(tokens))}
+        for u in open_units.get(row, []):
+            if len(units[u][2] | prefixes) <= width:
+                units[u][1].append(k)
+                units[u][2].update(prefixes)
+                break
+        else:
+            open_units.setdefault(row, []).append(len(units))
+            units.append((row, [k], prefixes))
+    return [(row, ks) for row, ks, _ in units]
 
 
 def _pairs(tries: Sequence[dict[int, Any]]) -> list[tuple[int, str, list[int]]]:
@@ -591,6 +603,17 @@ def _pairs(tries: Sequence[dict[int, Any]]) -> list[tuple[int, str, list[int]]]:
             paths[id(trie)] = _paths(trie)
         out.extend((row, answer, tokens) for answer, tokens in paths[id(trie)])
     return out
+
+
+def _logprobs(logits: Any, targets: Any, rows: int = 256) -> Any:
+    """``log_softmax(logits)[i, targets[i]]`` for every row ``i`` of ``[n, vocabulary]`` logits, normalised in float32 a
+    few rows at a time: no float32 copy of every position's logits (a cached block instead of a pass through memory)."""
+    import torch
+
+    chosen = logits.gather(-1, targets[:, None]).squeeze(-1).float()
+    norm = torch.cat([torch.logsumexp(logits[i:i + rows].float(), dim=-1) for i in range(0, logits.shape[0], rows)]) \
+        if logits.shape[0] else chosen
+    return chosen - norm
 
 
 def _sequence_logprobs(logits: Any, starts: list[int], tokens: list[list[int]]) -> list[float]:
@@ -608,6 +631,19 @@ def _sequence_logprobs(logits: Any, starts: list[int], tokens: list[list[int]]) 
     rows = logits[torch.arange(len(tokens), device=dev)[:, None], pos].float()  # [sequences, width, vocab]
     chosen = rows.gather(-1, target[..., None]).squeeze(-1)
     return ((chosen - torch.logsumexp(rows, dim=-1)) * valid).sum(-1).tolist()
+
+
+def _needed(ranked: list[int], totals: list[float], bar: float, share: float) -> list[int]:
+    """The fewest of ``ranked`` (answers by upper bound ``totals[k]``, highest first) to continue so that the bounds of
+    the rest sum to at most ``share`` of ``exp(bar)``: a head of the list."""
+    rest = -math.inf  # log of the summed bounds of ranked[j:], built from the tail
+    tails = [rest] * (len(ranked) + 1)
+    for j in range(len(ranked) - 1, -1, -1):
+        top, low = max(rest, totals[ranked[j]]), min(rest, totals[ranked[j]])
+        rest = top + math.log1p(math.exp(low - top)) if top > -math.inf else top
+        tails[j] = rest
+    limit = bar + math.log(share)
+    return ranked[: next(j for j in range(len(ranked) + 1) if tails[j] <= limit)]
 
 
 def _ranked(pairs: list[tuple[int, str, list[int]]], totals: list[float], n_rows: int) -> list[list[tuple[str, float]]]:
