@@ -253,21 +253,26 @@ def test_the_token_tree_scores_what_one_sequence_per_answer_scores(tiny_model_di
     assert all(parents[path[0]] == -1 and all(parents[n] == m for m, n in zip(path, path[1:])) for path in paths)
 
 
-def test_packing_puts_every_answer_once_into_trees_of_its_row_no_wider_than_the_longest_answer() -> None:
-    """`_packed`: one sequence per answer pads the short answers to the longest, one tree per row pads every row to the
-    row continuing most answers; packed units are at most as wide as the longest continuation and hold no padding
-    that packing could fill (first fit, longest first)."""
+def test_packing_puts_every_answer_once_into_trees_of_its_row_and_picks_the_width_that_feeds_least() -> None:
+    """`_packed`: one sequence per answer pads short answers to the longest, one tree per row pads every row to the
+    row continuing most answers but shares prefixes and copies the row's KV once. Rows continuing few answers beside
+    one continuing many (a trained micro-model) get units as wide as the longest answer; a long context, whose copy
+    per unit costs more than the padding, gets one tree per row (a base model prompted with the label list)."""
     from microtune.models.decoding import _packed, _tree
 
     answers = {"a": [5, 6, 7, 8, 2], "ab": [5, 6, 9, 2], "b": [4, 2], "c": [3, 4, 2], "d": [1, 2]}
-    pairs = [(row, name, tokens) for row in range(3) for name, tokens in answers.items()]
-    todo = [k for k, (row, name, _) in enumerate(pairs) if row != 1 or name in ("a", "d")]
-    units = _packed(todo, pairs)
-    assert sorted(k for _, ks in units for k in ks) == sorted(todo)
-    assert all(pairs[k][0] == row for row, ks in units for k in ks)
-    widths = [len(_tree([pairs[k][2][:-1] for k in ks])[0]) for _, ks in units]
-    assert max(widths) == 4  # the longest continuation: "a" without its end token
-    fed = sum(widths)
-    assert fed < len(todo) * 4  # fewer positions than one padded sequence per answer
-    # row 0: a (4 nodes) fills a unit; ab (5, 6, 9 — with a it would make 5 nodes) opens a second, c a third; b and d fill
-    assert sorted(w for (row, _), w in zip(units, widths) if row == 0) == [3, 4, 4]
+    pairs = [(row, name, tokens) for row in range(5) for name, tokens in answers.items()]
+    todo = [k for k, (row, name, _) in enumerate(pairs) if row == 0 or name == "a"]  # row 0 every answer, rows 1-4 one
+
+    def widths(units: list[tuple[int, list[int]]]) -> list[int]:
+        return [len(_tree([pairs[k][2][:-1] for k in ks])[0]) for _, ks in units]
+
+    for context in (0, 1000):
+        units = _packed(todo, pairs, context)
+        assert sorted(k for _, ks in units for k in ks) == sorted(todo)
+        assert all(pairs[k][0] == row for row, ks in units for k in ks)
+    narrow, whole = _packed(todo, pairs, 0), _packed(todo, pairs, 1000)
+    # row 0: a (4 nodes) fills a unit; ab (5, 6, 9: with a it would make 5 nodes) opens a second, c a third; b and d fill
+    assert max(widths(narrow)) == 4 and sorted(w for (row, _), w in zip(narrow, widths(narrow)) if row == 0) == [3, 4, 4]
+    assert len(narrow) * 4 < len(whole) * max(widths(whole))  # fewer positions fed: 7 units × 4 against 5 × 9
+    assert len(whole) == 5 and widths(whole)[0] == 9  # one unit a row: the whole tree of row 0 shares 5, 6 once

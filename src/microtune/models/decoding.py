@@ -19,7 +19,7 @@ Two scorers pick the answer (``scoring``, the recipe's ``task.scoring``):
   log-probabilities of all its tokens, end-of-turn included, not renormalised), and the probability is the
   softmax over the answers of those sums: a proper distribution over the label set in which every token of
   every label counts. The prompt (behind the same shared-prefix cache) is computed once per row; each row's label
-  continuations are then packed into token trees no wider than the longest answer, each on one copy of the row's KV
+  continuations are then packed into token trees (as wide as feeds the fewest positions), each on one copy of the row's KV
   (shared label prefixes fed once, a 4D mask; one sequence per answer where the attention kernel takes no such mask),
   chunked so that neither the copied KV nor the logits exceed a budget (150 labels × 16 rows is 2,400 answers).
   ``predict`` continues only the answers that can still matter (their first-token log-probability bounds the whole;
@@ -55,6 +55,9 @@ PRUNE_MASS = 1e-2
 # 135M model took 74 ms at one CPU thread where each further position costs ~1.6 ms (~45 positions), and a batch of rows
 # makes two or three forwards (the prompt, then the answers' continuations).
 CHUNK_FIXED_POSITIONS = 128
+# loglik's continuations: a row's KV copied for one more token tree, in fed positions a copied context position costs
+# (the copy and the cache's concatenation at every layer, against a position through every layer and the LM head).
+KV_COPY_COST = 1 / 64
 
 
 def length_chunks(lengths: Sequence[int], limit: int, fixed: int = CHUNK_FIXED_POSITIONS) -> list[range]:
@@ -371,7 +374,7 @@ class LabelPredictor:
 
         def continue_(todo: list[int]) -> None:
             if self.tree:
-                self._continue_tree(_packed(todo, pairs), pairs, totals, (rows_cache, mask, next_pos), names)
+                self._continue_tree(_packed(todo, pairs, mask.shape[1]), pairs, totals, (rows_cache, mask, next_pos), names)
                 return
             for sub in self._chunks([len(pairs[k][2]) - 1 for k in todo], mask.shape[1]):
                 chunk = [todo[j] for j in sub]
@@ -416,8 +419,7 @@ class LabelPredictor:
         ``(row, answers)``: a unit's answers (their tokens but the last) as one token tree — a prefix shared by answers
         is fed once — behind one copy of the row's KV, with a 4D mask letting each node see the prompt, its ancestors
         and itself, and its position its depth. Node logits predict the next token of every answer through that node,
-        so the sums are those of one sequence per answer (``tree=False``) in fewer positions: `_packed` fills units to
-        the width of the longest answer, so rows continuing few or many answers pad no one. ``state``: the batch's KV
+        so the sums are those of one sequence per answer (``tree=False``) in fewer positions (`_packed` chooses the units). ``state``: the batch's KV
         after the prompt, its mask and each row's next position."""
         import torch
 
@@ -571,27 +573,43 @@ def _tree(sequences: list[list[int]]) -> tuple[list[int], list[int], list[list[i
     return tokens, parents, paths
 
 
-def _packed(todo: list[int], pairs: list[tuple[int, str, list[int]]]) -> list[tuple[int, list[int]]]:
-    """The answers ``todo`` as units ``(row, answers)`` for `LabelPredictor._continue_tree`: each row's answers, longest
-    first, put into the first of its units whose token tree (shared prefixes counted once) stays within the longest
-    continuation, so every unit is about as wide as a forward's widest and little of a forward is padding — where one
-    tree per row pads every row to the row continuing most answers, and one sequence per answer pads short answers to
-    the longest (benchmarks/predict_levers.py --scoring loglik)."""
-    width = max((len(pairs[k][2]) - 1 for k in todo), default=0)
-    units: list[tuple[int, list[int], set[tuple[int, ...]]]] = []
-    open_units: dict[int, list[int]] = {}  # row → indices of its units in ``units``
-    for k in sorted(todo, key=lambda k: (pairs[k][0], -len(pairs[k][2]))):
-        row, tokens = pairs[k][0], pairs[k][2][:-1]
-        prefixes = {tuple(tokens[: j + 1]) for j in range(len(tokens))}
-        for u in open_units.get(row, []):
-            if len(units[u][2] | prefixes) <= width:
-                units[u][1].append(k)
-                units[u][2].update(prefixes)
-                break
-        else:
-            open_units.setdefault(row, []).append(len(units))
-            units.append((row, [k], prefixes))
-    return [(row, ks) for row, ks, _ in units]
+def _packed(todo: list[int], pairs: list[tuple[int, str, list[int]]], context: int = 0,
+            copy_cost: float = KV_COPY_COST) -> list[tuple[int, list[int]]]:
+    """The answers ``todo`` as units ``(row, answers)`` for `LabelPredictor._continue_tree`, each unit one token tree
+    on its own copy of the row's KV (``context`` positions). A row's answers go, longest first, into the first of its
+    units whose tree (shared prefixes counted once) stays within a width; the width is the one, from the longest
+    continuation up to the widest row's whole tree, that feeds the fewest positions counting each unit's KV copy at
+    ``copy_cost`` a position: narrow units pad no short answer and no row continuing few answers to the longest or the
+    busiest (a trained micro-model, a few answers a row), one tree a row shares every prefix once and copies the KV
+    once (a base model prompted with the label list, every answer a row; benchmarks/predict_levers.py --scoring loglik)."""
+    if not todo:
+        return []
+    by_row: dict[int, list[int]] = {}
+    for k in sorted(todo, key=lambda k: -len(pairs[k][2])):
+        by_row.setdefault(pairs[k][0], []).append(k)
+    longest = max(len(pairs[k][2]) - 1 for k in todo)
+    widest = max(len(_tree([pairs[k][2][:-1] for k in ks])[0]) for ks in by_row.values())
+    widths = sorted({min(longest * 2 ** i, widest) for i in range(max(widest // max(longest, 1), 1).bit_length() + 1)})
+
+    def fill(width: int) -> list[tuple[int, list[int]]]:
+        units: list[tuple[int, list[int], set[tuple[int, ...]]]] = []
+        for row, ks in by_row.items():
+            mine: list[int] = []  # this row's units, by index into ``units``
+            for k in ks:
+                tokens = pairs[k][2][:-1]
+                prefixes = {tuple(tokens[: j + 1]) for j in range(len(tokens))}
+                for u in mine:
+                    if len(units[u][2] | prefixes) <= width:
+                        units[u][1].append(k)
+                        units[u][2].update(prefixes)
+                        break
+                else:
+                    mine.append(len(units))
+                    units.append((row, [k], prefixes))
+        return [(row, ks) for row, ks, _ in units]
+
+    return min((fill(w) for w in widths), key=lambda units: len(units) * (max(
+        len(_tree([pairs[k][2][:-1] for k in ks])[0]) for _, ks in units) + context * copy_cost))
 
 
 def _pairs(tries: Sequence[dict[int, Any]]) -> list[tuple[int, str, list[int]]]:
