@@ -16,22 +16,14 @@ from typing import Any
 
 import pytest
 
+from benchmark_helpers import load_benchmark
 from microtune.models.decoding import LabelPredictor
 from microtune.tasks import ClassifyConfig, get_task
 from microtune.tasks.render import Renderer
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 LABELS = ["balance", "balance_transfer", "card_declined", "pin_change", "report_fraud", "apr"]
 TEXTS = ["my card got declined at the shop", "what is my balance", "change my pin", "fraud!", "move money to savings",
          "what's the apr on this card"]
-
-
-def _module(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class FakeLlama:
@@ -65,7 +57,7 @@ def tiny_model(tiny_model_dir: Path) -> Any:
 
 
 def test_worker_trie_walk_is_microtunes(tiny_model: Any, tokenizer: Any) -> None:
-    worker = _module("gguf_llama_worker")
+    worker = load_benchmark("gguf_llama_worker")
     renderer = Renderer(tokenizer)
     task = get_task(ClassifyConfig(instruction="Name the banking intent."), LABELS)
     prompts = [renderer.prompt_ids(task.messages({"text": t})) for t in TEXTS]
@@ -82,7 +74,7 @@ def test_worker_trie_walk_is_microtunes(tiny_model: Any, tokenizer: Any) -> None
 
 
 def test_worker_eval_tokens_keeps_one_token_to_evaluate(tiny_model: Any) -> None:
-    worker = _module("gguf_llama_worker")
+    worker = load_benchmark("gguf_llama_worker")
     llm = FakeLlama(tiny_model)
     worker.eval_tokens(llm, [5, 6, 7], FakeLlama.last_logits)
     before = llm.evaluated
@@ -93,7 +85,7 @@ def test_worker_eval_tokens_keeps_one_token_to_evaluate(tiny_model: Any) -> None
 
 
 def test_agreement_refuses_without_llama_cpp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _module("gguf_agreement")
+    bench = load_benchmark("gguf_agreement")
     with pytest.raises(SystemExit) as missing:
         bench.llama_version(tmp_path / "no-venv" / "bin" / "python")
     assert "pip install llama-cpp-python" in str(missing.value) and "Nothing was exported" in str(missing.value)

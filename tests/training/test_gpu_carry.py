@@ -3,7 +3,6 @@ for the device's own packages in pip's resolution (offline here: --no-index), an
 GGUF's metadata and tensor shapes with random weights — which microtune resolves and loads as `smollm2-135m-instruct`."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,16 +11,12 @@ from typing import Any
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def carry() -> Any:
-    spec = importlib.util.spec_from_file_location("gpu_carry", BENCHMARKS / "gpu_carry.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_carry"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_carry")
 
 
 def test_a_stub_wheel_satisfies_what_depends_on_the_pinned_package_and_brings_nothing(carry: Any, tmp_path: Path) -> None:

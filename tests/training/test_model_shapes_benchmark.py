@@ -5,23 +5,17 @@ tiny random Llama through the same set-up and steps the benchmark times."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def shapes() -> Any:
-    spec = importlib.util.spec_from_file_location("model_shapes", BENCHMARKS / "model_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["model_shapes"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("model_shapes")
 
 
 @pytest.mark.parametrize("shape", ["135M", "360M", "1.7B"])
