@@ -25,11 +25,11 @@ def test_a_stub_wheel_satisfies_what_depends_on_the_pinned_package_and_brings_no
     pin = carry._stub_wheel(tmp_path, "torch==2.11.0")
     assert pin == "torch==2.11.0+device"
     report = tmp_path / "report.json"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--no-index",
+    subprocess.run([sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--ignore-installed", "--quiet", "--no-index",
                     "--find-links", str(tmp_path), "--report", str(report), "torch>=2.6"], check=True)
     installed = [(i["metadata"]["name"], i["metadata"]["version"]) for i in json.loads(report.read_text())["install"]]
     assert installed == [("torch", "2.11.0+device")]
-    refused = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+    refused = subprocess.run([sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--ignore-installed", "--quiet",
                               "--no-index", "--find-links", str(tmp_path), "torch>=2.12"], capture_output=True, text=True)
     assert refused.returncode != 0
 
